@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint check-python
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tandem needs Python 3.11 or newer")'
+
+$(BIN)/python: | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Installs Tandem with the model build step, then runs it on the embedded SQLite default.
+serve: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[build]'
+	$(BIN)/tandem serve
+
+# Installs what the tests need, then runs the linters, the type checker and every test.
+test: $(BIN)/python
+	./scripts/ensure-system-deps
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(MAKE) lint
+	$(BIN)/pytest
+
+lint:
+	$(BIN)/ruff check tandem tests bench
+	$(BIN)/ruff format --check tandem tests bench
+	$(BIN)/mypy

@@ -1,0 +1,392 @@
+"""`python -m bench`: Tandem's speed and memory, as ratios taken in one run on this machine.
+
+Phases, each against the same photo:
+  floor         decode + preprocess + inference in this process, no server
+  sync          POST /predict over loopback from a load generator in another process
+  async         jobs per second through a worker, with the proxy idle
+  interference  sync latency while a worker drains a full queue, against an empty queue
+  memory        peak RSS of the proxy and of a worker
+Writes the table as Markdown and JSON into --out, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bench.report import render
+from tandem.jobs.factory import DB_NAME
+from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
+from tandem.runtime.classifier import Classifier
+from tandem.runtime.imaging import decode_image
+from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
+
+FAST, ACCURATE = "efficientnet_lite0", "efficientnet_lite2"
+
+
+@dataclass
+class Bench:
+    model_dir: Path
+    work: Path
+    photo: bytes
+    quick: bool
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return 2.0 if self.quick else 5.0
+
+
+# -- floor ----------------------------------------------------------------------------------------
+
+
+def _classifier(bench: Bench, name: str, threads: int) -> Classifier:
+    path = bench.model_dir / name / MANIFEST_NAME
+    manifest = read_manifest(path)
+    return Classifier(manifest, path.parent / manifest.file, threads)
+
+
+def _timed(fn: Any, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def floor(bench: Bench, name: str) -> dict[str, Any]:
+    """Batch-1 latency, and the best images/s over batch sizes and thread counts."""
+    single = _classifier(bench, name, threads=0)
+    side = single.decode_side  # the same decoding as the server's: drafted to the model's size
+    one = lambda: single.predict([decode_image(bench.photo, min_side=side)], 5)  # noqa: E731
+    _timed(one, 5)  # warm up
+    latency = float(np.median(_timed(one, 20 if bench.quick else 50)))
+    best: dict[str, Any] = {"images_per_s": 0.0}
+    for threads in (1, 2):
+        classifier = _classifier(bench, name, threads)
+        for batch in (1, 4, 8, 16):
+
+            def run(classifier: Classifier = classifier, batch: int = batch) -> None:
+                images = [decode_image(bench.photo, min_side=side) for _ in range(batch)]
+                classifier.predict(images, 5)
+
+            _timed(run, 2)
+            rate = batch / float(np.median(_timed(run, 5 if bench.quick else 10)))
+            if rate > best["images_per_s"]:
+                best = {"images_per_s": rate, "batch": batch, "threads": threads}
+    return {"batch1_s": latency, "best": best}
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, bench: Bench, command: list[str], log: str, env: dict[str, str]) -> None:
+        self.log_path = bench.work / log
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tandem", *command],
+            env=base | env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_for(self, text: str, timeout: float = 120.0, url: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if url is not None and _answers(url):
+                return
+            if url is None and text in self.log_path.read_text(errors="replace"):
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log_path.read_text()[-2000:])
+            time.sleep(0.05)
+        raise RuntimeError(f"timed out waiting for {text!r}")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _env(bench: Bench, data: Path, **extra: str) -> dict[str, str]:
+    return {
+        "TANDEM_MODEL_DIR": str(bench.model_dir),
+        "TANDEM_DATA_DIR": str(data),
+        "TANDEM_MAX_QUEUE_LENGTH": "0",
+        "TANDEM_MAX_IN_FLIGHT": "1000",
+        "TANDEM_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
+def serve(bench: Bench, data: Path, *args: str, **env: str) -> tuple[Proc, int]:
+    """Start `tandem serve` on a fresh free port; returns it with the port."""
+    port = _free_port()
+    proc = Proc(
+        bench, ["serve", "--port", str(port), *args], f"serve-{port}.log", _env(bench, data, **env)
+    )
+    try:
+        proc.wait_for("", url=f"http://127.0.0.1:{port}/health")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Target:
+    port: int
+    body: Path
+    content_type: str
+
+
+def load(
+    target: Target, concurrency: int, duration: float, requests: int = 10**9
+) -> dict[str, Any]:
+    port, body, content_type = target.port, target.body, target.content_type
+    command = [
+        sys.executable,
+        "-m",
+        "bench.load",
+        "--port",
+        str(port),
+        "--body",
+        str(body),
+        "--content-type",
+        content_type,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+        "--requests",
+        str(requests),
+    ]
+    raw = json.loads(subprocess.run(command, capture_output=True, check=True, text=True).stdout)
+    latencies = np.asarray(raw["latencies_s"])
+    ok = raw["statuses"].get("200", 0)
+    return {
+        "clients": concurrency,
+        "requests": len(latencies),
+        "ok": ok,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+        "per_s": ok / raw["elapsed_s"],
+    }
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+
+def bodies(bench: Bench) -> dict[str, tuple[Path, str]]:
+    import base64
+
+    json_body = bench.work / "body.json"
+    json_body.write_text(json.dumps({"image_data": base64.b64encode(bench.photo).decode()}))
+    raw_body = bench.work / "body.jpg"
+    raw_body.write_bytes(bench.photo)
+    return {"json": (json_body, "application/json"), "raw": (raw_body, "image/jpeg")}
+
+
+def sync_path(bench: Bench) -> dict[str, Any]:
+    server, port = serve(bench, bench.work / "sync", "--no-worker")
+    results: dict[str, Any] = {}
+    try:
+        for kind, (body, content_type) in bodies(bench).items():
+            probe = load(Target(port, body, content_type), 1, 5, requests=3)
+            if probe["ok"] == 0:
+                results[kind] = None  # the server does not take this kind of body
+                continue
+            target = Target(port, body, content_type)
+            load(target, 4, 1.0)  # warm up
+            rows = [load(target, 1, bench.seconds, requests=100 if bench.quick else 300)]
+            rows += [load(target, c, bench.seconds) for c in (4, 16, 64)]
+            results[kind] = rows
+        results["proxy_peak_rss_mb"] = server.peak_rss_mb()
+    finally:
+        server.stop()
+    return results
+
+
+class QueueWatch:
+    """Reads the queue's depth from the store while a worker drains it, costing it little:
+    one read-only connection and one query per look, on the measuring process's own core
+    time (opening a store per look cost the worker several percent)."""
+
+    def __init__(self, data: Path) -> None:
+        self._conn = sqlite3.connect(f"file:{data / DB_NAME}?mode=ro", uri=True)
+
+    def depth(self) -> int:
+        (n,) = self._conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+        ).fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _fill_queue(bench: Bench, data: Path, jobs: int) -> None:
+    server, port = serve(bench, data, "--no-worker")
+    try:
+        body, content_type = bodies(bench)["json"]
+        load(Target(port, body, content_type), 4, 600, requests=jobs)
+    finally:
+        server.stop()
+
+
+def async_path(bench: Bench) -> dict[str, Any]:
+    """Fill the queue with the proxy's worker off, then time a separate worker draining it."""
+    data = bench.work / "async"
+    jobs = 100 if bench.quick else 300
+    _fill_queue(bench, data, jobs)
+    idle_proxy, _ = serve(bench, data, "--no-worker")
+    worker = Proc(
+        bench,
+        ["worker", "--data-dir", str(data)],
+        "worker.log",
+        _env(bench, data, TANDEM_LOG_LEVEL="info"),
+    )
+    watch = QueueWatch(data)
+    try:
+        worker.wait_for("started for model")
+        started = time.perf_counter()
+        while watch.depth() > 0:
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        return {
+            "jobs": jobs,
+            "jobs_per_s": jobs / elapsed,
+            "worker_peak_rss_mb": worker.peak_rss_mb(),
+        }
+    finally:
+        watch.close()
+        worker.stop()
+        idle_proxy.stop()
+
+
+def interference(bench: Bench) -> dict[str, Any]:
+    """Sync latency, 1 and 4 clients: queue empty (no worker) vs a worker draining a full one."""
+    body, content_type = bodies(bench)["json"]
+    results: dict[str, Any] = {}
+    empty, port = serve(bench, bench.work / "quiet", "--no-worker")
+    try:
+        results["empty"] = [
+            load(Target(port, body, content_type), c, bench.seconds) for c in (1, 4)
+        ]
+    finally:
+        empty.stop()
+    data = bench.work / "busy"
+    _fill_queue(bench, data, 400 if bench.quick else 1500)
+    busy, port = serve(bench, data)  # the default: the accurate model's worker in-process
+    try:
+        time.sleep(1.0)  # let the worker get going
+        results["full"] = [load(Target(port, body, content_type), c, bench.seconds) for c in (1, 4)]
+        watch = QueueWatch(data)
+        results["queue_left"] = watch.depth()
+        watch.close()
+    finally:
+        busy.stop()
+    return results
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": __import__("onnxruntime").__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
+    args = parser.parse_args()
+    for name in BUILTIN_MODELS:
+        if not is_built(name, args.model_dir):
+            build_model(name, args.model_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = args.out / f"work-{stamp}"
+    work.mkdir(parents=True)
+    photo = bench_photo()
+    bench = Bench(args.model_dir, work, photo, args.quick)
+    results: dict[str, Any] = {"machine": machine(), "photo_bytes": len(photo)}
+    started = time.perf_counter()
+    for label, phase in (
+        ("floor", lambda: {m: floor(bench, m) for m in (FAST, ACCURATE)}),
+        ("sync", lambda: sync_path(bench)),
+        ("async", lambda: async_path(bench)),
+        ("interference", lambda: interference(bench)),
+    ):
+        print(f"bench: {label}...", file=sys.stderr, flush=True)
+        results[label] = phase()
+    results["duration_s"] = time.perf_counter() - started
+    table = render(results)
+    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"bench-{stamp}.md").write_text(table)
+    print(table)
+
+
+def bench_photo() -> bytes:
+    """A real photo at a typical upload size: scikit-image's `chelsea`, upscaled to 1200x800."""
+    import io
+
+    from skimage import data as photos
+
+    image = Image.fromarray(photos.chelsea()).resize((1200, 800), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    main()

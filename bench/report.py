@@ -1,0 +1,95 @@
+"""The benchmark's table: measurements, and each target of issue 4 as a ratio from the same run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _check(ratio: float, target: float, at_most: bool) -> str:
+    met = ratio <= target if at_most else ratio >= target
+    sign = "≤" if at_most else "≥"
+    return f"{ratio:.2f} (target {sign} {target}) {'met' if met else 'MISSED'}"
+
+
+def render(r: dict[str, Any]) -> str:
+    fast, slow = r["floor"]["efficientnet_lite0"], r["floor"]["efficientnet_lite2"]
+    lines = [
+        "# Tandem benchmark",
+        "",
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; Python "
+        f"{r['machine']['python']}, ONNX Runtime {r['machine']['onnxruntime']}. "
+        f"Photo: {r['photo_bytes']} bytes of JPEG, 1200x800. Run took {r['duration_s']:.0f} s.",
+        "",
+        "## Floor: decode + preprocess + inference in one process, no server",
+        "",
+        "| model | batch-1 latency | best throughput | at batch, threads |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in r["floor"].items():
+        best = row["best"]
+        lines.append(
+            f"| {name} | {_ms(row['batch1_s'])} | {best['images_per_s']:.1f} images/s "
+            f"| {best['batch']}, {best['threads']} |"
+        )
+    lines += [
+        "",
+        "## Sync path: POST /predict over loopback (proxy with no worker)",
+        "",
+        "| body | clients | requests/s | p50 | p99 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in ("json", "raw"):
+        rows = r["sync"].get(kind)
+        if rows is None:
+            lines.append(f"| {kind} | not supported by this server | | | |")
+            continue
+        lines += [
+            f"| {kind} | {x['clients']} | {x['per_s']:.1f} | {_ms(x['p50_s'])} | "
+            f"{_ms(x['p99_s'])} |"
+            for x in rows
+        ]
+    sync = r["sync"]["json"]
+    one, sixteen = sync[0], next(x for x in sync if x["clients"] == 16)
+    interference = r["interference"]
+    empty1, full1 = interference["empty"][0], interference["full"][0]
+    empty4, full4 = interference["empty"][1], interference["full"][1]
+    lines += [
+        "",
+        "## Async path and interference",
+        "",
+        f"- Worker throughput, proxy idle: {r['async']['jobs_per_s']:.1f} jobs/s "
+        f"({r['async']['jobs']} jobs).",
+        f"- Sync p50 / p99 from 1 client: queue empty {_ms(empty1['p50_s'])} / "
+        f"{_ms(empty1['p99_s'])}; worker draining a full queue {_ms(full1['p50_s'])} / "
+        f"{_ms(full1['p99_s'])} ({interference['queue_left']} jobs still queued after).",
+        f"- The same from 4 clients: {_ms(empty4['p50_s'])} / {_ms(empty4['p99_s'])} vs "
+        f"{_ms(full4['p50_s'])} / {_ms(full4['p99_s'])}.",
+        "",
+        "## Memory",
+        "",
+        f"- Peak RSS: proxy {r['sync']['proxy_peak_rss_mb']:.0f} MB, "
+        f"worker {r['async']['worker_peak_rss_mb']:.0f} MB.",
+        "",
+        "## Targets (ratios from this run)",
+        "",
+        "| target | ratio |",
+        "| --- | --- |",
+        "| sync p50, 1 client / floor batch-1 (fast) | "
+        f"{_check(one['p50_s'] / fast['batch1_s'], 1.10, True)} |",
+        f"| sync throughput, 16 clients / floor best (fast) | "
+        f"{_check(sixteen['per_s'] / fast['best']['images_per_s'], 0.9, False)} |",
+        "| sync p99 at 16 clients / p50 at 1 client | "
+        f"{_check(sixteen['p99_s'] / one['p50_s'], 4.0, True)} |",
+        f"| async jobs/s / floor best (accurate) | "
+        f"{_check(r['async']['jobs_per_s'] / slow['best']['images_per_s'], 0.9, False)} |",
+        "| sync p99 with a full queue / empty, 1 client | "
+        f"{_check(full1['p99_s'] / empty1['p99_s'], 1.25, True)} |",
+        "| sync p99 with a full queue / empty, 4 clients | "
+        f"{_check(full4['p99_s'] / empty4['p99_s'], 1.25, True)} |",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The application factory. Nothing happens at import: models load in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from tandem import __version__
+from tandem.api.errors import install_error_handlers
+from tandem.api.guards import ApiKeys, BodyLimit, Deadline, LoadShedder
+from tandem.api.metrics import AccessMiddleware, Metrics
+from tandem.api.middleware import RequestIdMiddleware
+from tandem.api.routes import router
+from tandem.errors import QueueUnavailable
+from tandem.jobs.factory import make_store
+from tandem.jobs.store import JobStore
+from tandem.runtime.classifier import Classifier, load_classifier
+from tandem.runtime.manifest import model_name
+from tandem.service import TandemService
+from tandem.settings import Settings
+from tandem.worker import Worker, config_from
+
+log = logging.getLogger("tandem.api")
+
+EMBEDDED_WORKER_NICE = 10
+# How long shutdown waits for the embedded worker's batch in hand; its lease covers the rest.
+WORKER_STOP_S = 30.0
+# Requests are counted for /stats in memory and written to the store this often.
+STATS_FLUSH_S = 2.0
+
+
+@dataclass
+class _Running:
+    """What the lifespan started and must stop, in reverse order."""
+
+    store: JobStore
+    service: TandemService | None = None
+    worker_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    worker_task: asyncio.Task[None] | None = None
+    flusher: asyncio.Task[None] | None = None
+
+
+async def _load(ref: str, settings: Settings, threads: int, spin: bool = True) -> Classifier:
+    return await asyncio.to_thread(load_classifier, ref, settings.model_dir, threads, spin)
+
+
+async def _startup(settings: Settings, running: _Running) -> TandemService:
+    await running.store.open()
+    fast = await _load(settings.fast_model, settings, settings.fast_call_threads)
+    accurate_name = model_name(settings.accurate_model, settings.model_dir)
+    service = TandemService(
+        running.store,
+        fast,
+        accurate_name,
+        top_k=settings.top_k,
+        limits=settings.image_limits,
+        concurrency=settings.fast_concurrency,
+        retry_after_s=settings.retry_after_s,
+        fast_timeout_s=settings.fast_timeout_s,
+        gate=settings.gate,
+        max_watches=settings.max_watches,
+    )
+    running.service = service
+    await service.warm_up()
+    running.flusher = asyncio.create_task(_flush_stats_forever(service), name="tandem-stats")
+    if settings.runs_worker:
+        running.worker_task = await _start_worker(settings, running)
+    log.info("serving %s now, %s later", fast.name, accurate_name)
+    return service
+
+
+async def _start_worker(settings: Settings, running: _Running) -> asyncio.Task[None]:
+    # Beside the fast model the accurate one must not compete as an equal: one ORT thread (so
+    # inference runs on the worker's own thread), not spinning, at a lower priority.
+    threads = settings.accurate_threads or 1
+    accurate = await _load(settings.accurate_model, settings, threads, spin=False)
+    config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
+    worker = Worker(running.store, accurate, config)
+    await running.store.beat(worker.id, accurate.name)
+    return asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")
+
+
+async def _flush_stats_forever(service: TandemService) -> None:
+    while True:
+        await asyncio.sleep(STATS_FLUSH_S)
+        with contextlib.suppress(QueueUnavailable):  # kept in memory for the next flush
+            await service.flush_stats()
+
+
+async def _shutdown(running: _Running) -> None:
+    if running.flusher is not None:
+        running.flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running.flusher
+    if running.service is not None:
+        with contextlib.suppress(QueueUnavailable):
+            await running.service.flush_stats()
+    running.worker_stop.set()
+    if running.worker_task is not None:
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(running.worker_task, WORKER_STOP_S)
+    if running.service is not None:
+        running.service.close()
+    await running.store.close()
+
+
+INFERENCE_PATHS = ("/predict", "/predict/test")
+
+
+def _add_guards(app: FastAPI, settings: Settings) -> None:
+    # Starlette wraps each added middleware around the previous ones: the last is outermost.
+    app.add_middleware(Deadline, seconds=settings.request_timeout_s, exempt_suffixes=("/events",))
+    app.add_middleware(
+        LoadShedder,
+        limit=settings.max_in_flight,
+        retry_after_s=settings.retry_after_s,
+        paths=INFERENCE_PATHS,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeys, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "Content-Type",
+                "Idempotency-Key",
+                "X-Request-ID",
+            ],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics, routes=router.routes)
+    app.add_middleware(RequestIdMiddleware)
+
+
+def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
+    """Build the ASGI app. `store` replaces the one the settings describe (tests)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        running = _Running(store=store or make_store(settings))
+        try:
+            app.state.service = await _startup(settings, running)
+            yield
+        finally:
+            await _shutdown(running)
+
+    app = FastAPI(
+        title="Tandem",
+        version=__version__,
+        summary="A fast answer now, an accurate answer later.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    _add_guards(app, settings)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

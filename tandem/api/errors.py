@@ -1,0 +1,108 @@
+"""Where domain errors become HTTP responses: one JSON shape for every error."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from tandem.api.middleware import request_id_of
+from tandem.errors import (
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    TandemError,
+    Unauthorized,
+    ValidationFailed,
+)
+
+log = logging.getLogger("tandem.api")
+
+
+def error_json(error: TandemError, request_id: str | None) -> JSONResponse:
+    """The one error shape; middlewares that answer before routing use it too."""
+    body: dict[str, Any] = {
+        "code": error.code,
+        "message": error.message,
+        "request_id": request_id,
+        "details": error.details,
+    }
+    return JSONResponse({"error": body}, status_code=error.status, headers=error_headers(error))
+
+
+def error_headers(error: TandemError) -> dict[str, str]:
+    """What an error tells a client in headers: when to retry, how to authenticate."""
+    headers = {}
+    if (retry_after := error.details.get("retry_after")) is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="tandem"'
+    return headers
+
+
+def error_response(request: Request, error: TandemError) -> JSONResponse:
+    return error_json(error, request_id_of(request))
+
+
+async def _tandem_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TandemError)
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return error_response(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+    if any(p["type"] == "json_invalid" for p in problems):
+        return error_response(request, InvalidJSON("the request body is not valid JSON"))
+    summary = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
+    return error_response(request, ValidationFailed(summary, problems=problems))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error: TandemError
+    if exc.status_code == 404:
+        error = NotFound("no such route")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed here")
+    else:
+        error = InvalidRequest(str(exc.detail), http_status=exc.status_code)
+    response = error_response(request, error)
+    # Keep what the framework says about the failure, such as 405's required Allow header,
+    # which must name the methods of every route on this path, not only the first one's.
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(sorted(_methods_on_path(request)))
+    return response
+
+
+def _methods_on_path(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(request, TandemError("internal error; see the server log"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(TandemError, _tandem_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,169 @@
+"""Guards that answer before a request reaches a route: size, identity, load and time.
+
+Each is pure ASGI, answers with the one error shape, and lets streaming responses through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Collection
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tandem.api.errors import error_json
+from tandem.api.middleware import header
+from tandem.errors import Overloaded, PayloadTooLarge, TandemError, Timeout, Unauthorized
+
+# Load balancers and people checking on the service need these without a key.
+# The web page is static and holds no data; what it fetches is guarded like any other call.
+OPEN_PATHS = frozenset({"/", "/health", "/health/all"})
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError) -> None:
+    request_id = scope.get("state", {}).get("request_id")
+    await error_json(error, request_id)(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading.
+
+    The body is read here, in full, before the app sees it: an error raised while a framework
+    parses a body would become its own 400. Bodies are bounded, so buffering them is cheap.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _refuse(scope, receive, send, self._error())
+            return
+        first = await self._read_body(receive)
+        if first is None:
+            await _refuse(scope, receive, send, self._error())
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads only wait for a disconnect
+            replayed = True
+            return first
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> Message | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message  # the client went away; let the app see it
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+class ApiKeys:
+    """With keys configured, every route but OPEN_PATHS needs one: `Authorization: Bearer K`
+    or `X-API-Key: K`. Keys are compared as SHA-256 digests in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: Collection[str]) -> None:
+        self.app = app
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def _allowed(self, scope: Scope) -> bool:
+        offered = header(scope, b"x-api-key")
+        authorization = header(scope, b"authorization") or ""
+        scheme, _, token = authorization.partition(" ")
+        if offered is None and scheme.lower() == "bearer":
+            offered = token.strip()
+        if not offered:
+            return False
+        digest = hashlib.sha256(offered.encode()).digest()
+        # Check every key, so the time taken says nothing about which one nearly matched.
+        return sum(hmac.compare_digest(digest, known) for known in self._digests) > 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        error = Unauthorized("a valid API key is required (Authorization: Bearer, or X-API-Key)")
+        await _refuse(scope, receive, send, error)
+
+
+class LoadShedder:
+    """At most `limit` inference requests at once; beyond, 503 at once with Retry-After, so
+    latency stays bounded under a flood and the service recovers as soon as it ends."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, retry_after_s: int, paths: Collection[str]
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.paths = frozenset(paths)
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            error = Overloaded(
+                f"{self.limit} requests are being served; try again shortly",
+                retry_after=self.retry_after_s,
+            )
+            await _refuse(scope, receive, send, error)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class Deadline:
+    """504 for a request not answered within `seconds` (if its response has not begun)."""
+
+    def __init__(self, app: ASGIApp, seconds: float, exempt_suffixes: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.exempt_suffixes = exempt_suffixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].endswith(self.exempt_suffixes):
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        deadline = asyncio.timeout(self.seconds)
+        try:
+            async with deadline:
+                await self.app(scope, receive, tracking_send)
+        except TimeoutError:
+            if started or not deadline.expired():
+                raise
+            error = Timeout(f"the request was not answered within {self.seconds} s")
+            await _refuse(scope, receive, send, error)

@@ -1,0 +1,184 @@
+"""Prometheus metrics: what this proxy saw (requests, fast inference), and what the job store
+knows for every process (queue, job outcomes, accurate inference, agreement).
+
+Each app has its own registry, so several apps in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tandem.cascade import Agreement
+from tandem.jobs.store import QueueStats
+from tandem.service import FastOutcome, TandemService
+
+access_log = logging.getLogger("tandem.access")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+OUTCOMES = ("done", "failed", "cancelled", "retried")
+
+
+class Snapshot:
+    """The store's view, read just before each scrape."""
+
+    def __init__(self) -> None:
+        self.queue: QueueStats | None = None
+        self.counts: dict[str, int] = {}
+        self.watchers = 0
+
+
+class _StoreCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        snap, counts = self.snapshot, self.snapshot.counts
+        if snap.queue is not None:
+            yield _gauge("tandem_queue_length", "Jobs waiting or running.", snap.queue.depth)
+            yield _gauge(
+                "tandem_queue_oldest_age_seconds",
+                "Age of the oldest unfinished job (0 when none).",
+                snap.queue.oldest_age_s,
+            )
+        jobs = CounterMetricFamily(
+            "tandem_jobs", "Jobs by outcome, from every worker.", labels=["outcome"]
+        )
+        for outcome in OUTCOMES:
+            jobs.add_metric([outcome], counts.get(f"jobs_{outcome}", 0))
+        yield jobs
+        yield CounterMetricFamily(
+            "tandem_accurate_inference_seconds",
+            "Accurate-model inference time summed over every worker's batches.",
+            value=counts.get("accurate_inference_us", 0) / 1e6,
+        )
+        yield CounterMetricFamily(
+            "tandem_accurate_images",
+            "Images the accurate model classified.",
+            value=counts.get("accurate_images", 0),
+        )
+        agreement = Agreement.from_counts(counts)
+        yield CounterMetricFamily(
+            "tandem_jobs_judged", "Jobs with both answers.", value=agreement.judged
+        )
+        yield _gauge(
+            "tandem_model_agreement_ratio",
+            "Share of judged jobs where both models gave the same top-1 (NaN before any).",
+            agreement.agreement if agreement.agreement is not None else float("nan"),
+        )
+        yield _gauge("tandem_job_watchers", "Open SSE and long-poll watches.", snap.watchers)
+        yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
+
+
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop
+        return 0
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.snapshot = Snapshot()
+        self.requests = Counter(
+            "tandem_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tandem_http_request_duration_seconds",
+            "HTTP request latency, to the end of the response.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "tandem_fast_inference_seconds",
+            "Fast-model inference time in this proxy.",
+            ["model"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StoreCollector(self.snapshot))
+
+    def observe_fast(self, outcome: FastOutcome) -> None:
+        prediction = outcome.prediction
+        self.inference.labels(prediction.model).observe(prediction.inference_ms / 1000.0)
+
+    async def render_for(self, service: TandemService) -> bytes:
+        """Read the store's side, then render every metric."""
+        self.snapshot.queue = await service.queue_stats()
+        self.snapshot.counts = await service.store.counts()  # no request counts shown: no flush
+        self.snapshot.watchers = service.store.watchers
+        return generate_latest(self.registry)
+
+
+class AccessMiddleware:
+    """Counts, times and logs every HTTP request: metrics under its route template
+    (`/job/{job_id}`), so ids never become label values, and one access log line (inside the
+    request-id middleware, so the line carries the id). Pure ASGI: a stream is timed to its
+    last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            method, route = scope["method"], self._route(scope)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(elapsed)
+            access_log.info(
+                '"%s %s" %d',
+                method,
+                scope["path"],
+                status,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000.0, 2),
+                },
+            )
+
+    def _route(self, scope: Scope) -> str:
+        routed = scope.get("route")  # set by the router; absent if a guard answered first
+        if routed is not None:
+            return str(getattr(routed, "path", "unmatched"))
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"

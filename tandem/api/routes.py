@@ -1,0 +1,358 @@
+"""The HTTP routes: the original's API, kept compatible, with richer fields."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from tandem.api.errors import error_headers
+from tandem.api.metrics import CONTENT_TYPE
+from tandem.api.middleware import request_id_of
+from tandem.api.schemas import (
+    ErrorBody,
+    JobResponse,
+    PredictRequest,
+    PredictResponse,
+    StatsResponse,
+)
+from tandem.cascade import Gate, Policy
+from tandem.errors import InvalidBase64, InvalidRequest, UnsupportedMediaType
+from tandem.jobs.records import Job, JobStatus
+from tandem.runtime.assets import sample_image_bytes
+from tandem.service import OK, TandemService
+
+router = APIRouter()
+log = logging.getLogger("tandem.api")
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+MAX_WAIT_S = 60.0
+KEEPALIVE_S = 15.0
+# Every route can meet the guards (401, 413, 504) and a bug (500); each documents its own too.
+_GUARDED = (401, 413, 500, 504)
+
+
+def _error_bodies(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in (*_GUARDED, *statuses)}
+
+
+_ERRORS = _error_bodies(404, 405, 409, 422)
+_NOT_QUEUED_OR_OVERLOADED: dict[str, Any] = {
+    "description": "Either the fast answer without a job (the queue is full or unavailable: "
+    "PredictResponse with `error`), or no answer at all (`overloaded`: ErrorBody).",
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/PredictResponse"},
+                    {"$ref": "#/components/schemas/ErrorBody"},
+                ]
+            }
+        }
+    },
+}
+_PREDICT_ERRORS = _error_bodies(400, 415, 422) | {503: _NOT_QUEUED_OR_OVERLOADED}
+
+
+def service_of(request: Request) -> TandemService:
+    service: TandemService = request.app.state.service
+    return service
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard base64, tolerant of line breaks (`base64` wraps at 76) and a data: URL prefix."""
+    text = _WHITESPACE.sub("", _DATA_URL.sub("", text, count=1))
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidBase64(f"image_data is not valid base64: {exc}") from exc
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is not None and not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidRequest("Idempotency-Key must be 1 to 128 printable ASCII characters")
+    return value
+
+
+def request_gate(
+    request: Request,
+    policy: Annotated[
+        Policy | None, Query(description="Cascade policy for this request (default: the server's).")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        Query(ge=0, le=1, description="`when_unsure`: fast top-1 probability that is enough."),
+    ] = None,
+    margin: Annotated[
+        float | None, Query(ge=0, le=1, description="`when_unsure`: also top-1 minus top-2.")
+    ] = None,
+) -> Gate:
+    """The server's cascade gate, with whatever this request overrides."""
+    default = service_of(request).gate
+    return Gate(
+        policy if policy is not None else default.policy,
+        threshold if threshold is not None else default.threshold,
+        margin if margin is not None else default.margin,
+    )
+
+
+RequestGate = Annotated[Gate, Depends(request_gate)]
+
+
+async def _predict(
+    request: Request,
+    data: bytes,
+    gate: Gate,
+    key: str | None = None,
+    callback_url: str | None = None,
+) -> JSONResponse:
+    service = service_of(request)
+    outcome = await service.predict(
+        data, request_id_of(request), idempotency_key(key), gate, callback_url
+    )
+    request.app.state.metrics.observe_fast(outcome)
+    log.info(
+        "fast answer %s; %s",
+        outcome.prediction.label,
+        f"job {outcome.job.id} queued" if outcome.job else "no job",
+        extra={"job_id": outcome.job.id if outcome.job else None},
+    )
+    url = f"/job/{outcome.job.id}" if outcome.job else ""
+    body = PredictResponse.of(outcome, service.accurate_model, url, request_id_of(request))
+    content = body.model_dump(mode="json")
+    if outcome.not_queued is None:
+        return JSONResponse(content)
+    refusal = outcome.not_queued
+    return JSONResponse(content, status_code=refusal.status, headers=error_headers(refusal))
+
+
+@router.get("/", include_in_schema=False)
+async def web_page() -> HTMLResponse:
+    return HTMLResponse(web_page_html())
+
+
+@functools.cache
+def web_page_html() -> str:
+    return (resources.files("tandem") / "web" / "index.html").read_text(encoding="utf-8")
+
+
+@router.get("/health", summary="Liveness: the process answers.")
+async def health() -> dict[str, str]:
+    return {"health": OK}
+
+
+@router.get(
+    "/health/all",
+    summary="Each model and the queue: ok, or the reason not (503 when any is not ok).",
+    responses={503: {"description": "Something is not ok; the body says what."}},
+)
+async def health_all(request: Request) -> JSONResponse:
+    report = await service_of(request).health()
+    status = 200 if all(value == OK for value in report.values()) else 503
+    return JSONResponse(report, status_code=status)
+
+
+@router.get("/metadata", summary="What /predict takes and returns, and the models behind it.")
+async def metadata(request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    manifest = service.fast.manifest
+    sample = service.sample_prediction
+    return {
+        "data_type": "str",
+        "data_structure": "(1,1)",
+        "data_sample": "base64 encoded image file",
+        "prediction_type": "float32",
+        "prediction_structure": f"(1,{len(manifest.labels)})",
+        "prediction_sample": str([round(s.probability, 8) for s in sample.top_k] if sample else []),
+        "models": {
+            "fast": {
+                "name": manifest.name,
+                "input_size": manifest.preprocess.size,
+                "layout": manifest.preprocess.layout,
+                "classes": len(manifest.labels),
+                "source": manifest.source,
+            },
+            "accurate": {"name": service.accurate_model},
+        },
+    }
+
+
+RAW_TYPES = ("image/", "application/octet-stream")
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+async def image_bytes(request: Request) -> bytes:
+    """The image from either body: raw bytes (`image/*`), or JSON `{"image_data": base64}`.
+
+    Raw bodies skip base64 and JSON entirely: the cheaper way to send an image.
+    """
+    content_type = request.headers.get("content-type", "application/json").lower()
+    body = await request.body()
+    if content_type.startswith(RAW_TYPES):
+        return body
+    if not content_type.startswith("application/json"):
+        raise UnsupportedMediaType(
+            f"send application/json or the image itself (image/*), not {content_type}"
+        )
+    try:
+        payload = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(), body=body) from exc
+    return decode_base64(payload.image_data)
+
+
+@router.post(
+    "/predict",
+    summary="The fast model's answer now, and the id of the job for the accurate model.",
+    response_model=PredictResponse,
+    responses=_PREDICT_ERRORS,
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def predict(
+    request: Request,
+    gate: RequestGate,
+    callback_url: Annotated[
+        str | None,
+        Query(
+            max_length=2048,
+            description="POST the result here once stored (a host on TANDEM_WEBHOOK_HOSTS), "
+            "signed with HMAC-SHA256: see the README.",
+        ),
+    ] = None,
+    idempotency: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="A retry with the same key within the result TTL gets the same job.",
+        ),
+    ] = None,
+) -> JSONResponse:
+    if callback_url is not None:  # checked before any work, so a bad one costs nothing
+        request.app.state.settings.webhooks.check(callback_url)
+    return await _predict(request, await image_bytes(request), gate, idempotency, callback_url)
+
+
+@router.get(
+    "/predict/test",
+    summary="Classify the bundled sample photo (a cat), as POST /predict would.",
+    response_model=PredictResponse,
+    responses=_PREDICT_ERRORS,
+)
+async def predict_test(request: Request, gate: RequestGate) -> JSONResponse:
+    return await _predict(request, sample_image_bytes(), gate)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: requests, inference, queue, job outcomes, model agreement.",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    body = await request.app.state.metrics.render_for(service_of(request))
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+@router.get(
+    "/stats",
+    summary="How often the two models agree, by the fast model's confidence; pick a threshold.",
+    response_model=StatsResponse,
+    responses=_error_bodies(503),
+)
+async def stats(request: Request) -> StatsResponse:
+    return StatsResponse.of(await service_of(request).stats())
+
+
+@router.get(
+    "/job/{job_id}",
+    name="get_job",
+    summary='The accurate model\'s answer; prediction is "" until the job is done.',
+    response_model=JobResponse,
+    responses=_ERRORS,
+)
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Long-poll: answer as soon as the job is finished, or after this many "
+            "seconds (capped just below the request deadline).",
+        ),
+    ] = 0.0,
+) -> JobResponse:
+    service = service_of(request)
+    if wait > 0:
+        deadline_s = request.app.state.settings.request_timeout_s
+        return JobResponse.of(await service.wait(job_id, min(wait, deadline_s - 1.0)))
+    return JobResponse.of(await service.job(job_id))
+
+
+@router.get(
+    "/job/{job_id}/events",
+    summary="Server-Sent Events: the job's state now and at each change, until it is finished.",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`event: <status>` with a JobResponse as `data`, per state; "
+            f"a `: keep-alive` comment every {KEEPALIVE_S:g} s without one.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_ERRORS,
+    },
+)
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    stack = contextlib.AsyncExitStack()
+    # Watching starts before the first read (and a 404 is raised) before the stream starts.
+    states = await stack.enter_async_context(service_of(request).follow(job_id, KEEPALIVE_S))
+    return StreamingResponse(
+        _server_sent_events(states, stack),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _server_sent_events(
+    states: AsyncIterator[Job], stack: contextlib.AsyncExitStack
+) -> AsyncIterator[bytes]:
+    async with stack:  # a client that goes away cancels this; the watch is dropped at once
+        sent: tuple[JobStatus, float] | None = None
+        async for job in states:
+            if (job.status, job.updated_at) == sent:
+                yield b": keep-alive\n\n"
+                continue
+            sent = (job.status, job.updated_at)
+            data = JobResponse.of(job).model_dump_json()
+            yield f"event: {job.status}\ndata: {data}\n\n".encode()
+
+
+@router.delete(
+    "/job/{job_id}",
+    summary="Cancel a job: at once if queued; a running one finishes, marked cancelled.",
+    response_model=JobResponse,
+    responses=_ERRORS,
+)
+async def cancel_job(job_id: str, request: Request) -> JobResponse:
+    return JobResponse.of(await service_of(request).cancel(job_id))

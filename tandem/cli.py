@@ -1,0 +1,224 @@
+"""`tandem`: serve the API, build the models. The only module that reads the process environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tandem import __version__, client_cli
+from tandem.errors import ConfigurationError, ServerUnreachable
+from tandem.logs import configure_logging
+from tandem.runtime.manifest import resolve_manifest_path
+from tandem.settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    parser.add_argument("--model-dir", type=Path, help="built models (TANDEM_MODEL_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Time-lagged image classification: a fast model answers POST /predict at "
+        "once, an accurate model answers GET /job/{id} a moment later.",
+    )
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP API with the fast model, and the accurate model's worker",
+        description="Run everything in one process on the embedded SQLite store. Built-in "
+        "models that are missing are built first.",
+    )
+    _common(serve)
+    serve.add_argument("--host", help="address to bind (TANDEM_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (TANDEM_PORT, default 8000)")
+    serve.add_argument(
+        "--data-dir", type=Path, help="where the job database lives (TANDEM_DATA_DIR)"
+    )
+    serve.add_argument(
+        "--redis",
+        dest="redis_url",
+        metavar="URL",
+        help="distributed mode: queue jobs in Redis for `tandem worker` processes "
+        "(TANDEM_REDIS_URL); without it, the embedded SQLite store",
+    )
+    workers = serve.add_mutually_exclusive_group()
+    workers.add_argument(
+        "--no-worker",
+        dest="embedded_worker",
+        action="store_false",
+        default=None,
+        help="do not run the accurate model in this process",
+    )
+    workers.add_argument(
+        "--with-worker",
+        dest="embedded_worker",
+        action="store_true",
+        help="run it in this process too (the default without --redis)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the accurate model on queued jobs (distributed mode, with --redis)",
+        description="Take jobs from the queue, classify them in batches with the accurate model, "
+        "store the answers. Run as many as you like, on any machine that reaches the store. "
+        "SIGTERM or Ctrl-C finishes the batch in hand, then exits.",
+    )
+    _common(worker)
+    worker.add_argument("--redis", dest="redis_url", metavar="URL", help="(TANDEM_REDIS_URL)")
+    worker.add_argument(
+        "--data-dir", type=Path, help="the SQLite store to work on, without --redis"
+    )
+    worker.set_defaults(handler=_worker)
+
+    up = commands.add_parser(
+        "up",
+        help="run redis-server, one proxy and N workers on this machine; Ctrl-C stops all",
+        description="The distributed topology in one command: starts redis-server (append-only, "
+        "in the data directory) unless --redis is given, then `tandem serve --redis` and N "
+        "`tandem worker --redis`. Ctrl-C or SIGTERM stops them all; so does any one dying.",
+    )
+    _common(up)
+    up.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    up.add_argument("--redis", dest="redis_url", metavar="URL", help="use this Redis instead")
+    up.add_argument("--host", help="address the proxy binds (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="port the proxy binds (default 8000)")
+    up.add_argument("--data-dir", type=Path, help="where redis-server keeps its files")
+    up.set_defaults(handler=_up)
+
+    models = commands.add_parser("models", help="build or list the ONNX models")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    build = model_commands.add_parser(
+        "build",
+        help="export the built-in models to ONNX (needs the 'build' extra)",
+        description="Export the bundled EfficientNet-Lite weights to ONNX with a manifest each.",
+    )
+    _common(build)
+    build.add_argument("names", nargs="*", help="models to build (default: both built-ins)")
+    build.add_argument("--force", action="store_true", help="rebuild models that exist")
+    build.set_defaults(handler=_build)
+    listing = model_commands.add_parser("list", help="show the configured models and their state")
+    _common(listing)
+    listing.set_defaults(handler=_list)
+    client_cli.add_parser(commands, dict(os.environ))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("host", "port", "data_dir", "model_dir", "redis_url", "embedded_worker")
+    overrides = {key: getattr(args, key, None) for key in keys}
+    return load_settings(os.environ, args.config, **overrides)
+
+
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _ensure_models(settings: Settings, refs: list[str]) -> None:
+    """Build the built-in models among `refs` that are not built yet."""
+    from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
+
+    for name in (ref for ref in refs if ref in BUILTIN_MODELS):
+        if not is_built(name, settings.model_dir):
+            print(
+                f"model {name} is not built yet; building it once into {settings.model_dir}",
+                file=sys.stderr,
+            )
+            build_model(name, settings.model_dir, progress=_progress)
+
+
+def _progress(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tandem.api.app import create_app
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
+    _ensure_models(settings, roles)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # ours, set above; uvicorn's loggers propagate to it
+        access_log=False,  # AccessMiddleware logs each request, inside its request id
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tandem.worker import run_worker_process
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    _ensure_models(settings, [settings.accurate_model])
+    asyncio.run(run_worker_process(settings))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from tandem.up import Topology
+
+    if args.workers < 1:
+        raise ConfigurationError("--workers must be at least 1")
+    settings = _settings(args)
+    # Build once here rather than race N+1 children into building the same models.
+    _ensure_models(settings, [settings.fast_model, settings.accurate_model])
+    return Topology(settings, args.workers, redis_url=args.redis_url).run()
+
+
+def _build(args: argparse.Namespace) -> int:
+    from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
+
+    settings = _settings(args)
+    names = args.names or sorted(BUILTIN_MODELS)
+    for position, name in enumerate(names, start=1):
+        print(f"[{position}/{len(names)}] {name}", file=sys.stderr)
+        if is_built(name, settings.model_dir) and not args.force:
+            _progress(f"{name}: already built in {settings.model_dir} (use --force to rebuild)")
+            continue
+        build_model(name, settings.model_dir, progress=_progress)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    for role, ref in (("fast", settings.fast_model), ("accurate", settings.accurate_model)):
+        path = resolve_manifest_path(ref, settings.model_dir)
+        state = "built" if path.is_file() else "missing (run: tandem models build)"
+        print(f"{role:9} {ref:20} {state:10} {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigurationError as exc:
+        print(f"tandem: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ServerUnreachable as exc:
+        print(f"tandem: {exc.message}", file=sys.stderr)
+        return client_cli.EXIT_SERVER
+    except KeyboardInterrupt:
+        return 130
+    return code

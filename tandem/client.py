@@ -1,0 +1,301 @@
+"""A Python client for a Tandem server, sync (`Client`) and async (`AsyncClient`).
+
+    with Client("http://127.0.0.1:8000") as tandem:
+        fast = tandem.predict(Path("cat.jpg"))
+        print(fast.label, "now;", tandem.result(fast.job_id, wait=30).final_label, "later")
+
+Errors the server reports are raised as the typed errors of `tandem.errors` (JobNotFound,
+InvalidImage, Overloaded, ...), carrying the server's message and request id; no answer at all
+raises ServerUnreachable. A fast answer whose job could not be queued is not an error: it comes
+back with `queued` false and the reason in `not_queued`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mimetypes
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tandem.errors import ServerUnreachable, TandemError, error_from_wire
+from tandem.jobs.records import JobStatus
+from tandem.predictions import Prediction
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# The server caps one long-poll below its request deadline; longer waits take several.
+_POLL_S = 20.0
+
+Image = bytes | str | Path
+
+
+@dataclass(frozen=True, slots=True)
+class FastResult:
+    fast: Prediction
+    job_id: str | None
+    request_id: str | None
+    skipped: str | None = None  # the cascade judged the fast answer enough
+    not_queued: TandemError | None = None  # the queue refused; retry later
+
+    @property
+    def label(self) -> str:
+        return self.fast.label
+
+    @property
+    def queued(self) -> bool:
+        return self.job_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    job_id: str
+    status: JobStatus
+    fast: Prediction | None
+    accurate: Prediction | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.terminal
+
+    @property
+    def final(self) -> Prediction | None:
+        return self.accurate or self.fast
+
+    @property
+    def final_label(self) -> str | None:
+        return self.final.label if self.final else None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.accurate and self.fast and self.accurate.label != self.fast.label)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> JobResult:
+        return cls(
+            job_id=body["job_id"],
+            status=JobStatus(body["status"]),
+            fast=_prediction(body.get("fast")),
+            accurate=_prediction(body.get("accurate")),
+            error=body.get("error"),
+        )
+
+
+def _prediction(data: dict[str, Any] | None) -> Prediction | None:
+    return Prediction.from_dict(data) if data else None
+
+
+def _image_request(image: Image) -> tuple[bytes, dict[str, str]]:
+    """Raw bytes with their media type: the cheapest body the server takes."""
+    if isinstance(image, bytes):
+        return image, {"Content-Type": "application/octet-stream"}
+    path = Path(image)
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if not kind.startswith("image/"):
+        kind = "application/octet-stream"  # the server looks at the bytes themselves
+    return path.read_bytes(), {"Content-Type": kind}
+
+
+def _checked(response: httpx.Response) -> dict[str, Any]:
+    body = _json(response)
+    if response.status_code >= 400:
+        raise error_from_wire(response.status_code, body)
+    return body
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {}
+
+
+def _fast_result(response: httpx.Response) -> FastResult:
+    body = _json(response)
+    # A 503 that still carries a fast answer is the queue refusing, not the request failing.
+    if response.status_code == 503 and "fast" in body:
+        refusal = error_from_wire(503, {"error": body.get("error")})
+        return _fast_from(body, response, not_queued=refusal)
+    return _fast_from(_checked(response), response)
+
+
+def _fast_from(
+    body: dict[str, Any], response: httpx.Response, not_queued: TandemError | None = None
+) -> FastResult:
+    fast = _prediction(body["fast"])
+    assert fast is not None
+    return FastResult(
+        fast=fast,
+        job_id=body.get("job_id"),
+        request_id=response.headers.get("x-request-id"),
+        skipped=(body.get("cascade") or {}).get("reason"),
+        not_queued=not_queued,
+    )
+
+
+class EventParser:
+    """Server-Sent Events, line by line: `feed` returns a JobResult at each complete event."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> JobResult | None:
+        if line.startswith("data:"):
+            self._data.append(line[5:].strip())
+        elif not line and self._data:
+            body, self._data = json.loads("\n".join(self._data)), []
+            return JobResult.from_wire(body)
+        return None
+
+
+def _params(policy: str | None, threshold: float | None) -> dict[str, str]:
+    given = {"policy": policy, "threshold": threshold}
+    return {k: str(v) for k, v in given.items() if v is not None}
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _wait_steps(wait: float | None) -> Iterator[float]:
+    """Long-poll durations that add up to `wait` (one step of 0 without a wait)."""
+    deadline = time.monotonic() + (wait or 0.0)
+    yield min(wait or 0.0, _POLL_S)
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(left, _POLL_S)
+
+
+class Client:
+    """Blocking client; also a context manager that closes its connections."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
+        self._http = httpx.Client(base_url=url, timeout=timeout, headers=_headers(api_key))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with _answered(self._http.base_url):
+            return self._http.request(method, path, **kwargs)
+
+    def predict(
+        self, image: Image, *, policy: str | None = None, threshold: float | None = None
+    ) -> FastResult:
+        content, headers = _image_request(image)
+        params = _params(policy, threshold)
+        response = self._send("POST", "/predict", content=content, headers=headers, params=params)
+        return _fast_result(response)
+
+    def job(self, job_id: str, wait: float = 0.0) -> JobResult:
+        params = {"wait": str(wait)} if wait else {}
+        return JobResult.from_wire(_checked(self._send("GET", f"/job/{job_id}", params=params)))
+
+    def result(self, job_id: str, wait: float | None = None) -> JobResult:
+        """The job now, or, with `wait`, once finished or when `wait` seconds have passed."""
+        for step in _wait_steps(wait):
+            job = self.job(job_id, step)
+            if job.finished:
+                break
+        return job
+
+    def events(self, job_id: str) -> Iterator[JobResult]:
+        """Each state of the job as the server pushes it, until it is finished."""
+        with (
+            _answered(self._http.base_url),
+            self._http.stream("GET", f"/job/{job_id}/events", timeout=None) as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                _checked(response)
+            yield from _parse(response.iter_lines())
+
+    def cancel(self, job_id: str) -> JobResult:
+        return JobResult.from_wire(_checked(self._send("DELETE", f"/job/{job_id}")))
+
+
+@contextlib.contextmanager
+def _answered(url: httpx.URL) -> Iterator[None]:
+    """No HTTP answer at all (refused, reset, timed out) is ServerUnreachable."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"no answer from {url}: {exc}") from exc
+
+
+def _parse(lines: Iterable[str]) -> Iterator[JobResult]:
+    parser = EventParser()
+    for line in lines:
+        if (event := parser.feed(line)) is not None:
+            yield event
+
+
+class AsyncClient:
+    """The same, for asyncio."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=_headers(api_key))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with _answered(self._http.base_url):
+            return await self._http.request(method, path, **kwargs)
+
+    async def predict(
+        self, image: Image, *, policy: str | None = None, threshold: float | None = None
+    ) -> FastResult:
+        content, headers = _image_request(image)
+        params = _params(policy, threshold)
+        response = await self._send(
+            "POST", "/predict", content=content, headers=headers, params=params
+        )
+        return _fast_result(response)
+
+    async def job(self, job_id: str, wait: float = 0.0) -> JobResult:
+        params = {"wait": str(wait)} if wait else {}
+        response = await self._send("GET", f"/job/{job_id}", params=params)
+        return JobResult.from_wire(_checked(response))
+
+    async def result(self, job_id: str, wait: float | None = None) -> JobResult:
+        for step in _wait_steps(wait):
+            job = await self.job(job_id, step)
+            if job.finished:
+                break
+        return job
+
+    async def events(self, job_id: str) -> AsyncIterator[JobResult]:
+        parser = EventParser()
+        with _answered(self._http.base_url):
+            async with self._http.stream("GET", f"/job/{job_id}/events", timeout=None) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _checked(response)
+                async for line in response.aiter_lines():
+                    if (event := parser.feed(line)) is not None:
+                        yield event
+
+    async def cancel(self, job_id: str) -> JobResult:
+        return JobResult.from_wire(_checked(await self._send("DELETE", f"/job/{job_id}")))

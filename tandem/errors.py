@@ -1,0 +1,169 @@
+"""Domain errors. Each carries a stable machine code and an HTTP status.
+
+Only the API's exception handlers turn these into responses; everything else raises them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TandemError(Exception):
+    """Base of every error Tandem reports to a user."""
+
+    status: int = 500
+    code: ClassVar[str] = "internal_error"
+    request_id: str | None = None  # set on errors the client reads off the wire
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(TandemError):
+    """A request HTTP itself rejects; carries the status the framework chose."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, http_status: int = 400, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status = http_status
+
+
+class InvalidJSON(TandemError):
+    status = 400
+    code = "invalid_json"
+
+
+class ValidationFailed(TandemError):
+    status = 422
+    code = "validation_error"
+
+
+class InvalidBase64(TandemError):
+    status = 422
+    code = "invalid_base64"
+
+
+class InvalidImage(TandemError):
+    status = 422
+    code = "invalid_image"
+
+
+class ImageTooSmall(TandemError):
+    status = 422
+    code = "image_too_small"
+
+
+class CallbackNotAllowed(TandemError):
+    status = 422
+    code = "callback_not_allowed"
+
+
+class UnsupportedImageFormat(TandemError):
+    status = 415
+    code = "unsupported_image_format"
+
+
+class UnsupportedMediaType(TandemError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ImageTooLarge(TandemError):
+    status = 413
+    code = "image_too_large"
+
+
+class PayloadTooLarge(TandemError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(TandemError):
+    status = 401
+    code = "unauthorized"
+
+
+class Overloaded(TandemError):
+    status = 503
+    code = "overloaded"
+
+
+class Timeout(TandemError):
+    status = 504
+    code = "timeout"
+
+
+class NotFound(TandemError):
+    status = 404
+    code = "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class JobFinished(TandemError):
+    status = 409
+    code = "job_finished"
+
+
+class MethodNotAllowed(TandemError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class ServiceUnavailable(TandemError):
+    status = 503
+    code = "service_unavailable"
+
+
+class QueueUnavailable(ServiceUnavailable):
+    code = "queue_unavailable"
+
+
+class QueueFull(ServiceUnavailable):
+    code = "queue_full"
+
+
+class ConfigurationError(TandemError):
+    """Settings or model files are wrong; raised at start-up, never per request."""
+
+    code = "configuration_error"
+
+
+class ModelNotFound(ConfigurationError):
+    code = "model_not_found"
+
+
+class ServerUnreachable(TandemError):
+    """Raised by the client when no HTTP answer came back at all."""
+
+    status = 503
+    code = "server_unreachable"
+
+
+def _subclasses(cls: type[TandemError]) -> list[type[TandemError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+def error_from_wire(status: int, body: object) -> TandemError:
+    """The typed error an error body names: the client side of the one error shape. An unknown
+    code gives a plain TandemError that keeps the code in its details."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        detail = {"message": f"HTTP {status} without an error body"}
+    code = str(detail.get("code", ""))
+    details = detail.get("details")
+    cls = {c.code: c for c in _subclasses(TandemError)}.get(code, TandemError)
+    # Built without the subclass's own __init__: the wire gives message and details only.
+    error = cls.__new__(cls)
+    TandemError.__init__(error, str(detail.get("message", "")), **(details or {}))
+    error.status = status
+    error.request_id = detail.get("request_id")
+    if cls is TandemError:
+        error.details["code"] = code
+    return error

@@ -1,0 +1,27 @@
+"""The one place that picks a store backend from settings."""
+
+from __future__ import annotations
+
+from tandem.jobs.redis import RedisJobStore
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.store import JobStore, StorePolicy
+from tandem.settings import Settings
+
+DB_NAME = "tandem.db"
+
+
+def policy_from(settings: Settings) -> StorePolicy:
+    return StorePolicy(
+        result_ttl_s=settings.result_ttl_s,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        max_attempts=settings.max_attempts,
+        max_queue_length=settings.max_queue_length,
+    )
+
+
+def make_store(settings: Settings) -> JobStore:
+    if settings.redis_url:
+        return RedisJobStore(
+            settings.redis_url, policy_from(settings), prefix=settings.redis_prefix
+        )
+    return SQLiteJobStore(settings.data_dir / DB_NAME, policy_from(settings))

@@ -1,0 +1,495 @@
+"""The distributed job store: Redis Streams with one consumer group for every worker.
+
+Layout, under a key prefix (default "tandem"):
+- `{p}:job:{id}`   a hash per job: status, times, attempts, meta, result, error, the image while
+                   unfinished, and `entry`, the id of its stream entry.
+- `{p}:queue`      a stream with one entry per unfinished job; consumer group `workers`.
+                   Finished jobs' entries are acknowledged and deleted, so XLEN is the depth.
+- `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement).
+- `{p}:changes`   a pub/sub channel: the id of each job whose state changed, for watchers.
+- `{p}:workers`    a sorted set of worker ids by last heartbeat; `{p}:models` maps them to models.
+
+Reliable delivery is Redis's own: XREADGROUP hands an entry to one consumer, it stays pending
+until acknowledged, and XAUTOCLAIM takes over entries idle longer than the visibility timeout
+(their worker died). Each state change is one Lua script, so it is atomic, and the terminal
+ones only act on unfinished jobs, so a job delivered twice is answered once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from tandem.errors import QueueFull, QueueUnavailable
+from tandem.jobs.notify import Hub, Watch
+from tandem.jobs.records import (
+    STORED_FIELDS,
+    Claim,
+    Delivery,
+    Job,
+    JobSpec,
+    JobStatus,
+    dump_delivery,
+    dump_meta,
+    dump_prediction,
+    job_from_stored,
+    load_meta,
+    meta_with_fast,
+)
+from tandem.jobs.store import StorePolicy
+from tandem.predictions import Prediction
+
+T = TypeVar("T")
+ScriptArg = str | bytes | int | float
+GROUP = "workers"
+_LOST = "the worker running this job stopped {n} times before finishing it"
+RECONNECT_S = 0.5
+
+# KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
+# job key prefix, whether there is an idempotency key.
+# Returns the id of the job that stands for this request, or false when the queue is full.
+_ENQUEUE = """
+if ARGV[8] == '1' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return earlier end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
+local limit = tonumber(ARGV[5])
+if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return false end
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[2], 'updated_at', ARGV[2],
+           'attempts', 0, 'meta', ARGV[3], 'image', ARGV[4], 'entry', entry)
+if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
+return ARGV[1]
+"""
+
+# Finish an unfinished job and count it. KEYS: job, queue, counters.
+# ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
+_FINISH_BODY = """
+local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally)
+  local current = redis.call('HGET', job, 'status')
+  if current ~= 'queued' and current ~= 'running' then return 0 end
+  local entry = redis.call('HGET', job, 'entry')
+  -- A result that arrives after a cancel request is kept, but the job says cancelled.
+  if status == 'done' and redis.call('HGET', job, 'cancel') == '1' then status = 'cancelled' end
+  redis.call('HSET', job, 'status', status, 'updated_at', now, 'finished_at', now)
+  if result ~= '' then redis.call('HSET', job, 'result', result) end
+  if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
+  redis.call('HDEL', job, 'image')
+  redis.call('PEXPIRE', job, ttl_ms)
+  if entry then
+    redis.call('XACK', queue, group, entry)
+    redis.call('XDEL', queue, entry)
+  end
+  redis.call('HINCRBY', counters, 'jobs_' .. status, 1)
+  for name in string.gmatch(tally, '[^,]+') do redis.call('HINCRBY', counters, name, 1) end
+  return 1
+end
+"""
+_FINISH = (
+    _FINISH_BODY
+    + "return finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],"
+    + " KEYS[3], ARGV[7])"
+)
+
+# Lease a delivered entry. KEYS: job, queue, counters.
+# ARGV: entry, now, max_attempts, ttl_ms, lost, group.
+# Returns the image, or false when the entry is stale (job gone, finished, or out of attempts).
+_LEASE = (
+    _FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HGET', KEYS[1], 'entry')
+if (status ~= 'queued' and status ~= 'running') or current ~= ARGV[1] then
+  redis.call('XACK', KEYS[2], ARGV[6], ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+  return false
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+if attempts >= tonumber(ARGV[3]) then
+  local reason = string.format(ARGV[5], attempts)
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '')
+  return false
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2], 'attempts', attempts + 1)
+return redis.call('HGET', KEYS[1], 'image')
+"""
+)
+
+# Put a running job back under a new entry. KEYS: job, queue, counters. ARGV: now, error, group, id.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local old = redis.call('HGET', KEYS[1], 'entry')
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1], 'error', ARGV[2],
+           'entry', entry)
+if old then
+  redis.call('XACK', KEYS[2], ARGV[3], old)
+  redis.call('XDEL', KEYS[2], old)
+end
+redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
+return 1
+"""
+
+# Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters.
+# ARGV: now, ttl ms, group.
+_CANCEL = (
+    _FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  return finish(KEYS[1], KEYS[2], 'cancelled', ARGV[1], ARGV[2], '', '', ARGV[3], KEYS[3], '')
+elseif status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', ARGV[1])
+end
+return 0
+"""
+)
+
+# Set a job's webhook state, unless the job has expired. KEYS: job. ARGV: the state as JSON.
+_RECORD_DELIVERY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[1]) end
+return 0
+"""
+
+# Replace a job's metadata if it is still what was read. KEYS: job. ARGV: read, new.
+_ATTACH = """
+if redis.call('HGET', KEYS[1], 'meta') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'meta', ARGV[2])
+end
+return 0
+"""
+
+
+class RedisJobStore:
+    """JobStore on a Redis server (5.0+; XAUTOCLAIM needs 6.2+)."""
+
+    def __init__(self, url: str, policy: StorePolicy | None = None, prefix: str = "tandem") -> None:
+        self.url = url
+        self.policy = policy or StorePolicy()
+        self._prefix = prefix
+        self._queue = f"{prefix}:queue"
+        self._counters = f"{prefix}:counters"
+        self._changes = f"{prefix}:changes"
+        self._redis: aioredis.Redis | None = None
+        self._hub = Hub()
+        self._listener: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[Watch]:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="tandem-redis-changes")
+        async with self._hub.watch(job_id) as watch:
+            yield watch
+
+    @property
+    def watchers(self) -> int:
+        return self._hub.watchers
+
+    async def _listen(self) -> None:
+        """Feed the hub from the changes channel: one subscription per process, whatever the
+        number of watchers. Reconnects by itself; after a gap every watcher re-reads."""
+        while True:
+            try:
+                async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._changes)
+                    self._hub.notify_all()
+                    async for message in pubsub.listen():
+                        self._hub.notify(_text(message["data"]))
+            except (RedisError, OSError, QueueUnavailable):
+                await asyncio.sleep(RECONNECT_S)
+
+    async def _publish(self, job_id: str) -> None:
+        await self._client.publish(self._changes, job_id)
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    @property
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise QueueUnavailable("the job store is closed")
+        return self._redis
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis restarted without the group (no persistence): make it again, then retry.
+            await self._ensure_group()
+            return await operation()
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._redis is not None:
+            return
+        self._redis = aioredis.from_url(
+            self.url, socket_connect_timeout=2.0, socket_timeout=None, health_check_interval=10
+        )
+        self._enqueue = self._redis.register_script(_ENQUEUE)
+        self._finish = self._redis.register_script(_FINISH)
+        self._lease = self._redis.register_script(_LEASE)
+        self._requeue = self._redis.register_script(_REQUEUE)
+        self._cancel = self._redis.register_script(_CANCEL)
+        self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
+        self._attach = self._redis.register_script(_ATTACH)
+        # Redis may be down at start-up; every later call retries and reports it.
+        with contextlib.suppress(RedisError, OSError):
+            await self._ensure_group()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._client.xgroup_create(self._queue, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    # -- producer side -------------------------------------------------------------------------
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        now = time.time()
+        idempotency = f"{self._prefix}:idempotency:{spec.idempotency_key or ''}"
+        keys = [self._job_key(spec.id), self._queue, idempotency]
+        args: list[ScriptArg] = [
+            spec.id,
+            repr(now),
+            dump_meta(spec),
+            spec.image,
+            self.policy.max_queue_length,
+            self._ttl_ms,
+            self._job_key(""),
+            "1" if spec.idempotency_key else "0",
+        ]
+        job_id = await self._call(lambda: self._enqueue(keys=keys, args=args))
+        if job_id is None:
+            limit = self.policy.max_queue_length
+            raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+        job = await self.get(_text(job_id))
+        if job is None:  # only if its TTL ran out between the two calls
+            raise QueueUnavailable("the job expired while it was being stored")
+        return job
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
+        key = self._job_key(job_id)
+        meta: Any = await self._call(lambda: self._client.hget(key, "meta"))
+        if meta is None or load_meta(_text(meta)).fast is not None:
+            return
+        args = [meta, meta_with_fast(_text(meta), fast)]
+        await self._call(lambda: self._attach(keys=[key], args=args))
+
+    async def get(self, job_id: str) -> Job | None:
+        values = await self._call(lambda: self._client.hmget(self._job_key(job_id), STORED_FIELDS))
+        if values[0] is None:
+            return None
+        return _job_from_fields(job_id, dict(zip(STORED_FIELDS, values, strict=True)))
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+        entries = await self._call(lambda: self._take_over(worker_id, limit))
+        if len(entries) < limit:
+            block_ms = max(1, int(wait_s * 1000)) if wait_s > 0 and not entries else None
+            entries += await self._call(
+                lambda: self._read_new(worker_id, limit - len(entries), block_ms)
+            )
+        claims = []
+        for entry_id, job_id in entries:
+            claim = await self._lease_entry(entry_id, job_id, worker_id)
+            if claim is not None:
+                claims.append(claim)
+        return claims
+
+    async def _take_over(self, worker_id: str, limit: int) -> list[tuple[str, str]]:
+        idle_ms = int(self.policy.visibility_timeout_s * 1000)
+        reply = await self._client.xautoclaim(
+            self._queue, GROUP, worker_id, idle_ms, start_id="0-0", count=limit
+        )
+        return _entries(reply[1])
+
+    async def _read_new(
+        self, worker_id: str, count: int, block_ms: int | None
+    ) -> list[tuple[str, str]]:
+        reply = await self._client.xreadgroup(
+            GROUP, worker_id, {self._queue: ">"}, count=count, block=block_ms
+        )
+        return _entries(reply[0][1]) if reply else []  # type: ignore[index]
+
+    async def _lease_entry(self, entry_id: str, job_id: str, worker_id: str) -> Claim | None:
+        now = time.time()
+        keys = [self._job_key(job_id), self._queue, self._counters]
+        args: list[ScriptArg] = [
+            entry_id,
+            repr(now),
+            self.policy.max_attempts,
+            self._ttl_ms,
+            _LOST_LUA,
+            GROUP,
+        ]
+        image = await self._call(lambda: self._lease(keys=keys, args=args))
+        await self._call(lambda: self._publish(job_id))
+        if image is None:
+            return None
+        job = await self.get(job_id)
+        return Claim(job, bytes(image), worker_id) if job is not None else None
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.policy.result_ttl_s * 1000))
+
+    async def complete(self, job_id: str, result: Prediction) -> bool:
+        return job_id in await self.complete_many({job_id: result})
+
+    async def complete_many(
+        self,
+        results: Mapping[str, Prediction],
+        tallies: Mapping[str, Sequence[str]] | None = None,
+    ) -> set[str]:
+        tallies = tallies or {}
+
+        async def finish_all() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id, result in results.items():
+                    keys, args = self._finish_call(
+                        job_id, JobStatus.DONE, dump_prediction(result), tally=tallies.get(job_id)
+                    )
+                    await self._finish(keys=keys, args=args, client=pipe)
+                    pipe.publish(self._changes, job_id)
+                replies: list[Any] = await pipe.execute()
+                return replies[::2]  # each finish's reply; the publishes' are counts
+
+        replies = await self._call(finish_all)
+        return {job_id for job_id, stored in zip(results, replies, strict=True) if stored}
+
+    def _finish_call(
+        self,
+        job_id: str,
+        status: JobStatus,
+        result: str = "",
+        error: str = "",
+        tally: Sequence[str] | None = None,
+    ) -> tuple[list[str], list[ScriptArg]]:
+        """Keys and arguments of the finishing script for one job."""
+        keys = [self._job_key(job_id), self._queue, self._counters]
+        now = repr(time.time())
+        return keys, [status.value, now, self._ttl_ms, result, error, GROUP, ",".join(tally or ())]
+
+    async def _finish_job(self, job_id: str, status: JobStatus, *, error: str = "") -> bool:
+        keys, args = self._finish_call(job_id, status, error=error)
+        return bool(await self._call(lambda: self._finish(keys=keys, args=args)))
+
+    async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
+        job = await self.get(job_id)
+        if job is None:
+            return None
+        if retry and job.attempts < self.policy.max_attempts:
+            keys = [self._job_key(job_id), self._queue, self._counters]
+            args = [repr(time.time()), error, GROUP, job_id]
+            await self._call(lambda: self._requeue(keys=keys, args=args))
+        else:
+            await self._finish_job(job_id, JobStatus.FAILED, error=error)
+        await self._call(lambda: self._publish(job_id))
+        return await self.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job | None:
+        keys = [self._job_key(job_id), self._queue, self._counters]
+        args: list[ScriptArg] = [repr(time.time()), self._ttl_ms, GROUP]
+        await self._call(lambda: self._cancel(keys=keys, args=args))
+        await self._call(lambda: self._publish(job_id))
+        return await self.get(job_id)
+
+    async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
+        keys, args = [self._job_key(job_id)], [dump_delivery(delivery)]
+        await self._call(lambda: self._record_delivery(keys=keys, args=args))
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def queue_depth(self) -> int:
+        return int(await self._call(lambda: self._client.xlen(self._queue)))
+
+    async def oldest_unfinished_at(self) -> float | None:
+        # Entries are deleted when their job finishes, so the first is the oldest unfinished;
+        # its id starts with the millisecond it was added.
+        first: Any = await self._call(lambda: self._client.xrange(self._queue, count=1))
+        if not first:
+            return None
+        return int(_text(first[0][0]).split("-")[0]) / 1000.0
+
+    async def purge_expired(self) -> int:
+        return 0  # Redis expires finished jobs by itself (PEXPIRE in the finishing script).
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        async def add() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for name, n in counts.items():
+                    pipe.hincrby(self._counters, name, n)
+                await pipe.execute()
+
+        if counts:
+            await self._call(add)
+
+    async def counts(self) -> dict[str, int]:
+        raw: Any = await self._call(lambda: self._client.hgetall(self._counters))
+        return {_text(name): int(value) for name, value in raw.items()}
+
+    async def beat(self, worker_id: str, model: str) -> None:
+        async def record() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zadd(f"{self._prefix}:workers", {worker_id: time.time()})
+                pipe.hset(f"{self._prefix}:models", worker_id, model)
+                await pipe.execute()
+
+        await self._call(record)
+
+    async def live_models(self, within_s: float) -> set[str]:
+        since = time.time() - within_s
+        workers = f"{self._prefix}:workers"
+        ids: Any = await self._call(lambda: self._client.zrangebyscore(workers, since, "+inf"))
+        if not ids:
+            return set()
+        models = await self._call(lambda: self._client.hmget(f"{self._prefix}:models", ids))
+        return {_text(m) for m in models if m is not None}
+
+
+# Lua's string.format placeholder for the attempt count.
+_LOST_LUA = _LOST.replace("{n}", "%d")
+
+
+def _entries(raw: Any) -> list[tuple[str, str]]:
+    """[(entry id, job id)] from XREADGROUP/XAUTOCLAIM replies; deleted entries come as None."""
+    entries = []
+    for entry_id, fields in raw:
+        if fields:
+            entries.append((_text(entry_id), _text(fields[b"id"])))
+    return entries
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _job_from_fields(job_id: str, fields: dict[str, Any]) -> Job:
+    return job_from_stored(job_id, {k: _text(v) for k, v in fields.items() if v is not None})

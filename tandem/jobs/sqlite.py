@@ -1,0 +1,489 @@
+"""The embedded job store: one SQLite file in WAL mode, durable on every commit.
+
+sqlite3 blocks, so every call runs on one dedicated thread that owns the connection; that also
+serialises this process's writes. Other processes on the same file are kept apart by SQLite's
+own locking (`BEGIN IMMEDIATE` and a busy timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TypeVar
+
+from tandem.errors import QueueFull, QueueUnavailable
+from tandem.jobs.notify import Hub, Watch
+from tandem.jobs.records import (
+    STORED_FIELDS,
+    Claim,
+    Delivery,
+    Job,
+    JobSpec,
+    JobStatus,
+    dump_delivery,
+    dump_meta,
+    dump_prediction,
+    job_from_stored,
+    load_meta,
+    meta_with_fast,
+)
+from tandem.jobs.store import StorePolicy
+from tandem.predictions import Prediction
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    status      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    lease_until REAL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    image       BLOB,
+    meta        TEXT NOT NULL,
+    result      TEXT,
+    error       TEXT,
+    finished_at REAL,
+    expires_at  REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    webhook     TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key        TEXT PRIMARY KEY,
+    job_id     TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id      TEXT PRIMARY KEY,
+    model   TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+
+# In the order of records.STORED_FIELDS, after the id.
+_JOB_COLUMNS = (
+    "id, status, created_at, updated_at, attempts, meta, result, error, finished_at,"
+    " cancel_requested, webhook"
+)
+_LOST = "the worker running this job stopped {n} times before finishing it"
+RECHECK_S = 0.5
+
+
+class SQLiteJobStore:
+    """JobStore on a local SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        policy: StorePolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.policy = policy or StorePolicy()
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._lazy: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-sqlite")
+        # Wakes an in-process worker as soon as a job is enqueued instead of at its next poll.
+        self._enqueued = asyncio.Event()
+        # Watchers hear of this process's writes at once; other processes' within RECHECK_S.
+        self._hub = Hub(recheck_s=RECHECK_S)
+
+    def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
+        return self._hub.watch(job_id)
+
+    @property
+    def watchers(self) -> int:
+        return self._hub.watchers
+
+    def _changed(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self._hub.notify(job_id)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, lazy: bool = False) -> T:
+        """Run on the store's thread, on the durable connection or, with `lazy`, on the one
+        whose commits skip the fsync (for writes a crash may lose)."""
+
+        def call() -> T:
+            conn = self._lazy if lazy else self._conn
+            if conn is None:
+                raise QueueUnavailable("the job store is closed")
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                raise QueueUnavailable(f"the job store failed: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before enqueue returns, so a job id given out survives a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(SCHEMA)
+        _migrate(conn)
+        self._conn = conn
+        # synchronous is per connection: this one's commits reach the disk with the next
+        # durable commit or checkpoint, not before they return.
+        lazy = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        lazy.execute("PRAGMA synchronous=NORMAL")
+        lazy.execute("PRAGMA busy_timeout=10000")
+        self._lazy = lazy
+
+    async def open(self) -> None:
+        if self._conn is None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            for conn in (self._conn, self._lazy):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._lazy = None
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, shut)
+        self._thread.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- producer side -------------------------------------------------------------------------
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        now = self._clock()
+        job = await self._run(lambda c: _in_transaction(c, lambda: self._insert(c, spec, now)))
+        self._enqueued.set()
+        return job
+
+    def _insert(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:
+        earlier = self._idempotent_job(c, spec.idempotency_key, now) or _select_job(c, spec.id)
+        if earlier is not None:
+            return earlier
+        limit = self.policy.max_queue_length
+        if limit and _unfinished(c) >= limit:
+            raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+        c.execute(
+            "INSERT INTO jobs (id, status, created_at, updated_at, image, meta)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (spec.id, JobStatus.QUEUED, now, now, spec.image, dump_meta(spec)),
+        )
+        if spec.idempotency_key:
+            c.execute(
+                "INSERT OR REPLACE INTO idempotency (key, job_id, expires_at) VALUES (?, ?, ?)",
+                (spec.idempotency_key, spec.id, now + self.policy.result_ttl_s),
+            )
+        job = _select_job(c, spec.id)
+        assert job is not None
+        return job
+
+    @staticmethod
+    def _idempotent_job(c: sqlite3.Connection, key: str | None, now: float) -> Job | None:
+        if not key:
+            return None
+        row = c.execute(
+            "SELECT job_id FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)
+        ).fetchone()
+        return _select_job(c, row[0], alive_at=now) if row else None
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
+        def attach(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or load_meta(row[0]).fast is not None:
+                return
+            c.execute(
+                "UPDATE jobs SET meta = ? WHERE id = ? AND meta = ?",
+                (meta_with_fast(row[0], fast), job_id, row[0]),
+            )
+
+        await self._run(attach, lazy=True)
+
+    async def get(self, job_id: str) -> Job | None:
+        now = self._clock()
+
+        return await self._run(lambda c: _select_job(c, job_id, alive_at=now))
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+        deadline = self._clock() + wait_s
+        while True:
+            self._enqueued.clear()
+            claims = await self._run(lambda c: self._claim(c, worker_id, limit))
+            self._changed(claim.id for claim in claims)
+            remaining = deadline - self._clock()
+            if claims or remaining <= 0:
+                return claims
+            # Another process may enqueue into the same file: poll as well as wait for the event.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._enqueued.wait(), timeout=min(remaining, 0.25))
+
+    def _claim(self, c: sqlite3.Connection, worker_id: str, limit: int) -> list[Claim]:
+        now = self._clock()
+
+        def lease_all() -> list[Claim | None]:
+            rows = c.execute(
+                "SELECT id, attempts FROM jobs WHERE status = ?"
+                " OR (status = ? AND lease_until <= ?) ORDER BY created_at LIMIT ?",
+                (JobStatus.QUEUED, JobStatus.RUNNING, now, limit),
+            ).fetchall()
+            return [self._lease(c, job_id, attempts, now, worker_id) for job_id, attempts in rows]
+
+        return [claim for claim in _in_transaction(c, lease_all) if claim is not None]
+
+    def _lease(
+        self, c: sqlite3.Connection, job_id: str, attempts: int, now: float, worker_id: str
+    ) -> Claim | None:
+        if attempts >= self.policy.max_attempts:
+            self._finish(c, job_id, JobStatus.FAILED, now, error=_LOST.format(n=attempts))
+            return None
+        c.execute(
+            "UPDATE jobs SET status = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?"
+            " WHERE id = ?",
+            (JobStatus.RUNNING, now + self.policy.visibility_timeout_s, now, job_id),
+        )
+        job = _select_job(c, job_id)
+        (image,) = c.execute("SELECT image FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert job is not None
+        return Claim(job, bytes(image), worker_id)
+
+    async def complete(self, job_id: str, result: Prediction) -> bool:
+        return job_id in await self.complete_many({job_id: result})
+
+    async def complete_many(
+        self,
+        results: Mapping[str, Prediction],
+        tallies: Mapping[str, Sequence[str]] | None = None,
+    ) -> set[str]:
+        now = self._clock()
+        tallies = tallies or {}
+
+        def finish_all(c: sqlite3.Connection) -> set[str]:
+            return {
+                job_id
+                for job_id, result in results.items()
+                if self._finish(
+                    c,
+                    job_id,
+                    JobStatus.DONE,
+                    now,
+                    result=dump_prediction(result),
+                    tally=tallies.get(job_id, ()),
+                )
+            }
+
+        stored = await self._run(lambda c: _in_transaction(c, lambda: finish_all(c)))
+        self._changed(stored)
+        return stored
+
+    async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
+        now = self._clock()
+
+        def record(c: sqlite3.Connection) -> Job | None:
+            row = c.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if retry and row is not None and row[0] < self.policy.max_attempts:
+                requeued = c.execute(
+                    "UPDATE jobs SET status = ?, lease_until = NULL, error = ?, updated_at = ?"
+                    " WHERE id = ? AND status = ?",
+                    (JobStatus.QUEUED, error, now, job_id, JobStatus.RUNNING),
+                )
+                if requeued.rowcount:
+                    _bump(c, ["jobs_retried"])
+            else:
+                self._finish(c, job_id, JobStatus.FAILED, now, error=error)
+            return _select_job(c, job_id)
+
+        job = await self._run(lambda c: _in_transaction(c, lambda: record(c)))
+        self._changed([job_id])
+        return job
+
+    def _finish(
+        self,
+        c: sqlite3.Connection,
+        job_id: str,
+        status: JobStatus,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        tally: Sequence[str] = (),
+    ) -> bool:
+        # The image is dropped once a job is final: only the answer is kept until it expires.
+        # A result that arrives after a cancel request is kept, but the job says cancelled.
+        cursor = c.execute(
+            "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 AND ? = ? THEN ? ELSE ? END,"
+            " result = ?, error = ?, finished_at = ?, updated_at = ?,"
+            " expires_at = ?, lease_until = NULL, image = NULL"
+            " WHERE id = ? AND status IN (?, ?)",
+            (
+                status,
+                JobStatus.DONE,
+                JobStatus.CANCELLED,
+                status,
+                result,
+                error,
+                now,
+                now,
+                now + self.policy.result_ttl_s,
+                job_id,
+                JobStatus.QUEUED,
+                JobStatus.RUNNING,
+            ),
+        )
+        if cursor.rowcount != 1:
+            return False
+        _bump(c, [f"jobs_{_status(c, job_id)}", *tally])
+        return True
+
+    async def cancel(self, job_id: str) -> Job | None:
+        now = self._clock()
+
+        def cancel(c: sqlite3.Connection) -> Job | None:
+            if _status(c, job_id) == JobStatus.QUEUED:
+                self._finish(c, job_id, JobStatus.CANCELLED, now)
+            c.execute(
+                "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = ?",
+                (now, job_id, JobStatus.RUNNING),
+            )
+            return _select_job(c, job_id, alive_at=now)
+
+        job = await self._run(lambda c: _in_transaction(c, lambda: cancel(c)))
+        self._changed([job_id])
+        return job
+
+    async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "UPDATE jobs SET webhook = ? WHERE id = ?", (dump_delivery(delivery), job_id)
+            )
+        )
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def queue_depth(self) -> int:
+        return await self._run(_unfinished)
+
+    async def oldest_unfinished_at(self) -> float | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT MIN(created_at) FROM jobs WHERE status IN (?, ?)",
+                (JobStatus.QUEUED, JobStatus.RUNNING),
+            ).fetchone()
+        )
+        return float(row[0]) if row[0] is not None else None
+
+    async def purge_expired(self) -> int:
+        now = self._clock()
+
+        def purge(c: sqlite3.Connection) -> int:
+            c.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            return c.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,)).rowcount
+
+        return await self._run(purge)
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        if not counts:
+            return
+        await self._run(lambda c: _in_transaction(c, lambda: _bump(c, counts.items())))
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._run(lambda c: c.execute("SELECT name, value FROM counters").fetchall())
+        return {str(name): int(value) for name, value in rows}
+
+    async def beat(self, worker_id: str, model: str) -> None:
+        now = self._clock()
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO workers (id, model, seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE"
+                " SET model = excluded.model, seen_at = excluded.seen_at",
+                (worker_id, model, now),
+            )
+        )
+
+    async def live_models(self, within_s: float) -> set[str]:
+        since = self._clock() - within_s
+
+        def select(c: sqlite3.Connection) -> set[str]:
+            c.execute("DELETE FROM workers WHERE seen_at < ?", (since - 3600,))
+            rows = c.execute("SELECT DISTINCT model FROM workers WHERE seen_at >= ?", (since,))
+            return {model for (model,) in rows}
+
+        return await self._run(select)
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Add the columns later versions added to a job file an earlier version made."""
+    columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    if "webhook" not in columns:
+        c.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+
+
+def _in_transaction(c: sqlite3.Connection, body: Callable[[], T]) -> T:
+    """Run `body` holding SQLite's write lock, so check-then-write steps are atomic."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        result = body()
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+    return result
+
+
+def _bump(c: sqlite3.Connection, counts: Iterable[str] | Iterable[tuple[str, int]]) -> None:
+    """Add to counters: names count one each; (name, n) pairs count n."""
+    pairs = [(item, 1) if isinstance(item, str) else item for item in counts]
+    c.executemany(
+        "INSERT INTO counters (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        pairs,
+    )
+
+
+def _unfinished(c: sqlite3.Connection) -> int:
+    (n,) = c.execute(
+        "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (JobStatus.QUEUED, JobStatus.RUNNING)
+    ).fetchone()
+    return int(n)
+
+
+def _status(c: sqlite3.Connection, job_id: str) -> str | None:
+    row = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def _select_job(c: sqlite3.Connection, job_id: str, alive_at: float | None = None) -> Job | None:
+    row = c.execute(
+        f"SELECT {_JOB_COLUMNS}, expires_at FROM jobs WHERE id = ?",  # noqa: S608 (constant)
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    *fields, expires_at = row
+    if alive_at is not None and expires_at is not None and expires_at <= alive_at:
+        return None
+    return _job_from_row(fields)
+
+
+def _job_from_row(row: list[object]) -> Job:
+    job_id, *stored = row
+    fields = dict(zip(STORED_FIELDS, stored, strict=True))
+    fields["cancel"] = "1" if fields["cancel"] else "0"
+    return job_from_stored(str(job_id), fields)

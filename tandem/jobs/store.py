@@ -1,0 +1,119 @@
+"""The narrow interface every job store implements, and the policy they all follow.
+
+A store is both the durable queue and the result store. Its promises, checked for every
+backend by the same contract tests (tests/integration/test_store_contract.py):
+
+- `enqueue` returns only once the job is durable; enqueueing the same id twice keeps one job.
+- `claim` leases a job to one worker for `visibility_timeout_s`; a lease that runs out makes the
+  job claimable again, and a job claimed `max_attempts` times without finishing is failed.
+- `complete` and `fail` are idempotent: the first terminal write wins, later ones are ignored.
+- `enqueue` refuses (QueueFull) when `max_queue_length` jobs are unfinished; nothing is stored.
+- finished jobs disappear `result_ttl_s` after they finish; queued jobs never expire.
+- counters are shared by every process on the store and survive restarts; each terminal write
+  bumps `jobs_<status>` (and a retry `jobs_retried`) in the same atomic step as the write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tandem.jobs.notify import Watch
+from tandem.jobs.records import Claim, Delivery, Job, JobSpec
+from tandem.predictions import Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class StorePolicy:
+    result_ttl_s: float = 24 * 3600.0
+    visibility_timeout_s: float = 60.0
+    max_attempts: int = 3
+    max_queue_length: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int
+    oldest_age_s: float
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    policy: StorePolicy
+
+    async def open(self) -> None:
+        """Connect and create what is missing. Idempotent."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise QueueUnavailable if the backend cannot be reached."""
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        """Store a new queued job durably and return it; an existing id, or an idempotency key
+        seen within the TTL, returns that job instead. Raise QueueFull past the length limit."""
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
+        """Add the fast answer to a job enqueued without one (it was computed meanwhile); a job
+        that has one keeps it. Need not be durable: the job is, and the client has the answer."""
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None if it never existed or has expired."""
+
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+        """Lease up to `limit` jobs, waiting up to `wait_s` for the first one."""
+
+    async def complete(self, job_id: str, result: Prediction) -> bool:
+        """Mark done with its result (cancelled, if that was asked meanwhile); False if the job
+        was already finished or is gone."""
+
+    async def complete_many(
+        self,
+        results: Mapping[str, Prediction],
+        tallies: Mapping[str, Sequence[str]] | None = None,
+    ) -> set[str]:
+        """`complete` for a batch, at once (one transaction or round trip); returns the ids
+        whose result was stored. `tallies[id]` names counters bumped by one if, and only if,
+        that job's result is stored, in the same atomic step."""
+
+    async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
+        """Record a failure; with `retry` the job is queued again while attempts remain."""
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once; a running one finishes, its result marked cancelled.
+        A finished job is returned unchanged; None if there is no such job."""
+
+    async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
+        """Store where the job's webhook stands; nothing if the job is gone."""
+
+    async def queue_depth(self) -> int:
+        """Jobs waiting or running."""
+
+    async def oldest_unfinished_at(self) -> float | None:
+        """When the oldest job waiting or running was queued (Unix time), None if there is none.
+        A job put back for a retry counts from when it was put back on Redis."""
+
+    async def purge_expired(self) -> int:
+        """Delete finished jobs past their TTL; returns how many."""
+
+    def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
+        """Watch one job: `Watch.wait` returns when it may have changed. Enter before reading
+        the job, so no change falls between the read and the wait."""
+
+    @property
+    def watchers(self) -> int:
+        """Watches open in this process."""
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add to named counters."""
+
+    async def counts(self) -> dict[str, int]:
+        """Every counter's value."""
+
+    async def beat(self, worker_id: str, model: str) -> None:
+        """Record that a worker serving `model` is alive."""
+
+    async def live_models(self, within_s: float) -> set[str]:
+        """Models served by workers that beat within the last `within_s` seconds."""

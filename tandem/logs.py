@@ -1,0 +1,69 @@
+"""Logging set-up: readable lines for people, or one JSON object per line for machines.
+
+Every line logged while a request is served carries its request id (from a context variable
+the API sets), and the worker logs each job with the request id that created it, so
+`grep <request id>` shows the whole life of one image across proxy and worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from typing import Literal
+
+current_request_id: ContextVar[str | None] = ContextVar("tandem_request_id", default=None)
+
+# Attributes a record may carry through `extra=`, copied into JSON lines.
+CONTEXT_FIELDS = ("request_id", "job_id", "worker_id", "method", "path", "status", "duration_ms")
+LogFormat = Literal["text", "json"]
+
+
+class ContextFilter(logging.Filter):
+    """Fill in `request_id` from the context when the call did not pass one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{text} [{request_id}]" if request_id else text
+
+
+def configure_logging(level: str, fmt: LogFormat) -> None:
+    """Route Tandem's and uvicorn's loggers to stderr in one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

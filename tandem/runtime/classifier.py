@@ -1,0 +1,120 @@
+"""An ONNX Runtime image classifier described by a manifest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from PIL import Image
+
+from tandem.errors import ConfigurationError, ModelNotFound
+from tandem.predictions import Prediction, Scored
+from tandem.runtime.imaging import to_tensor
+from tandem.runtime.manifest import (
+    ModelManifest,
+    read_manifest,
+    resolve_manifest_path,
+    sha256_of,
+)
+
+
+class Classifier:
+    """Owns one InferenceSession. `predict` is thread-safe and blocking: call it off the loop."""
+
+    def __init__(
+        self, manifest: ModelManifest, model_path: Path, threads: int = 0, spin: bool = True
+    ) -> None:
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        if not spin:
+            # Idle ORT threads spin for a while by default: fast for back-to-back calls, but
+            # CPU taken from whatever shares the machine (the fast path, beside a worker).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own untyped errors for bad files
+            raise ConfigurationError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
+        inputs = self._session.get_inputs()
+        self._input_name: str = manifest.input_name or inputs[0].name
+        self._keep = np.array(
+            [i for i in range(len(manifest.labels)) if i != manifest.output.background_index]
+        )
+        self._check_output_width()
+
+    @classmethod
+    def from_manifest(cls, manifest_path: Path, threads: int = 0, spin: bool = True) -> Classifier:
+        manifest = read_manifest(manifest_path)
+        model_path = manifest_path.parent / manifest.file
+        if not model_path.is_file():
+            raise ModelNotFound(f"model file {model_path} named by {manifest_path} is missing")
+        if sha256_of(model_path) != manifest.sha256:
+            raise ConfigurationError(f"{model_path} does not match the checksum in its manifest")
+        return cls(manifest, model_path, threads, spin)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def _check_output_width(self) -> None:
+        shape = self._session.get_outputs()[0].shape
+        width = shape[-1] if shape else None
+        if isinstance(width, int) and width != len(self.manifest.labels):
+            raise ConfigurationError(
+                f"model {self.name} has {width} outputs but its manifest lists "
+                f"{len(self.manifest.labels)} labels"
+            )
+
+    @property
+    def decode_side(self) -> int:
+        """Pass to decode_image as `min_side`: the short side this model's input needs."""
+        return self.manifest.preprocess.decode_side
+
+    def tensor(self, image: Image.Image) -> npt.NDArray[np.float32]:
+        return to_tensor(image, self.manifest.preprocess)
+
+    def predict(self, images: Sequence[Image.Image], k: int) -> list[Prediction]:
+        """Classify decoded RGB images in one batch."""
+        batch = np.stack([self.tensor(image) for image in images])
+        return self.predict_tensors(batch, k)
+
+    def raw_scores(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The model's first output for a prepared batch, untouched."""
+        outputs = self._session.run(None, {self._input_name: batch})
+        scores: npt.NDArray[np.float32] = np.asarray(outputs[0], dtype=np.float32)
+        return scores
+
+    def predict_tensors(self, batch: npt.NDArray[np.float32], k: int) -> list[Prediction]:
+        started = time.perf_counter()
+        scores = self.raw_scores(batch)
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        probabilities = self._probabilities(scores)
+        return [self._top_k(row, k, elapsed_ms) for row in probabilities]
+
+    def _probabilities(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        scores = scores[:, self._keep]
+        if self.manifest.output.kind == "probabilities":
+            normalised: npt.NDArray[np.float32] = scores / scores.sum(axis=1, keepdims=True)
+            return normalised
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        softmax: npt.NDArray[np.float32] = shifted / shifted.sum(axis=1, keepdims=True)
+        return softmax
+
+    def _top_k(self, row: npt.NDArray[np.float32], k: int, elapsed_ms: float) -> Prediction:
+        best = np.argsort(-row, kind="stable")[:k]
+        labels = self.manifest.labels
+        top = tuple(Scored(int(self._keep[i]), labels[self._keep[i]], float(row[i])) for i in best)
+        return Prediction(self.name, top, elapsed_ms)
+
+
+def load_classifier(ref: str, model_dir: Path, threads: int = 0, spin: bool = True) -> Classifier:
+    """Load a model named in settings: a built-in name, a model directory or a manifest path."""
+    return Classifier.from_manifest(resolve_manifest_path(ref, model_dir), threads, spin)

@@ -1,0 +1,155 @@
+"""Image bytes to model input: decode safely, normalise the mode, resize, normalise the pixels."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tandem.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImageFormat
+from tandem.runtime.manifest import Layout, Preprocess, Resize
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+# Pillow raises OSError for truncated data, ValueError or SyntaxError for some broken headers.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+
+# What the service promises to read. Pillow opens more, but every extra parser is attack surface.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits = ImageLimits(), min_side: int | None = None
+) -> Image.Image:
+    """Decode to an upright RGB image, or raise a typed error; never decode a pixel bomb.
+
+    The format and the size come from the header and are checked before any pixel is decoded.
+    Animated images give their first frame. With `min_side`, a JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) whose short side is still at least that: a large photo costs
+    little more to decode than the model's input.
+    """
+    image = _open(data, limits)
+    if min_side is not None and image.format == "JPEG":
+        _draft(image, min_side)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"the image could not be decoded: {exc}") from exc
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    if not data:
+        raise InvalidImage("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own limits are checked next; Pillow's milder guard would only warn here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard fires in open() for headers past twice its limit.
+        raise ImageTooLarge(
+            f"the image has too many pixels: {exc}", max_pixels=limits.max_pixels
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage("the data is not an image in a supported format") from exc
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageFormat(
+            f"{image.format} images are not accepted",
+            format=image.format,
+            supported=sorted(SUPPORTED_FORMATS - {"MPO"}),
+        )
+    _check_size(*image.size, limits)
+    return image
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    width, height = image.size
+    scale = min_side / min(width, height)
+    if scale < 1:
+        # draft() picks the largest reduction that keeps both sides at least the requested size.
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def _check_size(width: int, height: int, limits: ImageLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"the image has {width}x{height} pixels; at most {limits.max_pixels} are accepted",
+            width=width,
+            height=height,
+            max_pixels=limits.max_pixels,
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageTooSmall(
+            f"the image is {width}x{height}; both sides must be at least {limits.min_side} pixels",
+            width=width,
+            height=height,
+            min_side=limits.min_side,
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is laid over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _to_8bit_gray(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    # Pillow clips deep images to 255 when converting; scale the real range down instead.
+    pixels = np.asarray(image, dtype=np.float64)
+    top = float(pixels.max()) if pixels.size else 0.0
+    limit = 65535.0 if top > 255 else 255.0
+    return Image.fromarray(np.clip(pixels / limit * 255.0, 0, 255).astype(np.uint8), mode="L")
+
+
+def resize_for(image: Image.Image, spec: Preprocess) -> Image.Image:
+    method = _INTERPOLATION[spec.interpolation]
+    if spec.resize is Resize.STRETCH:
+        return image.resize((spec.size, spec.size), method)
+    short = spec.resize_size or spec.size
+    width, height = image.size
+    scale = short / min(width, height)
+    new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
+    # Resample only the source region under the centre crop, at the full resize's scale: the
+    # same pixels as resizing the whole image and cropping (Pillow's filters still read past
+    # the region's edges), for half the work on a typical photo.
+    sx, sy = width / new_w, height / new_h
+    region = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+    return image.resize((spec.size, spec.size), method, box=region)
+
+
+def to_tensor(image: Image.Image, spec: Preprocess) -> npt.NDArray[np.float32]:
+    """One HWC or CHW float32 array, normalised as the manifest says."""
+    pixels = np.asarray(resize_for(image, spec), dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
+    pixels = (pixels * np.float32(spec.scale) - mean) * inv_std
+    if spec.layout is Layout.NCHW:
+        pixels = pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels, dtype=np.float32)

@@ -1,0 +1,363 @@
+"""What the proxy does, independent of HTTP: answer fast, queue for the accurate model, report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from tandem.cascade import Agreement, Gate, Policy, SeenTally
+from tandem.errors import (
+    JobFinished,
+    JobNotFound,
+    Overloaded,
+    QueueUnavailable,
+    ServiceUnavailable,
+    Timeout,
+)
+from tandem.jobs.notify import Watch
+from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id, parse_job_id
+from tandem.jobs.store import JobStore, QueueStats
+from tandem.predictions import Prediction
+from tandem.runtime.assets import sample_image_bytes
+from tandem.runtime.classifier import Classifier
+from tandem.runtime.imaging import ImageLimits, decode_image
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+OK = "ok"
+# A worker that has not beaten for this long no longer counts as serving its model.
+WORKER_ALIVE_S = 20.0
+OUTAGE_RETRY_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    decode_ms: float
+    fast_ms: float
+    enqueue_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class FastOutcome:
+    """The fast answer, and either the stored job, or why there is none: refused by the store
+    (`not_queued`), or not needed under the cascade's gate (`skipped`)."""
+
+    prediction: Prediction
+    job: Job | None
+    timings: Timings
+    gate: Gate
+    not_queued: ServiceUnavailable | None = None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    gate: Gate
+    agreement: Agreement
+    counts: dict[str, int]
+
+
+class TandemService:
+    """The proxy's use cases. Blocking work (decode, ONNX) runs on a bounded thread pool."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        fast: Classifier,
+        accurate_model: str,
+        *,
+        top_k: int,
+        limits: ImageLimits,
+        concurrency: int,
+        retry_after_s: int = 5,
+        fast_timeout_s: float = 10.0,
+        gate: Gate | None = None,
+        max_watches: int = 1000,
+    ) -> None:
+        self.store = store
+        self.max_watches = max_watches
+        self.fast = fast
+        self.accurate_model = accurate_model
+        self.top_k = top_k
+        self.limits = limits
+        self.retry_after_s = retry_after_s
+        self.fast_timeout_s = fast_timeout_s
+        self.gate = gate or Gate()
+        self.seen = SeenTally()
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="tandem-fast"
+        )
+        self.sample_prediction: Prediction | None = None
+
+    async def warm_up(self) -> None:
+        """Run the sample photo once: the first ONNX call is slow, and /metadata shows it."""
+        loop = asyncio.get_running_loop()
+        prediction, _ = await loop.run_in_executor(
+            self._executor, self._classify, sample_image_bytes()
+        )
+        self.sample_prediction = prediction
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _classify(self, data: bytes) -> tuple[Prediction, float]:
+        image, decode_ms = self._decode(data)
+        return self._predict_one(image), decode_ms
+
+    def _decode(self, data: bytes) -> tuple[Image.Image, float]:
+        started = time.perf_counter()
+        image = decode_image(data, self.limits, self.fast.decode_side)
+        return image, (time.perf_counter() - started) * 1000.0
+
+    async def predict(
+        self,
+        data: bytes,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        gate: Gate | None = None,
+        callback_url: str | None = None,
+    ) -> FastOutcome:
+        """Answer with the fast model and store the job durably, unless the gate says the fast
+        answer is enough. Bad images raise before anything is stored; a full or unreachable
+        queue still gets the fast answer, with the reason instead."""
+        gate = gate or self.gate
+        spec = JobSpec(
+            id=new_job_id(),
+            image=data,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            callback_url=callback_url,
+        )
+        if gate.policy is Policy.ALWAYS:
+            outcome = await self._predict_and_enqueue_at_once(spec, gate)
+        else:
+            outcome = await self._predict_then_enqueue(spec, gate)
+        self.seen.add(outcome.prediction)
+        return outcome
+
+    async def _predict_then_enqueue(self, spec: JobSpec, gate: Gate) -> FastOutcome:
+        """The gate needs the fast answer before it knows whether a job is wanted."""
+        clock = _Clock()
+        prediction, decode_ms = await self._in_time(self._classify, spec.image)
+        skipped = gate.skip_reason(prediction)
+        if skipped is not None:
+            timings = clock.timings(decode_ms, prediction, enqueue_ms=0.0)
+            return FastOutcome(prediction, None, timings, gate, skipped=skipped)
+        queued_at = time.perf_counter()
+        job, not_queued = await self._enqueue(replace(spec, fast=prediction))
+        timings = clock.timings(decode_ms, prediction, _ms_since(queued_at))
+        return FastOutcome(prediction, job, timings, gate, not_queued)
+
+    async def _predict_and_enqueue_at_once(self, spec: JobSpec, gate: Gate) -> FastOutcome:
+        """Every request gets a job: store it (an fsync, or a round trip) while the fast model
+        runs, then add the fast answer to it. The job is stored only once the image decoded,
+        so one that cannot be classified never becomes a job."""
+        clock = _Clock()
+        loop = asyncio.get_running_loop()
+        pending = _PendingEnqueue(self._enqueue_timed, spec)
+
+        def decode_then_predict(data: bytes) -> tuple[Prediction, float]:
+            image, decode_ms = self._decode(data)
+            loop.call_soon_threadsafe(pending.start)  # from the pool's thread, no hop back
+            return self._predict_one(image), decode_ms
+
+        try:
+            prediction, decode_ms = await self._in_time(decode_then_predict, spec.image)
+        except BaseException:
+            await self._withdraw(pending.abandon())
+            raise
+        (job, not_queued), enqueue_ms = await pending.result()
+        if job is not None:
+            job = await self._attach_fast(job, prediction)
+        timings = clock.timings(decode_ms, prediction, enqueue_ms)
+        return FastOutcome(prediction, job, timings, gate, not_queued)
+
+    def _predict_one(self, image: Image.Image) -> Prediction:
+        return self.fast.predict([image], self.top_k)[0]
+
+    async def _enqueue_timed(self, spec: JobSpec, started: float) -> EnqueueResult:
+        outcome = await self._enqueue(spec)
+        return outcome, _ms_since(started)
+
+    async def _attach_fast(self, job: Job, prediction: Prediction) -> Job:
+        if job.fast is not None:  # an idempotent retry: the first request's answer stays
+            return job
+        with contextlib.suppress(QueueUnavailable):  # the job is stored; the answer is extra
+            await self.store.attach_fast(job.id, prediction)
+        return replace(job, fast=prediction)
+
+    async def _withdraw(self, enqueue: asyncio.Task[Any] | None) -> None:
+        """The fast model failed (a deadline): the client never learns the job's id, so the
+        job is cancelled rather than run for nobody."""
+        if enqueue is None:
+            return
+        (job, _), _ = await enqueue
+        if job is not None and job.fast is None:
+            with contextlib.suppress(QueueUnavailable):
+                await self.store.cancel(job.id)
+
+    async def _in_time(self, fn: Callable[[A], R], arg: A) -> R:
+        """Run a step of the fast path on the bounded pool, within the fast deadline."""
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._executor, fn, arg)
+        try:
+            return await asyncio.wait_for(call, self.fast_timeout_s)
+        except TimeoutError as exc:
+            raise Timeout(f"the fast model did not answer within {self.fast_timeout_s} s") from exc
+
+    async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, ServiceUnavailable | None]:
+        try:
+            return await self.store.enqueue(spec), None
+        except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
+            exc.details.setdefault("retry_after", self.retry_after_s)
+            return None, exc
+
+    async def cancel(self, job_id: str) -> Job:
+        job = _found(await self.store.cancel(parse_job_id(job_id)), job_id)
+        if job.status in (JobStatus.DONE, JobStatus.FAILED):
+            raise JobFinished(f"the job is already {job.status}", job_id=job_id)
+        return job
+
+    async def job(self, job_id: str) -> Job:
+        return _found(await self.store.get(parse_job_id(job_id)), job_id)
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job:
+        """The job once it is finished, or as it is when `timeout_s` runs out."""
+        deadline = time.monotonic() + timeout_s
+        self._check_watches()
+        async with self.store.watch(parse_job_id(job_id)) as watch:
+            job = await self.job(job_id)
+            while not job.status.terminal and (left := deadline - time.monotonic()) > 0:
+                await watch.wait(left)
+                job = await self.job(job_id)
+            return job
+
+    @contextlib.asynccontextmanager
+    async def follow(self, job_id: str, keepalive_s: float) -> AsyncIterator[AsyncIterator[Job]]:
+        """Watch a job: JobNotFound at once if there is none, else an iterator over its states:
+        the current one, then the one after each wake-up (a change, or `keepalive_s` without
+        one), until a terminal state."""
+        self._check_watches()
+        async with self.store.watch(parse_job_id(job_id)) as watch:
+            first = await self.job(job_id)
+            yield self._states(job_id, first, watch, keepalive_s)
+
+    async def _states(
+        self, job_id: str, job: Job, watch: Watch, keepalive_s: float
+    ) -> AsyncIterator[Job]:
+        yield job
+        while not job.status.terminal:
+            await watch.wait(keepalive_s)
+            latest = await self._get_through_outage(job_id)
+            if latest is None:
+                return  # expired meanwhile
+            job = latest
+            yield job
+
+    async def _get_through_outage(self, job_id: str) -> Job | None:
+        """A stream outlives a store outage: it reads again until the store is back (its
+        watch is woken then too), and ends only when the client leaves."""
+        while True:
+            try:
+                return await self.store.get(job_id)
+            except QueueUnavailable:
+                await asyncio.sleep(OUTAGE_RETRY_S)
+
+    def _check_watches(self) -> None:
+        """Open streams and long-polls hold a connection each: bound them like requests."""
+        if self.store.watchers >= self.max_watches:
+            raise Overloaded(
+                f"{self.max_watches} streams and long-polls are open, this server's limit",
+                retry_after=self.retry_after_s,
+            )
+
+    async def flush_stats(self) -> None:
+        """Write the requests counted since the last flush to the store."""
+        counts = self.seen.take()
+        if not counts:
+            return
+        try:
+            await self.store.add_counts(counts)
+        except QueueUnavailable:
+            self.seen.put_back(counts)  # kept for the next flush
+            raise
+
+    async def stats(self) -> Stats:
+        await self.flush_stats()
+        counts = await self.store.counts()
+        return Stats(self.gate, Agreement.from_counts(counts), counts)
+
+    async def queue_stats(self) -> QueueStats:
+        depth = await self.store.queue_depth()
+        oldest = await self.store.oldest_unfinished_at()
+        return QueueStats(depth, max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+
+    async def health(self) -> dict[str, str]:
+        """Each model and the queue: "ok" or why not."""
+        report = {self.fast.name: OK, self.accurate_model: OK, "queue": OK}
+        try:
+            await self.store.ping()
+            live = await self.store.live_models(WORKER_ALIVE_S)
+        except QueueUnavailable as exc:
+            report["queue"] = exc.message
+            report[self.accurate_model] = "unknown: the queue is unavailable"
+            return report
+        if self.accurate_model not in live:
+            report[self.accurate_model] = "no live worker serves this model"
+        return report
+
+
+EnqueueResult = tuple[tuple[Job | None, ServiceUnavailable | None], float]
+
+
+class _PendingEnqueue:
+    """An enqueue that the pool's thread starts once the image has decoded. Its methods run
+    on the event loop only, so `abandon` and `start` cannot interleave."""
+
+    def __init__(
+        self, enqueue: Callable[[JobSpec, float], Awaitable[EnqueueResult]], spec: JobSpec
+    ) -> None:
+        self._enqueue, self._spec = enqueue, spec
+        self._task: asyncio.Task[EnqueueResult] | None = None
+        self._abandoned = False
+
+    def start(self) -> None:
+        if not self._abandoned:  # a deadline may have passed while the image decoded
+            coroutine = self._enqueue(self._spec, time.perf_counter())
+            self._task = asyncio.ensure_future(coroutine)
+
+    def abandon(self) -> asyncio.Task[EnqueueResult] | None:
+        self._abandoned = True
+        return self._task
+
+    async def result(self) -> EnqueueResult:
+        assert self._task is not None  # started before the prediction could return
+        return await self._task
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def timings(self, decode_ms: float, prediction: Prediction, enqueue_ms: float) -> Timings:
+        total_ms = _ms_since(self.started)
+        return Timings(decode_ms, prediction.inference_ms, enqueue_ms, total_ms)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _found(job: Job | None, job_id: str) -> Job:
+    if job is None:
+        raise JobNotFound("no such job; it never existed or its result has expired", job_id=job_id)
+    return job

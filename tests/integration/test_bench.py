@@ -1,0 +1,46 @@
+"""The benchmark command runs and writes its table. Its numbers are not checked: they belong to
+the machine that made them, and are read from the table, never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (markdown,) = tmp_path.glob("bench-*.md")
+    (raw,) = tmp_path.glob("bench-*.json")
+    table = markdown.read_text()
+    for heading in ("Floor", "Sync path", "Async path and interference", "Memory", "Targets"):
+        assert heading in table
+    assert table.count(" met") + table.count("MISSED") == 6  # every target got a ratio
+    results = json.loads(raw.read_text())
+    assert set(results) >= {"floor", "sync", "async", "interference", "machine"}
+    assert results["sync"]["raw"] is not None  # raw image bodies were accepted

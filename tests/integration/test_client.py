@@ -1,0 +1,134 @@
+"""`tandem.client` and `tandem predict` against a real server (conftest's `working` and
+`idle` servers on the tiny models)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem.client import AsyncClient, Client
+from tandem.errors import InvalidImage, JobNotFound, ServerUnreachable
+from tandem.jobs.records import JobStatus
+from tests.support import ServerProcess, clean_env, encode, free_port, solid
+
+pytestmark = pytest.mark.slow
+
+PNG = encode(solid((10, 200, 10)), "PNG")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "green.png"
+    path.write_bytes(PNG)
+    return path
+
+
+def test_predict_then_result_gives_both_answers(working: ServerProcess, image: Path) -> None:
+    with Client(working.url) as client:
+        fast = client.predict(image)
+        assert fast.queued
+        assert fast.fast.model == "tiny_fast"
+        assert fast.request_id
+        job = client.result(fast.job_id or "", wait=20)
+    assert job.status is JobStatus.DONE
+    assert job.accurate is not None
+    assert job.accurate.model == "tiny_accurate"
+    assert job.final_label == job.accurate.label
+
+
+def test_events_iterate_to_the_finished_job(working: ServerProcess) -> None:
+    with Client(working.url) as client:
+        fast = client.predict(PNG)
+        states = list(client.events(fast.job_id or ""))
+    assert states[-1].status is JobStatus.DONE
+    assert states[-1].accurate is not None
+
+
+async def test_the_async_client_does_the_same(working: ServerProcess) -> None:
+    async with AsyncClient(working.url) as client:
+        fast = await client.predict(PNG)
+        states = [state async for state in client.events(fast.job_id or "")]
+        again = await client.result(fast.job_id or "", wait=5)
+    assert states[-1].status is JobStatus.DONE
+    assert again.status is JobStatus.DONE
+    assert again.accurate == states[-1].accurate
+
+
+def test_server_errors_arrive_typed(working: ServerProcess) -> None:
+    with Client(working.url) as client:
+        with pytest.raises(InvalidImage) as bad:
+            client.predict(b"\x89PNG\r\n\x1a\n broken")
+        assert bad.value.status == 422
+        assert bad.value.request_id
+        with pytest.raises(JobNotFound):
+            client.result("0" * 32)
+        with pytest.raises(JobNotFound):
+            list(client.events("0" * 32))
+
+
+async def test_no_server_is_server_unreachable() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url) as client, pytest.raises(ServerUnreachable):
+        client.predict(PNG)
+    async with AsyncClient(url) as client:
+        with pytest.raises(ServerUnreachable):
+            await client.predict(PNG)
+
+
+def test_a_wait_that_runs_out_returns_the_unfinished_job(idle: ServerProcess) -> None:
+    with Client(idle.url) as client:
+        fast = client.predict(PNG)
+        job = client.result(fast.job_id or "", wait=0.3)
+        assert job.status is JobStatus.QUEUED
+        assert client.cancel(job.job_id).status is JobStatus.CANCELLED
+
+
+def tandem_predict(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", "predict", *args],
+        env=clean_env() | ({"TANDEM_URL": url} if url else {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_prints_both_answers_and_exits_0(working: ServerProcess, image: Path) -> None:
+    done = tandem_predict(str(image), str(image), "--wait", "20", "--json", url=working.url)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 2
+    assert all(line["status"] == "done" for line in lines)
+    assert all(line["fast"]["model"] == "tiny_fast" for line in lines)
+    assert all(line["accurate"]["model"] == "tiny_accurate" for line in lines)
+    text = tandem_predict(str(image), "--wait", url=working.url)  # TANDEM_URL, as a user sets it
+    assert text.returncode == 0, text.stderr
+    assert "-> accurate" in text.stdout
+
+
+def test_cli_exit_codes_tell_scripts_what_happened(
+    working: ServerProcess, idle: ServerProcess, image: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    refused = tandem_predict(str(image), str(bad), "--url", working.url)
+    assert refused.returncode == 1
+    assert "error invalid_image" in refused.stdout or "unsupported" in refused.stdout
+    missing = tandem_predict(str(tmp_path / "nowhere.jpg"), "--url", working.url)
+    assert missing.returncode == 1
+    unreachable = tandem_predict(str(image), "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 3
+    unfinished = tandem_predict(str(image), "--url", idle.url, "--wait", "0.3")
+    assert unfinished.returncode == 4
+    assert "queued" in unfinished.stdout
+
+
+def test_cli_progress_bar_when_asked(working: ServerProcess, image: Path) -> None:
+    shown = tandem_predict(str(image), str(image), str(image), "--progress", url=working.url)
+    assert shown.returncode == 0
+    assert "3/3" in shown.stderr

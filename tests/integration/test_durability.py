@@ -1,0 +1,119 @@
+"""No accepted job is lost: SIGKILL the embedded server, restart it, and every job is answered."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from skimage import data as photos
+
+from tandem.jobs.factory import DB_NAME
+from tandem.jobs.records import JobSpec, new_job_id
+from tandem.jobs.sqlite import SQLiteJobStore
+from tests.support import ServerProcess, b64, clean_env, encode, wait_for_job
+
+pytestmark = pytest.mark.slow
+
+JOBS = 24
+
+
+def _submit(server: ServerProcess, count: int) -> list[str]:
+    body = {"image_data": b64(encode(photos.chelsea()))}
+
+    def one(_: int) -> str:
+        with server.client() as client:
+            response = client.post("/predict", json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["job_id"])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def _env(model_dir: Path, data_dir: Path) -> dict[str, str]:
+    # A short lease so jobs a killed worker held are taken over within the test's patience.
+    return clean_env(model_dir=str(model_dir), data_dir=str(data_dir), visibility_timeout_s="2")
+
+
+def _restart_and_wait(env: dict[str, str], tmp_path: Path, ids: list[str]) -> list[dict]:
+    restarted = ServerProcess(tmp_path / "restarted.log", env).start()
+    try:
+        with restarted.client() as client:
+            return [wait_for_job(client, job_id) for job_id in ids]
+    finally:
+        restarted.stop()
+
+
+def test_jobs_queued_before_a_sigkill_are_done_after_restart(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    env = _env(model_dir, tmp_path)
+    # No worker: every accepted job is still queued when the process dies.
+    server = ServerProcess(tmp_path / "first.log", env, "--no-worker").start()
+    ids = _submit(server, JOBS)
+    with server.client() as client:
+        assert {client.get(f"/job/{i}").json()["status"] for i in ids} == {"queued"}
+    server.kill()
+
+    finals = _restart_and_wait(env, tmp_path, ids)
+    assert [job["status"] for job in finals] == ["done"] * JOBS
+    assert all(job[job["job_id"]]["prediction"] for job in finals)
+
+
+def test_jobs_in_flight_during_a_sigkill_are_done_after_restart(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    env = _env(model_dir, tmp_path)
+    server = ServerProcess(tmp_path / "first.log", env).start()
+    ids = _submit(server, JOBS)
+    server.kill()  # the worker is busy with the accurate model while this lands
+
+    finals = _restart_and_wait(env, tmp_path, ids)
+    assert [job["status"] for job in finals] == ["done"] * JOBS
+    assert len({job["job_id"] for job in finals}) == JOBS
+
+
+def test_a_job_that_cannot_be_processed_says_failed_with_the_reason(
+    real_server: ServerProcess, tmp_path: Path
+) -> None:
+    # Bytes the proxy would never accept, put straight into the queue the server's worker reads.
+    data_dir = Path(real_server.env["TANDEM_DATA_DIR"])
+    job_id = new_job_id()
+
+    async def enqueue() -> None:
+        store = SQLiteJobStore(data_dir / DB_NAME)
+        await store.open()
+        await store.enqueue(JobSpec(id=job_id, image=b"definitely not an image"))
+        await store.close()
+
+    asyncio.run(enqueue())
+    with real_server.client() as client:
+        job = wait_for_job(client, job_id)
+    assert job["status"] == "failed"
+    assert "not an image" in job["error"]
+    assert job[job_id] == {"prediction": ""}
+
+
+def test_the_queue_holds_the_exact_bytes_the_client_sent(model_dir: Path, tmp_path: Path) -> None:
+    # PNG with metadata: any re-encoding by the proxy would change these bytes.
+    sent = encode(photos.coffee(), "PNG", optimize=False)
+    server = ServerProcess(tmp_path / "s.log", _env(model_dir, tmp_path), "--no-worker").start()
+    try:
+        with server.client() as client:
+            job_id = client.post("/predict", json={"image_data": b64(sent)}).json()["job_id"]
+    finally:
+        server.stop()
+
+    async def claim() -> bytes:
+        store = SQLiteJobStore(tmp_path / DB_NAME)
+        await store.open()
+        try:
+            (claimed,) = await store.claim("test", 1, 0)
+        finally:
+            await store.close()
+        assert claimed.id == job_id
+        return claimed.image
+
+    assert asyncio.run(claim()) == sent

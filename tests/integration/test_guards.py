@@ -1,0 +1,188 @@
+"""API keys, CORS, body limits and deadlines, on the app in-process (lifespan included)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+import tandem
+from tandem.jobs.records import JobSpec, JobStatus, new_job_id
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.runtime.classifier import load_classifier
+from tandem.settings import Settings
+from tandem.worker import Worker, WorkerConfig
+from tests.support import b64, encode, solid
+
+IMAGE = {"image_data": b64(encode(solid((255, 0, 0)), "PNG"))}
+
+
+@pytest.fixture
+def make_client(tiny_dir: Path, tmp_path: Path, open_app: Any) -> Any:
+    tiny = {"model_dir": tiny_dir, "fast_model": "tiny_fast", "accurate_model": "tiny_accurate"}
+
+    def make(**overrides: Any) -> TestClient:
+        client: TestClient = open_app(Settings(data_dir=tmp_path, **tiny, **overrides))
+        return client
+
+    return make
+
+
+def test_without_keys_everything_is_open(make_client: Any) -> None:
+    assert make_client().post("/predict", json=IMAGE).status_code == 200
+
+
+def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
+    client = make_client(api_keys="first-key,second-key")
+    refused = client.post("/predict", json=IMAGE)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "unauthorized"
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert client.get("/job/" + "0" * 32).status_code == 401
+    assert client.get("/openapi.json").status_code == 401
+    wrong = client.post("/predict", json=IMAGE, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    bearer = client.post("/predict", json=IMAGE, headers={"Authorization": "Bearer first-key"})
+    assert bearer.status_code == 200
+    header = client.post("/predict", json=IMAGE, headers={"X-API-Key": "second-key"})
+    assert header.status_code == 200
+    assert client.get("/health").status_code == 200
+    assert client.get("/health/all").status_code == 200
+
+
+def test_cors_allows_only_configured_origins(make_client: Any) -> None:
+    client = make_client(cors_origins="https://app.example")
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    allowed = client.options("/predict", headers=preflight)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    other = client.options("/predict", headers=preflight | {"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_chunked_body_over_the_limit_is_413(make_client: Any) -> None:
+    client = make_client(max_body_bytes=2048)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"image_data": "'
+        for _ in range(10):
+            yield b"A" * 1024  # no Content-Length: the limit is enforced while reading
+        yield b'"}'
+
+    response = client.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.fixture(scope="module")
+def slow_image() -> bytes:
+    """A 2000x2000 noise PNG: about 50 ms to decode here, so a 20 ms deadline surely passes
+    while the server waits on the decoding thread."""
+    noise = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+    return encode(noise, "PNG")
+
+
+def _post_raw(client: TestClient, image: bytes) -> Any:
+    return client.post("/predict", content=image, headers={"content-type": "image/png"})
+
+
+def test_the_fast_model_has_a_deadline(make_client: Any, slow_image: bytes) -> None:
+    client = make_client(fast_timeout_s=0.02)
+    response = _post_raw(client, slow_image)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert "fast model" in response.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+
+
+def test_every_request_has_a_deadline(make_client: Any, slow_image: bytes) -> None:
+    client = make_client(request_timeout_s=0.02)
+    response = _post_raw(client, slow_image)
+    assert response.status_code == 504
+    assert "request was not answered" in response.json()["error"]["message"]
+    assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+
+
+async def test_a_worker_batch_past_its_time_fails_its_jobs(tiny_dir: Path, tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        job_id = new_job_id()
+        await store.enqueue(JobSpec(id=job_id, image=encode(solid((0, 0, 255)), "PNG")))
+        worker = Worker(
+            store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(job_timeout_s=1e-6)
+        )
+        await worker.process(await store.claim(worker.id, 1, 0))
+        job = await store.get(job_id)
+        assert job is not None
+        assert job.status is JobStatus.FAILED
+        assert job.error is not None
+        assert "did not finish within" in job.error
+        await asyncio.to_thread(worker.close)
+    finally:
+        await store.close()
+
+
+def test_nothing_from_a_client_or_redis_is_unpickled_or_evaluated() -> None:
+    unsafe_modules = {"pickle", "marshal", "shelve", "yaml", "dill", "cloudpickle"}
+    found = []
+    for path in Path(tandem.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id in ("eval", "exec", "compile", "__import__"):
+                    found.append(f"{path.name}: {node.func.id}()")
+            elif isinstance(node, ast.Import):
+                found += [
+                    f"{path.name}: {a.name}"
+                    for a in node.names
+                    if a.name.split(".")[0] in unsafe_modules
+                ]
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").split(".")[0] in unsafe_modules
+            ):
+                found.append(f"{path.name}: {node.module}")
+    assert found == []
+
+
+def test_open_streams_and_long_polls_are_bounded(make_client: Any) -> None:
+    client = make_client(max_watches=2, embedded_worker=False)  # the job stays queued
+    job_id = client.post("/predict", json=IMAGE).json()["job_id"]
+    with (
+        client.stream("GET", f"/job/{job_id}/events") as first,
+        client.stream("GET", f"/job/{job_id}/events") as second,
+    ):
+        for stream in (first, second):
+            assert next(stream.iter_lines()) == "event: queued"
+        for refused in (
+            client.get(f"/job/{job_id}/events"),
+            client.get(f"/job/{job_id}", params={"wait": 1}),
+        ):
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["retry-after"] == "5"
+    # Closed streams free their places.
+    assert client.get(f"/job/{job_id}", params={"wait": 0.1}).json()["status"] == "queued"
+
+
+def test_a_fast_answer_past_its_deadline_leaves_no_job_to_run(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(fast_timeout_s=0.2, embedded_worker=False)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    # The job is stored while the fast model runs: here the model overruns its deadline.
+    stalled = lambda image: time.sleep(0.5) or service.fast.predict([image], 5)[0]  # noqa: E731
+    monkeypatch.setattr(service, "_predict_one", stalled)
+    response = client.post("/predict", json=IMAGE)
+    assert response.status_code == 504
+    stats = client.get("/stats").json()
+    assert stats["jobs"]["cancelled"] == 1  # stored meanwhile, then withdrawn: nobody has its id
+    assert "tandem_queue_length 0.0" in client.get("/metrics").text

@@ -1,0 +1,154 @@
+"""A corpus of hostile files the tests make themselves, each with the status it must get."""
+
+from __future__ import annotations
+
+import collections
+import io
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+from tests.support import ServerProcess, b64, clean_env, encode
+
+pytestmark = pytest.mark.slow
+
+
+def _cat() -> Image.Image:
+    return Image.fromarray(photos.chelsea())
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _animated_gif() -> bytes:
+    frames = [_cat().convert("P"), Image.new("P", (451, 300), 3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated 90 degrees counter-clockwise
+    return encode(_cat().rotate(-90, expand=True), "JPEG", exif=exif)
+
+
+def _wrong_magic() -> bytes:
+    data = bytearray(encode(_cat()))
+    data[:4] = b"\x89PNG"  # a JPEG body behind a PNG signature
+    return bytes(data)
+
+
+CORPUS = {
+    # name: (bytes, status, error code or None for a classified image)
+    "zero-length": (b"", 422, "invalid_image"),
+    "truncated jpeg": (encode(_cat())[:4000], 422, "invalid_image"),
+    "wrong magic": (_wrong_magic(), 422, "invalid_image"),
+    "random bytes": (np.random.default_rng(7).bytes(5000), 422, "invalid_image"),
+    "pixel bomb 30000x30000": (_png_header(30000, 30000), 413, "image_too_large"),
+    "1x1": (encode(Image.new("RGB", (1, 1)), "PNG"), 422, "image_too_small"),
+    "20000x1": (encode(Image.new("L", (20000, 1)), "PNG"), 422, "image_too_small"),
+    "unsupported format (ICO)": (
+        encode(_cat().resize((64, 64)), "ICO"),
+        415,
+        "unsupported_image_format",
+    ),
+    "unsupported format (PPM)": (encode(_cat(), "PPM"), 415, "unsupported_image_format"),
+    "animated gif": (_animated_gif(), 200, None),
+    "cmyk jpeg": (encode(_cat().convert("CMYK"), "JPEG"), 200, None),
+    "16-bit png": (
+        encode(Image.fromarray(np.asarray(_cat().convert("L"), np.uint16) * 257), "PNG"),
+        200,
+        None,
+    ),
+    "exif-rotated jpeg": (_exif_rotated(), 200, None),
+    "webp": (encode(_cat(), "WEBP"), 200, None),
+    "bmp": (encode(_cat(), "BMP"), 200, None),
+    "tiff": (encode(_cat(), "TIFF"), 200, None),
+}
+CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "lynx"}
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_hostile_file(real_server: ServerProcess, name: str) -> None:
+    data, status, code = CORPUS[name]
+    with real_server.client() as client:
+        response = client.post("/predict", json={"image_data": b64(data)})
+    assert response.status_code == status, response.text
+    body = response.json()
+    if code is None:
+        assert body["job_id"]
+        if name in ("animated gif", "exif-rotated jpeg", "webp", "cmyk jpeg"):
+            assert body["efficientnet_lite0"] in CATS  # the first frame; upright
+    else:
+        assert body["error"]["code"] == code
+        assert "job_id" not in body
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(real_server: ServerProcess) -> None:
+    huge = b'{"image_data": "' + b"A" * (17 * 1024 * 1024) + b'"}'
+    with real_server.client() as client:
+        response = client.post(
+            "/predict", content=huge, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert client.get("/health").status_code == 200
+
+
+# The stated bound for the flood test: with at most 4 inference requests in flight, one that is
+# accepted waits behind at most 3 others (tens of milliseconds each on a 2-core machine).
+ACCEPTED_P99_BOUND_S = 2.0
+
+
+def test_a_flood_is_shed_with_503_and_the_server_recovers(model_dir: Path, tmp_path: Path) -> None:
+    env = clean_env(
+        model_dir=str(model_dir), data_dir=str(tmp_path), max_in_flight="4", retry_after_s="1"
+    )
+    server = ServerProcess(tmp_path / "flood.log", env, "--no-worker").start()
+    body = {"image_data": b64(encode(_cat()))}
+    latencies: list[float] = []
+    statuses: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        with server.client() as client:
+            started = time.perf_counter()
+            response = client.post("/predict", json=body)
+            elapsed = time.perf_counter() - started
+        with lock:
+            statuses[response.status_code] += 1
+            if response.status_code == 200:
+                latencies.append(elapsed)
+            else:
+                assert response.json()["error"]["code"] == "overloaded"
+                assert response.headers["retry-after"] == "1"
+
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:  # 240 requests, 32 at a time
+            list(pool.map(one, range(240)))
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[503] > 0, "the flood was never shed"
+        assert statuses[200] > 0
+        p99 = float(np.percentile(latencies, 99))
+        assert p99 < ACCEPTED_P99_BOUND_S, p99
+        with server.client() as client:  # recovered by itself
+            health = client.get("/health/all").json()  # no worker here, by design
+            assert (health["efficientnet_lite0"], health["queue"]) == ("ok", "ok")
+            assert client.post("/predict", json=body).status_code == 200
+    finally:
+        server.stop()

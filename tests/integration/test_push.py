@@ -1,0 +1,157 @@
+"""Pushed results (SSE), long-polling and /metrics on a real `tandem serve` over loopback,
+on the `working` and `idle` servers of conftest.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.support import (
+    ServerProcess,
+    encode,
+    metric,
+    rss_kib,
+    server_sent_events,
+    solid,
+)
+
+pytestmark = pytest.mark.slow
+
+IMAGE = encode(solid((200, 30, 30)), "PNG")
+RAW = {"Content-Type": "image/png"}
+
+
+def submit(client: httpx.Client) -> str:
+    response = client.post("/predict", content=IMAGE, headers=RAW)
+    assert response.status_code == 200, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def test_events_stream_each_state_then_the_result_then_close(working: ServerProcess) -> None:
+    with working.client() as client:
+        job_id = submit(client)
+        with client.stream("GET", f"/job/{job_id}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = list(server_sent_events(response))  # ends when the server closes it
+    names = [name for name, _ in events]
+    assert names[-1] == "done"
+    assert set(names) <= {"queued", "running", "done"}
+    assert len(names) == len(set(names))  # each state once
+    last = json.loads(events[-1][1])
+    assert last["job_id"] == job_id
+    assert last["status"] == "done"
+    assert last["accurate"]["model"] == "tiny_accurate"
+    assert last["final"]["source"] == "accurate"
+
+
+def test_events_of_a_finished_job_are_its_final_state(working: ServerProcess) -> None:
+    with working.client() as client:
+        job_id = submit(client)
+        assert client.get(f"/job/{job_id}", params={"wait": 20}).json()["status"] == "done"
+        with client.stream("GET", f"/job/{job_id}/events") as response:
+            events = list(server_sent_events(response))
+    assert [name for name, _ in events] == ["done"]
+
+
+@pytest.mark.parametrize("job_id", ["0" * 32, "not-an-id"])
+def test_events_and_long_poll_of_an_unknown_job_are_404(
+    working: ServerProcess, job_id: str
+) -> None:
+    with working.client() as client:
+        for response in (
+            client.get(f"/job/{job_id}/events"),
+            client.get(f"/job/{job_id}", params={"wait": 5}),
+        ):
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "job_not_found"
+
+
+def test_long_poll_answers_when_the_job_is_done(working: ServerProcess) -> None:
+    with working.client() as client:
+        job = client.get(f"/job/{submit(client)}", params={"wait": 20}).json()
+    assert job["status"] == "done"
+
+
+def test_long_poll_of_a_waiting_job_returns_it_after_the_wait(idle: ServerProcess) -> None:
+    with idle.client() as client:
+        job_id = submit(client)
+        started = time.monotonic()
+        job = client.get(f"/job/{job_id}", params={"wait": 0.5}).json()
+        assert time.monotonic() - started >= 0.5
+        assert job["status"] == "queued"
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+def test_long_poll_wait_is_bounded(idle: ServerProcess, wait: str) -> None:
+    with idle.client() as client:
+        response = client.get(f"/job/{submit(client)}", params={"wait": wait})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "validation_error"
+
+
+def test_an_event_reaches_a_watcher_of_a_cancelled_job(idle: ServerProcess) -> None:
+    with idle.client() as client, ThreadPoolExecutor(1) as pool:
+        job_id = submit(client)
+
+        def watch() -> list[str]:
+            with (
+                httpx.Client(base_url=idle.url, timeout=30) as own,
+                own.stream("GET", f"/job/{job_id}/events") as response,
+            ):
+                return [name for name, _ in server_sent_events(response)]
+
+        watching = pool.submit(watch)
+        time.sleep(0.3)
+        assert client.delete(f"/job/{job_id}").status_code == 200
+        assert watching.result(timeout=20) == ["queued", "cancelled"]
+
+
+def _watchers_and_tasks(client: httpx.Client) -> tuple[float, float]:
+    text = client.get("/metrics").text
+    return metric(text, "tandem_job_watchers"), metric(text, "tandem_asyncio_tasks")
+
+
+def test_clients_that_drop_their_streams_leave_nothing_behind(idle: ServerProcess) -> None:
+    assert idle.process is not None
+    with idle.client() as client:
+        job_id = submit(client)
+        _, tasks_before = _watchers_and_tasks(client)
+        rss_before = rss_kib(idle.process.pid)
+
+        def connect_and_drop(_: int) -> None:
+            with (
+                httpx.Client(base_url=idle.url, timeout=10) as own,
+                own.stream("GET", f"/job/{job_id}/events") as response,
+            ):
+                assert next(server_sent_events(response))[0] == "queued"
+            # leaving the block closes the connection mid-stream
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(connect_and_drop, range(400)))
+        deadline = time.monotonic() + 10
+        while (state := _watchers_and_tasks(client)) != (0, tasks_before):
+            assert time.monotonic() < deadline, f"watchers, tasks = {state}, was 0, {tasks_before}"
+            time.sleep(0.1)
+        growth = rss_kib(idle.process.pid) - rss_before
+    assert growth < 20_000, f"RSS grew by {growth} KiB over 400 dropped streams"
+
+
+def test_metrics_count_requests_by_route_and_the_queue(working: ServerProcess) -> None:
+    with working.client() as client:
+        job_id = submit(client)
+        client.get(f"/job/{job_id}", params={"wait": 20})
+        client.get("/job/" + "0" * 32)
+        text = client.get("/metrics").text
+    assert 'tandem_http_requests_total{method="POST",route="/predict",status="200"}' in text
+    assert 'route="/job/{job_id}",status="404"' in text
+    assert job_id not in text  # ids are never label values
+    assert 'tandem_fast_inference_seconds_count{model="tiny_fast"}' in text
+    assert metric(text, "tandem_queue_length") >= 0
+    assert 'tandem_jobs_total{outcome="done"}' in text
+    assert "tandem_model_agreement_ratio" in text

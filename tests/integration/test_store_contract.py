@@ -1,0 +1,516 @@
+"""The JobStore contract. Every backend runs exactly these tests (add it to `BACKENDS`).
+
+Time is real: Redis keeps its own clock for idle entries and key TTLs. Tests that need something
+to expire use SHORT, whose times run out within a second; the others use LONG, whose never do
+during a test, so nothing here depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.errors import QueueFull
+from tandem.jobs.records import Delivery, DeliveryState, JobSpec, JobStatus, new_job_id
+from tandem.jobs.redis import RedisJobStore
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.store import JobStore, StorePolicy
+from tandem.predictions import Prediction, Scored
+from tests.support import RedisServer
+
+LONG = StorePolicy(result_ttl_s=600.0, visibility_timeout_s=600.0, max_attempts=2)
+SHORT = StorePolicy(result_ttl_s=0.3, visibility_timeout_s=0.3, max_attempts=2)
+PAUSE = 0.5  # longer than every SHORT time
+
+StoreFactory = Callable[[StorePolicy], JobStore]
+_prefixes = itertools.count()
+
+
+def sqlite_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    return lambda policy: SQLiteJobStore(tmp_path / "jobs.db", policy)
+
+
+def redis_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"contract{next(_prefixes)}"  # a fresh keyspace per test, shared by its reopenings
+    return lambda policy: RedisJobStore(server.url, policy, prefix=prefix)
+
+
+BACKENDS = {"sqlite": sqlite_factory, "redis": redis_factory}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    return BACKENDS[request.param](request, tmp_path)
+
+
+async def _opened(factory: StoreFactory, policy: StorePolicy) -> JobStore:
+    store = factory(policy)
+    await store.open()
+    return store
+
+
+@pytest.fixture
+async def store(factory: StoreFactory) -> AsyncIterator[JobStore]:
+    store = await _opened(factory, LONG)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def short(factory: StoreFactory) -> AsyncIterator[JobStore]:
+    store = await _opened(factory, SHORT)
+    yield store
+    await store.close()
+
+
+def spec(image: bytes = b"\xff\xd8 image bytes \x00\x01") -> JobSpec:
+    return JobSpec(id=new_job_id(), image=image, request_id="req-1")
+
+
+def answer(label: str = "tabby") -> Prediction:
+    return Prediction("m", (Scored(281, label, 0.9), Scored(282, "tiger cat", 0.05)), 12.5)
+
+
+async def test_enqueue_returns_a_queued_job_that_get_finds(store: JobStore) -> None:
+    s = spec()
+    job = await store.enqueue(s)
+    assert job.id == s.id
+    assert job.status is JobStatus.QUEUED
+    assert job.attempts == 0
+    assert job.request_id == "req-1"
+    assert await store.get(s.id) == job
+    assert await store.queue_depth() == 1
+
+
+async def test_get_of_an_unknown_id_is_none(store: JobStore) -> None:
+    assert await store.get(new_job_id()) is None
+
+
+async def test_enqueue_is_idempotent_on_the_id(store: JobStore) -> None:
+    s = spec()
+    first = await store.enqueue(s)
+    again = await store.enqueue(JobSpec(id=s.id, image=b"other"))
+    assert again == first
+    assert await store.queue_depth() == 1
+    (claim,) = await store.claim("w", 10, 0)
+    assert claim.image == s.image
+
+
+async def test_claim_hands_over_the_exact_bytes_oldest_first(store: JobStore) -> None:
+    specs = []
+    for i in range(3):
+        specs.append(spec(bytes([i]) * 10))
+        await store.enqueue(specs[-1])
+    claims = await store.claim("w", 2, 0)
+    assert [c.id for c in claims] == [specs[0].id, specs[1].id]
+    assert [c.image for c in claims] == [specs[0].image, specs[1].image]
+    assert all(c.job.status is JobStatus.RUNNING and c.job.attempts == 1 for c in claims)
+
+
+async def test_a_claimed_job_is_not_claimed_again_while_leased(store: JobStore) -> None:
+    await store.enqueue(spec())
+    assert len(await store.claim("w1", 10, 0)) == 1
+    assert await store.claim("w2", 10, 0) == []
+
+
+async def test_complete_stores_the_result_once(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    assert await store.complete(s.id, answer("tabby")) is True
+    assert await store.complete(s.id, answer("other")) is False
+    job = await store.get(s.id)
+    assert job is not None
+    assert job.status is JobStatus.DONE
+    assert job.result == answer("tabby")
+    assert job.finished_at is not None
+    assert await store.queue_depth() == 0
+
+
+async def test_an_expired_lease_is_claimed_again(short: JobStore) -> None:
+    s = spec()
+    await short.enqueue(s)
+    await short.claim("dead worker", 1, 0)
+    await asyncio.sleep(PAUSE)
+    (claim,) = await short.claim("w2", 1, 0)
+    assert claim.id == s.id
+    assert claim.job.attempts == 2
+
+
+async def test_a_job_whose_workers_keep_dying_is_failed(short: JobStore) -> None:
+    s = spec()
+    await short.enqueue(s)
+    for _ in range(SHORT.max_attempts):
+        assert len(await short.claim("w", 1, 0)) == 1
+        await asyncio.sleep(PAUSE)
+    assert await short.claim("w", 1, 0) == []
+    job = await short.get(s.id)
+    assert job is not None
+    assert job.status is JobStatus.FAILED
+    assert job.error is not None
+    assert "stopped" in job.error
+
+
+async def test_a_late_result_after_redelivery_is_stored_once(short: JobStore) -> None:
+    s = spec()
+    await short.enqueue(s)
+    await short.claim("slow", 1, 0)
+    await asyncio.sleep(PAUSE)
+    assert len(await short.claim("fast", 1, 0)) == 1
+    assert await short.complete(s.id, answer("first")) is True
+    assert await short.complete(s.id, answer("second")) is False
+    job = await short.get(s.id)
+    assert job is not None
+    assert job.result == answer("first")
+
+
+async def test_fail_with_retry_queues_again_until_attempts_run_out(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    job = await store.fail(s.id, "transient", retry=True)
+    assert job is not None
+    assert job.status is JobStatus.QUEUED
+    await store.claim("w", 1, 0)
+    job = await store.fail(s.id, "transient again", retry=True)
+    assert job is not None
+    assert job.status is JobStatus.FAILED
+    assert job.error == "transient again"
+
+
+async def test_fail_without_retry_is_final(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    job = await store.fail(s.id, "not an image", retry=False)
+    assert job is not None
+    assert job.status is JobStatus.FAILED
+    assert await store.complete(s.id, answer()) is False
+    assert await store.claim("w", 1, 0) == []
+
+
+async def test_finished_jobs_expire_but_queued_ones_never(short: JobStore) -> None:
+    done, waiting = spec(), spec()
+    await short.enqueue(done)
+    await short.claim("w", 1, 0)
+    await short.complete(done.id, answer())
+    await short.enqueue(waiting)
+    await asyncio.sleep(PAUSE)
+    assert await short.get(done.id) is None
+    await short.purge_expired()
+    assert await short.get(done.id) is None
+    assert await short.get(waiting.id) is not None
+    assert await short.queue_depth() == 1
+
+
+async def test_jobs_survive_closing_and_reopening(factory: StoreFactory) -> None:
+    first = await _opened(factory, LONG)
+    s = spec()
+    await first.enqueue(s)
+    await first.close()
+    second = await _opened(factory, LONG)
+    try:
+        (claim,) = await second.claim("w", 1, 0)
+        assert claim.id == s.id
+        assert claim.image == s.image
+    finally:
+        await second.close()
+
+
+async def test_concurrent_claims_never_share_a_job(store: JobStore) -> None:
+    ids = set()
+    for _ in range(20):
+        s = spec()
+        ids.add(s.id)
+        await store.enqueue(s)
+    batches = await asyncio.gather(*(store.claim(f"w{i}", 3, 0) for i in range(10)))
+    claimed = [c.id for batch in batches for c in batch]
+    assert len(claimed) == len(set(claimed)) == 20
+    assert set(claimed) == ids
+
+
+async def test_claim_waits_for_a_job_enqueued_meanwhile(
+    store: JobStore, factory: StoreFactory
+) -> None:
+    producer = await _opened(factory, LONG)  # a second client, as a proxy beside the worker
+    try:
+        s = spec()
+        waiting = asyncio.create_task(store.claim("w", 1, 30.0))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await producer.enqueue(s)
+        claims = await asyncio.wait_for(waiting, 10.0)
+        assert [c.id for c in claims] == [s.id]
+    finally:
+        await producer.close()
+
+
+async def test_heartbeats_tell_which_models_are_served(store: JobStore) -> None:
+    await store.beat("w1", "accurate")
+    assert await store.live_models(60.0) == {"accurate"}
+    await asyncio.sleep(PAUSE)
+    assert await store.live_models(PAUSE / 2) == set()
+
+
+async def test_ping_succeeds_on_an_open_store(store: JobStore) -> None:
+    await store.ping()
+
+
+async def test_a_full_queue_refuses_and_stores_nothing(factory: StoreFactory) -> None:
+    bounded = await _opened(factory, replace(LONG, max_queue_length=2))
+    try:
+        await bounded.enqueue(spec())
+        await bounded.enqueue(spec())
+        refused = spec()
+        with pytest.raises(QueueFull):
+            await bounded.enqueue(refused)
+        assert await bounded.get(refused.id) is None
+        assert await bounded.queue_depth() == 2
+        # Finishing a job makes room again.
+        (claim,) = await bounded.claim("w", 1, 0)
+        await bounded.complete(claim.id, answer())
+        await bounded.enqueue(refused)
+        assert await bounded.queue_depth() == 2
+    finally:
+        await bounded.close()
+
+
+async def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None:
+    first = await store.enqueue(replace(spec(), idempotency_key="client-retry-1"))
+    again = await store.enqueue(replace(spec(), idempotency_key="client-retry-1"))
+    other = await store.enqueue(replace(spec(), idempotency_key="client-retry-2"))
+    assert again.id == first.id
+    assert other.id != first.id
+    assert await store.queue_depth() == 2
+
+
+async def test_cancelling_a_queued_job_removes_it_from_the_queue(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    job = await store.cancel(s.id)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert await store.claim("w", 1, 0) == []
+    assert await store.queue_depth() == 0
+
+
+async def test_a_running_job_cancelled_finishes_marked_cancelled(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    job = await store.cancel(s.id)
+    assert job is not None
+    assert job.status is JobStatus.RUNNING
+    assert job.cancel_requested
+    assert await store.complete(s.id, answer()) is True
+    job = await store.get(s.id)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert job.result == answer()
+
+
+async def test_cancel_leaves_finished_and_unknown_jobs_alone(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    await store.complete(s.id, answer())
+    job = await store.cancel(s.id)
+    assert job is not None
+    assert job.status is JobStatus.DONE
+    assert await store.cancel(new_job_id()) is None
+
+
+async def test_complete_many_stores_a_batch_once(store: JobStore) -> None:
+    specs = [spec() for _ in range(3)]
+    for s in specs:
+        await store.enqueue(s)
+    await store.claim("w", 3, 0)
+    await store.complete(specs[0].id, answer("first"))
+    stored = await store.complete_many({s.id: answer(f"batch {i}") for i, s in enumerate(specs)})
+    assert stored == {specs[1].id, specs[2].id}
+    jobs = [await store.get(s.id) for s in specs]
+    assert [j.result.label if j and j.result else None for j in jobs] == [
+        "first",
+        "batch 1",
+        "batch 2",
+    ]
+    assert await store.queue_depth() == 0
+
+
+# -- counters ------------------------------------------------------------------------------------
+
+
+async def test_counters_add_up_and_start_at_nothing(store: JobStore) -> None:
+    assert await store.counts() == {}
+    await store.add_counts({"seen:3": 2, "seen:9": 1})
+    await store.add_counts({"seen:3": 5})
+    assert await store.counts() == {"seen:3": 7, "seen:9": 1}
+
+
+async def test_each_outcome_is_counted_once_with_its_tally(store: JobStore) -> None:
+    done, failed, cancelled = [await store.enqueue(spec()) for _ in range(3)]
+    claims = await store.claim("w1", 2, 0)
+    assert {c.id for c in claims} == {done.id, failed.id}
+    tallies = {done.id: ["judged:7", "agree:7"]}
+    await store.complete_many({done.id: answer("a")}, tallies)
+    await store.complete_many({done.id: answer("again")}, tallies)  # a duplicate counts nothing
+    await store.fail(failed.id, "boom", retry=False)
+    await store.cancel(cancelled.id)
+    counts = await store.counts()
+    assert counts == {
+        "jobs_done": 1,
+        "jobs_failed": 1,
+        "jobs_cancelled": 1,
+        "judged:7": 1,
+        "agree:7": 1,
+    }
+
+
+async def test_a_retry_is_counted_and_a_late_cancel_counts_as_cancelled(store: JobStore) -> None:
+    job = await store.enqueue(spec())
+    (claim,) = await store.claim("w1", 1, 0)
+    await store.fail(claim.id, "transient", retry=True)
+    (claim,) = await store.claim("w1", 1, 0)
+    await store.cancel(job.id)  # running: finishes, marked cancelled
+    await store.complete_many({job.id: answer("late")}, {job.id: ["judged:1"]})
+    counts = await store.counts()
+    assert counts["jobs_retried"] == 1
+    assert counts["jobs_cancelled"] == 1
+    assert "jobs_done" not in counts
+    assert counts["judged:1"] == 1  # the accurate answer was stored, so it was judged
+
+
+async def test_counters_survive_a_reopen(factory: StoreFactory) -> None:
+    first = await _opened(factory, LONG)
+    await first.add_counts({"seen:5": 3})
+    await first.close()
+    again = await _opened(factory, LONG)
+    try:
+        assert await again.counts() == {"seen:5": 3}
+    finally:
+        await again.close()
+
+
+# -- watching ------------------------------------------------------------------------------------
+
+
+async def _woken_by(store: JobStore, job_id: str, change: Callable[[], Any]) -> None:
+    """Watch the job, make the change, and require the watch to wake long before its timeout."""
+    async with store.watch(job_id) as watch:
+        assert store.watchers == 1
+        waiting = asyncio.create_task(watch.wait(timeout=60.0))
+        await asyncio.sleep(0.2)  # the Redis store subscribes in the background
+        await change()
+        await asyncio.wait_for(waiting, timeout=10.0)
+    assert store.watchers == 0
+
+
+async def test_a_watch_wakes_on_each_change(store: JobStore) -> None:
+    job = await store.enqueue(spec())
+
+    async def claim() -> None:
+        assert await store.claim("w1", 1, 0)
+
+    await _woken_by(store, job.id, claim)
+    await _woken_by(store, job.id, lambda: store.complete(job.id, answer()))
+    assert (await store.get(job.id)).status is JobStatus.DONE  # type: ignore[union-attr]
+
+
+async def test_a_watch_wakes_on_a_change_made_by_another_process(
+    store: JobStore, factory: StoreFactory
+) -> None:
+    job = await store.enqueue(spec())
+    other = await _opened(factory, LONG)  # as another proxy or worker would
+    try:
+        await _woken_by(store, job.id, lambda: other.cancel(job.id))
+    finally:
+        await other.close()
+    assert (await store.get(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+
+
+async def test_oldest_unfinished_is_the_first_queued_until_it_finishes(store: JobStore) -> None:
+    assert await store.oldest_unfinished_at() is None
+    before = time.time()
+    first = await store.enqueue(spec())
+    await asyncio.sleep(0.05)
+    await store.enqueue(spec())
+    oldest = await store.oldest_unfinished_at()
+    assert oldest is not None
+    assert before - 1.0 <= oldest <= first.created_at + 0.01
+    await store.claim("w1", 1, 0)
+    assert await store.oldest_unfinished_at() == oldest  # running still counts
+    await store.complete(first.id, answer())
+    later = await store.oldest_unfinished_at()
+    assert later is not None
+    assert later > oldest
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+
+
+async def test_the_callback_and_its_delivery_state_are_kept(store: JobStore) -> None:
+    s = replace(spec(), callback_url="http://127.0.0.1:9/hook")
+    job = await store.enqueue(s)
+    assert job.callback_url == "http://127.0.0.1:9/hook"
+    assert job.webhook is None
+    await store.claim("w1", 1, 0)
+    await store.complete(job.id, answer())
+    pending = Delivery(DeliveryState.PENDING, attempts=1, last_error="HTTP 503", updated_at=1.5)
+    await store.record_delivery(job.id, pending)
+    assert (await store.get(job.id)).webhook == pending  # type: ignore[union-attr]
+    delivered = Delivery(DeliveryState.DELIVERED, attempts=2, updated_at=2.5)
+    await store.record_delivery(job.id, delivered)
+    found = await store.get(job.id)
+    assert found is not None
+    assert found.webhook == delivered
+    assert found.result == answer()
+
+
+async def test_a_delivery_to_a_gone_job_is_ignored(store: JobStore) -> None:
+    ghost = new_job_id()
+    await store.record_delivery(ghost, Delivery(DeliveryState.FAILED, attempts=1))
+    assert await store.get(ghost) is None
+
+
+# -- the fast answer, added after the job ---------------------------------------------------------
+
+
+async def test_a_fast_answer_is_added_once_to_a_job_stored_without_one(store: JobStore) -> None:
+    job = await store.enqueue(spec())
+    assert job.fast is None
+    await store.attach_fast(job.id, answer("first"))
+    await store.attach_fast(job.id, answer("second"))  # the first answer stays
+    found = await store.get(job.id)
+    assert found is not None
+    assert found.fast == answer("first")
+    assert found.request_id == "req-1"  # the rest of the metadata is kept
+    (claim,) = await store.claim("w1", 1, 0)
+    assert claim.job.fast == answer("first")
+
+
+async def test_adding_a_fast_answer_to_a_gone_job_stores_nothing(store: JobStore) -> None:
+    ghost = new_job_id()
+    await store.attach_fast(ghost, answer())
+    assert await store.get(ghost) is None
+
+
+async def test_an_added_fast_answer_survives_a_reopen(factory: StoreFactory) -> None:
+    first = await _opened(factory, LONG)
+    job = await first.enqueue(spec())
+    await first.attach_fast(job.id, answer("kept"))
+    await first.close()
+    again = await _opened(factory, LONG)
+    try:
+        found = await again.get(job.id)
+        assert found is not None
+        assert found.fast == answer("kept")
+    finally:
+        await again.close()

@@ -1,0 +1,110 @@
+"""The web page at `/`, driven in a real headless Chromium (Debian's, through Playwright), on
+the real models: what a person would see. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from bench.cascade import photo_dir
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHELSEA = photo_dir() / "chelsea.png"  # the models disagree: tiger cat, then Egyptian cat
+COFFEE = photo_dir() / "coffee.png"  # they agree: espresso
+SLOW = 60_000  # ms; the first accurate answer includes the worker's first batch
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), "Debian's chromium is missing: scripts/ensure-system-deps installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, real_server: ServerProcess) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(real_server.url + "/")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_a_photo_gets_the_fast_answer_then_the_accurate_one_marked_changed(page: Page) -> None:
+    page.set_input_files("#file", str(CHELSEA))
+    fast = page.locator("#fast-answer .topk li")
+    expect(fast).to_have_count(5)
+    expect(fast.first).to_contain_text("tiger cat")
+    accurate = page.locator("#accurate-answer .topk li")
+    expect(accurate.first).to_contain_text("Egyptian cat", timeout=SLOW)
+    expect(accurate).to_have_count(5)
+    expect(page.locator("#verdict")).to_have_text(
+        "The accurate model changed the answer: tiger cat → Egyptian cat"
+    )
+    expect(page.locator("#fast-answer li.disagree")).to_contain_text("tiger cat")
+    expect(page.locator("#accurate-answer li.disagree")).to_contain_text("Egyptian cat")
+    expect(page.locator("#recent li").first).to_contain_text("tiger cat → Egyptian cat (done)")
+    screenshot(page, "web-disagree")
+
+
+def test_agreeing_models_show_no_mark_and_the_chart_fills(page: Page) -> None:
+    page.set_input_files("#file", str(COFFEE))
+    expect(page.locator("#accurate-answer .topk li").first).to_contain_text(
+        "espresso", timeout=SLOW
+    )
+    expect(page.locator("#verdict")).to_have_text("Both models agree: espresso")
+    expect(page.locator(".topk li.disagree")).to_have_count(0)
+    page.reload()  # the chart and the recent jobs come back from the server and the browser
+    expect(page.locator("#result")).to_be_hidden()
+    expect(page.locator("#chart rect.agree").first).to_be_attached(timeout=10_000)
+    expect(page.locator("#stats-summary")).to_contain_text(re.compile(r"agreement \d"))
+    expect(page.locator("#recent li").first).to_contain_text("espresso (done)")
+    screenshot(page, "web-agree")
+
+
+def test_health_of_both_models_and_the_queue_is_shown(page: Page) -> None:
+    health = page.locator("#health li")
+    expect(health).to_have_count(3)
+    expect(page.locator("#health li.ok")).to_have_count(3)
+    expect(health).to_have_text(["efficientnet_lite0", "efficientnet_lite2", "queue"])
+
+
+def test_a_file_that_is_not_an_image_is_explained(page: Page, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    page.set_input_files("#file", str(notes))
+    expect(page.locator("#status")).to_contain_text("Refused (")
+    expect(page.locator("#status")).to_have_class("error")
+    screenshot(page, "web-refused")
+
+
+def test_a_recent_job_opens_again_after_a_reload(page: Page) -> None:
+    page.set_input_files("#file", str(CHELSEA))
+    expect(page.locator("#accurate-answer .topk li").first).to_contain_text(
+        "Egyptian cat", timeout=SLOW
+    )
+    page.reload()
+    page.locator("#recent li").first.click()
+    expect(page.locator("#accurate-answer .topk li").first).to_contain_text("Egyptian cat")
+    expect(page.locator("#verdict")).to_contain_text("changed")

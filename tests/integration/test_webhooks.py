@@ -1,0 +1,191 @@
+"""Webhooks to a real receiver on loopback, from the embedded worker of an in-process app."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from tandem.errors import ConfigurationError
+from tandem.settings import Settings, load_settings
+from tandem.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.support import encode, solid
+
+SECRET = "a-secret-of-at-least-16-chars"  # noqa: S105 (a test key)
+PNG = encode(solid((30, 30, 200)), "PNG")
+
+
+@dataclass
+class Receiver:
+    """Answers with the statuses it is given, in turn (then 200), and keeps what it got."""
+
+    statuses: list[int] = field(default_factory=list)
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{self.host}{path}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append((dict(self.headers.items()), body))
+            status = state.statuses.pop(0) if state.statuses else 200
+            self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("Location", "http://elsewhere.invalid/")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    state.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=state.server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    state.server.shutdown()
+
+
+@pytest.fixture
+def make_client(tiny_dir: Path, tmp_path: Path, open_app: Any) -> Any:
+    def make(receiver: Receiver, **overrides: Any) -> TestClient:
+        settings = Settings(
+            data_dir=tmp_path,
+            model_dir=tiny_dir,
+            fast_model="tiny_fast",
+            accurate_model="tiny_accurate",
+            webhook_hosts=(receiver.host,),
+            webhook_secret=SECRET,
+            webhook_backoff_s=0.05,
+            **overrides,
+        )
+        client: TestClient = open_app(settings)
+        return client
+
+    return make
+
+
+def predict(client: TestClient, callback_url: str) -> Any:
+    return client.post(
+        "/predict",
+        content=PNG,
+        headers={"Content-Type": "image/png"},
+        params={"callback_url": callback_url},
+    )
+
+
+def settled(client: TestClient, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/job/{job_id}").json()
+        if job["webhook"] and job["webhook"]["state"] != "pending":
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"webhook still pending: {job}")
+
+
+def test_the_result_is_posted_once_signed(make_client: Any, receiver: Receiver) -> None:
+    client = make_client(receiver)
+    response = predict(client, receiver.url())
+    assert response.status_code == 200, response.text
+    job = settled(client, response.json()["job_id"])
+    assert job["webhook"] == {
+        "url": receiver.url(),
+        "state": "delivered",
+        "attempts": 1,
+        "last_error": None,
+    }
+    (headers, body) = receiver.received[0]
+    assert len(receiver.received) == 1
+    assert verify(SECRET, body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER])
+    assert not verify(
+        "another-secret-entirely", body, headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER]
+    )
+    sent = json.loads(body)
+    assert sent["job_id"] == job["job_id"]
+    assert sent["status"] == "done"
+    assert sent["accurate"]["model"] == "tiny_accurate"
+    assert sent["final_label"] == job["final"]["label"]
+
+
+def test_failures_are_retried_with_backoff(make_client: Any, receiver: Receiver) -> None:
+    receiver.statuses = [503, 500]
+    client = make_client(receiver)
+    job = settled(client, predict(client, receiver.url()).json()["job_id"])
+    assert job["webhook"]["state"] == "delivered"
+    assert job["webhook"]["attempts"] == 3
+    assert len(receiver.received) == 3
+
+
+def test_it_gives_up_after_the_last_attempt(make_client: Any, receiver: Receiver) -> None:
+    receiver.statuses = [500] * 10
+    client = make_client(receiver, webhook_max_attempts=3)
+    job = settled(client, predict(client, receiver.url()).json()["job_id"])
+    assert job["webhook"]["state"] == "failed"
+    assert job["webhook"]["attempts"] == 3
+    assert job["webhook"]["last_error"] == "HTTP 500 from the receiver"
+    assert job["status"] == "done"  # the job itself is fine
+
+
+@pytest.mark.parametrize("status", [410, 302])
+def test_client_errors_and_redirects_are_not_retried_or_followed(
+    make_client: Any, receiver: Receiver, status: int
+) -> None:
+    receiver.statuses = [status]
+    client = make_client(receiver)
+    job = settled(client, predict(client, receiver.url()).json()["job_id"])
+    assert job["webhook"]["state"] == "failed"
+    assert job["webhook"]["attempts"] == 1
+    assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/hook",  # not on the allowlist
+        "http://127.0.0.1:1/hook",  # the right host, another port
+        "file:///etc/passwd",
+        "not a url",
+    ],
+)
+def test_a_callback_off_the_allowlist_is_422_and_costs_nothing(
+    make_client: Any, receiver: Receiver, url: str
+) -> None:
+    client = make_client(receiver)
+    response = predict(client, url)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "callback_not_allowed"
+    assert client.get("/stats").json()["requests"] == 0  # the fast model never ran
+    assert receiver.received == []
+
+
+def test_webhooks_are_off_without_an_allowlist(
+    tiny_dir: Path, tmp_path: Path, open_app: Any
+) -> None:
+    tiny = {"model_dir": tiny_dir, "fast_model": "tiny_fast", "accurate_model": "tiny_accurate"}
+    response = predict(open_app(Settings(data_dir=tmp_path, **tiny)), "http://127.0.0.1:9/hook")
+    assert response.status_code == 422
+    assert "off" in response.json()["error"]["message"]
+
+
+def test_an_allowlist_without_a_secret_stops_start_up() -> None:
+    with pytest.raises(ConfigurationError, match="webhook_secret"):
+        load_settings({"TANDEM_WEBHOOK_HOSTS": "hooks.example.com"})

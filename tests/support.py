@@ -1,0 +1,301 @@
+"""Test helpers: tiny ONNX classifiers the tests generate, and a real `tandem serve` process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from tandem.runtime.manifest import ModelManifest, Output, Preprocess, sha256_of
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str = "JPEG", **options: Any) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+# -- tiny models -------------------------------------------------------------------------------
+
+
+@dataclass
+class TinySpec:
+    """A model whose top class is chosen by the image's dominant colour channel.
+
+    logits = mean_over_pixels(input) @ weights + bias, where input channel c votes for class
+    `votes[c]`. A huge bias on `background_index` checks that a background output is skipped.
+    """
+
+    name: str
+    size: int
+    layout: str = "NCHW"
+    classes: int = 10
+    votes: tuple[int, int, int] = (1, 2, 3)
+    background_index: int | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+def tiny_model(directory: Path, spec: TinySpec) -> Path:
+    """Write `<name>.onnx` and its manifest.json into `directory`; return the manifest path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = (
+        [None, 3, spec.size, spec.size]
+        if spec.layout == "NCHW"
+        else [None, spec.size, spec.size, 3]
+    )
+    axes = [2, 3] if spec.layout == "NCHW" else [1, 2]
+    weights = np.zeros((3, spec.classes), dtype=np.float32)
+    for channel, cls in enumerate(spec.votes):
+        weights[channel, cls] = 10.0
+    bias = np.zeros(spec.classes, dtype=np.float32)
+    if spec.background_index is not None:
+        bias[spec.background_index] = 1000.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["pooled"], axes=axes, keepdims=0),
+            helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
+            helper.make_node("Add", ["scores", "b"], ["logits"]),
+        ],
+        spec.name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, spec.classes])],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx_path = directory / f"{spec.name}.onnx"
+    onnx.save(model, onnx_path)
+    labels = tuple(f"class {i}" for i in range(spec.classes))
+    if spec.background_index is not None:
+        labels = tuple(
+            "background" if i == spec.background_index else f"class {i}"
+            for i in range(spec.classes)
+        )
+    manifest = ModelManifest(
+        name=spec.name,
+        file=onnx_path.name,
+        sha256=sha256_of(onnx_path),
+        preprocess=Preprocess(size=spec.size, layout=spec.layout, **spec.preprocess),
+        output=Output(kind="logits", background_index=spec.background_index),
+        labels=labels,
+        source={"generated_by": "tests/support.py"},
+    )
+    manifest_path = directory / "manifest.json"
+    manifest_path.write_text(manifest.to_json(), "utf-8")
+    return manifest_path
+
+
+# -- a real server -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**tandem: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    env.update({f"TANDEM_{k.upper()}": v for k, v in tandem.items()})
+    return env
+
+
+class ServerProcess:
+    """`python -m tandem serve` on a free port, driven over real HTTP."""
+
+    def __init__(self, log_path: Path, env: dict[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = env
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tandem", "serve", "--port", str(self.port), *self.args]
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, timeout: float = 90.0) -> Self:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with {self.process.returncode}: {self.log()}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"not ready in {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode if self.process else None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0)
+
+
+class WorkerProcess(ServerProcess):
+    """`python -m tandem worker`; started once it logs that its model is loaded."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tandem", "worker", *self.args]
+
+    def ready(self) -> bool:
+        return "started for model" in self.log()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll until the job is final; the tests' equivalent of a patient client."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/job/{job_id}").json()
+        if body["status"] in ("done", "failed"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not final after {timeout}s: {body}")
+
+
+# -- a real Redis ------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A `redis-server` of the tests' own on a free port, so they can kill and restart it."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        command = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
+        log = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+# -- pushed events -----------------------------------------------------------------------------
+
+
+def server_sent_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream response, comments skipped."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one unlabelled sample in Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no sample {name}")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

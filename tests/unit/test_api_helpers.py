@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tandem.api.routes import decode_base64
+from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
+from tandem.runtime.assets import imagenet_labels
+from tandem.runtime.manifest import model_name, read_manifest, resolve_manifest_path
+from tests.support import TinySpec, tiny_model
+
+PAYLOAD = bytes(range(256)) * 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        base64.b64encode(PAYLOAD).decode(),
+        "\n".join(base64.b64encode(PAYLOAD).decode()[i : i + 76] for i in range(0, 1024, 76)),
+        "data:image/png;base64," + base64.b64encode(PAYLOAD).decode(),
+    ],
+)
+def test_base64_in_the_forms_clients_send(text: str) -> None:
+    assert decode_base64(text) == PAYLOAD
+
+
+@pytest.mark.parametrize("text", ["abc", "####", "YWJj ZA=", "YWJjZA==YWJj"])
+def test_invalid_base64_is_refused(text: str) -> None:
+    with pytest.raises(InvalidBase64):
+        decode_base64(text)
+
+
+def test_model_references_resolve(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path / "tiny", TinySpec(name="tiny", size=8))
+    assert resolve_manifest_path(str(manifest), tmp_path) == manifest
+    assert resolve_manifest_path(str(manifest.parent), tmp_path) == manifest
+    assert resolve_manifest_path("tiny", tmp_path) == manifest
+    assert model_name("tiny", tmp_path) == "tiny"
+    assert model_name("elsewhere", tmp_path) == "elsewhere"
+    with pytest.raises(ModelNotFound):
+        resolve_manifest_path("./missing", tmp_path)
+
+
+def test_a_manifest_with_a_background_outside_its_labels_is_refused(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path / "m", TinySpec(name="m", size=8))
+    text = manifest.read_text().replace('"background_index": null', '"background_index": 99')
+    manifest.write_text(text)
+    with pytest.raises(ConfigurationError, match="background_index"):
+        read_manifest(manifest)
+
+
+def test_the_bundled_labels_are_imagenet_1k() -> None:
+    labels = imagenet_labels()
+    assert len(labels) == 1000
+    assert (labels[0], labels[281], labels[967]) == ("tench", "tabby", "espresso")

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem.cli import EXIT_CONFIG, main
+from tests.support import TinySpec, clean_env, tiny_model
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", *args],
+        capture_output=True,
+        text=True,
+        env=env or clean_env(),
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_explains_every_command() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "models"):
+        assert command in result.stdout
+    serve = run("serve", "--help").stdout
+    for option in ("--host", "--port", "--data-dir", "--config", "--no-worker"):
+        assert option in serve
+    assert "build" in run("models", "--help").stdout
+
+
+def test_bad_settings_exit_with_a_message_not_a_traceback() -> None:
+    result = run("models", "list", env=clean_env(port="x"))
+    assert result.returncode == EXIT_CONFIG
+    assert "invalid settings" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_model_names_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path))
+    assert main(["models", "build", "resnet9000"]) == EXIT_CONFIG
+    assert "unknown built-in model" in capsys.readouterr().err
+
+
+def test_models_list_shows_what_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_model(tmp_path / "efficientnet_lite0", TinySpec(name="efficientnet_lite0", size=8))
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "built" in out[0]
+    assert "missing" in out[1]
+
+
+def test_serving_code_never_imports_torch() -> None:
+    # torch is for `tandem models build` only; the proxy and workers run on ONNX Runtime.
+    code = (
+        "import sys, tandem.cli, tandem.api.app, tandem.worker, tandem.runtime.build;"
+        "tandem.cli.build_parser();"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tandem.errors import ImageTooLarge, InvalidImage
+from tandem.runtime.imaging import ImageLimits, decode_image, resize_for, to_tensor
+from tandem.runtime.manifest import Layout, Preprocess, Resize
+from tests.support import encode
+
+LIMIT = ImageLimits(max_pixels=10_000_000, min_side=1)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "RGBA", "LA", "P", "CMYK", "I", "I;16", "RGB"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "I" else "PNG"
+    image = Image.new("RGB", (20, 10), (200, 40, 10)).convert(mode)
+    decoded = decode_image(encode(image, fmt), LIMIT)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (20, 10)
+
+
+def test_transparency_is_laid_over_white() -> None:
+    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    decoded = decode_image(encode(image, "PNG"), LIMIT)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    pixels = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    decoded = decode_image(encode(Image.fromarray(pixels), "PNG"), LIMIT)
+    assert decoded.getpixel((0, 0))[0] in range(125, 131)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (30, 10), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(image, "JPEG", exif=exif), LIMIT)
+    assert decoded.size == (10, 30)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"hello", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, b"\xff\xd8\xff" + b"\x00" * 50]
+)
+def test_non_images_are_invalid(data: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(data, LIMIT)
+
+
+def test_a_truncated_jpeg_is_invalid() -> None:
+    rng = np.random.default_rng(0)
+    data = encode(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8), "JPEG")
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) // 3], LIMIT)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("width", "height"), [(5000, 5000), (30000, 30000)])
+def test_pixel_bombs_are_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(ImageTooLarge):
+        decode_image(_png_header_only(width, height), LIMIT)
+
+
+def test_short_side_crop_keeps_the_centre() -> None:
+    spec = Preprocess(size=224, resize=Resize.SHORT_SIDE_CROP, resize_size=256)
+    out = resize_for(Image.new("RGB", (512, 300)), spec)
+    assert out.size == (224, 224)
+
+
+def test_stretch_resizes_the_whole_image_to_the_square() -> None:
+    image = Image.new("RGB", (400, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (300, 0, 400, 100))
+    out = resize_for(image, Preprocess(size=40, resize=Resize.STRETCH, interpolation="nearest"))
+    assert out.size == (40, 40)
+    assert out.getpixel((39, 20)) == (0, 0, 255)  # the blue right quarter survives
+    assert out.getpixel((0, 20)) == (255, 0, 0)
+
+
+def test_tensor_layout_and_normalisation() -> None:
+    image = Image.new("RGB", (8, 8), (255, 127, 0))
+    lite = Preprocess(size=8, resize_size=8, mean=(127, 127, 127), std=(128, 128, 128))
+    chw = to_tensor(image, lite)
+    assert chw.shape == (3, 8, 8)
+    assert chw.dtype == np.float32
+    assert chw[:, 0, 0] == pytest.approx([1.0, 0.0, -127 / 128])
+    hub = Preprocess(size=8, layout=Layout.NHWC, resize=Resize.STRETCH, scale=1 / 255)
+    hwc = to_tensor(image, hub)
+    assert hwc.shape == (8, 8, 3)
+    assert hwc[0, 0] == pytest.approx([1.0, 127 / 255, 0.0])
+
+
+@pytest.mark.parametrize("size", [(600, 400), (401, 999), (256, 256), (1200, 257), (300, 2000)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_the_centre_crop_resamples_the_same_pixels_as_resize_then_crop(
+    size: tuple[int, int], interpolation: str
+) -> None:
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    spec = Preprocess(size=224, resize_size=256, interpolation=interpolation)
+    method = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+    width, height = size
+    scale = 256 / min(width, height)
+    new_w, new_h = max(256, round(width * scale)), max(256, round(height * scale))
+    left, top = (new_w - 224) // 2, (new_h - 224) // 2
+    expected = image.resize((new_w, new_h), method).crop((left, top, left + 224, top + 224))
+    got = resize_for(image, spec)
+    diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert diff.max() <= 1  # float rounding of the region's corners, at most

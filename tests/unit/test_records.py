@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+
+from tandem.errors import JobNotFound
+from tandem.jobs.records import (
+    PAYLOAD_VERSION,
+    TERMINAL_STATUSES,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobSpec,
+    JobStatus,
+    Meta,
+    dump_delivery,
+    dump_meta,
+    dump_prediction,
+    load_delivery,
+    load_meta,
+    load_prediction,
+    new_job_id,
+    parse_job_id,
+)
+from tandem.predictions import Prediction, Scored
+
+
+def test_job_ids_carry_128_random_bits() -> None:
+    ids = {new_job_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(parse_job_id(i) == i for i in list(ids)[:10])
+
+
+@pytest.mark.parametrize("bad", ["", "6195b8", "G" * 32, "A" * 32, "0" * 31, "0" * 33, "a b"])
+def test_malformed_ids_name_no_job(bad: str) -> None:
+    with pytest.raises(JobNotFound):
+        parse_job_id(bad)
+
+
+def test_terminal_statuses() -> None:
+    assert {s for s in JobStatus if s.terminal} == TERMINAL_STATUSES
+    assert {"done", "failed", "cancelled"} == TERMINAL_STATUSES
+
+
+def test_payloads_are_versioned_json_that_round_trips() -> None:
+    prediction = Prediction("m", (Scored(1, "a", 0.5), Scored(2, "b", 0.25)), 3.0)
+    spec = JobSpec(
+        id=new_job_id(), image=b"x", fast=prediction, request_id="r", callback_url="http://h/"
+    )
+    assert load_meta(dump_meta(spec)) == Meta(prediction, "r", "http://h/")
+    assert load_prediction(dump_prediction(prediction)) == prediction
+    delivery = Delivery(DeliveryState.FAILED, 3, "HTTP 500", 12.5)
+    assert load_delivery(dump_delivery(delivery)) == delivery
+    for text in (dump_meta(spec), dump_prediction(prediction), dump_delivery(delivery)):
+        assert f'"v":{PAYLOAD_VERSION}' in text
+
+
+def test_an_unknown_payload_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="version"):
+        load_meta('{"v": 99}')
+
+
+def _job(fast: Prediction | None, result: Prediction | None, status: JobStatus) -> Job:
+    return Job(
+        id=new_job_id(), status=status, created_at=0.0, updated_at=0.0, fast=fast, result=result
+    )
+
+
+def test_the_final_answer_is_the_best_known_one() -> None:
+    fast = Prediction("fast", (Scored(282, "tiger cat", 0.4),), 1.0)
+    same = Prediction("accurate", (Scored(282, "tiger cat", 0.7),), 2.0)
+    other = Prediction("accurate", (Scored(285, "Egyptian cat", 0.6),), 2.0)
+    waiting = _job(fast, None, JobStatus.QUEUED)
+    assert (waiting.final, waiting.changed) == (fast, False)
+    agreed = _job(fast, same, JobStatus.DONE)
+    assert (agreed.final, agreed.changed) == (same, False)
+    disagreed = _job(fast, other, JobStatus.DONE)
+    assert (disagreed.final, disagreed.changed) == (other, True)
+    assert _job(None, None, JobStatus.QUEUED).final is None

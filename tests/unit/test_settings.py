@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tandem.errors import ConfigurationError
+from tandem.settings import Settings, load_settings
+
+
+def test_defaults_live_under_the_users_home() -> None:
+    settings = load_settings({"HOME": "/home/ada"})
+    assert settings.port == 8000
+    assert settings.host == "127.0.0.1"
+    assert settings.data_dir == Path("/home/ada/.local/share/tandem")
+    assert settings.model_dir == Path("/home/ada/.cache/tandem/models")
+    assert settings.fast_model == "efficientnet_lite0"
+    assert settings.accurate_model == "efficientnet_lite2"
+
+
+def test_xdg_directories_are_honoured() -> None:
+    settings = load_settings({"XDG_DATA_HOME": "/d", "XDG_CACHE_HOME": "/c"})
+    assert settings.data_dir == Path("/d/tandem")
+    assert settings.model_dir == Path("/c/tandem/models")
+
+
+def test_precedence_is_keywords_then_environment_then_file(tmp_path: Path) -> None:
+    config = tmp_path / "tandem.toml"
+    config.write_text('[tandem]\nport = 7000\ntop_k = 3\nhost = "0.0.0.0"\n')
+    env = {"TANDEM_PORT": "7100", "TANDEM_TOP_K": "4"}
+    settings = load_settings(env, config, top_k=2, host=None)
+    assert settings.top_k == 2  # keyword
+    assert settings.port == 7100  # environment over file
+    assert settings.host == "0.0.0.0"  # file over default; a None keyword means "not given"
+
+
+def test_the_config_file_can_be_named_in_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text("top_k = 7\n")
+    assert load_settings({"TANDEM_CONFIG": str(config)}).top_k == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TANDEM_PORTT": "1"}, "unknown settings"),
+        ({"TANDEM_PORT": "eighty"}, "port"),
+        ({"TANDEM_TOP_K": "0"}, "top_k"),
+        ({"TANDEM_CONFIG": "/no/such/file.toml"}, "cannot read config file"),
+    ],
+)
+def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings(env)
+
+
+def test_settings_built_directly_ignore_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TANDEM_PORT", "9999")
+    settings = Settings(data_dir=Path("/d"), model_dir=Path("/m"))
+    assert settings.port == 8000
+
+
+def test_fast_calls_share_the_cpus_unless_told(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    dirs = {"data_dir": tmp_path, "model_dir": tmp_path}
+    auto = load_settings({}, **dirs)
+    assert auto.fast_call_threads == max(1, cpus // auto.fast_concurrency)
+    one_call = load_settings({"TANDEM_FAST_CONCURRENCY": "1"}, **dirs)
+    assert one_call.fast_call_threads == cpus
+    told = load_settings({"TANDEM_FAST_THREADS": "3"}, **dirs)
+    assert told.fast_call_threads == 3
