@@ -74,6 +74,12 @@ def judged_counts(fast: Prediction, accurate: Prediction) -> list[str]:
     return names
 
 
+def late_judgement(fast: Prediction, accurate: Prediction) -> dict[str, int]:
+    """`judged_counts` for `JobStore.add_counts`, when the two answers met only after the
+    result was stored (see `Completed.untallied`)."""
+    return dict.fromkeys(judged_counts(fast, accurate), 1)
+
+
 class SeenTally:
     """Requests counted in memory and written to the store in one call now and then, so the
     fast path pays no store round trip for statistics. A crash loses at most one interval."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from tandem.cascade import Agreement, Gate, Policy, SeenTally
+from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
     JobFinished,
     JobNotFound,
@@ -192,7 +192,9 @@ class TandemService:
         if job.fast is not None:  # an idempotent retry: the first request's answer stays
             return job
         with contextlib.suppress(QueueUnavailable):  # the job is stored; the answer is extra
-            await self.store.attach_fast(job.id, prediction)
+            accurate = await self.store.attach_fast(job.id, prediction)
+            if accurate is not None:  # a worker answered first, and left the judging to us
+                await self.store.add_counts(late_judgement(prediction, accurate))
         return replace(job, fast=prediction)
 
     async def _withdraw(self, enqueue: asyncio.Task[Any] | None) -> None:

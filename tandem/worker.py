@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from tandem.cascade import judged_counts
+from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError
 from tandem.jobs.factory import make_store
 from tandem.jobs.records import Claim
@@ -213,26 +213,29 @@ class Worker:
 
     async def _store(self, claims: list[Claim], predictions: list[Prediction]) -> None:
         answers = {claim.id: answer for claim, answer in zip(claims, predictions, strict=True)}
-        tallies = {}
-        for claim in claims:
-            fast = claim.job.fast or await self._fast_answer_since(claim)
-            if fast is not None:
-                tallies[claim.id] = judged_counts(fast, answers[claim.id])
-        stored = await self.store.complete_many(answers, tallies)
+        tallies = {
+            claim.id: judged_counts(claim.job.fast, answers[claim.id])
+            for claim in claims
+            if claim.job.fast is not None
+        }
+        completed = await self.store.complete_many(answers, tallies)
+        for job_id in completed.untallied:
+            await self._tally_late(job_id, answers[job_id])
         for claim in claims:
             extra = {"job_id": claim.id, "request_id": claim.job.request_id}
-            if claim.id in stored:
+            if claim.id in completed.stored:
                 log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
                 await self._call_back(claim)
             else:
                 # Redelivered after its lease ran out, and another worker answered first.
                 log.info("job %s was already finished; result dropped", claim.id, extra=extra)
 
-    async def _fast_answer_since(self, claim: Claim) -> Prediction | None:
+    async def _tally_late(self, job_id: str, answer: Prediction) -> None:
         """A job is stored while the proxy's fast model runs, and its fast answer added after:
-        one claimed in between gets it now, for the agreement tally."""
-        job = await self.store.get(claim.id)
-        return job.fast if job is not None else None
+        one claimed in between is judged once both answers are stored."""
+        job = await self.store.get(job_id)
+        if job is not None and job.fast is not None:
+            await self.store.add_counts(late_judgement(job.fast, answer))
 
     async def _call_back(self, claim: Claim) -> None:
         if claim.job.callback_url is None:

@@ -40,9 +40,10 @@ from tandem.jobs.records import (
     dump_prediction,
     job_from_stored,
     load_meta,
+    load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import StorePolicy
+from tandem.jobs.store import Completed, StorePolicy
 from tandem.predictions import Prediction
 
 T = TypeVar("T")
@@ -92,10 +93,19 @@ local function finish(job, queue, status, now, ttl_ms, result, err, group, count
   return 1
 end
 """
+# Returns 0 if the job was already final; 1 if stored; 2 if stored with a result and no tally
+# while the job has its fast answer (it arrived after the worker read the job: see Completed).
 _FINISH = (
     _FINISH_BODY
-    + "return finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],"
-    + " KEYS[3], ARGV[7])"
+    + """
+local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+                      KEYS[3], ARGV[7])
+if stored == 1 and ARGV[4] ~= '' and ARGV[7] == '' then
+  local meta = cjson.decode(redis.call('HGET', KEYS[1], 'meta'))
+  if type(meta['fast']) == 'table' then return 2 end
+end
+return stored
+"""
 )
 
 # Lease a delivered entry. KEYS: job, queue, counters.
@@ -158,12 +168,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook'
 return 0
 """
 
-# Replace a job's metadata if it is still what was read. KEYS: job. ARGV: read, new.
+# Replace a job's metadata if it is still what was read; returns the result stored before,
+# if any. KEYS: job. ARGV: read, new.
 _ATTACH = """
 if redis.call('HGET', KEYS[1], 'meta') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'meta', ARGV[2])
+  return redis.call('HGET', KEYS[1], 'result')
 end
-return 0
+return false
 """
 
 
@@ -293,13 +305,14 @@ class RedisJobStore:
             raise QueueUnavailable("the job expired while it was being stored")
         return job
 
-    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         key = self._job_key(job_id)
         meta: Any = await self._call(lambda: self._client.hget(key, "meta"))
         if meta is None or load_meta(_text(meta)).fast is not None:
-            return
+            return None
         args = [meta, meta_with_fast(_text(meta), fast)]
-        await self._call(lambda: self._attach(keys=[key], args=args))
+        result = await self._call(lambda: self._attach(keys=[key], args=args))
+        return load_prediction(_text(result)) if result else None
 
     async def get(self, job_id: str) -> Job | None:
         values = await self._call(lambda: self._client.hmget(self._job_key(job_id), STORED_FIELDS))
@@ -361,13 +374,13 @@ class RedisJobStore:
         return max(1, int(self.policy.result_ttl_s * 1000))
 
     async def complete(self, job_id: str, result: Prediction) -> bool:
-        return job_id in await self.complete_many({job_id: result})
+        return job_id in (await self.complete_many({job_id: result})).stored
 
     async def complete_many(
         self,
         results: Mapping[str, Prediction],
         tallies: Mapping[str, Sequence[str]] | None = None,
-    ) -> set[str]:
+    ) -> Completed:
         tallies = tallies or {}
 
         async def finish_all() -> list[Any]:
@@ -381,8 +394,11 @@ class RedisJobStore:
                 replies: list[Any] = await pipe.execute()
                 return replies[::2]  # each finish's reply; the publishes' are counts
 
-        replies = await self._call(finish_all)
-        return {job_id for job_id, stored in zip(results, replies, strict=True) if stored}
+        replies = dict(zip(results, await self._call(finish_all), strict=True))
+        return Completed(
+            stored=frozenset(job_id for job_id, reply in replies.items() if reply),
+            untallied=frozenset(job_id for job_id, reply in replies.items() if reply == 2),
+        )
 
     def _finish_call(
         self,

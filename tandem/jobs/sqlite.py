@@ -31,9 +31,10 @@ from tandem.jobs.records import (
     dump_prediction,
     job_from_stored,
     load_meta,
+    load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import StorePolicy
+from tandem.jobs.store import Completed, StorePolicy
 from tandem.predictions import Prediction
 
 T = TypeVar("T")
@@ -202,17 +203,19 @@ class SQLiteJobStore:
         ).fetchone()
         return _select_job(c, row[0], alive_at=now) if row else None
 
-    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
-        def attach(c: sqlite3.Connection) -> None:
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
+        def attach(c: sqlite3.Connection) -> Prediction | None:
             row = c.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or load_meta(row[0]).fast is not None:
-                return
-            c.execute(
-                "UPDATE jobs SET meta = ? WHERE id = ? AND meta = ?",
+                return None
+            # One statement, so the result it reads is the one there when the answer landed.
+            written = c.execute(
+                "UPDATE jobs SET meta = ? WHERE id = ? AND meta = ? RETURNING result",
                 (meta_with_fast(row[0], fast), job_id, row[0]),
-            )
+            ).fetchall()
+            return load_prediction(written[0][0]) if written else None
 
-        await self._run(attach, lazy=True)
+        return await self._run(attach, lazy=True)
 
     async def get(self, job_id: str) -> Job | None:
         now = self._clock()
@@ -264,33 +267,34 @@ class SQLiteJobStore:
         return Claim(job, bytes(image), worker_id)
 
     async def complete(self, job_id: str, result: Prediction) -> bool:
-        return job_id in await self.complete_many({job_id: result})
+        return job_id in (await self.complete_many({job_id: result})).stored
 
     async def complete_many(
         self,
         results: Mapping[str, Prediction],
         tallies: Mapping[str, Sequence[str]] | None = None,
-    ) -> set[str]:
+    ) -> Completed:
         now = self._clock()
         tallies = tallies or {}
 
-        def finish_all(c: sqlite3.Connection) -> set[str]:
-            return {
-                job_id
-                for job_id, result in results.items()
-                if self._finish(
-                    c,
-                    job_id,
-                    JobStatus.DONE,
-                    now,
-                    result=dump_prediction(result),
-                    tally=tallies.get(job_id, ()),
-                )
-            }
+        def finish(c: sqlite3.Connection, job_id: str, result: Prediction) -> bool:
+            tally = tallies.get(job_id, ())
+            return self._finish(
+                c, job_id, JobStatus.DONE, now, result=dump_prediction(result), tally=tally
+            )
 
-        stored = await self._run(lambda c: _in_transaction(c, lambda: finish_all(c)))
-        self._changed(stored)
-        return stored
+        def finish_all(c: sqlite3.Connection) -> Completed:
+            stored = frozenset(
+                job_id for job_id, result in results.items() if finish(c, job_id, result)
+            )
+            untallied = frozenset(
+                job_id for job_id in stored if job_id not in tallies and _has_fast(c, job_id)
+            )
+            return Completed(stored, untallied)
+
+        completed = await self._run(lambda c: _in_transaction(c, lambda: finish_all(c)))
+        self._changed(completed.stored)
+        return completed
 
     async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
         now = self._clock()
@@ -467,6 +471,11 @@ def _unfinished(c: sqlite3.Connection) -> int:
 def _status(c: sqlite3.Connection, job_id: str) -> str | None:
     row = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return str(row[0]) if row else None
+
+
+def _has_fast(c: sqlite3.Connection, job_id: str) -> bool:
+    row = c.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row is not None and load_meta(row[0]).fast is not None
 
 
 def _select_job(c: sqlite3.Connection, job_id: str, alive_at: float | None = None) -> Job | None:

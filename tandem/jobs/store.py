@@ -9,6 +9,8 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 - `complete` and `fail` are idempotent: the first terminal write wins, later ones are ignored.
 - `enqueue` refuses (QueueFull) when `max_queue_length` jobs are unfinished; nothing is stored.
 - finished jobs disappear `result_ttl_s` after they finish; queued jobs never expire.
+- the fast answer may reach a job after its result: whichever of `attach_fast` and
+  `complete_many` writes second reports it, so each job's agreement is counted once.
 - counters are shared by every process on the store and survive restarts; each terminal write
   bumps `jobs_<status>` (and a retry `jobs_retried`) in the same atomic step as the write.
 """
@@ -34,6 +36,16 @@ class StorePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Completed:
+    """What `complete_many` stored. `untallied`: stored jobs that came with no tally (the
+    worker read them before their fast answer arrived) yet have their fast answer now, so the
+    caller owes their agreement tally."""
+
+    stored: frozenset[str]
+    untallied: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     depth: int
     oldest_age_s: float
@@ -55,9 +67,11 @@ class JobStore(Protocol):
         """Store a new queued job durably and return it; an existing id, or an idempotency key
         seen within the TTL, returns that job instead. Raise QueueFull past the length limit."""
 
-    async def attach_fast(self, job_id: str, fast: Prediction) -> None:
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         """Add the fast answer to a job enqueued without one (it was computed meanwhile); a job
-        that has one keeps it. Need not be durable: the job is, and the client has the answer."""
+        that has one keeps it. Need not be durable: the job is, and the client has the answer.
+        Returns the job's accurate result if it was stored first: then the worker could not
+        judge the two answers, and the caller owes the agreement tally."""
 
     async def get(self, job_id: str) -> Job | None:
         """The job, or None if it never existed or has expired."""
@@ -73,10 +87,10 @@ class JobStore(Protocol):
         self,
         results: Mapping[str, Prediction],
         tallies: Mapping[str, Sequence[str]] | None = None,
-    ) -> set[str]:
-        """`complete` for a batch, at once (one transaction or round trip); returns the ids
-        whose result was stored. `tallies[id]` names counters bumped by one if, and only if,
-        that job's result is stored, in the same atomic step."""
+    ) -> Completed:
+        """`complete` for a batch, at once (one transaction or round trip). `tallies[id]` names
+        counters bumped by one if, and only if, that job's result is stored, in the same atomic
+        step. Of `attach_fast` and this, exactly one sees that a job has both answers."""
 
     async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
         """Record a failure; with `retry` the job is queued again while attempts remain."""

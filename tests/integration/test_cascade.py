@@ -7,7 +7,9 @@ answer (espresso at about 0.95). bench/cascade.py prints both models' answers on
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from bench.cascade import photo_dir
+from tandem.api.app import create_app
 from tandem.cascade import bucket_of
+from tandem.jobs.records import Claim
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.store import Completed
+from tandem.predictions import Prediction
 from tandem.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -140,3 +147,55 @@ def test_stats_count_agreement_by_bucket_and_survive_a_restart(make_client: Any)
     again = make_client()  # the same data directory
     assert again.get("/stats").json()["judged"] == 2
     assert again.get("/stats").json()["requests"] == 3
+
+
+class _LateFastAnswers(SQLiteJobStore):
+    """Holds each fast answer back until the worker has stored the job's result, as happens
+    now and then when a worker is quicker than the proxy."""
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
+        deadline = time.monotonic() + 60
+        while (job := await self.get(job_id)) is None or job.result is None:
+            assert time.monotonic() < deadline, "the worker never stored a result"
+            await asyncio.sleep(0.01)
+        self.reported = await super().attach_fast(job_id, fast)
+        return self.reported
+
+
+class _EarlyClaims(SQLiteJobStore):
+    """The worker reads each job before its fast answer is added, and stores its result
+    after: the other order in which the two answers meet."""
+
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+        claims = await super().claim(worker_id, limit, wait_s)
+        return [replace(c, job=replace(c.job, fast=None)) for c in claims]
+
+    async def complete_many(self, results: Any, tallies: Any = None) -> Completed:
+        deadline = time.monotonic() + 60
+        for job_id in results:
+            while (job := await self.get(job_id)) is None or job.fast is None:
+                assert time.monotonic() < deadline, "the proxy never added the fast answer"
+                await asyncio.sleep(0.01)
+        self.completed = await super().complete_many(results, tallies)
+        return self.completed
+
+
+def test_a_job_is_judged_once_whichever_answer_is_stored_last(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The job is stored while the fast model runs, and the worker may take it before the
+    fast answer is added, or even answer it first: either way it is judged exactly once."""
+    settings = Settings(data_dir=tmp_path, model_dir=model_dir)
+    late = _LateFastAnswers(tmp_path / "late.db")
+    with TestClient(create_app(settings, store=late)) as client:
+        finished(client, post(client, CHELSEA)["job_id"])
+        assert late.reported is not None  # the proxy, second, was told the result
+        assert client.get("/stats").json()["judged"] == 1
+    early = _EarlyClaims(tmp_path / "early.db")
+    with TestClient(create_app(settings, store=early)) as client:
+        job_id = post(client, CHELSEA)["job_id"]
+        finished(client, job_id)
+        assert early.completed.untallied == {job_id}  # the worker, second, owed the judgement
+        stats = client.get("/stats").json()
+        assert stats["judged"] == 1
+        assert stats["buckets"][bucket_of(0.39)]["judged"] == 1  # judged on its fast answer

@@ -21,7 +21,7 @@ from tandem.errors import QueueFull
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
-from tandem.jobs.store import JobStore, StorePolicy
+from tandem.jobs.store import Completed, JobStore, StorePolicy
 from tandem.predictions import Prediction, Scored
 from tests.support import RedisServer
 
@@ -334,8 +334,8 @@ async def test_complete_many_stores_a_batch_once(store: JobStore) -> None:
         await store.enqueue(s)
     await store.claim("w", 3, 0)
     await store.complete(specs[0].id, answer("first"))
-    stored = await store.complete_many({s.id: answer(f"batch {i}") for i, s in enumerate(specs)})
-    assert stored == {specs[1].id, specs[2].id}
+    completed = await store.complete_many({s.id: answer(f"batch {i}") for i, s in enumerate(specs)})
+    assert completed.stored == {specs[1].id, specs[2].id}
     jobs = [await store.get(s.id) for s in specs]
     assert [j.result.label if j and j.result else None for j in jobs] == [
         "first",
@@ -486,8 +486,8 @@ async def test_a_delivery_to_a_gone_job_is_ignored(store: JobStore) -> None:
 async def test_a_fast_answer_is_added_once_to_a_job_stored_without_one(store: JobStore) -> None:
     job = await store.enqueue(spec())
     assert job.fast is None
-    await store.attach_fast(job.id, answer("first"))
-    await store.attach_fast(job.id, answer("second"))  # the first answer stays
+    assert await store.attach_fast(job.id, answer("first")) is None  # no result to report yet
+    assert await store.attach_fast(job.id, answer("second")) is None  # the first answer stays
     found = await store.get(job.id)
     assert found is not None
     assert found.fast == answer("first")
@@ -498,8 +498,34 @@ async def test_a_fast_answer_is_added_once_to_a_job_stored_without_one(store: Jo
 
 async def test_adding_a_fast_answer_to_a_gone_job_stores_nothing(store: JobStore) -> None:
     ghost = new_job_id()
-    await store.attach_fast(ghost, answer())
+    assert await store.attach_fast(ghost, answer()) is None
     assert await store.get(ghost) is None
+
+
+async def test_a_fast_answer_that_arrives_after_the_result_reports_it(store: JobStore) -> None:
+    job = await store.enqueue(spec())
+    await store.claim("w1", 1, 0)
+    completed = await store.complete_many({job.id: answer("accurate")})
+    assert completed == Completed(frozenset({job.id}), untallied=frozenset())
+    # The worker could not judge: the proxy, writing second, learns the result and owes it.
+    assert await store.attach_fast(job.id, answer("fast")) == answer("accurate")
+    assert await store.attach_fast(job.id, answer("again")) is None
+
+
+async def test_a_result_stored_after_an_unseen_fast_answer_is_reported_untallied(
+    store: JobStore,
+) -> None:
+    late, seen = await store.enqueue(spec()), await store.enqueue(spec())
+    claims = await store.claim("w1", 2, 0)
+    assert all(c.job.fast is None for c in claims)  # read before the fast answers arrived
+    for job in (late, seen):
+        assert await store.attach_fast(job.id, answer("fast")) is None
+    results = {late.id: answer("a"), seen.id: answer("b")}
+    completed = await store.complete_many(results, {seen.id: ["judged:9"]})
+    assert completed.stored == {late.id, seen.id}
+    assert completed.untallied == {late.id}  # `seen` came with its tally
+    again = await store.complete_many(results)  # a duplicate is neither stored nor owed
+    assert again == Completed(frozenset())
 
 
 async def test_an_added_fast_answer_survives_a_reopen(factory: StoreFactory) -> None:
