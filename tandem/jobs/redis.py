@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -247,7 +250,11 @@ class RedisJobStore:
         if self._redis is not None:
             return
         self._redis = aioredis.from_url(
-            self.url, socket_connect_timeout=2.0, socket_timeout=None, health_check_interval=10
+            self.url,
+            socket_connect_timeout=2.0,
+            socket_timeout=None,
+            health_check_interval=10,
+            client_name=connection_name(),
         )
         self._enqueue = self._redis.register_script(_ENQUEUE)
         self._finish = self._redis.register_script(_FINISH)
@@ -501,6 +508,12 @@ def _entries(raw: Any) -> list[tuple[str, str]]:
         if fields:
             entries.append((_text(entry_id), _text(fields[b"id"])))
     return entries
+
+
+def connection_name(pid: int | None = None) -> str:
+    """What this process's connections are called, so that `CLIENT LIST` tells who holds them."""
+    host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+    return f"tandem-{host}-{pid if pid is not None else os.getpid()}"
 
 
 def _text(value: bytes | str) -> str:
