@@ -197,7 +197,8 @@ class WorkerProcess(ServerProcess):
         return [sys.executable, "-m", "tandem", "worker", *self.args]
 
     def ready(self) -> bool:
-        return "started for model" in self.log()
+        # The whole log: a worker with jobs waiting scrolls its start line out of `log()` fast.
+        return "started for model" in self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

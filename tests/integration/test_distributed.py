@@ -181,7 +181,8 @@ def test_load_through_one_proxy_and_two_workers(cluster: Cluster) -> None:
 
 def held_by(cluster: Cluster, worker: WorkerProcess) -> list[str]:
     """Job ids delivered to this worker and not yet acknowledged, as Redis sees them."""
-    match = re.search(r"worker (\S+) started for model", worker.log())
+    # The whole log: `log()` keeps only its tail, from which the start line soon scrolls.
+    match = re.search(r"worker (\S+) started for model", worker.log_path.read_text())
     assert match is not None
     queue = f"{cluster.env['TANDEM_REDIS_PREFIX']}:queue"
     with redis.Redis.from_url(cluster.redis.url) as client:
