@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id, parse_job_i
 from tandem.jobs.store import JobStore, QueueStats
 from tandem.predictions import Prediction
 from tandem.runtime.assets import sample_image_bytes
-from tandem.runtime.classifier import Classifier
+from tandem.runtime.classifier import Classifier, Occupancy
 from tandem.runtime.imaging import ImageLimits, decode_image
 
 A = TypeVar("A")
@@ -96,6 +97,7 @@ class TandemService:
         self._executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="tandem-fast"
         )
+        self._calls = Occupancy()
         self.sample_prediction: Prediction | None = None
 
     async def warm_up(self) -> None:
@@ -109,9 +111,16 @@ class TandemService:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    def _classify(self, data: bytes) -> tuple[Prediction, float]:
-        image, decode_ms = self._decode(data)
-        return self._predict_one(image), decode_ms
+    def _classify(
+        self, data: bytes, on_decoded: Callable[[], object] | None = None
+    ) -> tuple[Prediction, float]:
+        """Decode and predict, on a pool thread. A call with the pool to itself, decoding
+        included, runs the model on every core (see Classifier); others share them."""
+        with self._calls.held() as alone:
+            image, decode_ms = self._decode(data)
+            if on_decoded is not None:
+                on_decoded()
+            return self.fast.predict([image], self.top_k, solo=alone())[0], decode_ms
 
     def _decode(self, data: bytes) -> tuple[Image.Image, float]:
         started = time.perf_counter()
@@ -165,13 +174,11 @@ class TandemService:
         loop = asyncio.get_running_loop()
         pending = _PendingEnqueue(self._enqueue_timed, spec)
 
-        def decode_then_predict(data: bytes) -> tuple[Prediction, float]:
-            image, decode_ms = self._decode(data)
-            loop.call_soon_threadsafe(pending.start)  # from the pool's thread, no hop back
-            return self._predict_one(image), decode_ms
-
+        # Started from the pool's thread as soon as the image decoded: no hop back first.
+        start_enqueue = functools.partial(loop.call_soon_threadsafe, pending.start)
+        classify = functools.partial(self._classify, on_decoded=start_enqueue)
         try:
-            prediction, decode_ms = await self._in_time(decode_then_predict, spec.image)
+            prediction, decode_ms = await self._in_time(classify, spec.image)
         except BaseException:
             await self._withdraw(pending.abandon())
             raise
@@ -180,9 +187,6 @@ class TandemService:
             job = await self._attach_fast(job, prediction)
         timings = clock.timings(decode_ms, prediction, enqueue_ms)
         return FastOutcome(prediction, job, timings, gate, not_queued)
-
-    def _predict_one(self, image: Image.Image) -> Prediction:
-        return self.fast.predict([image], self.top_k)[0]
 
     async def _enqueue_timed(self, spec: JobSpec, started: float) -> EnqueueResult:
         outcome = await self._enqueue(spec)

@@ -46,13 +46,22 @@ class _Running:
     flusher: asyncio.Task[None] | None = None
 
 
-async def _load(ref: str, settings: Settings, threads: int, spin: bool = True) -> Classifier:
-    return await asyncio.to_thread(load_classifier, ref, settings.model_dir, threads, spin)
+async def _load(
+    ref: str, settings: Settings, threads: int, spin: bool = True, solo_threads: int = 0
+) -> Classifier:
+    return await asyncio.to_thread(
+        load_classifier, ref, settings.model_dir, threads, spin, solo_threads
+    )
 
 
 async def _startup(settings: Settings, running: _Running) -> TandemService:
     await running.store.open()
-    fast = await _load(settings.fast_model, settings, settings.fast_call_threads)
+    fast = await _load(
+        settings.fast_model,
+        settings,
+        settings.fast_call_threads,
+        solo_threads=settings.fast_solo_threads,
+    )
     accurate_name = model_name(settings.accurate_model, settings.model_dir)
     service = TandemService(
         running.store,

@@ -179,8 +179,13 @@ def test_a_fast_answer_past_its_deadline_leaves_no_job_to_run(
     client = make_client(fast_timeout_s=0.2, embedded_worker=False)
     service = client.app.state.service  # type: ignore[attr-defined]
     # The job is stored while the fast model runs: here the model overruns its deadline.
-    stalled = lambda image: time.sleep(0.5) or service.fast.predict([image], 5)[0]  # noqa: E731
-    monkeypatch.setattr(service, "_predict_one", stalled)
+    predict = service.fast.predict
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(service.fast, "predict", stalled)
     response = client.post("/predict", json=IMAGE)
     assert response.status_code == 504
     stats = client.get("/stats").json()

@@ -1,0 +1,66 @@
+"""The fast model's threads: a call alone gets every core, calls side by side share them."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tandem.runtime.classifier import Classifier, Occupancy
+from tests.support import TinySpec, tiny_model
+
+RED = Image.new("RGB", (8, 8), (255, 0, 0))
+
+
+def _record_runs(session: Any, name: str, log: list[str]) -> None:
+    run = session.run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        log.append(name)
+        return run(*args, **kwargs)
+
+    session.run = recorded
+
+
+def test_solo_calls_run_on_the_session_with_more_threads(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
+    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2)
+    runs: list[str] = []
+    _record_runs(classifier._solo, "solo", runs)
+    _record_runs(classifier._session, "shared", runs)
+    alone = classifier.predict([RED], 1, solo=True)[0]
+    beside = classifier.predict([RED], 1)[0]
+    assert runs == ["solo", "shared"]
+    assert alone.label == beside.label == classifier.manifest.labels[1]  # red votes for 1
+
+
+def test_without_more_solo_threads_there_is_one_session(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
+    assert Classifier.from_manifest(manifest, threads=2, solo_threads=2)._solo is None
+    assert Classifier.from_manifest(manifest, threads=0, solo_threads=2)._solo is None
+    single = Classifier.from_manifest(manifest, threads=1)
+    assert single.predict([RED], 1, solo=True)[0].label == single.manifest.labels[1]
+
+
+def test_occupancy_says_alone_only_while_no_other_call_is_inside() -> None:
+    calls = Occupancy()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with calls.held():
+            inside.set()
+            leave.wait(timeout=10)
+
+    with calls.held() as alone:
+        assert alone()
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert inside.wait(timeout=10)
+        assert not alone()
+        leave.set()
+        thread.join(timeout=10)
+        assert alone()
+    with calls.held() as alone:
+        assert alone()
