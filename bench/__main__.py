@@ -50,6 +50,11 @@ class Bench:
     def seconds(self) -> float:
         return 2.0 if self.quick else 5.0
 
+    @property
+    def tail_seconds(self) -> float:
+        """Interference compares p99s: twice the samples make them steadier."""
+        return 2.0 * self.seconds
+
 
 # -- floor ----------------------------------------------------------------------------------------
 
@@ -308,7 +313,7 @@ def interference(bench: Bench) -> dict[str, Any]:
     empty, port = serve(bench, bench.work / "quiet", "--no-worker")
     try:
         results["empty"] = [
-            load(Target(port, body, content_type), c, bench.seconds) for c in (1, 4)
+            load(Target(port, body, content_type), c, bench.tail_seconds) for c in (1, 4)
         ]
     finally:
         empty.stop()
@@ -317,7 +322,9 @@ def interference(bench: Bench) -> dict[str, Any]:
     busy, port = serve(bench, data)  # the default: the accurate model's worker in-process
     try:
         time.sleep(1.0)  # let the worker get going
-        results["full"] = [load(Target(port, body, content_type), c, bench.seconds) for c in (1, 4)]
+        results["full"] = [
+            load(Target(port, body, content_type), c, bench.tail_seconds) for c in (1, 4)
+        ]
         watch = QueueWatch(data)
         results["queue_left"] = watch.depth()
         watch.close()
