@@ -164,9 +164,9 @@ class Settings(BaseSettings):
 
     @property
     def fast_call_threads(self) -> int:
-        """Threads per fast-model call. Several small batch-1 calls side by side, one CPU
-        each, beat each call spreading over every CPU: on 2 cores, 2 calls of 1 thread gave
-        about a quarter more requests/s at 16 clients, at much the same 1-client latency."""
+        """Threads per fast-model call made beside others. Several small batch-1 calls side
+        by side, one CPU each, beat each call spreading over every CPU: on 2 cores, 2 calls
+        of 1 thread gave about a quarter more requests/s at 16 clients."""
         if self.fast_threads:
             return self.fast_threads
         return max(1, _cpus() // self.fast_concurrency)
