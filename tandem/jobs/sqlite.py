@@ -205,13 +205,13 @@ class SQLiteJobStore:
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         def attach(c: sqlite3.Connection) -> Prediction | None:
-            row = c.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or load_meta(row[0]).fast is not None:
+            meta = _meta(c, job_id)
+            if meta is None or _has_fast(meta):
                 return None
             # One statement, so the result it reads is the one there when the answer landed.
             written = c.execute(
                 "UPDATE jobs SET meta = ? WHERE id = ? AND meta = ? RETURNING result",
-                (meta_with_fast(row[0], fast), job_id, row[0]),
+                (meta_with_fast(meta, fast), job_id, meta),
             ).fetchall()
             return load_prediction(written[0][0]) if written else None
 
@@ -288,7 +288,7 @@ class SQLiteJobStore:
                 job_id for job_id, result in results.items() if finish(c, job_id, result)
             )
             untallied = frozenset(
-                job_id for job_id in stored if job_id not in tallies and _has_fast(c, job_id)
+                job_id for job_id in stored if job_id not in tallies and _has_fast(_meta(c, job_id))
             )
             return Completed(stored, untallied)
 
@@ -473,9 +473,13 @@ def _status(c: sqlite3.Connection, job_id: str) -> str | None:
     return str(row[0]) if row else None
 
 
-def _has_fast(c: sqlite3.Connection, job_id: str) -> bool:
+def _meta(c: sqlite3.Connection, job_id: str) -> str | None:
     row = c.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return row is not None and load_meta(row[0]).fast is not None
+    return str(row[0]) if row else None
+
+
+def _has_fast(meta: str | None) -> bool:
+    return meta is not None and load_meta(meta).fast is not None
 
 
 def _select_job(c: sqlite3.Connection, job_id: str, alive_at: float | None = None) -> Job | None:
