@@ -27,8 +27,9 @@ from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id, parse_job_i
 from tandem.jobs.store import JobStore, QueueStats
 from tandem.predictions import Prediction
 from tandem.runtime.assets import sample_image_bytes
-from tandem.runtime.classifier import Classifier, Occupancy
+from tandem.runtime.classifier import Classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
+from tandem.runtime.priority import Occupancy
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -97,7 +98,8 @@ class TandemService:
         self._executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="tandem-fast"
         )
-        self._calls = Occupancy()
+        # Fast-model calls in flight: who may use every core, and when the worker must wait.
+        self.calls = Occupancy()
         self.sample_prediction: Prediction | None = None
 
     async def warm_up(self) -> None:
@@ -116,7 +118,7 @@ class TandemService:
     ) -> tuple[Prediction, float]:
         """Decode and predict, on a pool thread. A call with the pool to itself, decoding
         included, runs the model on every core (see Classifier); others share them."""
-        with self._calls.held() as alone:
+        with self.calls.held() as alone:
             image, decode_ms = self._decode(data)
             if on_decoded is not None:
                 on_decoded()

@@ -71,6 +71,23 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(
         1.0, gt=0, description="Longest sleep of an idle worker before it looks for jobs again."
     )
+    embedded_worker_gives_way: bool = Field(
+        True,
+        description="The embedded worker runs the accurate model only while the fast model "
+        "is idle, and a fast-model call that starts stops its run (retried later).",
+    )
+    give_way_quiet_s: float = Field(
+        0.005,
+        ge=0,
+        description="Idle time of the fast model that the embedded worker waits for: shorter "
+        "gaps, such as a client's turnaround between requests, are not idle time.",
+    )
+    give_way_patience_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest the embedded worker gives way for one image; then it runs beside "
+        "the fast model, so that steady traffic slows the accurate model but never stops it.",
+    )
 
     fast_threads: int = Field(
         0,
@@ -146,6 +163,17 @@ class Settings(BaseSettings):
     def _webhooks_need_a_secret(self) -> Settings:
         if self.webhook_hosts and not self.webhook_secret:
             raise ValueError("webhook_hosts needs webhook_secret, to sign what is sent")
+        return self
+
+    @model_validator(mode="after")
+    def _giving_way_fits_in_a_lease(self) -> Settings:
+        # A batch in hand and the next one claimed may each wait this long per image.
+        waits = 2 * self.worker_batch_size * self.give_way_patience_s
+        if self.embedded_worker_gives_way and waits >= self.visibility_timeout_s:
+            raise ValueError(
+                "2 x worker_batch_size x give_way_patience_s must stay below "
+                "visibility_timeout_s, or giving way could outlast a job's lease"
+            )
         return self
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import onnxruntime as ort
 from PIL import Image
 
 from tandem.cascade import judged_counts, late_judgement
@@ -25,6 +27,7 @@ from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
+from tandem.runtime.priority import GiveWay
 from tandem.settings import Settings
 from tandem.webhooks import WebhookPolicy, WebhookSender
 
@@ -54,10 +57,18 @@ def new_worker_id() -> str:
 class Worker:
     """Runs until `stop` is set; finishes the batch in hand before returning."""
 
-    def __init__(self, store: JobStore, classifier: Classifier, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        classifier: Classifier,
+        config: WorkerConfig,
+        give_way: GiveWay | None = None,
+    ) -> None:
         self.store = store
         self.classifier = classifier
         self.config = config
+        # Embedded beside the fast model: each step waits for it, and it preempts each run.
+        self._give_way = give_way
         self.id = new_worker_id()
         # One inference thread: batches run one after another, the loop stays free.
         self._executor = ThreadPoolExecutor(
@@ -150,6 +161,8 @@ class Worker:
             await self._classify(ready)
 
     def _decode_all(self, claims: list[Claim]) -> list[Image.Image | TandemError]:
+        if self._give_way is not None:
+            self._give_way.wait()
         results: list[Image.Image | TandemError] = []
         for claim in claims:
             try:
@@ -170,12 +183,9 @@ class Worker:
     async def _classify(self, ready: list[tuple[Claim, Image.Image]]) -> None:
         images = [image for _, image in ready]
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(
-            self._executor, self.classifier.predict, images, self.config.top_k
-        )
-        started = time.perf_counter()
+        call = loop.run_in_executor(self._executor, self._infer, images)
         try:
-            predictions = await asyncio.wait_for(call, self.config.job_timeout_s)
+            predictions, inference_s = await asyncio.wait_for(call, self.config.job_timeout_s)
         except TimeoutError:
             # A thread cannot be stopped: ONNX Runtime finishes the call in the background,
             # but the jobs are failed now rather than left running forever.
@@ -187,11 +197,24 @@ class Worker:
             await self._fail_all(ready, f"inference failed: {exc}", retry=True)
             return
         self._counts.update(
-            accurate_images=len(ready),
-            accurate_inference_us=int((time.perf_counter() - started) * 1e6),
+            accurate_images=len(ready), accurate_inference_us=int(inference_s * 1e6)
         )
         claims = [claim for claim, _ in ready]
         await self._store_while_next_runs(claims, predictions)
+
+    def _infer(self, images: list[Image.Image]) -> tuple[list[Prediction], float]:
+        """The batch's answers and the seconds the model ran. Giving way, it runs image by
+        image, each run preemptible: at one thread a batch is no faster per image (Lite2 on
+        2 cores: 10.0 ms at batch 1, 10.4 at batch 4), and a preempted run loses one image."""
+        if self._give_way is None:
+            started = time.perf_counter()
+            predictions = self.classifier.predict(images, self.config.top_k)
+            return predictions, time.perf_counter() - started
+        predictions = [self._give_way.run(functools.partial(self._one, image)) for image in images]
+        return predictions, sum(p.inference_ms for p in predictions) / 1000.0
+
+    def _one(self, image: Image.Image, options: ort.RunOptions | None) -> Prediction:
+        return self.classifier.predict([image], self.config.top_k, run_options=options)[0]
 
     async def _store_while_next_runs(
         self, claims: list[Claim], predictions: list[Prediction]

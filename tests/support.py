@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -22,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from tandem.runtime.manifest import ModelManifest, Output, Preprocess, sha256_of
+from tandem.runtime.priority import Occupancy
 
 # -- images ------------------------------------------------------------------------------------
 
@@ -300,3 +303,26 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+# -- the fast path's calls -------------------------------------------------------------------------
+
+
+@contextmanager
+def fast_call_in_flight(calls: Occupancy) -> Iterator[threading.Event]:
+    """A fast call held on another thread until the yielded event is set."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def call() -> None:
+        with calls.held():
+            inside.set()
+            leave.wait(timeout=10)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert inside.wait(timeout=10)
+    try:
+        yield leave
+    finally:
+        leave.set()
+        thread.join(timeout=10)

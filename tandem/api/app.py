@@ -22,6 +22,7 @@ from tandem.jobs.factory import make_store
 from tandem.jobs.store import JobStore
 from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.runtime.manifest import model_name
+from tandem.runtime.priority import GiveWay
 from tandem.service import TandemService
 from tandem.settings import Settings
 from tandem.worker import Worker, config_from
@@ -79,18 +80,26 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
     await service.warm_up()
     running.flusher = asyncio.create_task(_flush_stats_forever(service), name="tandem-stats")
     if settings.runs_worker:
-        running.worker_task = await _start_worker(settings, running)
+        running.worker_task = await _start_worker(settings, running, service)
     log.info("serving %s now, %s later", fast.name, accurate_name)
     return service
 
 
-async def _start_worker(settings: Settings, running: _Running) -> asyncio.Task[None]:
+async def _start_worker(
+    settings: Settings, running: _Running, service: TandemService
+) -> asyncio.Task[None]:
     # Beside the fast model the accurate one must not compete as an equal: one ORT thread (so
-    # inference runs on the worker's own thread), not spinning, at a lower priority.
+    # inference runs on the worker's own thread), not spinning, at a lower priority, and
+    # (unless told otherwise) only while the fast model is idle.
     threads = settings.accurate_threads or 1
     accurate = await _load(settings.accurate_model, settings, threads, spin=False)
     config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
-    worker = Worker(running.store, accurate, config)
+    give_way = (
+        GiveWay(service.calls, settings.give_way_quiet_s, settings.give_way_patience_s)
+        if settings.embedded_worker_gives_way
+        else None
+    )
+    worker = Worker(running.store, accurate, config, give_way)
     await running.store.beat(worker.id, accurate.name)
     return asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")
 

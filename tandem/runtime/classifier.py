@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from tandem.runtime.manifest import (
     resolve_manifest_path,
     sha256_of,
 )
+from tandem.runtime.priority import Preempted
 
 
 class Classifier:
@@ -84,26 +83,46 @@ class Classifier:
         return to_tensor(image, self.manifest.preprocess)
 
     def predict(
-        self, images: Sequence[Image.Image], k: int, *, solo: bool = False
+        self,
+        images: Sequence[Image.Image],
+        k: int,
+        *,
+        solo: bool = False,
+        run_options: ort.RunOptions | None = None,
     ) -> list[Prediction]:
-        """Classify decoded RGB images in one batch."""
+        """Classify decoded RGB images in one batch. With `run_options` the run may be
+        preempted (see Occupancy): then it raises Preempted."""
         batch = np.stack([self.tensor(image) for image in images])
-        return self.predict_tensors(batch, k, solo=solo)
+        return self.predict_tensors(batch, k, solo=solo, run_options=run_options)
 
     def raw_scores(
-        self, batch: npt.NDArray[np.float32], *, solo: bool = False
+        self,
+        batch: npt.NDArray[np.float32],
+        *,
+        solo: bool = False,
+        run_options: ort.RunOptions | None = None,
     ) -> npt.NDArray[np.float32]:
         """The model's first output for a prepared batch, untouched."""
         session = self._solo if solo and self._solo is not None else self._session
-        outputs = session.run(None, {self._input_name: batch})
+        try:
+            outputs = session.run(None, {self._input_name: batch}, run_options)
+        except Exception as exc:  # ORT's errors are untyped: the flag tells a preemption apart
+            if run_options is not None and run_options.terminate:
+                raise Preempted from exc
+            raise
         scores: npt.NDArray[np.float32] = np.asarray(outputs[0], dtype=np.float32)
         return scores
 
     def predict_tensors(
-        self, batch: npt.NDArray[np.float32], k: int, *, solo: bool = False
+        self,
+        batch: npt.NDArray[np.float32],
+        k: int,
+        *,
+        solo: bool = False,
+        run_options: ort.RunOptions | None = None,
     ) -> list[Prediction]:
         started = time.perf_counter()
-        scores = self.raw_scores(batch, solo=solo)
+        scores = self.raw_scores(batch, solo=solo, run_options=run_options)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         probabilities = self._probabilities(scores)
         return [self._top_k(row, k, elapsed_ms) for row in probabilities]
@@ -122,27 +141,6 @@ class Classifier:
         labels = self.manifest.labels
         top = tuple(Scored(int(self._keep[i]), labels[self._keep[i]], float(row[i])) for i in best)
         return Prediction(self.name, top, elapsed_ms)
-
-
-class Occupancy:
-    """Calls running on a pool now. One that has it to itself may use every core: on 2 cores
-    a batch-1 Lite0 run takes 5.4 ms on two threads against 9.9 ms on one; but beside other
-    calls, a call on two threads makes them all wait on each other's cores."""
-
-    def __init__(self) -> None:
-        self._running = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[Callable[[], bool]]:
-        """Count this call while inside; yields a check: is it alone right now?"""
-        with self._lock:
-            self._running += 1
-        try:
-            yield lambda: self._running == 1
-        finally:
-            with self._lock:
-                self._running -= 1
 
 
 def load_classifier(

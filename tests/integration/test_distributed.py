@@ -46,6 +46,8 @@ _prefixes = itertools.count()
 LEDGERS: list[str] = []  # printed at the end of the run by conftest.pytest_terminal_summary
 BODY = {"image_data": b64(encode(photos.chelsea()))}
 DONE_LINE = re.compile(r"job ([0-9a-f]{32}) done:")
+# A finishing call whose reply the connection lost: Redis may have run it before it died.
+LOST_REPLY = re.compile(r"queue unavailable while finishing (\d+) jobs")
 
 
 @dataclass
@@ -117,11 +119,9 @@ class Cluster:
                     finals[job_id] = wait_for_job(client, job_id, timeout)["status"]
                 except AssertionError:
                     finals[job_id] = "lost"
+        logs = [p.log_path.read_text() for p in self.processes if isinstance(p, WorkerProcess)]
         answers = collections.Counter(
-            match.group(1)
-            for process in self.processes
-            if isinstance(process, WorkerProcess)
-            for match in DONE_LINE.finditer(process.log_path.read_text())
+            match.group(1) for log in logs for match in DONE_LINE.finditer(log)
         )
         counts = {
             "accepted": len(ledger.accepted),
@@ -131,6 +131,11 @@ class Cluster:
             "lost": sum(1 for s in finals.values() if s == "lost"),
             "duplicated": sum(1 for job_id in finals if answers[job_id] > 1),
             "answered": sum(1 for job_id in finals if answers[job_id] == 1),
+            # Done in the store, but the worker that stored it never heard back.
+            "unconfirmed": sum(
+                1 for job_id, status in finals.items() if status == "done" and not answers[job_id]
+            ),
+            "lost_replies": sum(int(m.group(1)) for log in logs for m in LOST_REPLY.finditer(log)),
         }
         LEDGERS.append(" ".join(f"{k}={v}" for k, v in counts.items()))
         return counts
@@ -160,7 +165,11 @@ def assert_every_accepted_job_answered_once(counts: dict[str, int]) -> None:
     assert counts["lost"] == 0
     assert counts["duplicated"] == 0
     assert counts["failed"] == 0
-    assert counts["done"] == counts["answered"] == counts["accepted"]
+    assert counts["done"] == counts["accepted"]
+    # Each job answered by exactly one worker's log line, except those a finishing call stored
+    # just before Redis died, its reply lost (never without an outage: then lost_replies is 0).
+    assert counts["done"] == counts["answered"] + counts["unconfirmed"]
+    assert counts["unconfirmed"] <= counts["lost_replies"]
 
 
 def test_load_through_one_proxy_and_two_workers(cluster: Cluster) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from tandem.runtime.classifier import Classifier, Occupancy
+from tandem.runtime.classifier import Classifier
 from tests.support import TinySpec, tiny_model
 
 RED = Image.new("RGB", (8, 8), (255, 0, 0))
@@ -42,25 +41,3 @@ def test_without_more_solo_threads_there_is_one_session(tmp_path: Path) -> None:
     assert Classifier.from_manifest(manifest, threads=0, solo_threads=2)._solo is None
     single = Classifier.from_manifest(manifest, threads=1)
     assert single.predict([RED], 1, solo=True)[0].label == single.manifest.labels[1]
-
-
-def test_occupancy_says_alone_only_while_no_other_call_is_inside() -> None:
-    calls = Occupancy()
-    inside, leave = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with calls.held():
-            inside.set()
-            leave.wait(timeout=10)
-
-    with calls.held() as alone:
-        assert alone()
-        thread = threading.Thread(target=other)
-        thread.start()
-        assert inside.wait(timeout=10)
-        assert not alone()
-        leave.set()
-        thread.join(timeout=10)
-        assert alone()
-    with calls.held() as alone:
-        assert alone()

@@ -48,11 +48,17 @@ def test_the_config_file_can_be_named_in_the_environment(tmp_path: Path) -> None
         ({"TANDEM_PORT": "eighty"}, "port"),
         ({"TANDEM_TOP_K": "0"}, "top_k"),
         ({"TANDEM_CONFIG": "/no/such/file.toml"}, "cannot read config file"),
+        ({"TANDEM_GIVE_WAY_PATIENCE_S": "10"}, "outlast a job's lease"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         load_settings(env)
+
+
+def test_a_worker_that_does_not_give_way_needs_no_patience_limit() -> None:
+    env = {"TANDEM_GIVE_WAY_PATIENCE_S": "10", "TANDEM_EMBEDDED_WORKER_GIVES_WAY": "false"}
+    assert load_settings(env).give_way_patience_s == 10
 
 
 def test_settings_built_directly_ignore_the_process_environment(

@@ -1,0 +1,94 @@
+"""The embedded worker gives way to the fast model: nothing of it runs while a fast call is in
+flight, until its patience is spent (issue 4: the fast path protected)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tandem.jobs.records import JobSpec, JobStatus, new_job_id
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.runtime.classifier import load_classifier
+from tandem.runtime.priority import GiveWay, Occupancy
+from tandem.settings import Settings
+from tandem.worker import Worker, WorkerConfig
+from tests.support import b64, encode, fast_call_in_flight, solid
+
+IMAGE = encode(solid((0, 0, 255)), "PNG")
+
+
+async def _status(store: SQLiteJobStore, job_id: str) -> JobStatus:
+    job = await store.get(job_id)
+    assert job is not None
+    return job.status
+
+
+@contextlib.asynccontextmanager
+async def giving_way(
+    tiny_dir: Path, tmp_path: Path, patience_s: float
+) -> AsyncIterator[tuple[SQLiteJobStore, Occupancy, Worker]]:
+    """A store, the fast model's calls, and a worker that gives way to them."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    calls = Occupancy()
+    accurate = load_classifier("tiny_accurate", tiny_dir)
+    give_way = GiveWay(calls, quiet_s=0.0, patience_s=patience_s)
+    worker = Worker(store, accurate, WorkerConfig(), give_way)
+    try:
+        yield store, calls, worker
+    finally:
+        await asyncio.to_thread(worker.close)
+        await store.close()
+
+
+async def test_a_worker_giving_way_waits_for_the_fast_model(tiny_dir: Path, tmp_path: Path) -> None:
+    async with giving_way(tiny_dir, tmp_path, patience_s=30) as (store, calls, worker):
+        job_id = new_job_id()
+        await store.enqueue(JobSpec(id=job_id, image=IMAGE))
+        with fast_call_in_flight(calls) as leave:
+            processing = asyncio.create_task(worker.process(await store.claim(worker.id, 1, 0)))
+            await asyncio.sleep(0.5)
+            assert not processing.done()
+            assert await _status(store, job_id) is JobStatus.RUNNING
+            leave.set()
+            await asyncio.wait_for(processing, 10)
+        assert await _status(store, job_id) is JobStatus.DONE
+
+
+async def test_a_worker_out_of_patience_runs_beside_the_fast_model(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    async with giving_way(tiny_dir, tmp_path, patience_s=0.1) as (store, calls, worker):
+        job_ids = [new_job_id() for _ in range(3)]
+        for job_id in job_ids:
+            await store.enqueue(JobSpec(id=job_id, image=IMAGE))
+        with fast_call_in_flight(calls):  # a fast model that never rests
+            await asyncio.wait_for(worker.process(await store.claim(worker.id, 3, 0)), 10)
+            assert [await _status(store, job_id) for job_id in job_ids] == [JobStatus.DONE] * 3
+
+
+def test_the_embedded_worker_gives_way_to_the_servers_own_fast_calls(
+    tiny_dir: Path, tmp_path: Path, open_app: Any
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        model_dir=tiny_dir,
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        give_way_patience_s=5.0,
+    )
+    client = open_app(settings)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    with fast_call_in_flight(service.calls) as leave:
+        job = client.post("/predict", json={"image_data": b64(IMAGE)}).json()["job_id"]
+        time.sleep(0.5)
+        assert client.get(f"/job/{job}").json()["status"] in ("queued", "running")
+        leave.set()
+        deadline = time.monotonic() + 10
+        while client.get(f"/job/{job}").json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
