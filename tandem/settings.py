@@ -169,7 +169,11 @@ class Settings(BaseSettings):
     def _giving_way_fits_in_a_lease(self) -> Settings:
         # A batch in hand and the next one claimed may each wait this long per image.
         waits = 2 * self.worker_batch_size * self.give_way_patience_s
-        if self.embedded_worker_gives_way and waits >= self.visibility_timeout_s:
+        if (
+            self.runs_worker
+            and self.embedded_worker_gives_way
+            and waits >= self.visibility_timeout_s
+        ):
             raise ValueError(
                 "2 x worker_batch_size x give_way_patience_s must stay below "
                 "visibility_timeout_s, or giving way could outlast a job's lease"

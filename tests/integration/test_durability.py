@@ -33,8 +33,14 @@ def _submit(server: ServerProcess, count: int) -> list[str]:
 
 
 def _env(model_dir: Path, data_dir: Path) -> dict[str, str]:
-    # A short lease so jobs a killed worker held are taken over within the test's patience.
-    return clean_env(model_dir=str(model_dir), data_dir=str(data_dir), visibility_timeout_s="2")
+    # A short lease so jobs a killed worker held are taken over within the test's patience;
+    # the embedded worker's giving way must fit in it.
+    return clean_env(
+        model_dir=str(model_dir),
+        data_dir=str(data_dir),
+        visibility_timeout_s="2",
+        give_way_patience_s="0.2",
+    )
 
 
 def _restart_and_wait(env: dict[str, str], tmp_path: Path, ids: list[str]) -> list[dict]:
