@@ -47,7 +47,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at  REAL NOT NULL,
     lease_until REAL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    image       BLOB,
     meta        TEXT NOT NULL,
     result      TEXT,
     error       TEXT,
@@ -57,6 +56,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook     TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (status, created_at);
+-- Images apart from their jobs: SQLite rewrites a whole row on every update, and reads through
+-- a blob's overflow pages to the columns after it; a job's row changes several times.
+CREATE TABLE IF NOT EXISTS images (
+    job_id TEXT PRIMARY KEY,
+    data   BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idempotency (
     key        TEXT PRIMARY KEY,
@@ -181,10 +186,10 @@ class SQLiteJobStore:
         if limit and _unfinished(c) >= limit:
             raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
         c.execute(
-            "INSERT INTO jobs (id, status, created_at, updated_at, image, meta)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (spec.id, JobStatus.QUEUED, now, now, spec.image, dump_meta(spec)),
+            "INSERT INTO jobs (id, status, created_at, updated_at, meta) VALUES (?, ?, ?, ?, ?)",
+            (spec.id, JobStatus.QUEUED, now, now, dump_meta(spec)),
         )
+        c.execute("INSERT INTO images (job_id, data) VALUES (?, ?)", (spec.id, spec.image))
         if spec.idempotency_key:
             c.execute(
                 "INSERT OR REPLACE INTO idempotency (key, job_id, expires_at) VALUES (?, ?, ?)",
@@ -262,7 +267,7 @@ class SQLiteJobStore:
             (JobStatus.RUNNING, now + self.policy.visibility_timeout_s, now, job_id),
         )
         job = _select_job(c, job_id)
-        (image,) = c.execute("SELECT image FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        (image,) = c.execute("SELECT data FROM images WHERE job_id = ?", (job_id,)).fetchone()
         assert job is not None
         return Claim(job, bytes(image), worker_id)
 
@@ -333,7 +338,7 @@ class SQLiteJobStore:
         cursor = c.execute(
             "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 AND ? = ? THEN ? ELSE ? END,"
             " result = ?, error = ?, finished_at = ?, updated_at = ?,"
-            " expires_at = ?, lease_until = NULL, image = NULL"
+            " expires_at = ?, lease_until = NULL"
             " WHERE id = ? AND status IN (?, ?)",
             (
                 status,
@@ -352,6 +357,7 @@ class SQLiteJobStore:
         )
         if cursor.rowcount != 1:
             return False
+        c.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
         _bump(c, [f"jobs_{_status(c, job_id)}", *tally])
         return True
 
@@ -433,10 +439,22 @@ class SQLiteJobStore:
 
 
 def _migrate(c: sqlite3.Connection) -> None:
-    """Add the columns later versions added to a job file an earlier version made."""
+    """Bring a job file an earlier version made to this version's layout."""
     columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
     if "webhook" not in columns:
         c.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+    if "image" in columns:  # images lived in the jobs table before they had their own
+        _in_transaction(c, lambda: _move_images(c))
+
+
+def _move_images(c: sqlite3.Connection) -> None:
+    if "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}:
+        return  # another process opening the same file moved them first
+    c.execute(
+        "INSERT OR IGNORE INTO images (job_id, data)"
+        " SELECT id, image FROM jobs WHERE image IS NOT NULL"
+    )
+    c.execute("ALTER TABLE jobs DROP COLUMN image")
 
 
 def _in_transaction(c: sqlite3.Connection, body: Callable[[], T]) -> T:

@@ -1,0 +1,67 @@
+"""The SQLite store's own layout: images apart from their jobs, and files of earlier versions."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.predictions import Prediction, Scored
+
+# The jobs table as earlier versions made it: the image inline, in the row.
+EARLIER_JOBS = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    image BLOB, meta TEXT NOT NULL, result TEXT, error TEXT, finished_at REAL,
+    expires_at REAL, cancel_requested INTEGER NOT NULL DEFAULT 0, webhook TEXT
+);
+"""
+ANSWER = Prediction("m", (Scored(1, "one", 0.9),), 1.0)
+
+
+def _tables(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as c:
+        return {
+            table: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: S608
+            for table in ("jobs", "images")
+        }
+
+
+async def test_an_image_is_kept_apart_and_dropped_once_its_job_is_final(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        spec = JobSpec(id=new_job_id(), image=b"\xff\xd8 bytes")
+        await store.enqueue(spec)
+        assert _tables(store.path) == {"jobs": 1, "images": 1}
+        [claim] = await store.claim("w", 1, 0)
+        assert claim.image == spec.image
+        await store.complete(spec.id, ANSWER)
+        assert _tables(store.path) == {"jobs": 1, "images": 0}
+    finally:
+        await store.close()
+
+
+async def test_a_file_from_before_images_had_a_table_keeps_its_queued_jobs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    spec = JobSpec(id=new_job_id(), image=b"\x89PNG queued before the upgrade")
+    with sqlite3.connect(path) as c:
+        c.executescript(EARLIER_JOBS)
+        c.execute(
+            "INSERT INTO jobs (id, status, created_at, updated_at, image, meta)"
+            " VALUES (?, ?, 1.0, 1.0, ?, ?)",
+            (spec.id, JobStatus.QUEUED, spec.image, dump_meta(spec)),
+        )
+    store = SQLiteJobStore(path)
+    await store.open()
+    try:
+        [claim] = await store.claim("w", 1, 0)
+        assert claim.image == spec.image
+        with sqlite3.connect(path) as c:
+            assert "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    finally:
+        await store.close()
