@@ -209,6 +209,11 @@ class Settings(BaseSettings):
         return self.fast_threads or _cpus()
 
     @property
+    def accurate_solo_threads(self) -> int:
+        """Threads for the embedded worker's runs while the fast model is idle (giving way)."""
+        return self.accurate_threads or _cpus()
+
+    @property
     def runs_worker(self) -> bool:
         if self.embedded_worker is not None:
             return self.embedded_worker

@@ -214,7 +214,13 @@ class Worker:
         return predictions, sum(p.inference_ms for p in predictions) / 1000.0
 
     def _one(self, image: Image.Image, options: ort.RunOptions | None) -> Prediction:
-        return self.classifier.predict([image], self.config.top_k, run_options=options)[0]
+        """A preemptible run has the cores to itself until a fast call stops it; one that
+        waited out its patience runs beside the fast model, on one thread."""
+        preemptible = options is not None
+        predictions = self.classifier.predict(
+            [image], self.config.top_k, solo=preemptible, run_options=options
+        )
+        return predictions[0]
 
     async def _store_while_next_runs(
         self, claims: list[Claim], predictions: list[Prediction]

@@ -116,6 +116,17 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
     return manifest_path
 
 
+def record_runs(session: Any, name: str, log: list[str]) -> None:
+    """Log `name` each time this ONNX Runtime session runs."""
+    run = session.run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        log.append(name)
+        return run(*args, **kwargs)
+
+    session.run = recorded
+
+
 # -- a real server -----------------------------------------------------------------------------
 
 

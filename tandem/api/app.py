@@ -88,17 +88,22 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
 async def _start_worker(
     settings: Settings, running: _Running, service: TandemService
 ) -> asyncio.Task[None]:
-    # Beside the fast model the accurate one must not compete as an equal: one ORT thread (so
-    # inference runs on the worker's own thread), not spinning, at a lower priority, and
-    # (unless told otherwise) only while the fast model is idle.
-    threads = settings.accurate_threads or 1
-    accurate = await _load(settings.accurate_model, settings, threads, spin=False)
-    config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
+    # Beside the fast model the accurate one must not compete as an equal: not spinning, at a
+    # lower priority, and (unless told otherwise) only while the fast model is idle. Giving way,
+    # a run has every core until a fast call stops it; one that waited out its patience runs
+    # beside the fast model on one thread.
     give_way = (
         GiveWay(service.calls, settings.give_way_quiet_s, settings.give_way_patience_s)
         if settings.embedded_worker_gives_way
         else None
     )
+    threads, solo = (
+        (1, settings.accurate_solo_threads) if give_way else (settings.accurate_threads or 1, 0)
+    )
+    accurate = await _load(
+        settings.accurate_model, settings, threads, spin=False, solo_threads=solo
+    )
+    config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
     worker = Worker(running.store, accurate, config, give_way)
     await running.store.beat(worker.id, accurate.name)
     return asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")

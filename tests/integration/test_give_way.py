@@ -16,7 +16,7 @@ from tandem.runtime.classifier import load_classifier
 from tandem.runtime.priority import GiveWay, Occupancy
 from tandem.settings import Settings
 from tandem.worker import Worker, WorkerConfig
-from tests.support import b64, encode, fast_call_in_flight, solid
+from tests.support import b64, encode, fast_call_in_flight, record_runs, solid
 
 IMAGE = encode(solid((0, 0, 255)), "PNG")
 
@@ -35,7 +35,8 @@ async def giving_way(
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     calls = Occupancy()
-    accurate = load_classifier("tiny_accurate", tiny_dir)
+    # One thread beside the fast model, two with the cores to itself (see Classifier).
+    accurate = load_classifier("tiny_accurate", tiny_dir, threads=1, solo_threads=2)
     give_way = GiveWay(calls, quiet_s=0.0, patience_s=patience_s)
     worker = Worker(store, accurate, WorkerConfig(), give_way)
     try:
@@ -69,6 +70,21 @@ async def test_a_worker_out_of_patience_runs_beside_the_fast_model(
         with fast_call_in_flight(calls):  # a fast model that never rests
             await asyncio.wait_for(worker.process(await store.claim(worker.id, 3, 0)), 10)
             assert [await _status(store, job_id) for job_id in job_ids] == [JobStatus.DONE] * 3
+
+
+async def test_a_run_with_the_cores_to_itself_uses_them_all_and_one_beside_uses_one(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    async with giving_way(tiny_dir, tmp_path, patience_s=0.1) as (store, calls, worker):
+        runs: list[str] = []
+        record_runs(worker.classifier._solo, "every core", runs)
+        record_runs(worker.classifier._session, "one thread", runs)
+        for _ in range(2):
+            await store.enqueue(JobSpec(id=new_job_id(), image=IMAGE))
+        await worker.process(await store.claim(worker.id, 1, 0))
+        with fast_call_in_flight(calls):
+            await worker.process(await store.claim(worker.id, 1, 0))
+        assert runs == ["every core", "one thread"]
 
 
 def test_the_embedded_worker_gives_way_to_the_servers_own_fast_calls(

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from tandem.runtime.classifier import Classifier
-from tests.support import TinySpec, tiny_model
+from tests.support import TinySpec, record_runs, tiny_model
 
 RED = Image.new("RGB", (8, 8), (255, 0, 0))
-
-
-def _record_runs(session: Any, name: str, log: list[str]) -> None:
-    run = session.run
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        log.append(name)
-        return run(*args, **kwargs)
-
-    session.run = recorded
 
 
 def test_solo_calls_run_on_the_session_with_more_threads(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
     classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2)
     runs: list[str] = []
-    _record_runs(classifier._solo, "solo", runs)
-    _record_runs(classifier._session, "shared", runs)
+    record_runs(classifier._solo, "solo", runs)
+    record_runs(classifier._session, "shared", runs)
     alone = classifier.predict([RED], 1, solo=True)[0]
     beside = classifier.predict([RED], 1)[0]
     assert runs == ["solo", "shared"]
