@@ -263,6 +263,10 @@ class QueueWatch:
         ).fetchone()
         return int(n)
 
+    def done(self) -> int:
+        (n,) = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'done'").fetchone()
+        return int(n)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -279,7 +283,7 @@ def _fill_queue(bench: Bench, data: Path, jobs: int) -> None:
 def async_path(bench: Bench) -> dict[str, Any]:
     """Fill the queue with the proxy's worker off, then time a separate worker draining it."""
     data = bench.work / "async"
-    jobs = 100 if bench.quick else 300
+    jobs = 100 if bench.quick else 600
     _fill_queue(bench, data, jobs)
     idle_proxy, _ = serve(bench, data, "--no-worker")
     worker = Proc(
@@ -307,7 +311,8 @@ def async_path(bench: Bench) -> dict[str, Any]:
 
 
 def interference(bench: Bench) -> dict[str, Any]:
-    """Sync latency, 1 and 4 clients: queue empty (no worker) vs a worker draining a full one."""
+    """Sync latency, 1 and 4 clients: queue empty (no worker) vs the embedded worker draining a
+    full one; and how fast that worker drains it, with the proxy idle and under each load."""
     body, content_type = bodies(bench)["json"]
     results: dict[str, Any] = {}
     empty, port = serve(bench, bench.work / "quiet", "--no-worker")
@@ -320,17 +325,27 @@ def interference(bench: Bench) -> dict[str, Any]:
     data = bench.work / "busy"
     _fill_queue(bench, data, 400 if bench.quick else 1500)
     busy, port = serve(bench, data)  # the default: the accurate model's worker in-process
+    watch = QueueWatch(data)
     try:
         time.sleep(1.0)  # let the worker get going
-        results["full"] = [
-            load(Target(port, body, content_type), c, bench.tail_seconds) for c in (1, 4)
-        ]
-        watch = QueueWatch(data)
+        before, started = watch.done(), time.perf_counter()
+        time.sleep(bench.seconds)
+        results["embedded_idle_jobs_per_s"] = _finished_per_s(watch, before, started)
+        results["full"], results["embedded_loaded_jobs_per_s"] = [], []
+        for clients in (1, 4):
+            before, started = watch.done(), time.perf_counter()
+            target = Target(port, body, content_type)
+            results["full"].append(load(target, clients, bench.tail_seconds))
+            results["embedded_loaded_jobs_per_s"].append(_finished_per_s(watch, before, started))
         results["queue_left"] = watch.depth()
-        watch.close()
     finally:
+        watch.close()
         busy.stop()
     return results
+
+
+def _finished_per_s(watch: QueueWatch, before: int, started: float) -> float:
+    return (watch.done() - before) / (time.perf_counter() - started)
 
 
 def machine() -> dict[str, Any]:
@@ -368,19 +383,23 @@ def main() -> None:
     bench = Bench(args.model_dir, work, photo, args.quick)
     results: dict[str, Any] = {"machine": machine(), "photo_bytes": len(photo)}
     started = time.perf_counter()
-    for label, phase in (
-        ("floor", lambda: {m: floor(bench, m) for m in (FAST, ACCURATE)}),
-        ("sync", lambda: sync_path(bench)),
-        ("async", lambda: async_path(bench)),
-        ("interference", lambda: interference(bench)),
-    ):
-        print(f"bench: {label}...", file=sys.stderr, flush=True)
-        results[label] = phase()
+    # Each model's floor is measured just before the phase it is compared with: the speed of
+    # a shared machine drifts over minutes.
+    results["floor"] = {FAST: _phase("floor", lambda: floor(bench, FAST))}
+    results["sync"] = _phase("sync", lambda: sync_path(bench))
+    results["floor"][ACCURATE] = _phase("floor", lambda: floor(bench, ACCURATE))
+    results["async"] = _phase("async", lambda: async_path(bench))
+    results["interference"] = _phase("interference", lambda: interference(bench))
     results["duration_s"] = time.perf_counter() - started
     table = render(results)
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"bench-{stamp}.md").write_text(table)
     print(table)
+
+
+def _phase(label: str, run: Any) -> Any:
+    print(f"bench: {label}...", file=sys.stderr, flush=True)
+    return run()
 
 
 def bench_photo() -> bytes:

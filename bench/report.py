@@ -57,6 +57,7 @@ def render(r: dict[str, Any]) -> str:
     interference = r["interference"]
     empty1, full1 = interference["empty"][0], interference["full"][0]
     empty4, full4 = interference["empty"][1], interference["full"][1]
+    loaded = zip((1, 4), interference["embedded_loaded_jobs_per_s"], strict=True)
     lines += [
         "",
         "## Async path and interference",
@@ -68,6 +69,13 @@ def render(r: dict[str, Any]) -> str:
         f"{_ms(full1['p99_s'])} ({interference['queue_left']} jobs still queued after).",
         f"- The same from 4 clients: {_ms(empty4['p50_s'])} / {_ms(empty4['p99_s'])} vs "
         f"{_ms(full4['p50_s'])} / {_ms(full4['p99_s'])}.",
+        "- The embedded worker, giving way to the fast model: "
+        f"{interference['embedded_idle_jobs_per_s']:.1f} jobs/s with the proxy idle; "
+        + " and ".join(
+            f"{rate:.1f} jobs/s while {clients} client{'s' if clients > 1 else ''} sent"
+            for clients, rate in loaded
+        )
+        + ".",
         "",
         "## Memory",
         "",
