@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,15 +118,24 @@ async def test_a_worker_batch_past_its_time_fails_its_jobs(tiny_dir: Path, tmp_p
     try:
         job_id = new_job_id()
         await store.enqueue(JobSpec(id=job_id, image=encode(solid((0, 0, 255)), "PNG")))
-        worker = Worker(
-            store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(job_timeout_s=1e-6)
-        )
+        # A model stuck until the test lets it go: the deadline passes first, whatever the
+        # machine's speed (a tiny model can beat even a 1 µs deadline's timer).
+        classifier = load_classifier("tiny_accurate", tiny_dir)
+        release, predict = threading.Event(), classifier.predict
+
+        def stuck(*args: Any, **kwargs: Any) -> Any:
+            release.wait(timeout=30)
+            return predict(*args, **kwargs)
+
+        classifier.predict = stuck  # type: ignore[method-assign]
+        worker = Worker(store, classifier, WorkerConfig(job_timeout_s=0.05))
         await worker.process(await store.claim(worker.id, 1, 0))
         job = await store.get(job_id)
         assert job is not None
         assert job.status is JobStatus.FAILED
         assert job.error is not None
         assert "did not finish within" in job.error
+        release.set()
         await asyncio.to_thread(worker.close)
     finally:
         await store.close()
