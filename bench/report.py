@@ -12,7 +12,7 @@ def _ms(seconds: float) -> str:
 def _check(ratio: float, target: float, at_most: bool) -> str:
     met = ratio <= target if at_most else ratio >= target
     sign = "≤" if at_most else "≥"
-    return f"{ratio:.2f} (target {sign} {target}) {'met' if met else 'MISSED'}"
+    return f"{ratio:.3f} (target {sign} {target}) {'met' if met else 'MISSED'}"
 
 
 def render(r: dict[str, Any]) -> str:
