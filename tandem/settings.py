@@ -209,8 +209,9 @@ class Settings(BaseSettings):
         return self.fast_threads or _cpus()
 
     @property
-    def accurate_solo_threads(self) -> int:
-        """Threads for the embedded worker's runs while the fast model is idle (giving way)."""
+    def accurate_all_threads(self) -> int:
+        """Threads for accurate-model work with the cores to itself: a worker preparing a
+        batch's images, and the embedded worker's runs while the fast model is idle."""
         return self.accurate_threads or _cpus()
 
     @property

@@ -16,8 +16,9 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
-from PIL import Image
 
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError
@@ -33,6 +34,8 @@ from tandem.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("tandem.worker")
 
+Tensor = npt.NDArray[np.float32]  # one image, prepared as the model's input
+
 HEARTBEAT_S = 5.0
 PURGE_EVERY_S = 60.0
 
@@ -47,6 +50,8 @@ class WorkerConfig:
     # Niceness of the inference thread: beside the fast model (embedded mode), the accurate
     # model yields the CPU to it.
     nice: int = 0
+    # Threads that decode and preprocess a batch's images side by side.
+    prepare_threads: int = 1
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
 
 
@@ -71,12 +76,8 @@ class Worker:
         self._give_way = give_way
         self.id = new_worker_id()
         # One inference thread: batches run one after another, the loop stays free.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="tandem-worker",
-            initializer=_lower_priority,
-            initargs=(config.nice,),
-        )
+        self._executor = _threads("tandem-worker", 1, config.nice)
+        self._preparers = _threads("tandem-prepare", config.prepare_threads, config.nice)
         self._last_beat = 0.0
         self._webhooks = WebhookSender(store, config.webhooks)
         # Inference time for /metrics, written with the heartbeat rather than per batch.
@@ -110,8 +111,9 @@ class Worker:
             log.info("worker %s stopped", self.id)
 
     def close(self) -> None:
-        """Wait for the inference thread; a batch still running in it finishes first."""
+        """Wait for the worker's threads; a batch still running in them finishes first."""
         self._executor.shutdown(wait=True)
+        self._preparers.shutdown(wait=True)
 
     async def _flush_counts(self) -> None:
         counts, self._counts = self._counts, Counter()
@@ -150,9 +152,9 @@ class Worker:
     async def process(self, claims: list[Claim]) -> None:
         """Decode each job, classify the decodable ones as one batch, store every outcome."""
         loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self._executor, self._decode_all, claims)
-        ready: list[tuple[Claim, Image.Image]] = []
-        for claim, outcome in zip(claims, decoded, strict=True):
+        prepared = await loop.run_in_executor(self._executor, self._prepare_all, claims)
+        ready: list[tuple[Claim, Tensor]] = []
+        for claim, outcome in zip(claims, prepared, strict=True):
             if isinstance(outcome, TandemError):
                 await self.store.fail(claim.id, outcome.message, retry=False)
             else:
@@ -160,30 +162,32 @@ class Worker:
         if ready:
             await self._classify(ready)
 
-    def _decode_all(self, claims: list[Claim]) -> list[Image.Image | TandemError]:
+    def _prepare_all(self, claims: list[Claim]) -> list[Tensor | TandemError]:
+        """Each job's model input, or why it has none. The images are decoded and preprocessed
+        side by side, one thread per core: the model's run comes after and is parallel
+        itself, so a batch prepared on one thread would leave the other cores idle."""
         if self._give_way is not None:
             self._give_way.wait()
-        results: list[Image.Image | TandemError] = []
-        for claim in claims:
-            try:
-                results.append(
-                    decode_image(claim.image, self.config.limits, self.classifier.decode_side)
-                )
-            except TandemError as exc:
-                results.append(exc)
-        return results
+        return list(self._preparers.map(self._prepare, claims))
+
+    def _prepare(self, claim: Claim) -> Tensor | TandemError:
+        try:
+            image = decode_image(claim.image, self.config.limits, self.classifier.decode_side)
+        except TandemError as exc:
+            return exc
+        return self.classifier.tensor(image)
 
     async def _fail_all(
-        self, ready: list[tuple[Claim, Image.Image]], reason: str, *, retry: bool
+        self, ready: list[tuple[Claim, Tensor]], reason: str, *, retry: bool
     ) -> None:
         log.warning("%d jobs failed: %s", len(ready), reason)
         for claim, _ in ready:
             await self.store.fail(claim.id, reason, retry=retry)
 
-    async def _classify(self, ready: list[tuple[Claim, Image.Image]]) -> None:
-        images = [image for _, image in ready]
+    async def _classify(self, ready: list[tuple[Claim, Tensor]]) -> None:
+        tensors = [tensor for _, tensor in ready]
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._executor, self._infer, images)
+        call = loop.run_in_executor(self._executor, self._infer, tensors)
         try:
             predictions, inference_s = await asyncio.wait_for(call, self.config.job_timeout_s)
         except TimeoutError:
@@ -202,23 +206,24 @@ class Worker:
         claims = [claim for claim, _ in ready]
         await self._store_while_next_runs(claims, predictions)
 
-    def _infer(self, images: list[Image.Image]) -> tuple[list[Prediction], float]:
+    def _infer(self, tensors: list[Tensor]) -> tuple[list[Prediction], float]:
         """The batch's answers and the seconds the model ran. Giving way, it runs image by
         image, each run preemptible: at one thread a batch is no faster per image (Lite2 on
         2 cores: 10.0 ms at batch 1, 10.4 at batch 4), and a preempted run loses one image."""
         if self._give_way is None:
             started = time.perf_counter()
-            predictions = self.classifier.predict(images, self.config.top_k)
+            predictions = self.classifier.predict_tensors(np.stack(tensors), self.config.top_k)
             return predictions, time.perf_counter() - started
-        predictions = [self._give_way.run(functools.partial(self._one, image)) for image in images]
+        one_by_one = (functools.partial(self._one, tensor) for tensor in tensors)
+        predictions = [self._give_way.run(one) for one in one_by_one]
         return predictions, sum(p.inference_ms for p in predictions) / 1000.0
 
-    def _one(self, image: Image.Image, options: ort.RunOptions | None) -> Prediction:
+    def _one(self, tensor: Tensor, options: ort.RunOptions | None) -> Prediction:
         """A preemptible run has the cores to itself until a fast call stops it; one that
         waited out its patience runs beside the fast model, on one thread."""
         preemptible = options is not None
-        predictions = self.classifier.predict(
-            [image], self.config.top_k, solo=preemptible, run_options=options
+        predictions = self.classifier.predict_tensors(
+            tensor[np.newaxis], self.config.top_k, solo=preemptible, run_options=options
         )
         return predictions[0]
 
@@ -274,6 +279,12 @@ class Worker:
             self._webhooks.send(job)
 
 
+def _threads(name: str, count: int, nice: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=count, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
+    )
+
+
 def _lower_priority(nice: int) -> None:
     if nice:
         # Linux gives each thread its own nice value; this lowers only the inference thread.
@@ -288,6 +299,7 @@ def config_from(settings: Settings) -> WorkerConfig:
         limits=settings.image_limits,
         job_timeout_s=settings.job_timeout_s,
         webhooks=settings.webhooks,
+        prepare_threads=settings.accurate_all_threads,
     )
 
 
@@ -297,9 +309,14 @@ async def run_worker_process(settings: Settings) -> None:
     store = make_store(settings)
     await store.open()
     try:
-        # A worker of its own has the machine to itself: ORT's spinning threads may stay.
+        # Not spinning: ONNX Runtime's idle threads would spin on the cores that the next
+        # batch's images are being prepared on.
         classifier = await asyncio.to_thread(
-            load_classifier, settings.accurate_model, settings.model_dir, settings.accurate_threads
+            load_classifier,
+            settings.accurate_model,
+            settings.model_dir,
+            settings.accurate_threads,
+            False,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

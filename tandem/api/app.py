@@ -98,7 +98,7 @@ async def _start_worker(
         else None
     )
     threads, solo = (
-        (1, settings.accurate_solo_threads) if give_way else (settings.accurate_threads or 1, 0)
+        (1, settings.accurate_all_threads) if give_way else (settings.accurate_threads or 1, 0)
     )
     accurate = await _load(
         settings.accurate_model, settings, threads, spin=False, solo_threads=solo

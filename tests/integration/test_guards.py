@@ -121,13 +121,13 @@ async def test_a_worker_batch_past_its_time_fails_its_jobs(tiny_dir: Path, tmp_p
         # A model stuck until the test lets it go: the deadline passes first, whatever the
         # machine's speed (a tiny model can beat even a 1 µs deadline's timer).
         classifier = load_classifier("tiny_accurate", tiny_dir)
-        release, predict = threading.Event(), classifier.predict
+        release, predict = threading.Event(), classifier.predict_tensors
 
         def stuck(*args: Any, **kwargs: Any) -> Any:
             release.wait(timeout=30)
             return predict(*args, **kwargs)
 
-        classifier.predict = stuck  # type: ignore[method-assign]
+        classifier.predict_tensors = stuck  # type: ignore[method-assign]
         worker = Worker(store, classifier, WorkerConfig(job_timeout_s=0.05))
         await worker.process(await store.claim(worker.id, 1, 0))
         job = await store.get(job_id)
