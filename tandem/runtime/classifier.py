@@ -83,17 +83,11 @@ class Classifier:
         return to_tensor(image, self.manifest.preprocess)
 
     def predict(
-        self,
-        images: Sequence[Image.Image],
-        k: int,
-        *,
-        solo: bool = False,
-        run_options: ort.RunOptions | None = None,
+        self, images: Sequence[Image.Image], k: int, *, solo: bool = False
     ) -> list[Prediction]:
-        """Classify decoded RGB images in one batch. With `run_options` the run may be
-        preempted (see Occupancy): then it raises Preempted."""
+        """Classify decoded RGB images in one batch."""
         batch = np.stack([self.tensor(image) for image in images])
-        return self.predict_tensors(batch, k, solo=solo, run_options=run_options)
+        return self.predict_tensors(batch, k, solo=solo)
 
     def raw_scores(
         self,
@@ -121,6 +115,8 @@ class Classifier:
         solo: bool = False,
         run_options: ort.RunOptions | None = None,
     ) -> list[Prediction]:
+        """Classify a prepared batch. With `run_options` the run may be preempted (see
+        Occupancy): then it raises Preempted."""
         started = time.perf_counter()
         scores = self.raw_scores(batch, solo=solo, run_options=run_options)
         elapsed_ms = (time.perf_counter() - started) * 1000.0

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
@@ -56,11 +57,12 @@ def test_a_run_begun_while_a_call_is_in_flight_is_preempted_at_once() -> None:
 
 def test_onnx_runtime_stops_a_preempted_run(tmp_path: Path) -> None:
     classifier = Classifier.from_manifest(tiny_model(tmp_path, TinySpec(name="tiny", size=8)))
+    batch = classifier.tensor(RED)[np.newaxis]
     stopped = ort.RunOptions()
     stopped.terminate = True
     with pytest.raises(Preempted):
-        classifier.predict([RED], 1, run_options=stopped)
-    assert classifier.predict([RED], 1, run_options=ort.RunOptions())[0].label == "class 1"
+        classifier.predict_tensors(batch, 1, run_options=stopped)
+    assert classifier.predict_tensors(batch, 1, run_options=ort.RunOptions())[0].label == "class 1"
 
 
 def test_giving_way_retries_a_preempted_step_at_the_next_quiet_moment() -> None:
