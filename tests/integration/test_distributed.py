@@ -439,6 +439,7 @@ def test_sigterm_lets_the_proxy_finish_requests_in_flight(cluster: Cluster) -> N
     proxy = cluster.proxy()
     outcomes: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
+    first_answer = threading.Event()
 
     def one(_: int) -> None:
         try:
@@ -452,19 +453,24 @@ def test_sigterm_lets_the_proxy_finish_requests_in_flight(cluster: Cluster) -> N
             status = "unanswered"
         with lock:
             outcomes[status] += 1
+        first_answer.set()
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         futures = [pool.submit(one, i) for i in range(48)]
-        time.sleep(0.15)
+        # Signal only once the proxy is answering, so that the other clients' requests are
+        # in flight; a fixed delay signalled before any had arrived on a slow CI machine.
+        assert first_answer.wait(timeout=60)
         assert proxy.process is not None
-        proxy.process.send_signal(signal.SIGTERM)
+        with lock:
+            proxy.process.send_signal(signal.SIGTERM)
+            answered_before = outcomes["200"]
         for future in futures:
             future.result()
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught, as is conventional.
     assert proxy.wait_exit(timeout=30) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in proxy.log()
     assert set(outcomes) <= {"200", "refused", "unanswered"}, outcomes
-    assert outcomes["200"] > 0
+    assert outcomes["200"] > answered_before, (answered_before, outcomes)
     # No worker runs, so every job created is still queued: one per answered request, exactly.
     # A request started and then dropped would show as a job without a 200.
     with redis.Redis.from_url(cluster.redis.url) as client:
