@@ -26,7 +26,7 @@ from tandem.jobs.factory import make_store
 from tandem.jobs.records import Claim
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
-from tandem.runtime.classifier import Classifier, load_classifier
+from tandem.runtime.classifier import Classifier, Spin, load_classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import GiveWay
 from tandem.settings import Settings
@@ -315,7 +315,7 @@ async def run_worker_process(settings: Settings) -> None:
             settings.accurate_model,
             settings.model_dir,
             settings.accurate_threads,
-            False,
+            Spin.NEVER,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

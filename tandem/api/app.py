@@ -20,7 +20,7 @@ from tandem.api.routes import router
 from tandem.errors import QueueUnavailable
 from tandem.jobs.factory import make_store
 from tandem.jobs.store import JobStore
-from tandem.runtime.classifier import Classifier, load_classifier
+from tandem.runtime.classifier import Classifier, Spin, load_classifier
 from tandem.runtime.manifest import model_name
 from tandem.runtime.priority import GiveWay
 from tandem.service import TandemService
@@ -48,7 +48,7 @@ class _Running:
 
 
 async def _load(
-    ref: str, settings: Settings, threads: int, spin: bool = True, solo_threads: int = 0
+    ref: str, settings: Settings, threads: int, spin: Spin = Spin.IN_RUN, solo_threads: int = 0
 ) -> Classifier:
     return await asyncio.to_thread(
         load_classifier, ref, settings.model_dir, threads, spin, solo_threads
@@ -101,7 +101,7 @@ async def _start_worker(
         (1, settings.accurate_all_threads) if give_way else (settings.accurate_threads or 1, 0)
     )
     accurate = await _load(
-        settings.accurate_model, settings, threads, spin=False, solo_threads=solo
+        settings.accurate_model, settings, threads, spin=Spin.NEVER, solo_threads=solo
     )
     config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
     worker = Worker(running.store, accurate, config, give_way)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,19 @@ from tandem.runtime.manifest import (
 from tandem.runtime.priority import Preempted
 
 
+class Spin(Enum):
+    """How ONNX Runtime's threads wait for work between a run's parallel steps and after it."""
+
+    # Sleep at once: work that shares the cores with a faster path (the accurate model).
+    NEVER = "never"
+    # Spin between a run's steps, sleep once it returns. A model that must answer fast: the
+    # spinning keeps its steps quick, and the cores are free for the work between calls
+    # (the next request's decoding, storing its job).
+    IN_RUN = "in_run"
+    # ONNX Runtime's default: also spin for a while after a run returns.
+    ALWAYS = "always"
+
+
 class Classifier:
     """Owns the model's InferenceSession. `predict` is thread-safe and blocking: call it off
     the loop. With `solo_threads` above `threads` it owns a second session with that many
@@ -34,7 +48,7 @@ class Classifier:
         manifest: ModelManifest,
         model_path: Path,
         threads: int = 0,
-        spin: bool = True,
+        spin: Spin = Spin.IN_RUN,
         solo_threads: int = 0,
     ) -> None:
         self.manifest = manifest
@@ -51,7 +65,11 @@ class Classifier:
 
     @classmethod
     def from_manifest(
-        cls, manifest_path: Path, threads: int = 0, spin: bool = True, solo_threads: int = 0
+        cls,
+        manifest_path: Path,
+        threads: int = 0,
+        spin: Spin = Spin.IN_RUN,
+        solo_threads: int = 0,
     ) -> Classifier:
         manifest = read_manifest(manifest_path)
         model_path = manifest_path.parent / manifest.file
@@ -140,22 +158,22 @@ class Classifier:
 
 
 def load_classifier(
-    ref: str, model_dir: Path, threads: int = 0, spin: bool = True, solo_threads: int = 0
+    ref: str, model_dir: Path, threads: int = 0, spin: Spin = Spin.IN_RUN, solo_threads: int = 0
 ) -> Classifier:
     """Load a model named in settings: a built-in name, a model directory or a manifest path."""
     path = resolve_manifest_path(ref, model_dir)
     return Classifier.from_manifest(path, threads, spin, solo_threads)
 
 
-def _open_session(model_path: Path, threads: int, spin: bool) -> ort.InferenceSession:
+def _open_session(model_path: Path, threads: int, spin: Spin) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spin:
-        # Idle ORT threads spin for a while by default: fast for back-to-back calls, but
-        # CPU taken from whatever shares the machine (the fast path, beside a worker).
+    if spin is Spin.NEVER:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin is Spin.IN_RUN:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped errors for bad files

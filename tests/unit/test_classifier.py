@@ -1,12 +1,15 @@
-"""The fast model's threads: a call alone gets every core, calls side by side share them."""
+"""The models' threads: a call alone gets every core, calls side by side share them, and
+threads wait for work as the model's role needs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
+import pytest
 from PIL import Image
 
-from tandem.runtime.classifier import Classifier
+from tandem.runtime.classifier import Classifier, Spin
 from tests.support import TinySpec, record_runs, tiny_model
 
 RED = Image.new("RGB", (8, 8), (255, 0, 0))
@@ -30,3 +33,25 @@ def test_without_more_solo_threads_there_is_one_session(tmp_path: Path) -> None:
     assert Classifier.from_manifest(manifest, threads=0, solo_threads=2)._solo is None
     single = Classifier.from_manifest(manifest, threads=1)
     assert single.predict([RED], 1, solo=True)[0].label == single.manifest.labels[1]
+
+
+def _config(session: ort.InferenceSession, key: str) -> str | None:
+    try:
+        return str(session.get_session_options().get_session_config_entry(key))
+    except RuntimeError:  # ORT's answer for a key never set: its default holds
+        return None
+
+
+@pytest.mark.parametrize(
+    ("spin", "allow_spinning", "stop_after_run"),
+    [(Spin.NEVER, "0", None), (Spin.IN_RUN, None, "1"), (Spin.ALWAYS, None, None)],
+)
+def test_each_way_of_spinning_reaches_both_sessions(
+    tmp_path: Path, spin: Spin, allow_spinning: str | None, stop_after_run: str | None
+) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
+    classifier = Classifier.from_manifest(manifest, threads=1, spin=spin, solo_threads=2)
+    assert classifier._solo is not None
+    for session in (classifier._session, classifier._solo):
+        assert _config(session, "session.intra_op.allow_spinning") == allow_spinning
+        assert _config(session, "session.force_spinning_stop") == stop_after_run
