@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from tandem.runtime.assets import sample_image_bytes
 from tandem.runtime.classifier import Classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import Occupancy
+
+log = logging.getLogger("tandem.service")
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -101,6 +104,8 @@ class TandemService:
         # Fast-model calls in flight: who may use every core, and when the worker must wait.
         self.calls = Occupancy()
         self.sample_prediction: Prediction | None = None
+        # Fast answers being added to their jobs after the response went out (see _attach_later).
+        self._attaching: dict[str, asyncio.Task[None]] = {}
 
     async def warm_up(self) -> None:
         """Run the sample photo once: the first ONNX call is slow, and /metadata shows it."""
@@ -110,7 +115,9 @@ class TandemService:
         )
         self.sample_prediction = prediction
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Finish adding fast answers to their jobs, then stop the pool."""
+        await asyncio.gather(*self._attaching.values())
         self._executor.shutdown(wait=True)
 
     def _classify(
@@ -186,7 +193,7 @@ class TandemService:
             raise
         (job, not_queued), enqueue_ms = await pending.result()
         if job is not None:
-            job = await self._attach_fast(job, prediction)
+            job = self._attach_later(job, prediction)
         timings = clock.timings(decode_ms, prediction, enqueue_ms)
         return FastOutcome(prediction, job, timings, gate, not_queued)
 
@@ -194,14 +201,41 @@ class TandemService:
         outcome = await self._enqueue(spec)
         return outcome, _ms_since(started)
 
-    async def _attach_fast(self, job: Job, prediction: Prediction) -> Job:
+    def _attach_later(self, job: Job, prediction: Prediction) -> Job:
+        """Add the fast answer to the stored job without making the client wait for it.
+
+        The job is already safe: that is the enqueue's durable write. The fast answer is
+        extra (it is written without waiting for the disk), and the client holds it already.
+        Reads through this service wait for it, so a client never sees its own job without it;
+        another proxy may, for the moment the write takes.
+        """
         if job.fast is not None:  # an idempotent retry: the first request's answer stays
             return job
-        with contextlib.suppress(QueueUnavailable):  # the job is stored; the answer is extra
-            accurate = await self.store.attach_fast(job.id, prediction)
+        task = asyncio.create_task(self._attach_fast(job.id, prediction))
+        self._attaching[job.id] = task
+        task.add_done_callback(functools.partial(self._attached, job.id))
+        return replace(job, fast=prediction)
+
+    def _attached(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._attaching.get(job_id) is task:
+            del self._attaching[job_id]
+
+    async def _attach_fast(self, job_id: str, prediction: Prediction) -> None:
+        try:
+            accurate = await self.store.attach_fast(job_id, prediction)
             if accurate is not None:  # a worker answered first, and left the judging to us
                 await self.store.add_counts(late_judgement(prediction, accurate))
-        return replace(job, fast=prediction)
+        except QueueUnavailable:  # the job is stored; the answer was extra
+            log.warning("the fast answer was not added to job %s: the queue is unavailable", job_id)
+        except Exception:  # nobody awaits this task to hear of it
+            log.exception("adding the fast answer to job %s failed", job_id)
+
+    async def _written(self, job_id: str) -> None:
+        """Wait for this service's own pending write to the job, if any: every call that
+        answers with a job waits, so a client never sees its own job without it."""
+        pending = self._attaching.get(job_id)
+        if pending is not None:
+            await asyncio.shield(pending)
 
     async def _withdraw(self, enqueue: asyncio.Task[Any] | None) -> None:
         """The fast model failed (a deadline): the client never learns the job's id, so the
@@ -230,13 +264,17 @@ class TandemService:
             return None, exc
 
     async def cancel(self, job_id: str) -> Job:
-        job = _found(await self.store.cancel(parse_job_id(job_id)), job_id)
+        job_id = parse_job_id(job_id)
+        await self._written(job_id)  # the job it answers with carries the fast answer too
+        job = _found(await self.store.cancel(job_id), job_id)
         if job.status in (JobStatus.DONE, JobStatus.FAILED):
             raise JobFinished(f"the job is already {job.status}", job_id=job_id)
         return job
 
     async def job(self, job_id: str) -> Job:
-        return _found(await self.store.get(parse_job_id(job_id)), job_id)
+        job_id = parse_job_id(job_id)
+        await self._written(job_id)
+        return _found(await self.store.get(job_id), job_id)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """The job once it is finished, or as it is when `timeout_s` runs out."""

@@ -129,7 +129,7 @@ async def _shutdown(running: _Running) -> None:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(running.worker_task, WORKER_STOP_S)
     if running.service is not None:
-        running.service.close()
+        await running.service.close()
     await running.store.close()
 
 

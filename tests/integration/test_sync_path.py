@@ -1,0 +1,92 @@
+"""The sync path's writes: the answer waits for the durable job, not for the fast answer's
+write, and the client's own reads still see that write."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+from tandem.api.app import create_app
+from tandem.jobs.records import load_meta
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.predictions import Prediction
+from tandem.settings import Settings
+from tests.support import encode, solid
+
+RED = encode(solid((255, 0, 0)), "PNG")
+
+
+class _HeldFastAnswers(SQLiteJobStore):
+    """Holds each fast answer's write until the test lets it go."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+        self.attached: list[str] = []
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
+        await asyncio.to_thread(self.release.wait)  # set from the test's thread
+        reported = await super().attach_fast(job_id, fast)
+        self.attached.append(job_id)
+        return reported
+
+
+def _settings(tiny_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        model_dir=tiny_dir,
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        embedded_worker=False,
+    )
+
+
+def _post(client: TestClient) -> str:
+    response = client.post("/predict", content=RED, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def test_the_answer_does_not_wait_for_the_fast_answer_to_be_written(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    store = _HeldFastAnswers(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        threading.Timer(5.0, store.release.set).start()  # a proxy that waits for it answers late
+        job_id = _post(client)
+        assert store.attached == []  # answered while the write was held
+        threading.Timer(0.2, store.release.set).start()
+        job = client.get(f"/job/{job_id}").json()  # waits for this proxy's own write
+        assert store.attached == [job_id]
+        assert job["fast"]["label"] == "class 1"  # the tiny fast model: red votes 1
+        assert job["final"]["label"] == "class 1"
+
+
+def test_a_cancel_answers_with_the_fast_answer_too(tiny_dir: Path, tmp_path: Path) -> None:
+    store = _HeldFastAnswers(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        threading.Timer(5.0, store.release.set).start()
+        job_id = _post(client)
+        threading.Timer(0.2, store.release.set).start()
+        response = client.delete(f"/job/{job_id}")  # waits for this proxy's own write
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["fast"]["label"] == "class 1"
+
+
+def test_shutdown_finishes_writing_fast_answers(tiny_dir: Path, tmp_path: Path) -> None:
+    store = _HeldFastAnswers(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        job_id = _post(client)
+        threading.Timer(0.2, store.release.set).start()
+    assert store.attached == [job_id]
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        (meta,) = conn.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    fast = load_meta(meta).fast
+    assert fast is not None
+    assert fast.label == "class 1"
