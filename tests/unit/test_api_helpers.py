@@ -4,6 +4,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tandem.api.routes import decode_base64
 from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
@@ -26,7 +28,15 @@ def test_base64_in_the_forms_clients_send(text: str) -> None:
     assert decode_base64(text) == PAYLOAD
 
 
-@pytest.mark.parametrize("text", ["abc", "####", "YWJj ZA=", "YWJjZA==YWJj"])
+@given(st.binary(max_size=2048), st.sampled_from([0, 4, 76]))
+def test_base64_decodes_what_the_standard_library_encodes(data: bytes, wrap: int) -> None:
+    text = base64.b64encode(data).decode()
+    if wrap:
+        text = "\n".join(text[i : i + wrap] for i in range(0, len(text), wrap))
+    assert decode_base64(text) == data
+
+
+@pytest.mark.parametrize("text", ["abc", "####", "YWJj ZA=", "YWJjZA==YWJj", "YWJj\u00e9"])
 def test_invalid_base64_is_refused(text: str) -> None:
     with pytest.raises(InvalidBase64):
         decode_base64(text)
