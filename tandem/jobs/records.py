@@ -57,6 +57,18 @@ class JobSpec:
     # Where the worker POSTs the result once stored (already checked against the allowlist).
     callback_url: str | None = None
 
+    def queued(self, now: float) -> Job:
+        """The job this spec becomes when it is first stored at `now`."""
+        return Job(
+            self.id,
+            JobStatus.QUEUED,
+            created_at=now,
+            updated_at=now,
+            fast=self.fast,
+            request_id=self.request_id,
+            callback_url=self.callback_url,
+        )
+
 
 class DeliveryState(StrEnum):
     PENDING = "pending"

@@ -88,6 +88,8 @@ async def test_enqueue_returns_a_queued_job_that_get_finds(store: JobStore) -> N
     assert job.request_id == "req-1"
     assert await store.get(s.id) == job
     assert await store.queue_depth() == 1
+    full = replace(spec(), fast=answer("fast"), callback_url="http://hooks.test/x")
+    assert await store.enqueue(full) == await store.get(full.id)
 
 
 async def test_get_of_an_unknown_id_is_none(store: JobStore) -> None:
