@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 import pybase64
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -20,15 +20,18 @@ from pydantic import ValidationError
 from tandem.api.errors import error_headers
 from tandem.api.metrics import CONTENT_TYPE
 from tandem.api.middleware import request_id_of
+from tandem.api.params import idempotency_key, openapi_parameters, query_params
 from tandem.api.schemas import (
     ErrorBody,
+    GateParams,
     JobResponse,
+    PredictParams,
     PredictRequest,
     PredictResponse,
     StatsResponse,
 )
-from tandem.cascade import Gate, Policy
-from tandem.errors import InvalidBase64, InvalidRequest, UnsupportedMediaType
+from tandem.cascade import Gate
+from tandem.errors import InvalidBase64, UnsupportedMediaType
 from tandem.jobs.records import Job, JobStatus
 from tandem.runtime.assets import sample_image_bytes
 from tandem.service import OK, TandemService
@@ -37,7 +40,7 @@ router = APIRouter()
 log = logging.getLogger("tandem.api")
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+JSON = "application/json"
 MAX_WAIT_S = 60.0
 KEEPALIVE_S = 15.0
 # Every route can meet the guards (401, 413, 504) and a bug (500); each documents its own too.
@@ -90,48 +93,15 @@ def decode_base64(text: str) -> bytes:
         raise InvalidBase64(f"image_data is not valid base64: {exc}") from exc
 
 
-def idempotency_key(value: str | None) -> str | None:
-    if value is not None and not _IDEMPOTENCY_KEY.fullmatch(value):
-        raise InvalidRequest("Idempotency-Key must be 1 to 128 printable ASCII characters")
-    return value
-
-
-async def request_gate(
-    request: Request,
-    policy: Annotated[
-        Policy | None, Query(description="Cascade policy for this request (default: the server's).")
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        Query(ge=0, le=1, description="`when_unsure`: fast top-1 probability that is enough."),
-    ] = None,
-    margin: Annotated[
-        float | None, Query(ge=0, le=1, description="`when_unsure`: also top-1 minus top-2.")
-    ] = None,
-) -> Gate:
-    """The server's cascade gate, with whatever this request overrides."""
-    default = service_of(request).gate
-    return Gate(
-        policy if policy is not None else default.policy,
-        threshold if threshold is not None else default.threshold,
-        margin if margin is not None else default.margin,
-    )
-
-
-RequestGate = Annotated[Gate, Depends(request_gate)]
-
-
 async def _predict(
     request: Request,
     data: bytes,
     gate: Gate,
     key: str | None = None,
     callback_url: str | None = None,
-) -> JSONResponse:
+) -> Response:
     service = service_of(request)
-    outcome = await service.predict(
-        data, request_id_of(request), idempotency_key(key), gate, callback_url
-    )
+    outcome = await service.predict(data, request_id_of(request), key, gate, callback_url)
     request.app.state.metrics.observe_fast(outcome)
     log.info(
         "fast answer %s; %s",
@@ -141,11 +111,14 @@ async def _predict(
     )
     url = f"/job/{outcome.job.id}" if outcome.job else ""
     body = PredictResponse.of(outcome, service.accurate_model, url, request_id_of(request))
-    content = body.model_dump(mode="json")
+    # pydantic's serializer, in one step: a tenth of a ms less than model_dump and json.dumps.
+    content = body.model_dump_json()
     if outcome.not_queued is None:
-        return JSONResponse(content)
+        return Response(content, media_type=JSON)
     refusal = outcome.not_queued
-    return JSONResponse(content, status_code=refusal.status, headers=error_headers(refusal))
+    return Response(
+        content, status_code=refusal.status, headers=error_headers(refusal), media_type=JSON
+    )
 
 
 @router.get("/", include_in_schema=False)
@@ -235,30 +208,18 @@ async def image_bytes(request: Request) -> bytes:
     summary="The fast model's answer now, and the id of the job for the accurate model.",
     response_model=PredictResponse,
     responses=_PREDICT_ERRORS,
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={
+        "requestBody": _REQUEST_BODY,
+        "parameters": openapi_parameters(PredictParams, idempotent=True),
+    },
 )
-async def predict(
-    request: Request,
-    gate: RequestGate,
-    callback_url: Annotated[
-        str | None,
-        Query(
-            max_length=2048,
-            description="POST the result here once stored (a host on TANDEM_WEBHOOK_HOSTS), "
-            "signed with HMAC-SHA256: see the README.",
-        ),
-    ] = None,
-    idempotency: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            description="A retry with the same key within the result TTL gets the same job.",
-        ),
-    ] = None,
-) -> JSONResponse:
-    if callback_url is not None:  # checked before any work, so a bad one costs nothing
-        request.app.state.settings.webhooks.check(callback_url)
-    return await _predict(request, await image_bytes(request), gate, idempotency, callback_url)
+async def predict(request: Request) -> Response:
+    params = query_params(request, PredictParams)
+    key = idempotency_key(request)
+    if params.callback_url is not None:  # checked before any work, so a bad one costs nothing
+        request.app.state.settings.webhooks.check(params.callback_url)
+    gate = params.gate(service_of(request).gate)
+    return await _predict(request, await image_bytes(request), gate, key, params.callback_url)
 
 
 @router.get(
@@ -266,8 +227,10 @@ async def predict(
     summary="Classify the bundled sample photo (a cat), as POST /predict would.",
     response_model=PredictResponse,
     responses=_PREDICT_ERRORS,
+    openapi_extra={"parameters": openapi_parameters(GateParams)},
 )
-async def predict_test(request: Request, gate: RequestGate) -> JSONResponse:
+async def predict_test(request: Request) -> Response:
+    gate = query_params(request, GateParams).gate(service_of(request).gate)
     return await _predict(request, sample_image_bytes(), gate)
 
 

@@ -22,6 +22,41 @@ class PredictRequest(BaseModel):
     )
 
 
+class GateParams(BaseModel):
+    """The query parameters that override the server's cascade gate for one request."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    policy: Policy | None = Field(
+        None, description="Cascade policy for this request (default: the server's)."
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="`when_unsure`: fast top-1 probability that is enough."
+    )
+    margin: float | None = Field(
+        None, ge=0, le=1, description="`when_unsure`: also top-1 minus top-2."
+    )
+
+    def gate(self, default: Gate) -> Gate:
+        """The server's gate, with whatever this request overrides."""
+        return Gate(
+            self.policy if self.policy is not None else default.policy,
+            self.threshold if self.threshold is not None else default.threshold,
+            self.margin if self.margin is not None else default.margin,
+        )
+
+
+class PredictParams(GateParams):
+    """`POST /predict`'s query parameters."""
+
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POST the result here once stored (a host on TANDEM_WEBHOOK_HOSTS), "
+        "signed with HMAC-SHA256: see the README.",
+    )
+
+
 class ScoredLabel(BaseModel):
     index: int = Field(description="The model's output index.")
     label: str

@@ -119,7 +119,10 @@ def test_bad_policy_parameters_are_422_and_cost_nothing(
         "/predict", content=COFFEE, headers={"Content-Type": "image/png"}, params=params
     )
     assert response.status_code == 422
-    assert response.json()["error"]["code"] == "validation_error"
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    # Named as FastAPI names a bad query parameter, though /predict parses its own.
+    assert [problem["loc"] for problem in error["details"]["problems"]] == [["query", *params]]
     assert client.get("/stats").json()["requests"] == 0
 
 

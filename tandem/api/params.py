@@ -1,0 +1,76 @@
+"""Parameters that routes parse by hand, and their OpenAPI description.
+
+FastAPI's dependency solving cost `/predict` 0.2-0.3 ms a request, a tenth of what the proxy
+adds to a 10 ms model. The hot routes validate their query string with one pydantic model
+instead, and document the model's fields as OpenAPI parameters, so /docs and the schema
+tests still see them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from tandem.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def query_params(request: Request, model: type[M]) -> M:
+    """The query string as `model`; a 422 naming each bad field, as FastAPI's would."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from exc
+
+
+def idempotency_key(request: Request) -> str | None:
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is not None and not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 128 printable ASCII characters")
+    return value
+
+
+def openapi_parameters(model: type[BaseModel], *, idempotent: bool = False) -> list[dict[str, Any]]:
+    """`model`'s fields as optional query parameters, and the idempotency header if wanted."""
+    schema = model.model_json_schema()
+    defs = schema.get("$defs", {})
+    parameters = []
+    for name, declared in schema["properties"].items():
+        field = _inlined(declared, defs)
+        description = field.pop("description", "")
+        parameters.append(
+            {"name": name, "in": "query", "required": False, "description": description}
+            | {"schema": field}
+        )
+    if idempotent:
+        parameters.append(
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "A retry with the same key within the result TTL gets the same job.",
+                "schema": {"type": "string", "pattern": _IDEMPOTENCY_KEY.pattern},
+            }
+        )
+    return parameters
+
+
+def _inlined(node: Any, defs: dict[str, Any]) -> Any:
+    """`node` with each `$ref` to `defs` replaced by what it names (an enum, here)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            return _inlined(defs[ref.rsplit("/", 1)[-1]], defs)
+        return {key: _inlined(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inlined(value, defs) for value in node]
+    return node
