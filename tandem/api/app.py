@@ -12,11 +12,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from tandem import __version__
+from tandem.api.direct import DirectRoute
 from tandem.api.errors import install_error_handlers
 from tandem.api.guards import ApiKeys, BodyLimit, Deadline, LoadShedder
 from tandem.api.metrics import AccessMiddleware, Metrics
 from tandem.api.middleware import RequestIdMiddleware
-from tandem.api.routes import router
+from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable
 from tandem.jobs.factory import make_store
 from tandem.jobs.store import JobStore
@@ -138,6 +139,7 @@ INFERENCE_PATHS = ("/predict", "/predict/test")
 
 def _add_guards(app: FastAPI, settings: Settings) -> None:
     # Starlette wraps each added middleware around the previous ones: the last is outermost.
+    app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     app.add_middleware(Deadline, seconds=settings.request_timeout_s, exempt_suffixes=("/events",))
     app.add_middleware(
         LoadShedder,

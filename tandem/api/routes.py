@@ -15,6 +15,7 @@ import pybase64
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from tandem.api.errors import error_headers
@@ -67,6 +68,11 @@ _NOT_QUEUED_OR_OVERLOADED: dict[str, Any] = {
     },
 }
 _PREDICT_ERRORS = _error_bodies(400, 415, 422) | {503: _NOT_QUEUED_OR_OVERLOADED}
+
+
+def route_of(endpoint: Any) -> APIRoute:
+    """The route this module registered for `endpoint`."""
+    return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint)
 
 
 def service_of(request: Request) -> TandemService:
