@@ -25,6 +25,10 @@ Handlers = Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]
 
 
 class DirectRoute:
+    """Serves `route` itself; its endpoint must take the Request alone (nothing is solved).
+    Anything else, including the route under a root path, goes on to FastAPI, which serves
+    it too, only slower."""
+
     def __init__(
         self,
         app: ASGIApp,
