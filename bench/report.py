@@ -71,7 +71,7 @@ def render(r: dict[str, Any]) -> str:
         "latency over the same turns was "
         + " and ".join(
             f"{_ms(rows[0]['floor_s'])} ({kind})"
-            for kind, rows in ((k, r["sync"].get(k)) for k in ("json", "raw"))
+            for kind, rows in ((k, r["sync"].get(k)) for k in _BODY_NAMES)
             if rows is not None
         )
         + ".",

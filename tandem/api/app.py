@@ -139,6 +139,7 @@ INFERENCE_PATHS = ("/predict", "/predict/test")
 
 def _add_guards(app: FastAPI, settings: Settings) -> None:
     # Starlette wraps each added middleware around the previous ones: the last is outermost.
+    # Innermost, so that POST /predict meets every guard before DirectRoute serves it.
     app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     app.add_middleware(Deadline, seconds=settings.request_timeout_s, exempt_suffixes=("/events",))
     app.add_middleware(
