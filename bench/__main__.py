@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -161,7 +162,14 @@ class Proc:
         line = next(x for x in status.splitlines() if x.startswith("VmHWM"))
         return int(line.split()[1]) / 1024
 
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a paused process would not act on SIGTERM
         self.process.terminate()
         try:
             self.process.wait(timeout=30)
@@ -369,36 +377,79 @@ def async_path(bench: Bench) -> dict[str, Any]:
 
 def interference(bench: Bench) -> dict[str, Any]:
     """Sync latency, 1 and 4 clients: queue empty (no worker) vs the embedded worker draining a
-    full one; and how fast that worker drains it, with the proxy idle and under each load."""
+    full one, sampled in alternating turns; and how fast that worker drains it, with the proxy
+    idle and under each load.
+
+    Both servers stay up, and the busy one is paused (SIGSTOP) while the empty one is measured,
+    so neither side's turns meet the other's worker. Turns matter here because a p99 is decided
+    by a handful of requests: a few seconds' stall of a shared machine, if it falls in one
+    side's only phase, would decide the ratio alone.
+    """
     body, content_type = bodies(bench)["json"]
-    results: dict[str, Any] = {}
-    empty, port = serve(bench, bench.work / "quiet", "--no-worker")
-    try:
-        results["empty"] = [
-            load(Target(port, body, content_type), c, bench.tail_seconds) for c in (1, 4)
-        ]
-    finally:
-        empty.stop()
     data = bench.work / "busy"
     _fill_queue(bench, data, 400 if bench.quick else 1500)
-    busy, port = serve(bench, data)  # the default: the accurate model's worker in-process
+    empty, empty_port = serve(bench, bench.work / "quiet", "--no-worker")
+    busy, busy_port = serve(bench, data)  # the default: the accurate model's worker in-process
     watch = QueueWatch(data)
     try:
         time.sleep(1.0)  # let the worker get going
         before, started = watch.done(), time.perf_counter()
         time.sleep(bench.seconds)
-        results["embedded_idle_jobs_per_s"] = _finished_per_s(watch, before, started)
-        results["full"], results["embedded_loaded_jobs_per_s"] = [], []
+        results: dict[str, Any] = {
+            "embedded_idle_jobs_per_s": _finished_per_s(watch, before, started)
+        }
+        empty_target = Target(empty_port, body, content_type)
+        sides = Turns(empty_target, Target(busy_port, body, content_type), busy, watch)
         for clients in (1, 4):
-            before, started = watch.done(), time.perf_counter()
-            target = Target(port, body, content_type)
-            results["full"].append(load(target, clients, bench.tail_seconds))
-            results["embedded_loaded_jobs_per_s"].append(_finished_per_s(watch, before, started))
+            sides.run(bench, clients)
+        results |= sides.results()
         results["queue_left"] = watch.depth()
     finally:
         watch.close()
         busy.stop()
+        empty.stop()
     return results
+
+
+@dataclass
+class Turns:
+    """Interference's two sides, sampled in alternating turns."""
+
+    empty: Target
+    full: Target
+    busy: Proc
+    watch: QueueWatch
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    loaded_jobs_per_s: list[float] = field(default_factory=list)
+
+    def run(self, bench: Bench, clients: int) -> None:
+        turns = 4 if bench.quick else 10
+        seconds = bench.tail_seconds / turns
+        empty, full = [], []
+        done, busy_s = 0, 0.0
+        for turn in range(turns):
+            if turn % 2:  # each side goes first in half the turns: neither always follows a pause
+                empty.append(self._empty_turn(clients, seconds))
+            time.sleep(0.25)  # the worker back at work before the turn starts
+            before, started = self.watch.done(), time.perf_counter()
+            full.append(_generate_load(self.full, clients, seconds, 10**9))
+            done += self.watch.done() - before
+            busy_s += time.perf_counter() - started
+            if turn % 2 == 0:
+                empty.append(self._empty_turn(clients, seconds))
+        self.runs.setdefault("empty", []).append(_summary(clients, empty))
+        self.runs.setdefault("full", []).append(_summary(clients, full))
+        self.loaded_jobs_per_s.append(done / busy_s)
+
+    def _empty_turn(self, clients: int, seconds: float) -> dict[str, Any]:
+        self.busy.pause()
+        try:
+            return _generate_load(self.empty, clients, seconds, 10**9)
+        finally:
+            self.busy.resume()
+
+    def results(self) -> dict[str, Any]:
+        return self.runs | {"embedded_loaded_jobs_per_s": self.loaded_jobs_per_s}
 
 
 def _finished_per_s(watch: QueueWatch, before: int, started: float) -> float:

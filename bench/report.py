@@ -90,7 +90,9 @@ def render(r: dict[str, Any]) -> str:
         f"({r['async']['jobs']} jobs).",
         f"- Sync p50 / p99 from 1 client: queue empty {_ms(empty1['p50_s'])} / "
         f"{_ms(empty1['p99_s'])}; worker draining a full queue {_ms(full1['p50_s'])} / "
-        f"{_ms(full1['p99_s'])} ({interference['queue_left']} jobs still queued after).",
+        f"{_ms(full1['p99_s'])} ({interference['queue_left']} jobs still queued after). "
+        "The two sides are sampled in alternating turns, the busy server paused while the "
+        "empty one is measured.",
         f"- The same from 4 clients: {_ms(empty4['p50_s'])} / {_ms(empty4['p99_s'])} vs "
         f"{_ms(full4['p50_s'])} / {_ms(full4['p99_s'])}.",
         "- The embedded worker, giving way to the fast model: "

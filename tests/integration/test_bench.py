@@ -44,3 +44,8 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
     results = json.loads(raw.read_text())
     assert set(results) >= {"floor", "sync", "async", "interference", "machine"}
     assert results["sync"]["raw"] is not None  # raw image bodies were accepted
+    # Interference's two sides were each sampled, in turns, at 1 and at 4 clients.
+    for side in ("empty", "full"):
+        rows = results["interference"][side]
+        assert [row["clients"] for row in rows] == [1, 4]
+        assert all(row["ok"] == row["requests"] > 0 for row in rows)
