@@ -57,20 +57,21 @@ RECONNECT_S = 0.5
 
 # KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
 # job key prefix, whether there is an idempotency key.
-# Returns the id of the job that stands for this request, or false when the queue is full.
+# Returns {id, 1} for a job it stored, {id, 0} for the earlier job that stands for this
+# request, or false when the queue is full.
 _ENQUEUE = """
 if ARGV[8] == '1' then
   local earlier = redis.call('GET', KEYS[3])
-  if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return earlier end
+  if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return {earlier, 0} end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
 local limit = tonumber(ARGV[5])
 if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return false end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[2], 'updated_at', ARGV[2],
            'attempts', 0, 'meta', ARGV[3], 'image', ARGV[4], 'entry', entry)
 if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
-return ARGV[1]
+return {ARGV[1], 1}
 """
 
 # Finish an unfinished job and count it. KEYS: job, queue, counters.
@@ -303,10 +304,13 @@ class RedisJobStore:
             self._job_key(""),
             "1" if spec.idempotency_key else "0",
         ]
-        job_id = await self._call(lambda: self._enqueue(keys=keys, args=args))
-        if job_id is None:
+        stored: Any = await self._call(lambda: self._enqueue(keys=keys, args=args))
+        if stored is None:
             limit = self.policy.max_queue_length
             raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+        job_id, created = stored
+        if created:  # built, not read back: a round trip less on the sync path
+            return spec.queued(now)
         job = await self.get(_text(job_id))
         if job is None:  # only if its TTL ran out between the two calls
             raise QueueUnavailable("the job expired while it was being stored")
