@@ -97,6 +97,10 @@ class FloorProbe:
             call = functools.partial(_classify_one, single, bench.photo, single.decode_side)
             _timed(call, 5)  # warm up
             self.calls[spin] = call
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the samples taken so far."""
         self.times: dict[Spin, list[float]] = {spin: [] for spin in self.calls}
 
     def sample(self, calls: int) -> None:
@@ -268,10 +272,10 @@ def _summary(concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def one_client_beside_the_floor(bench: Bench, target: Target) -> dict[str, Any]:
+def one_client_beside_the_floor(bench: Bench, target: Target, probe: FloorProbe) -> dict[str, Any]:
     """1-client latency, with the fast model's floor sampled in turns with it: the ratio of
     the two then compares the same minutes, not a quiet minute with a busy one."""
-    probe = FloorProbe(bench, FAST)
+    probe.restart()
     runs = []
     # Short turns: a neighbour's burst on a shared machine then meets both sides alike.
     for _ in range(5 if bench.quick else 20):
@@ -297,6 +301,7 @@ def bodies(bench: Bench) -> dict[str, tuple[Path, str]]:
 def sync_path(bench: Bench) -> dict[str, Any]:
     server, port = serve(bench, bench.work / "sync", "--no-worker")
     results: dict[str, Any] = {}
+    floor_probe = FloorProbe(bench, FAST)  # one for every body kind: its sessions take a while
     try:
         for kind, (body, content_type) in bodies(bench).items():
             probe = load(Target(port, body, content_type), 1, 5, requests=3)
@@ -305,7 +310,7 @@ def sync_path(bench: Bench) -> dict[str, Any]:
                 continue
             target = Target(port, body, content_type)
             load(target, 4, 1.0)  # warm up
-            rows = [one_client_beside_the_floor(bench, target)]
+            rows = [one_client_beside_the_floor(bench, target, floor_probe)]
             rows += [load(target, c, bench.seconds) for c in (4, 16, 64)]
             results[kind] = rows
         results["proxy_peak_rss_mb"] = server.peak_rss_mb()
@@ -419,7 +424,7 @@ class Turns:
     full: Target
     busy: Proc
     watch: QueueWatch
-    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"empty": [], "full": []})
     loaded_jobs_per_s: list[float] = field(default_factory=list)
 
     def run(self, bench: Bench, clients: int) -> None:
@@ -437,8 +442,8 @@ class Turns:
             busy_s += time.perf_counter() - started
             if turn % 2 == 0:
                 empty.append(self._empty_turn(clients, seconds))
-        self.runs.setdefault("empty", []).append(_summary(clients, empty))
-        self.runs.setdefault("full", []).append(_summary(clients, full))
+        self.runs["empty"].append(_summary(clients, empty))
+        self.runs["full"].append(_summary(clients, full))
         self.loaded_jobs_per_s.append(done / busy_s)
 
     def _empty_turn(self, clients: int, seconds: float) -> dict[str, Any]:

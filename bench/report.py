@@ -70,9 +70,9 @@ def render(r: dict[str, Any]) -> str:
         "Each 1-client row is taken in turns with the fast model's floor, whose batch-1 "
         "latency over the same turns was "
         + " and ".join(
-            f"{_ms(rows[0]['floor_s'])} ({kind})"
-            for kind, rows in ((k, r["sync"].get(k)) for k in _BODY_NAMES)
-            if rows is not None
+            f"{_ms(r['sync'][kind][0]['floor_s'])} ({kind})"
+            for kind in _BODY_NAMES
+            if r["sync"].get(kind) is not None
         )
         + ".",
     ]
