@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,18 +102,44 @@ class FloorProbe:
 
     def restart(self) -> None:
         """Forget the samples taken so far."""
-        self.times: dict[Spin, list[float]] = {spin: [] for spin in self.calls}
+        self.steps: dict[Spin, list[tuple[float, float, float]]] = {spin: [] for spin in self.calls}
 
     def sample(self, calls: int) -> None:
         for spin, call in self.calls.items():
-            self.times[spin] += _timed(call, calls)
+            for _ in range(calls):
+                started = time.perf_counter()
+                decode_s, inference_s = call()
+                self.steps[spin].append((time.perf_counter() - started, decode_s, inference_s))
+
+    def _best(self) -> list[tuple[float, float, float]]:
+        return min(self.steps.values(), key=lambda steps: float(np.median([s[0] for s in steps])))
 
     def latency(self) -> float:
-        return min(float(np.median(runs)) for runs in self.times.values())
+        return float(np.median([total for total, _, _ in self._best()]))
+
+    def split(self) -> dict[str, float]:
+        """Medians of each step, for the way of spinning that gave the floor."""
+        return _split_medians(self._best())
 
 
-def _classify_one(classifier: Classifier, photo: bytes, side: int) -> None:
-    classifier.predict([decode_image(photo, min_side=side)], 5)
+def _split_medians(steps: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Calls given as rows of (total, decode, inference) seconds, as the median of each step:
+    preprocess is the rest of the call (in the server, with its thread hops)."""
+    totals, decodes, inferences = np.asarray(steps).T
+    return {
+        "decode_s": float(np.median(decodes)),
+        "preprocess_s": float(np.median(totals - decodes - inferences)),
+        "inference_s": float(np.median(inferences)),
+    }
+
+
+def _classify_one(classifier: Classifier, photo: bytes, side: int) -> tuple[float, float]:
+    """Seconds spent decoding and in the model's run."""
+    started = time.perf_counter()
+    image = decode_image(photo, min_side=side)
+    decoded = time.perf_counter() - started
+    (prediction,) = classifier.predict([image], 5)
+    return decoded, prediction.inference_ms / 1000.0
 
 
 def _best_throughput(bench: Bench, name: str) -> dict[str, Any]:
@@ -234,9 +261,10 @@ def load(
 
 
 def _generate_load(
-    target: Target, concurrency: int, duration: float, requests: int
+    target: Target, concurrency: int, duration: float, requests: int, *, split: bool = False
 ) -> dict[str, Any]:
-    """Run the load generator in its own process; its latencies and counts."""
+    """Run the load generator in its own process; its latencies and counts, and with `split`
+    each answer's timings as the service measured them."""
     command = [
         sys.executable,
         "-m",
@@ -253,6 +281,7 @@ def _generate_load(
         str(duration),
         "--requests",
         str(requests),
+        *(["--split"] if split else []),
     ]
     output = subprocess.run(command, capture_output=True, check=True, text=True).stdout
     raw: dict[str, Any] = json.loads(output)
@@ -281,8 +310,21 @@ def one_client_beside_the_floor(bench: Bench, target: Target, probe: FloorProbe)
     for _ in range(5 if bench.quick else 20):
         probe.sample(3)
         time.sleep(0.05)  # ONNX Runtime's default lets its threads spin a while after a run
-        runs.append(_generate_load(target, 1, 60.0, 15))
-    return _summary(1, runs) | {"floor_s": probe.latency()}
+        runs.append(_generate_load(target, 1, 60.0, 15, split=True))
+    return _summary(1, runs) | {
+        "floor_s": probe.latency(),
+        "floor_split": probe.split(),
+        "split": _server_split(runs),
+    }
+
+
+def _server_split(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a 1-client request's time went, as medians: the steps the service timed, and
+    what lies outside it (HTTP both ways, the framework and guards, the client)."""
+    # Rows of latency, then the service's total, decode and inference.
+    answers = np.array([answer for run in runs for answer in run["split_s"]])
+    outside = answers[:, 0] - answers[:, 1]
+    return _split_medians(answers[:, 1:]) | {"outside_s": float(np.median(outside))}
 
 
 # -- phases ---------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ class Tally:
     stop_at: float
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
+    # With --split: per answered request, its latency and the service's own timings.
+    split: list[list[float]] | None = None
 
 
 def build_request(port: int, path: str, body: bytes, content_type: str) -> bytes:
@@ -33,15 +35,29 @@ def build_request(port: int, path: str, body: bytes, content_type: str) -> bytes
     return head.encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     status = int((await reader.readline()).split(b" ", 2)[1])
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    await reader.readexactly(length)
-    return status
+    return status, await reader.readexactly(length)
+
+
+def _record_split(tally: Tally, latency: float, status: int, body: bytes) -> None:
+    """The service's timings from a /predict answer: read after the clock stopped."""
+    if tally.split is None or status != 200:
+        return
+    timings = json.loads(body)["timings"]
+    tally.split.append(
+        [
+            latency,
+            timings["total_ms"] / 1000,
+            timings["decode_ms"] / 1000,
+            timings["fast_ms"] / 1000,
+        ]
+    )
 
 
 async def _connection(port: int, request: bytes, tally: Tally) -> None:
@@ -52,8 +68,11 @@ async def _connection(port: int, request: bytes, tally: Tally) -> None:
             started = time.perf_counter()
             writer.write(request)
             await writer.drain()
-            tally.statuses[await _read_response(reader)] += 1
-            tally.latencies.append(time.perf_counter() - started)
+            status, body = await _read_response(reader)
+            latency = time.perf_counter() - started
+            tally.statuses[status] += 1
+            tally.latencies.append(latency)
+            _record_split(tally, latency, status, body)
     finally:
         writer.close()
 
@@ -62,7 +81,12 @@ async def run(port: int, request: bytes, concurrency: int, tally: Tally) -> dict
     started = time.perf_counter()
     await asyncio.gather(*(_connection(port, request, tally) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"latencies_s": tally.latencies, "statuses": dict(tally.statuses), "elapsed_s": elapsed}
+    result = {
+        "latencies_s": tally.latencies,
+        "statuses": dict(tally.statuses),
+        "elapsed_s": elapsed,
+    }
+    return result if tally.split is None else result | {"split_s": tally.split}
 
 
 def main() -> None:
@@ -74,9 +98,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=10**9)
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also keep each answer's timings: latency, total, decode, fast",
+    )
     args = parser.parse_args()
     request = build_request(args.port, args.path, args.body.read_bytes(), args.content_type)
-    tally = Tally(budget=args.requests, stop_at=time.perf_counter() + args.duration)
+    tally = Tally(
+        budget=args.requests,
+        stop_at=time.perf_counter() + args.duration,
+        split=[] if args.split else None,
+    )
     json.dump(asyncio.run(run(args.port, request, args.concurrency, tally)), sys.stdout)
 
 

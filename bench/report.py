@@ -28,6 +28,32 @@ def _p50_rows(sync: dict[str, Any]) -> list[str]:
     ]
 
 
+def _split_rows(sync: dict[str, Any]) -> list[str]:
+    """Each 1-client row's median steps beside the floor's, taken in the same turns."""
+    lines = [
+        "",
+        "Where a 1-client request's time goes (medians, so they need not add up exactly). In "
+        "the server, preprocess also holds the thread hops to the model's pool and back; "
+        "outside the service is HTTP both ways, the framework and guards, and the client:",
+        "",
+        "| | decode | preprocess | inference | outside the service | whole |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, name in _BODY_NAMES.items():
+        one = (sync.get(kind) or [{}])[0]
+        if "split" not in one:
+            continue
+        floor, server = one["floor_split"], one["split"]
+        lines += [
+            f"| floor, {name} turns | {_ms(floor['decode_s'])} | {_ms(floor['preprocess_s'])} "
+            f"| {_ms(floor['inference_s'])} | | {_ms(one['floor_s'])} |",
+            f"| server, {name} body | {_ms(server['decode_s'])} | "
+            f"{_ms(server['preprocess_s'])} | {_ms(server['inference_s'])} | "
+            f"{_ms(server['outside_s'])} | {_ms(one['p50_s'])} |",
+        ]
+    return lines
+
+
 def render(r: dict[str, Any]) -> str:
     fast, slow = r["floor"]["efficientnet_lite0"], r["floor"]["efficientnet_lite2"]
     lines = [
@@ -75,6 +101,7 @@ def render(r: dict[str, Any]) -> str:
             if r["sync"].get(kind) is not None
         )
         + ".",
+        *_split_rows(r["sync"]),
     ]
     sync = r["sync"]["json"]
     one, sixteen = sync[0], next(x for x in sync if x["clients"] == 16)

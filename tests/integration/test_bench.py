@@ -44,6 +44,13 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
     results = json.loads(raw.read_text())
     assert set(results) >= {"floor", "sync", "async", "interference", "machine"}
     assert results["sync"]["raw"] is not None  # raw image bodies were accepted
+    # Each 1-client row says where its time went, beside the floor's steps.
+    assert "Where a 1-client request's time goes" in table
+    for kind in ("json", "raw"):
+        one = results["sync"][kind][0]
+        assert set(one["floor_split"]) == {"decode_s", "preprocess_s", "inference_s"}
+        assert set(one["split"]) == {"decode_s", "preprocess_s", "inference_s", "outside_s"}
+        assert all(seconds > 0 for seconds in one["split"].values())
     # Interference's two sides were each sampled, in turns, at 1 and at 4 clients.
     for side in ("empty", "full"):
         rows = results["interference"][side]
