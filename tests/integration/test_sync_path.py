@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
+from tandem import service
 from tandem.api.app import create_app
 from tandem.jobs.records import load_meta
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -90,3 +94,36 @@ def test_shutdown_finishes_writing_fast_answers(tiny_dir: Path, tmp_path: Path) 
     fast = load_meta(meta).fast
     assert fast is not None
     assert fast.label == "class 1"
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_next_request_s_decoded_image_starts_the_write(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "ANSWER_WRITE_AFTER_S", 60.0)  # only the next request, here
+    store = _HeldFastAnswers(tmp_path / "jobs.db")
+    store.release.set()
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        first = _post(client)
+        time.sleep(0.3)
+        assert store.attached == []  # waiting for a moment when the fast path needs one core
+        second = _post(client)
+        assert _wait_for(lambda: first in store.attached)
+        assert second not in store.attached
+
+
+def test_with_no_other_request_the_answer_is_written_soon(tiny_dir: Path, tmp_path: Path) -> None:
+    store = _HeldFastAnswers(tmp_path / "jobs.db")
+    store.release.set()
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        job_id = _post(client)
+        # Nothing reads the job through the proxy: the write happens on its own.
+        assert _wait_for(lambda: store.attached == [job_id])  # before the shutdown's drain
