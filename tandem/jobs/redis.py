@@ -81,8 +81,9 @@ local function finish(job, queue, status, now, ttl_ms, result, err, group, count
   local current = redis.call('HGET', job, 'status')
   if current ~= 'queued' and current ~= 'running' then return 0 end
   local entry = redis.call('HGET', job, 'entry')
-  -- A result that arrives after a cancel request is kept, but the job says cancelled.
-  if status == 'done' and redis.call('HGET', job, 'cancel') == '1' then status = 'cancelled' end
+  -- A run that ends after a cancel request keeps its result or error, but the job says
+  -- cancelled.
+  if redis.call('HGET', job, 'cancel') == '1' then status = 'cancelled' end
   redis.call('HSET', job, 'status', status, 'updated_at', now, 'finished_at', now)
   if result ~= '' then redis.call('HSET', job, 'result', result) end
   if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
@@ -114,7 +115,8 @@ return stored
 
 # Lease a delivered entry. KEYS: job, queue, counters.
 # ARGV: entry, now, max_attempts, ttl_ms, lost, group.
-# Returns the image, or false when the entry is stale (job gone, finished, or out of attempts).
+# Returns the image, or false when the entry is stale (job gone, finished, cancelled, or out of
+# attempts).
 _LEASE = (
     _FINISH_BODY
     + """
@@ -123,6 +125,11 @@ local current = redis.call('HGET', KEYS[1], 'entry')
 if (status ~= 'queued' and status ~= 'running') or current ~= ARGV[1] then
   redis.call('XACK', KEYS[2], ARGV[6], ARGV[1])
   redis.call('XDEL', KEYS[2], ARGV[1])
+  return false
+end
+-- Its worker stopped after the client cancelled it: not run again.
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '')
   return false
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
@@ -136,20 +143,35 @@ return redis.call('HGET', KEYS[1], 'image')
 """
 )
 
-# Put a running job back under a new entry. KEYS: job, queue, counters. ARGV: now, error, group, id.
-_REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local old = redis.call('HGET', KEYS[1], 'entry')
-local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1], 'error', ARGV[2],
-           'entry', entry)
-if old then
-  redis.call('XACK', KEYS[2], ARGV[3], old)
-  redis.call('XDEL', KEYS[2], old)
+# A worker's run failed. KEYS: job, queue, counters.
+# ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
+# A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
+# (returns 1); with retry, a job that is not running is not this worker's and is left alone.
+# Any other job finishes.
+_FAIL = (
+    _FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+local cancelled = redis.call('HGET', KEYS[1], 'cancel') == '1'
+if ARGV[5] == '1' and attempts < tonumber(ARGV[6]) and not cancelled then
+  if status ~= 'running' then return 0 end
+  local old = redis.call('HGET', KEYS[1], 'entry')
+  local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1], 'error', ARGV[2],
+             'entry', entry)
+  if old then
+    redis.call('XACK', KEYS[2], ARGV[3], old)
+    redis.call('XDEL', KEYS[2], old)
+  end
+  redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
+  return 1
 end
-redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
-return 1
+finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '')
+return 0
 """
+)
 
 # Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters.
 # ARGV: now, ttl ms, group.
@@ -260,7 +282,7 @@ class RedisJobStore:
         self._enqueue = self._redis.register_script(_ENQUEUE)
         self._finish = self._redis.register_script(_FINISH)
         self._lease = self._redis.register_script(_LEASE)
-        self._requeue = self._redis.register_script(_REQUEUE)
+        self._fail = self._redis.register_script(_FAIL)
         self._cancel = self._redis.register_script(_CANCEL)
         self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
         self._attach = self._redis.register_script(_ATTACH)
@@ -424,20 +446,18 @@ class RedisJobStore:
         now = repr(time.time())
         return keys, [status.value, now, self._ttl_ms, result, error, GROUP, ",".join(tally or ())]
 
-    async def _finish_job(self, job_id: str, status: JobStatus, *, error: str = "") -> bool:
-        keys, args = self._finish_call(job_id, status, error=error)
-        return bool(await self._call(lambda: self._finish(keys=keys, args=args)))
-
     async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
-        job = await self.get(job_id)
-        if job is None:
-            return None
-        if retry and job.attempts < self.policy.max_attempts:
-            keys = [self._job_key(job_id), self._queue, self._counters]
-            args = [repr(time.time()), error, GROUP, job_id]
-            await self._call(lambda: self._requeue(keys=keys, args=args))
-        else:
-            await self._finish_job(job_id, JobStatus.FAILED, error=error)
+        keys = [self._job_key(job_id), self._queue, self._counters]
+        args: list[ScriptArg] = [
+            repr(time.time()),
+            error,
+            GROUP,
+            job_id,
+            int(retry),
+            self.policy.max_attempts,
+            self._ttl_ms,
+        ]
+        await self._call(lambda: self._fail(keys=keys, args=args))
         await self._call(lambda: self._publish(job_id))
         return await self.get(job_id)
 

@@ -246,17 +246,21 @@ class SQLiteJobStore:
 
         def lease_all() -> list[Claim | None]:
             rows = c.execute(
-                "SELECT id, attempts FROM jobs WHERE status = ?"
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?"
                 " OR (status = ? AND lease_until <= ?) ORDER BY created_at LIMIT ?",
                 (JobStatus.QUEUED, JobStatus.RUNNING, now, limit),
             ).fetchall()
-            return [self._lease(c, job_id, attempts, now, worker_id) for job_id, attempts in rows]
+            return [self._lease(c, row, now, worker_id) for row in rows]
 
         return [claim for claim in _in_transaction(c, lease_all) if claim is not None]
 
     def _lease(
-        self, c: sqlite3.Connection, job_id: str, attempts: int, now: float, worker_id: str
+        self, c: sqlite3.Connection, row: tuple[str, int, int], now: float, worker_id: str
     ) -> Claim | None:
+        job_id, attempts, cancel_requested = row
+        if cancel_requested:  # its worker stopped after the client cancelled it: not run again
+            self._finish(c, job_id, JobStatus.CANCELLED, now)
+            return None
         if attempts >= self.policy.max_attempts:
             self._finish(c, job_id, JobStatus.FAILED, now, error=_LOST.format(n=attempts))
             return None
@@ -304,8 +308,11 @@ class SQLiteJobStore:
         now = self._clock()
 
         def record(c: sqlite3.Connection) -> Job | None:
-            row = c.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if retry and row is not None and row[0] < self.policy.max_attempts:
+            row = c.execute(
+                "SELECT attempts, cancel_requested FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            # A job its client cancelled is not run again: it ends, cancelled, like a success.
+            if retry and row is not None and row[0] < self.policy.max_attempts and not row[1]:
                 requeued = c.execute(
                     "UPDATE jobs SET status = ?, lease_until = NULL, error = ?, updated_at = ?"
                     " WHERE id = ? AND status = ?",
@@ -333,15 +340,14 @@ class SQLiteJobStore:
         tally: Sequence[str] = (),
     ) -> bool:
         # The image is dropped once a job is final: only the answer is kept until it expires.
-        # A result that arrives after a cancel request is kept, but the job says cancelled.
+        # A run that ends after a cancel request keeps its result or error, but the job says
+        # cancelled.
         cursor = c.execute(
-            "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 AND ? = ? THEN ? ELSE ? END,"
+            "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 THEN ? ELSE ? END,"
             " result = ?, error = ?, finished_at = ?, updated_at = ?,"
             " expires_at = ?, lease_until = NULL"
             " WHERE id = ? AND status IN (?, ?)",
             (
-                status,
-                JobStatus.DONE,
                 JobStatus.CANCELLED,
                 status,
                 result,

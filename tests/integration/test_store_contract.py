@@ -188,6 +188,44 @@ async def test_fail_with_retry_queues_again_until_attempts_run_out(store: JobSto
     assert job.error == "transient again"
 
 
+async def test_a_failing_job_whose_cancel_was_asked_is_not_retried(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    await store.claim("w", 1, 0)
+    await store.cancel(s.id)  # running: it is cancelled when its run ends, however it ends
+    job = await store.fail(s.id, "transient", retry=True)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert job.error == "transient"
+    assert await store.claim("w", 1, 0) == []  # nobody runs it again for a client who left
+    assert await store.queue_depth() == 0
+    counts = await store.counts()
+    assert counts.get("jobs_cancelled") == 1
+    assert "jobs_retried" not in counts
+
+
+async def test_a_cancelled_job_whose_worker_died_is_not_run_again(short: JobStore) -> None:
+    s = spec()
+    await short.enqueue(s)
+    await short.claim("w1", 1, 0)
+    await short.cancel(s.id)
+    await asyncio.sleep(PAUSE)  # w1's lease runs out
+    assert await short.claim("w2", 1, 0) == []
+    job = await short.get(s.id)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert await short.queue_depth() == 0
+
+
+async def test_a_failing_job_is_retried_only_while_it_runs(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    job = await store.fail(s.id, "a worker that no longer holds it", retry=True)
+    assert job is not None
+    assert job.status is JobStatus.QUEUED  # left alone: not running, so not this worker's
+    assert [c.id for c in await store.claim("w", 1, 0)] == [s.id]
+
+
 async def test_fail_without_retry_is_final(store: JobStore) -> None:
     s = spec()
     await store.enqueue(s)
