@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench import profile as profiling
 from bench.report import render
 from tandem.jobs.factory import DB_NAME
 from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
@@ -499,6 +500,24 @@ class Turns:
         return self.runs | {"embedded_loaded_jobs_per_s": self.loaded_jobs_per_s}
 
 
+def profile_proxy(bench: Bench, stacks: Path) -> str:
+    """A proxy with no worker under one client sending raw images: CPU and Python frames by
+    thread, per request (see bench.profile)."""
+    server, port = serve(bench, bench.work / "profile", "--no-worker")
+    body, content_type = bodies(bench)["raw"]
+    target = Target(port, body, content_type)
+    try:
+        load(target, 1, 2.0)  # warm up
+
+        def drive(seconds: float) -> int:
+            return int(load(target, 1, seconds)["requests"])
+
+        found = profiling.profile(server.process.pid, bench.tail_seconds, stacks, drive)
+    finally:
+        server.stop()
+    return profiling.render(found)
+
+
 def _finished_per_s(watch: QueueWatch, before: int, started: float) -> float:
     return (watch.done() - before) / (time.perf_counter() - started)
 
@@ -527,6 +546,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: where a proxy's time goes under one client (needs py-spy)",
+    )
     args = parser.parse_args()
     for name in BUILTIN_MODELS:
         if not is_built(name, args.model_dir):
@@ -536,6 +560,11 @@ def main() -> None:
     work.mkdir(parents=True)
     photo = bench_photo()
     bench = Bench(args.model_dir, work, photo, args.quick)
+    if args.profile:
+        report = profile_proxy(bench, args.out / f"profile-{stamp}.txt")
+        (args.out / f"profile-{stamp}.md").write_text(report)
+        print(report)
+        return
     results: dict[str, Any] = {"machine": machine(), "photo_bytes": len(photo)}
     started = time.perf_counter()
     # Each model's floor is measured just before the phase it is compared with: the speed of

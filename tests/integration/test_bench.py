@@ -15,26 +15,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(300)
-def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path) -> None:
+def _bench(model_dir: Path, out: Path, *args: str, timeout: float) -> None:
+    command = [sys.executable, "-m", "bench", "--quick", "--model-dir", str(model_dir)]
+    command += ["--out", str(out), *args]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--model-dir",
-            str(model_dir),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path) -> None:
+    _bench(model_dir, tmp_path, timeout=280)
     (markdown,) = tmp_path.glob("bench-*.md")
     (raw,) = tmp_path.glob("bench-*.json")
     table = markdown.read_text()
@@ -56,3 +48,18 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
         rows = results["interference"][side]
         assert [row["clients"] for row in rows] == [1, 4]
         assert all(row["ok"] == row["requests"] > 0 for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_the_profile_says_where_a_proxy_s_time_goes(model_dir: Path, tmp_path: Path) -> None:
+    _bench(model_dir, tmp_path, "--profile", timeout=100)
+    (report,) = tmp_path.glob("profile-*.md")
+    (stacks,) = tmp_path.glob("profile-*.txt")
+    text = report.read_text()
+    # CPU by thread: the event loop, the fast model's pool, the store's thread, ONNX Runtime's.
+    for thread in ("| MainThread |", "| tandem-fast_0 |", "| tandem-sqlite_0 |", "native thread"):
+        assert thread in text
+    # py-spy saw the model run inside the service, and the request pass the guards.
+    assert "`TandemService._classify (tandem/service.py)`" in text
+    assert "`RequestIdMiddleware.__call__ (tandem/api/middleware.py)`" in text
+    assert stacks.read_text().startswith("thread (")
