@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError
 from tandem.jobs.factory import make_store
-from tandem.jobs.records import Claim
+from tandem.jobs.records import Claim, Job
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, Spin, load_classifier
@@ -156,7 +156,7 @@ class Worker:
         ready: list[tuple[Claim, Tensor]] = []
         for claim, outcome in zip(claims, prepared, strict=True):
             if isinstance(outcome, TandemError):
-                await self.store.fail(claim.id, outcome.message, retry=False)
+                await self._fail(claim, outcome.message, retry=False)
             else:
                 ready.append((claim, outcome))
         if ready:
@@ -182,7 +182,12 @@ class Worker:
     ) -> None:
         log.warning("%d jobs failed: %s", len(ready), reason)
         for claim, _ in ready:
-            await self.store.fail(claim.id, reason, retry=retry)
+            await self._fail(claim, reason, retry=retry)
+
+    async def _fail(self, claim: Claim, reason: str, *, retry: bool) -> None:
+        job = await self.store.fail(claim.id, reason, retry=retry)
+        if job is not None and job.status.terminal:  # its client hears of a failure too
+            self._call_back(job)
 
     async def _classify(self, ready: list[tuple[Claim, Tensor]]) -> None:
         tensors = [tensor for _, tensor in ready]
@@ -258,7 +263,7 @@ class Worker:
             extra = {"job_id": claim.id, "request_id": claim.job.request_id}
             if claim.id in completed.stored:
                 log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
-                await self._call_back(claim)
+                await self._call_back_stored(claim)
             else:
                 # Redelivered after its lease ran out, and another worker answered first.
                 log.info("job %s was already finished; result dropped", claim.id, extra=extra)
@@ -270,11 +275,15 @@ class Worker:
         if job is not None and job.fast is not None:
             await self.store.add_counts(late_judgement(job.fast, answer))
 
-    async def _call_back(self, claim: Claim) -> None:
+    async def _call_back_stored(self, claim: Claim) -> None:
         if claim.job.callback_url is None:
             return
         job = await self.store.get(claim.id)  # as stored: done, or cancelled meanwhile
         if job is not None:
+            self._call_back(job)
+
+    def _call_back(self, job: Job) -> None:
+        if job.callback_url is not None:
             self._webhooks.send(job)
 
 

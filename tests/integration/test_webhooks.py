@@ -15,6 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tandem.errors import ConfigurationError
+from tandem.jobs.records import JobSpec, new_job_id
 from tandem.settings import Settings, load_settings
 from tandem.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.support import encode, solid
@@ -189,3 +190,17 @@ def test_webhooks_are_off_without_an_allowlist(
 def test_an_allowlist_without_a_secret_stops_start_up() -> None:
     with pytest.raises(ConfigurationError, match="webhook_secret"):
         load_settings({"TANDEM_WEBHOOK_HOSTS": "hooks.example.com"})
+
+
+def test_a_job_that_fails_is_posted_too(make_client: Any, receiver: Receiver) -> None:
+    client = make_client(receiver)
+    # The proxy refuses a bad image before any job; one that only the worker cannot read
+    # (a store written by something else) is stored here directly.
+    job_spec = JobSpec(id=new_job_id(), image=b"not an image", callback_url=receiver.url())
+    client.portal.call(client.app.state.service.store.enqueue, job_spec)
+    job = settled(client, job_spec.id)
+    assert job["status"] == "failed"
+    assert job["webhook"]["state"] == "delivered"
+    (_, body) = receiver.received[0]
+    sent = json.loads(body)
+    assert (sent["job_id"], sent["status"], sent["accurate"]) == (job_spec.id, "failed", None)
