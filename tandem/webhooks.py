@@ -4,7 +4,9 @@ Only hosts on the configured allowlist are ever called (checked by the proxy whe
 arrives and again by the worker before each call); redirects are not followed. Each body is
 signed: `Tandem-Signature: sha256=HMAC-SHA256(secret, "<Tandem-Timestamp>.<body>")`, which a
 receiver checks with `verify`. Failures are retried with exponential backoff; the state of the
-delivery is stored on the job. A worker stopped mid-retry leaves it `pending`.
+delivery is stored on the job. Workers also take up, every so often, the deliveries no worker
+is making (`JobStore.undelivered`): so a job is posted at least once, even if it ended where no
+worker saw it or its worker stopped mid-retry; a receiver tells repeats apart by `job_id`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ class WebhookPolicy:
     max_attempts: int = 5
     timeout_s: float = 5.0
     backoff_s: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allowed_hosts)
+
+    @property
+    def stalled_after_s(self) -> float:
+        """A pending delivery untouched for this long has lost its worker: twice the longest
+        wait between two of its records (the last backoff and a timed-out attempt)."""
+        return 2 * (self.timeout_s + self.backoff_s * 2.0 ** (self.max_attempts - 1))
 
     def check(self, url: str) -> str:
         """The URL, if it may be called; else CallbackNotAllowed, saying why."""
@@ -120,9 +132,10 @@ class WebhookSender:
         assert job.callback_url is not None
         body = payload(job)
         state = DeliveryState.FAILED
-        error: str | None = None
-        attempt = 0
-        for attempt in range(1, self.policy.max_attempts + 1):
+        # A delivery taken up from a stopped worker goes on from its last attempt.
+        error = job.webhook.last_error if job.webhook is not None else None
+        attempt = made = job.webhook.attempts if job.webhook is not None else 0
+        for attempt in range(made + 1, self.policy.max_attempts + 1):
             try:
                 await self._post(job.callback_url, body)
             except DeliveryFailed as exc:

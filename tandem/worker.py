@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError
 from tandem.jobs.factory import make_store
-from tandem.jobs.records import Claim, Job
+from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, Spin, load_classifier
@@ -38,6 +38,8 @@ Tensor = npt.NDArray[np.float32]  # one image, prepared as the model's input
 
 HEARTBEAT_S = 5.0
 PURGE_EVERY_S = 60.0
+# Webhooks no worker is delivering, taken up at most this many per sweep.
+DELIVERY_SWEEP_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class WorkerConfig:
     # Threads that decode and preprocess a batch's images side by side.
     prepare_threads: int = 1
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+    # How often to look for webhooks no worker is delivering (see WebhookPolicy).
+    delivery_sweep_s: float = 30.0
 
 
 def new_worker_id() -> str:
@@ -83,6 +87,7 @@ class Worker:
         # Inference time for /metrics, written with the heartbeat rather than per batch.
         self._counts: Counter[str] = Counter()
         self._last_purge = 0.0
+        self._last_sweep = 0.0
         self._storing: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -146,8 +151,26 @@ class Worker:
                 self._last_purge = now
                 if purged:
                     log.info("purged %d expired jobs", purged)
+            if (
+                self.config.webhooks.enabled
+                and now - self._last_sweep >= self.config.delivery_sweep_s
+            ):
+                await self._take_up_deliveries()
+                self._last_sweep = now
         except QueueUnavailable as exc:
             log.warning("housekeeping skipped: %s", exc.message)
+
+    async def _take_up_deliveries(self) -> None:
+        """Post the finished jobs no worker is posting: never tried (they ended where no worker
+        saw it, or a worker's finishing reply was lost) or stalled (their worker stopped)."""
+        stalled = time.time() - self.config.webhooks.stalled_after_s
+        for job in await self.store.undelivered(stalled, DELIVERY_SWEEP_LIMIT):
+            # Marked first, so that other workers' sweeps leave it to this one.
+            previous = job.webhook or Delivery(DeliveryState.PENDING)
+            marked = replace(previous, state=DeliveryState.PENDING, updated_at=time.time())
+            await self.store.record_delivery(job.id, marked)
+            log.info("taking up the webhook of job %s", job.id, extra={"job_id": job.id})
+            self._webhooks.send(job)
 
     async def process(self, claims: list[Claim]) -> None:
         """Decode each job, classify the decodable ones as one batch, store every outcome."""

@@ -75,6 +75,10 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
 
+    @property
+    def final(self) -> bool:
+        return self is not DeliveryState.PENDING
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:

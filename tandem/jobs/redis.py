@@ -74,10 +74,12 @@ if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
 return {ARGV[1], 1}
 """
 
-# Finish an unfinished job and count it. KEYS: job, queue, counters.
+# Finish an unfinished job and count it; one with a callback URL joins the deliveries set.
+# KEYS: job, queue, counters, deliveries.
 # ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
 _FINISH_BODY = """
-local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally)
+local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally,
+                      deliveries)
   local current = redis.call('HGET', job, 'status')
   if current ~= 'queued' and current ~= 'running' then return 0 end
   local entry = redis.call('HGET', job, 'entry')
@@ -95,6 +97,10 @@ local function finish(job, queue, status, now, ttl_ms, result, err, group, count
   end
   redis.call('HINCRBY', counters, 'jobs_' .. status, 1)
   for name in string.gmatch(tally, '[^,]+') do redis.call('HINCRBY', counters, name, 1) end
+  local meta = redis.call('HGET', job, 'meta')
+  if meta and type(cjson.decode(meta)['callback_url']) == 'string' then
+    redis.call('ZADD', deliveries, now, job)
+  end
   return 1
 end
 """
@@ -104,7 +110,7 @@ _FINISH = (
     _FINISH_BODY
     + """
 local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
-                      KEYS[3], ARGV[7])
+                      KEYS[3], ARGV[7], KEYS[4])
 if stored == 1 and ARGV[4] ~= '' and ARGV[7] == '' then
   local meta = cjson.decode(redis.call('HGET', KEYS[1], 'meta'))
   if type(meta['fast']) == 'table' then return 2 end
@@ -129,13 +135,13 @@ if (status ~= 'queued' and status ~= 'running') or current ~= ARGV[1] then
 end
 -- Its worker stopped after the client cancelled it: not run again.
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '')
+  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '', KEYS[4])
   return false
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 if attempts >= tonumber(ARGV[3]) then
   local reason = string.format(ARGV[5], attempts)
-  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '')
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '', KEYS[4])
   return false
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2], 'attempts', attempts + 1)
@@ -168,7 +174,7 @@ if ARGV[5] == '1' and attempts < tonumber(ARGV[6]) and not cancelled then
   redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
   return 1
 end
-finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '')
+finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '', KEYS[4])
 return 0
 """
 )
@@ -180,7 +186,8 @@ _CANCEL = (
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
-  return finish(KEYS[1], KEYS[2], 'cancelled', ARGV[1], ARGV[2], '', '', ARGV[3], KEYS[3], '')
+  return finish(KEYS[1], KEYS[2], 'cancelled', ARGV[1], ARGV[2], '', '', ARGV[3], KEYS[3], '',
+                KEYS[4])
 elseif status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', ARGV[1])
 end
@@ -188,9 +195,11 @@ return 0
 """
 )
 
-# Set a job's webhook state, unless the job has expired. KEYS: job. ARGV: the state as JSON.
+# Set a job's webhook state, unless the job has expired; a final one leaves the deliveries
+# set. KEYS: job, deliveries. ARGV: the state as JSON, whether it is final (1 or 0).
 _RECORD_DELIVERY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[1]) end
+if ARGV[2] == '1' then redis.call('ZREM', KEYS[2], KEYS[1]) end
 return 0
 """
 
@@ -215,6 +224,7 @@ class RedisJobStore:
         self._queue = f"{prefix}:queue"
         self._counters = f"{prefix}:counters"
         self._changes = f"{prefix}:changes"
+        self._deliveries = f"{prefix}:deliveries"
         self._redis: aioredis.Redis | None = None
         self._hub = Hub()
         self._listener: asyncio.Task[None] | None = None
@@ -386,7 +396,7 @@ class RedisJobStore:
 
     async def _lease_entry(self, entry_id: str, job_id: str, worker_id: str) -> Claim | None:
         now = time.time()
-        keys = [self._job_key(job_id), self._queue, self._counters]
+        keys = self._finishing_keys(job_id)
         args: list[ScriptArg] = [
             entry_id,
             repr(now),
@@ -433,6 +443,10 @@ class RedisJobStore:
             untallied=frozenset(job_id for job_id, reply in replies.items() if reply == 2),
         )
 
+    def _finishing_keys(self, job_id: str) -> list[str]:
+        """The keys of every script that may finish a job (see _FINISH_BODY)."""
+        return [self._job_key(job_id), self._queue, self._counters, self._deliveries]
+
     def _finish_call(
         self,
         job_id: str,
@@ -442,12 +456,12 @@ class RedisJobStore:
         tally: Sequence[str] | None = None,
     ) -> tuple[list[str], list[ScriptArg]]:
         """Keys and arguments of the finishing script for one job."""
-        keys = [self._job_key(job_id), self._queue, self._counters]
+        keys = self._finishing_keys(job_id)
         now = repr(time.time())
         return keys, [status.value, now, self._ttl_ms, result, error, GROUP, ",".join(tally or ())]
 
     async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
-        keys = [self._job_key(job_id), self._queue, self._counters]
+        keys = self._finishing_keys(job_id)
         args: list[ScriptArg] = [
             repr(time.time()),
             error,
@@ -462,15 +476,33 @@ class RedisJobStore:
         return await self.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
-        keys = [self._job_key(job_id), self._queue, self._counters]
+        keys = self._finishing_keys(job_id)
         args: list[ScriptArg] = [repr(time.time()), self._ttl_ms, GROUP]
         await self._call(lambda: self._cancel(keys=keys, args=args))
         await self._call(lambda: self._publish(job_id))
         return await self.get(job_id)
 
     async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
-        keys, args = [self._job_key(job_id)], [dump_delivery(delivery)]
+        keys = [self._job_key(job_id), self._deliveries]
+        args: list[ScriptArg] = [dump_delivery(delivery), int(delivery.state.final)]
         await self._call(lambda: self._record_delivery(keys=keys, args=args))
+
+    async def undelivered(self, before: float, limit: int) -> list[Job]:
+        members: list[Any] = await self._call(
+            lambda: self._client.zrangebyscore(
+                self._deliveries, "-inf", f"({before!r}", start=0, num=limit
+            )
+        )
+        waiting, gone = [], []
+        for key in map(_text, members):
+            job = await self.get(key.removeprefix(self._job_key("")))
+            if job is None or (job.webhook is not None and job.webhook.state.final):
+                gone.append(key)  # expired, or delivered by a worker that then lost its reply
+            elif job.webhook is None or (job.webhook.updated_at or 0.0) < before:
+                waiting.append(job)
+        if gone:
+            await self._call(lambda: self._client.zrem(self._deliveries, *gone))
+        return waiting
 
     # -- housekeeping --------------------------------------------------------------------------
 

@@ -21,8 +21,10 @@ from tandem.errors import QueueFull, QueueUnavailable
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
+    TERMINAL_STATUSES,
     Claim,
     Delivery,
+    DeliveryState,
     Job,
     JobSpec,
     JobStatus,
@@ -388,6 +390,21 @@ class SQLiteJobStore:
                 "UPDATE jobs SET webhook = ? WHERE id = ?", (dump_delivery(delivery), job_id)
             )
         )
+
+    async def undelivered(self, before: float, limit: int) -> list[Job]:
+        def select(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs"  # noqa: S608 (constant)
+                " WHERE status IN (?, ?, ?) AND finished_at < ?"
+                " AND json_extract(meta, '$.callback_url') IS NOT NULL"
+                " AND (webhook IS NULL OR (json_extract(webhook, '$.state') = ?"
+                " AND json_extract(webhook, '$.updated_at') < ?))"
+                " ORDER BY finished_at LIMIT ?",
+                (*sorted(TERMINAL_STATUSES), before, DeliveryState.PENDING, before, limit),
+            ).fetchall()
+            return [_job_from_row(row) for row in rows]
+
+        return await self._run(select)
 
     # -- housekeeping --------------------------------------------------------------------------
 

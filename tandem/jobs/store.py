@@ -102,6 +102,11 @@ class JobStore(Protocol):
     async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
         """Store where the job's webhook stands; nothing if the job is gone."""
 
+    async def undelivered(self, before: float, limit: int) -> list[Job]:
+        """Finished jobs with a callback URL that no worker is delivering: finished before
+        `before` (Unix time) and never tried, or left `pending` since before it (the worker
+        delivering it stopped). Oldest first, at most `limit`."""
+
     async def queue_depth(self) -> int:
         """Jobs waiting or running."""
 

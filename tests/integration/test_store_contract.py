@@ -580,3 +580,44 @@ async def test_an_added_fast_answer_survives_a_reopen(factory: StoreFactory) -> 
         assert found.fast == answer("kept")
     finally:
         await again.close()
+
+
+# -- webhooks no worker is delivering -----------------------------------------------------------
+
+
+def hooked() -> JobSpec:
+    return replace(spec(), callback_url="https://hooks.example.com/tandem")
+
+
+async def test_a_finished_job_with_a_callback_awaits_delivery_until_it_is_done(
+    store: JobStore,
+) -> None:
+    done, plain, waiting = hooked(), spec(), hooked()
+    for s in (done, plain, waiting):
+        await store.enqueue(s)
+    await store.claim("w", 2, 0)
+    await store.complete_many({done.id: answer(), plain.id: answer()})
+    later = time.time() + 60
+    # Finished with a callback, never tried; not the one without, nor the one still queued.
+    assert [job.id for job in await store.undelivered(later, 10)] == [done.id]
+    assert await store.undelivered(time.time() - 60, 10) == []  # finished after that
+    await store.record_delivery(done.id, Delivery(DeliveryState.DELIVERED, 1, None, time.time()))
+    assert await store.undelivered(later, 10) == []
+
+
+async def test_a_delivery_left_pending_is_offered_again_once_stale(store: JobStore) -> None:
+    failed, cancelled = hooked(), hooked()
+    await store.enqueue(failed)
+    await store.enqueue(cancelled)
+    await store.claim("w", 1, 0)
+    await store.fail(failed.id, "not an image", retry=False)
+    await store.cancel(cancelled.id)  # queued: cancelled at once, by no worker
+    now = time.time()
+    await store.record_delivery(failed.id, Delivery(DeliveryState.PENDING, 2, "HTTP 503", now))
+    # In progress at `now`: only a later sweep takes it up.
+    assert [job.id for job in await store.undelivered(now, 10)] == [cancelled.id]
+    later = await store.undelivered(now + 60, 10)
+    assert {job.id for job in later} == {failed.id, cancelled.id}
+    (resumed,) = [job for job in later if job.id == failed.id]
+    assert resumed.webhook == Delivery(DeliveryState.PENDING, 2, "HTTP 503", now)
+    assert len(await store.undelivered(now + 60, 1)) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -15,13 +16,18 @@ import pytest
 from starlette.testclient import TestClient
 
 from tandem.errors import ConfigurationError
-from tandem.jobs.records import JobSpec, new_job_id
+from tandem.jobs.records import Delivery, DeliveryState, JobSpec, new_job_id
+from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.predictions import Prediction, Scored
+from tandem.runtime.classifier import load_classifier
 from tandem.settings import Settings, load_settings
-from tandem.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tandem.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookPolicy, verify
+from tandem.worker import Worker, WorkerConfig
 from tests.support import encode, solid
 
 SECRET = "a-secret-of-at-least-16-chars"  # noqa: S105 (a test key)
 PNG = encode(solid((30, 30, 200)), "PNG")
+PREDICTION = Prediction("tiny_accurate", (Scored(6, "class 6", 0.9),), 1.0)
 
 
 @dataclass
@@ -204,3 +210,50 @@ def test_a_job_that_fails_is_posted_too(make_client: Any, receiver: Receiver) ->
     (_, body) = receiver.received[0]
     sent = json.loads(body)
     assert (sent["job_id"], sent["status"], sent["accurate"]) == (job_spec.id, "failed", None)
+
+
+async def test_a_worker_takes_up_webhooks_no_worker_is_delivering(
+    tiny_dir: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """One job finished where no worker posted it (its reply lost, say), one left pending by
+    a worker that stopped after its first attempt: a starting worker posts both."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    lost, stalled = (
+        JobSpec(id=new_job_id(), image=PNG, callback_url=receiver.url()) for _ in range(2)
+    )
+    for job_spec in (lost, stalled):
+        await store.enqueue(job_spec)
+    await store.claim("a-worker-that-stops", 2, 0)
+    await store.complete_many({lost.id: PREDICTION, stalled.id: PREDICTION})
+    left = Delivery(DeliveryState.PENDING, 1, "HTTP 503 from the receiver", time.time())
+    await store.record_delivery(stalled.id, left)
+    policy = WebhookPolicy(
+        allowed_hosts=frozenset({receiver.host}), secret=SECRET, timeout_s=0.1, backoff_s=0.01
+    )
+    await asyncio.sleep(2 * policy.stalled_after_s)  # both now look abandoned
+    worker = Worker(
+        store,
+        load_classifier("tiny_accurate", tiny_dir),
+        WorkerConfig(webhooks=policy, poll_s=0.05, delivery_sweep_s=0.1),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        deadline = time.monotonic() + 10
+        while len(receiver.received) < 2:  # the receiver runs on a thread of its own
+            assert time.monotonic() < deadline, f"posted: {receiver.received}"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # further sweeps post nothing again
+    finally:
+        stop.set()
+        await running
+    posted = sorted(json.loads(body)["job_id"] for _, body in receiver.received)
+    assert posted == sorted([lost.id, stalled.id])
+    for job_id, attempts in ((lost.id, 1), (stalled.id, 2)):  # the second went on from its 1
+        job = await store.get(job_id)
+        assert job is not None
+        assert job.webhook is not None
+        assert (job.webhook.state, job.webhook.attempts) == (DeliveryState.DELIVERED, attempts)
+    assert await store.undelivered(time.time() + 60, 10) == []
+    await store.close()
