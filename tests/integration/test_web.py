@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from bench.cascade import photo_dir
-from tests.support import ServerProcess
+from tests.support import ServerProcess, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,46 @@ def test_a_recent_job_opens_again_after_a_reload(page: Page) -> None:
     page.locator("#recent li").first.click()
     expect(page.locator("#accurate-answer .topk li").first).to_contain_text("Egyptian cat")
     expect(page.locator("#verdict")).to_contain_text("changed")
+
+
+KEY = "a-web-page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    data_dir = tmp_path_factory.mktemp("keyed")
+    env = clean_env(model_dir=str(model_dir), data_dir=str(data_dir), api_keys=KEY)
+    server = ServerProcess(data_dir / "server.log", env).start()
+    yield server
+    server.stop()
+
+
+def test_a_server_with_api_keys_gets_one_from_the_page_then_answers(
+    browser: Browser, keyed_server: ServerProcess
+) -> None:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(keyed_server.url + "/")
+    expect(page.locator("#key-form")).to_be_visible()  # /stats was refused: the page asks
+    page.set_input_files("#file", str(COFFEE))
+    expect(page.locator("#status")).to_contain_text("Refused (unauthorized)")
+    screenshot(page, "web-api-key-asked")
+    page.fill("#key", KEY)
+    page.click("#key-form button")
+    expect(page.locator("#key-form")).to_be_hidden()
+    page.set_input_files("#file", str(CHELSEA))
+    expect(page.locator("#fast-answer .topk li").first).to_contain_text("tiger cat")
+    # Without SSE (it cannot carry the key), the long-poll brings the accurate answer.
+    expect(page.locator("#accurate-answer .topk li").first).to_contain_text(
+        "Egyptian cat", timeout=SLOW
+    )
+    page.reload()  # the key stays for this tab: the chart loads with no question asked
+    expect(page.locator("#chart rect.agree").first).to_be_attached(timeout=10_000)
+    expect(page.locator("#key-form")).to_be_hidden()
+    screenshot(page, "web-api-key")
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
