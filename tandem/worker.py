@@ -9,11 +9,9 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +28,7 @@ from tandem.runtime.classifier import Classifier, Spin, load_classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import GiveWay
 from tandem.settings import Settings
+from tandem.threads import pool
 from tandem.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("tandem.worker")
@@ -80,8 +79,8 @@ class Worker:
         self._give_way = give_way
         self.id = new_worker_id()
         # One inference thread: batches run one after another, the loop stays free.
-        self._executor = _threads("tandem-worker", 1, config.nice)
-        self._preparers = _threads("tandem-prepare", config.prepare_threads, config.nice)
+        self._executor = pool("tandem-worker", 1, config.nice)
+        self._preparers = pool("tandem-prepare", config.prepare_threads, config.nice)
         self._last_beat = 0.0
         self._webhooks = WebhookSender(store, config.webhooks)
         # Inference time for /metrics, written with the heartbeat rather than per batch.
@@ -308,18 +307,6 @@ class Worker:
     def _call_back(self, job: Job) -> None:
         if job.callback_url is not None:
             self._webhooks.send(job)
-
-
-def _threads(name: str, count: int, nice: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(
-        max_workers=count, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
-    )
-
-
-def _lower_priority(nice: int) -> None:
-    if nice:
-        # Linux gives each thread its own nice value; this lowers only the inference thread.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def config_from(settings: Settings) -> WorkerConfig:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction, Scored
@@ -63,5 +68,50 @@ async def test_a_file_from_before_images_had_a_table_keeps_its_queued_jobs(
         assert claim.image == spec.image
         with sqlite3.connect(path) as c:
             assert "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    finally:
+        await store.close()
+
+
+async def _enqueue_megabytes(store: SQLiteJobStore, megabytes: int) -> None:
+    for _ in range(megabytes * 10):
+        await store.enqueue(JobSpec(id=new_job_id(), image=os.urandom(100_000)))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+async def test_commits_leave_the_wal_to_the_checkpointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 3600.0)  # not within this test
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        # 6 MB: SQLite's own checkpoint would have run inside a commit at 4 MB (1000 pages).
+        await _enqueue_megabytes(store, 6)
+        assert _size(store.path) < 1_000_000
+        assert _size(tmp_path / "jobs.db-wal") > 6_000_000
+    finally:
+        await store.close()
+    # The last connection to close moved the WAL into the database file.
+    assert _size(store.path) > 6_000_000
+    assert _size(tmp_path / "jobs.db-wal") == 0
+
+
+async def test_the_checkpointer_moves_the_wal_into_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await _enqueue_megabytes(store, 6)
+        for _ in range(200):  # the file grows on another thread: looked at, not awaited
+            if _size(store.path) > 6_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert _size(store.path) > 6_000_000
+        assert len(await store.claim("w", 100, 0)) == 60  # every job still there
     finally:
         await store.close()
