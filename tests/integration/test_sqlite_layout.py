@@ -12,6 +12,7 @@ import pytest
 from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.store import StorePolicy
 from tandem.predictions import Prediction, Scored
 
 # The jobs table as earlier versions made it: the image inline, in the row.
@@ -64,10 +65,41 @@ async def test_a_file_from_before_images_had_a_table_keeps_its_queued_jobs(
     store = SQLiteJobStore(path)
     await store.open()
     try:
+        assert await store.queue_depth() == 1  # counted when the count was first made
         [claim] = await store.claim("w", 1, 0)
         assert claim.image == spec.image
         with sqlite3.connect(path) as c:
             assert "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+    finally:
+        await store.close()
+
+
+def _unfinished_by_scan(path: Path) -> int:
+    with sqlite3.connect(path) as c:
+        (n,) = c.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+        ).fetchone()
+    return int(n)
+
+
+async def test_the_kept_count_of_unfinished_jobs_agrees_with_the_table(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SQLiteJobStore(tmp_path / "jobs.db", StorePolicy(result_ttl_s=60), lambda: now[0])
+    await store.open()
+    try:
+        ids = [new_job_id() for _ in range(6)]
+        for job_id in ids:
+            await store.enqueue(JobSpec(id=job_id, image=b"image"))
+        await store.enqueue(JobSpec(id=ids[0], image=b"image"))  # the same job: no new one
+        claims = await store.claim("w", 4, 0)
+        await store.complete(claims[0].job.id, ANSWER)
+        await store.fail(claims[1].job.id, "again", retry=True)
+        await store.fail(claims[2].job.id, "for good", retry=False)
+        await store.cancel(ids[5])
+        assert await store.queue_depth() == _unfinished_by_scan(store.path) == 3
+        now[0] += 3600  # the finished jobs expire, and purging them counts nothing off
+        assert await store.purge_expired() == 3
+        assert await store.queue_depth() == _unfinished_by_scan(store.path) == 3
     finally:
         await store.close()
 
