@@ -213,7 +213,6 @@ def _env(bench: Bench, data: Path, **extra: str) -> dict[str, str]:
     return {
         "TANDEM_MODEL_DIR": str(bench.model_dir),
         "TANDEM_DATA_DIR": str(data),
-        "TANDEM_MAX_QUEUE_LENGTH": "0",
         "TANDEM_MAX_IN_FLIGHT": "1000",
         "TANDEM_LOG_LEVEL": "warning",
         **extra,
