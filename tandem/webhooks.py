@@ -26,6 +26,7 @@ import httpx
 from tandem.errors import CallbackNotAllowed, QueueUnavailable
 from tandem.jobs.records import Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
+from tandem.tasks import stop
 
 log = logging.getLogger("tandem.webhooks")
 
@@ -123,9 +124,7 @@ class WebhookSender:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_S)
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
         await self._http.aclose()
 
     async def _deliver(self, job: Job) -> None:

@@ -26,6 +26,7 @@ from tandem.runtime.manifest import model_name
 from tandem.runtime.priority import GiveWay
 from tandem.service import TandemService
 from tandem.settings import Settings
+from tandem.tasks import stop
 from tandem.worker import Worker, config_from
 
 log = logging.getLogger("tandem.api")
@@ -118,10 +119,7 @@ async def _flush_stats_forever(service: TandemService) -> None:
 
 
 async def _shutdown(running: _Running) -> None:
-    if running.flusher is not None:
-        running.flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.flusher
+    await stop(running.flusher)
     if running.service is not None:
         with contextlib.suppress(QueueUnavailable):
             await running.service.flush_stats()
@@ -141,7 +139,7 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
     # Starlette wraps each added middleware around the previous ones: the last is outermost.
     # Innermost, so that POST /predict meets every guard before DirectRoute serves it.
     app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
-    app.add_middleware(Deadline, seconds=settings.request_timeout_s, exempt_suffixes=("/events",))
+    app.add_middleware(Deadline, seconds=settings.request_timeout_s)
     app.add_middleware(
         LoadShedder,
         limit=settings.max_in_flight,

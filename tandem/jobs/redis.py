@@ -48,6 +48,7 @@ from tandem.jobs.records import (
 )
 from tandem.jobs.store import Completed, StorePolicy
 from tandem.predictions import Prediction
+from tandem.tasks import stop
 
 T = TypeVar("T")
 ScriptArg = str | bytes | int | float
@@ -308,11 +309,8 @@ class RedisJobStore:
                 raise
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await stop(self._listener)
+        self._listener = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -39,6 +39,7 @@ from tandem.jobs.records import (
 )
 from tandem.jobs.store import Completed, StorePolicy
 from tandem.predictions import Prediction
+from tandem.tasks import stop
 from tandem.threads import pool
 
 T = TypeVar("T")
@@ -529,11 +530,8 @@ class _Checkpointer:
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
             self._conn = None
