@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     max_watches: int = Field(
         1000, ge=1, description="Open SSE streams and long-polls; beyond, 503 at once."
     )
-    request_timeout_s: float = Field(30.0, gt=0, description="A request not answered by then: 504.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request whose response has not begun by then: 504."
+    )
     fast_timeout_s: float = Field(10.0, gt=0, description="Deadline of one fast-model call: 504.")
     job_timeout_s: float = Field(
         120.0, gt=0, description="A worker batch running longer fails its jobs."

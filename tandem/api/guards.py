@@ -140,25 +140,27 @@ class LoadShedder:
 
 
 class Deadline:
-    """504 for a request not answered within `seconds` (if its response has not begun)."""
+    """504 for a request whose response has not begun within `seconds`. Once it has, the
+    deadline is off: a stream (Server-Sent Events) runs as long as it needs."""
 
-    def __init__(self, app: ASGIApp, seconds: float, exempt_suffixes: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
         self.app = app
         self.seconds = seconds
-        self.exempt_suffixes = exempt_suffixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith(self.exempt_suffixes):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = False
+        deadline = asyncio.timeout(self.seconds)
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = True
+            if not started:
+                started = True
+                deadline.reschedule(None)
             await send(message)
 
-        deadline = asyncio.timeout(self.seconds)
         try:
             async with deadline:
                 await self.app(scope, receive, tracking_send)
