@@ -54,8 +54,11 @@ def _split_rows(sync: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sixteen(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(row for row in rows if row["clients"] == 16)
+
+
 def render(r: dict[str, Any]) -> str:
-    fast, slow = r["floor"]["efficientnet_lite0"], r["floor"]["efficientnet_lite2"]
     lines = [
         "# Tandem benchmark",
         "",
@@ -100,11 +103,18 @@ def render(r: dict[str, Any]) -> str:
             for kind in _BODY_NAMES
             if r["sync"].get(kind) is not None
         )
+        + ". The 16-client rows are taken in turns with the floor's best setting, whose "
+        "images/s over the same turns were "
+        + " and ".join(
+            f"{_sixteen(r['sync'][kind])['floor_per_s']:.1f} ({kind})"
+            for kind in _BODY_NAMES
+            if r["sync"].get(kind) is not None
+        )
         + ".",
         *_split_rows(r["sync"]),
     ]
     sync = r["sync"]["json"]
-    one, sixteen = sync[0], next(x for x in sync if x["clients"] == 16)
+    one, sixteen = sync[0], _sixteen(sync)
     interference = r["interference"]
     empty1, full1 = interference["empty"][0], interference["full"][0]
     empty4, full4 = interference["empty"][1], interference["full"][1]
@@ -114,7 +124,11 @@ def render(r: dict[str, Any]) -> str:
         "## Async path and interference",
         "",
         f"- Worker throughput, proxy idle: {r['async']['jobs_per_s']:.1f} jobs/s "
-        f"({r['async']['jobs']} jobs).",
+        f"({r['async']['jobs']} jobs), in turns with the accurate model's floor at its best "
+        f"setting, {r['async']['floor_per_s']:.1f} images/s over the same turns, the worker "
+        f"paused meanwhile ({r['async']['queue_left']} jobs still queued after"
+        + ("; THE QUEUE RAN DRY, so the rate is low" if r["async"]["queue_left"] == 0 else "")
+        + ").",
         f"- Sync p50 / p99 from 1 client: queue empty {_ms(empty1['p50_s'])} / "
         f"{_ms(empty1['p99_s'])}; worker draining a full queue {_ms(full1['p50_s'])} / "
         f"{_ms(full1['p99_s'])} ({interference['queue_left']} jobs still queued after). "
@@ -140,12 +154,12 @@ def render(r: dict[str, Any]) -> str:
         "| target | ratio |",
         "| --- | --- |",
         *_p50_rows(r["sync"]),
-        f"| sync throughput, 16 clients / floor best (fast) | "
-        f"{_check(sixteen['per_s'] / fast['best']['images_per_s'], 0.9, False)} |",
+        f"| sync throughput, 16 clients / floor best in turns (fast) | "
+        f"{_check(sixteen['per_s'] / sixteen['floor_per_s'], 0.9, False)} |",
         "| sync p99 at 16 clients / p50 at 1 client | "
         f"{_check(sixteen['p99_s'] / one['p50_s'], 4.0, True)} |",
-        f"| async jobs/s / floor best (accurate) | "
-        f"{_check(r['async']['jobs_per_s'] / slow['best']['images_per_s'], 0.9, False)} |",
+        f"| async jobs/s / floor best in turns (accurate) | "
+        f"{_check(r['async']['jobs_per_s'] / r['async']['floor_per_s'], 0.9, False)} |",
         "| sync p99 with a full queue / empty, 1 client | "
         f"{_check(full1['p99_s'] / empty1['p99_s'], 1.25, True)} |",
         "| sync p99 with a full queue / empty, 4 clients | "

@@ -43,6 +43,14 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
         assert set(one["floor_split"]) == {"decode_s", "preprocess_s", "inference_s"}
         assert set(one["split"]) == {"decode_s", "preprocess_s", "inference_s", "outside_s"}
         assert all(seconds > 0 for seconds in one["split"].values())
+    # Both throughputs were compared with the floor's best of the same turns.
+    for kind in ("json", "raw"):
+        sixteen = next(row for row in results["sync"][kind] if row["clients"] == 16)
+        assert sixteen["ok"] > 0
+        assert sixteen["floor_per_s"] > 0
+    assert results["async"]["jobs"] > 0
+    assert results["async"]["floor_per_s"] > 0
+    assert results["async"]["queue_left"] > 0  # the worker never ran out of jobs in a turn
     # Interference's two sides were each sampled, in turns, at 1 and at 4 clients.
     for side in ("empty", "full"):
         rows = results["interference"][side]
