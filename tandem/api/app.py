@@ -137,8 +137,6 @@ INFERENCE_PATHS = ("/predict", "/predict/test")
 
 def _add_guards(app: FastAPI, settings: Settings) -> None:
     # Starlette wraps each added middleware around the previous ones: the last is outermost.
-    # Innermost, so that POST /predict meets every guard before DirectRoute serves it.
-    app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     app.add_middleware(Deadline, seconds=settings.request_timeout_s)
     app.add_middleware(
         LoadShedder,
@@ -187,6 +185,8 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    # Added first, so innermost: POST /predict meets every guard before DirectRoute serves it.
+    app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     _add_guards(app, settings)
     install_error_handlers(app)
     app.include_router(router)
