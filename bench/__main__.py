@@ -247,7 +247,6 @@ def _env(bench: Bench, data: Path, **extra: str) -> dict[str, str]:
         "TANDEM_MODEL_DIR": str(bench.model_dir),
         "TANDEM_DATA_DIR": str(data),
         "TANDEM_MAX_IN_FLIGHT": "1000",
-        "TANDEM_LOG_LEVEL": "warning",
         **extra,
     }
 
@@ -454,7 +453,7 @@ def async_path(bench: Bench, best: dict[str, Any]) -> dict[str, Any]:
         bench,
         ["worker", "--data-dir", str(data)],
         "worker.log",
-        _env(bench, data, TANDEM_LOG_LEVEL="info"),
+        _env(bench, data),
     )
     watch = QueueWatch(data)
     try:
