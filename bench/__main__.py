@@ -200,12 +200,22 @@ def _best_throughput(bench: Bench, name: str) -> dict[str, Any]:
 
 
 class Proc:
-    def __init__(self, bench: Bench, command: list[str], log: str, env: dict[str, str]) -> None:
+    """`python -m tandem <command>`, run from `cwd`: its `tandem` package, then the installed."""
+
+    def __init__(
+        self,
+        bench: Bench,
+        command: list[str],
+        log: str,
+        env: dict[str, str],
+        cwd: Path | None = None,
+    ) -> None:
         self.log_path = bench.work / log
         base = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tandem", *command],
             env=base | env,
+            cwd=cwd,
             stdout=self.log_path.open("wb"),
             stderr=subprocess.STDOUT,
         )

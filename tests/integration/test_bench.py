@@ -71,3 +71,23 @@ def test_the_profile_says_where_a_proxy_s_time_goes(model_dir: Path, tmp_path: P
     assert "`TandemService._classify (tandem/service.py)`" in text
     assert "`RequestIdMiddleware.__call__ (tandem/api/middleware.py)`" in text
     assert stacks.read_text().startswith("thread (")
+
+
+@pytest.mark.timeout(120)
+def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.ab", "--model-dir", str(model_dir)]
+    command += ["--out", str(tmp_path), "--turns", "2", "--requests", "3"]
+    command += ["--b-env", "TANDEM_CASCADE_POLICY=when_unsure"]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = tmp_path.glob("ab-*.md")
+    text = report.read_text()
+    assert "- B: " in text
+    assert "TANDEM_CASCADE_POLICY=when_unsure" in text
+    assert text.count("| A | ") == text.count("| B | ") == 1
+    assert "of 2 turns." in text
+    # Each side got its own server, with its own settings and log.
+    logs = sorted(path.name for path in tmp_path.glob("ab-*/serve-*.log"))
+    assert logs == ["serve-A.log", "serve-B.log"]

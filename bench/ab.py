@@ -1,0 +1,147 @@
+"""`python -m bench.ab`: is a variant of the server faster? An interleaved A/B over HTTP.
+
+Two `tandem serve` processes (no worker), A and B, each from a source tree (this one unless
+told) with settings of its own, answer turns of the load generator in alternation, each side
+first in half the turns, so that both meet the same moments of a shared machine. Prints each
+side's p50, p99 and the steps the service timed, then B over A: pooled, as the median of the
+turns' ratios, and how many turns B won. On the CI-class machine an A/A run's pooled p50
+ratio moved by 4 % and its turns' median by 1 %: read a ratio with its turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.__main__ import (
+    Bench,
+    Proc,
+    Target,
+    _env,
+    _free_port,
+    _generate_load,
+    _server_split,
+    bench_photo,
+    bodies,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Side:
+    name: str
+    root: Path
+    env: dict[str, str]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    proc: Proc | None = None
+    port: int = 0
+
+    def start(self, bench: Bench) -> None:
+        self.port = _free_port()
+        data = bench.work / f"data-{self.name}"
+        command = ["serve", "--no-worker", "--port", str(self.port)]
+        env = _env(bench, data, **self.env)
+        self.proc = Proc(bench, command, f"serve-{self.name}.log", env, cwd=self.root)
+        self.proc.wait_for("", url=f"http://127.0.0.1:{self.port}/health")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def latencies(self) -> np.ndarray:
+        return np.concatenate([run["latencies_s"] for run in self.runs])
+
+
+def run_turns(sides: list[Side], body: tuple[Path, str], args: argparse.Namespace) -> None:
+    for side in sides:  # warm up: the first requests on a connection are slow
+        _generate_load(Target(side.port, *body), 4, 60.0, 30)
+    for turn in range(args.turns):
+        for side in sides if turn % 2 == 0 else reversed(sides):
+            target = Target(side.port, *body)
+            side.runs.append(_generate_load(target, args.clients, 60.0, args.requests, split=True))
+
+
+def report(a: Side, b: Side, args: argparse.Namespace) -> str:
+    lines = [
+        f"# A/B: {args.turns} turns of {args.requests} requests, {args.clients} client(s), "
+        f"{args.body} body",
+        "",
+        f"- A: {a.root} {' '.join(f'{k}={v}' for k, v in a.env.items())}",
+        f"- B: {b.root} {' '.join(f'{k}={v}' for k, v in b.env.items())}",
+        "",
+        "| side | p50 | p99 | decode | preprocess | inference | outside the service |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for side in (a, b):
+        steps = _server_split(side.runs)
+        lines.append(
+            f"| {side.name} | {_ms(np.percentile(side.latencies(), 50))} "
+            f"| {_ms(np.percentile(side.latencies(), 99))} | {_ms(steps['decode_s'])} "
+            f"| {_ms(steps['preprocess_s'])} | {_ms(steps['inference_s'])} "
+            f"| {_ms(steps['outside_s'])} |"
+        )
+    turns = [
+        statistics.median(tb["latencies_s"]) / statistics.median(ta["latencies_s"])
+        for ta, tb in zip(a.runs, b.runs, strict=True)
+    ]
+    pooled = [np.percentile(b.latencies(), q) / np.percentile(a.latencies(), q) for q in (50, 99)]
+    lines += [
+        "",
+        f"B / A: p50 {pooled[0]:.3f}, p99 {pooled[1]:.3f}; median of the turns' p50 ratios "
+        f"{statistics.median(turns):.3f}, B faster in {sum(r < 1 for r in turns)} of "
+        f"{len(turns)} turns.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    for side in ("a", "b"):
+        parser.add_argument(f"--{side}-root", type=Path, default=ROOT, help="a source tree")
+        parser.add_argument(
+            f"--{side}-env", action="append", default=[], metavar="TANDEM_X=V", help="a setting"
+        )
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=40, help="per turn and side")
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--body", choices=("raw", "json"), default="raw")
+    args = parser.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench = Bench(args.model_dir, args.out / f"ab-{stamp}", bench_photo(), quick=False)
+    bench.work.mkdir(parents=True)
+    a = Side("A", args.a_root.resolve(), _settings(args.a_env))
+    b = Side("B", args.b_root.resolve(), _settings(args.b_env))
+    try:
+        for side in (a, b):
+            side.start(bench)
+        run_turns([a, b], bodies(bench)[args.body], args)
+    finally:
+        for side in (a, b):
+            side.stop()
+    table = report(a, b, args)
+    (args.out / f"ab-{stamp}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
