@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,15 +149,9 @@ class ThroughputProbe:
     earlier and the best of eight settings, would meet other moments of a shared machine."""
 
     def __init__(self, bench: Bench, name: str, best: dict[str, Any]) -> None:
-        classifier = _classifier(bench, name, best["threads"])
-        side, batch = classifier.decode_side, best["batch"]
-
-        def run() -> None:
-            images = [decode_image(bench.photo, min_side=side) for _ in range(batch)]
-            classifier.predict(images, 5)
-
-        _timed(run, 2)  # warm up
-        self.run, self.batch = run, batch
+        self.batch = best["batch"]
+        self.run = _batch_call(bench, _classifier(bench, name, best["threads"]), self.batch)
+        _timed(self.run, 2)  # warm up
         self.restart()
 
     def restart(self) -> None:
@@ -176,19 +170,22 @@ class ThroughputProbe:
         return self.images / self.seconds
 
 
+def _batch_call(bench: Bench, classifier: Classifier, batch: int) -> Callable[[], None]:
+    """Decode `batch` copies of the photo, drafted to the model's size, and classify them."""
+    side = classifier.decode_side
+
+    def run() -> None:
+        classifier.predict([decode_image(bench.photo, min_side=side) for _ in range(batch)], 5)
+
+    return run
+
+
 def _best_throughput(bench: Bench, name: str) -> dict[str, Any]:
     best: dict[str, Any] = {"images_per_s": 0.0}
     for threads in (1, 2):
         classifier = _classifier(bench, name, threads)
-        side = classifier.decode_side
         for batch in (1, 4, 8, 16):
-
-            def run(
-                classifier: Classifier = classifier, batch: int = batch, side: int = side
-            ) -> None:
-                images = [decode_image(bench.photo, min_side=side) for _ in range(batch)]
-                classifier.predict(images, 5)
-
+            run = _batch_call(bench, classifier, batch)
             _timed(run, 2)
             rate = batch / float(np.median(_timed(run, 5 if bench.quick else 10)))
             if rate > best["images_per_s"]:
