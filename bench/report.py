@@ -68,14 +68,14 @@ def render(r: dict[str, Any]) -> str:
         "",
         "## Floor: decode + preprocess + inference in one process, no server",
         "",
-        "| model | batch-1 latency | best throughput | at batch, threads |",
+        "| model | batch-1 latency | best throughput | at batch, threads, callers |",
         "| --- | --- | --- | --- |",
     ]
     for name, row in r["floor"].items():
         best = row["best"]
         lines.append(
             f"| {name} | {_ms(row['batch1_s'])} | {best['images_per_s']:.1f} images/s "
-            f"| {best['batch']}, {best['threads']} |"
+            f"| {best['batch']}, {best['threads']}, {best['callers']} |"
         )
     lines += [
         "",

@@ -4,6 +4,7 @@ the machine that made them, and are read from the table, never asserted in tests
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,10 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
         assert set(one["floor_split"]) == {"decode_s", "preprocess_s", "inference_s"}
         assert set(one["split"]) == {"decode_s", "preprocess_s", "inference_s", "outside_s"}
         assert all(seconds > 0 for seconds in one["split"].values())
+    # The floor's best throughput is a ceiling: its scan had callers side by side too.
+    cores = os.cpu_count() or 1
+    for row in results["floor"].values():
+        assert {setting["callers"] for setting in row["best"]["scan"]} == {1, cores}
     # Both throughputs were compared with the floor's best of the same turns.
     for kind in ("json", "raw"):
         sixteen = next(row for row in results["sync"][kind] if row["clients"] == 16)
