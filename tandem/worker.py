@@ -51,7 +51,11 @@ class WorkerConfig:
     # Niceness of the inference thread: beside the fast model (embedded mode), the accurate
     # model yields the CPU to it.
     nice: int = 0
-    # Threads that decode and preprocess a batch's images side by side.
+    # Batches in the model at once, each run on its own thread: on 2 cores two single-threaded
+    # runs side by side beat one run on both cores by a third (see Settings.worker_lane_count).
+    lanes: int = 1
+    # Threads that decode and preprocess a batch's images side by side; with one, a batch's
+    # images are prepared one after another on its lane's thread.
     prepare_threads: int = 1
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     # How often to look for webhooks no worker is delivering (see WebhookPolicy).
@@ -78,9 +82,13 @@ class Worker:
         # Embedded beside the fast model: each step waits for it, and it preempts each run.
         self._give_way = give_way
         self.id = new_worker_id()
-        # One inference thread: batches run one after another, the loop stays free.
-        self._executor = pool("tandem-worker", 1, config.nice)
-        self._preparers = pool("tandem-prepare", config.prepare_threads, config.nice)
+        # A thread per lane, for its batch's preparing and model run: the loop stays free.
+        self._executor = pool("tandem-worker", config.lanes, config.nice)
+        self._preparers = (
+            pool("tandem-prepare", config.prepare_threads, config.nice)
+            if config.prepare_threads > 1
+            else None
+        )
         self._last_beat = 0.0
         self._webhooks = WebhookSender(store, config.webhooks)
         # Inference time for /metrics, written with the heartbeat rather than per batch.
@@ -91,21 +99,18 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("worker %s started for model %s", self.id, self.classifier.name)
-        # A pipeline: while the model runs on one batch, the next is claimed and the previous
-        # one's answers are stored. On stop, what is held is finished and stored.
-        in_hand: asyncio.Task[None] | None = None
+        # A pipeline: while the model runs on a batch in each lane, the next one is claimed and
+        # earlier answers are stored. On stop, what is held is finished and stored.
+        in_hand: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
                 await self._housekeeping()
                 claims = await self._claim()
-                if in_hand is not None:
-                    await in_hand
-                    in_hand = None
+                await self._free_lane(in_hand)
                 if claims:
-                    in_hand = asyncio.create_task(self._process_or_leave(claims))
+                    in_hand.add(asyncio.create_task(self._process_or_leave(claims)))
         finally:
-            if in_hand is not None:
-                await in_hand
+            await _finish(in_hand)
             if self._storing is not None:
                 await self._storing
             with contextlib.suppress(QueueUnavailable):
@@ -114,10 +119,20 @@ class Worker:
             self.close()
             log.info("worker %s stopped", self.id)
 
+    async def _free_lane(self, in_hand: set[asyncio.Task[None]]) -> None:
+        """Return once a lane is free, taking the finished batches out of `in_hand`; a batch
+        that failed raises here."""
+        while len(in_hand) >= self.config.lanes:
+            done, _ = await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
+            in_hand -= done
+            for task in done:
+                task.result()
+
     def close(self) -> None:
         """Wait for the worker's threads; a batch still running in them finishes first."""
         self._executor.shutdown(wait=True)
-        self._preparers.shutdown(wait=True)
+        if self._preparers is not None:
+            self._preparers.shutdown(wait=True)
 
     async def _flush_counts(self) -> None:
         counts, self._counts = self._counts, Counter()
@@ -185,11 +200,14 @@ class Worker:
             await self._classify(ready)
 
     def _prepare_all(self, claims: list[Claim]) -> list[Tensor | TandemError]:
-        """Each job's model input, or why it has none. The images are decoded and preprocessed
-        side by side, one thread per core: the model's run comes after and is parallel
-        itself, so a batch prepared on one thread would leave the other cores idle."""
+        """Each job's model input, or why it has none. With one lane the images are decoded
+        and preprocessed side by side, one thread per core: the model's run comes after and is
+        parallel itself, so a batch prepared on one thread would leave the other cores idle.
+        With a lane per core, the other lanes keep those cores busy."""
         if self._give_way is not None:
             self._give_way.wait()
+        if self._preparers is None:
+            return [self._prepare(claim) for claim in claims]
         return list(self._preparers.map(self._prepare, claims))
 
     def _prepare(self, claim: Claim) -> Tensor | TandemError:
@@ -259,7 +277,8 @@ class Worker:
         """Start storing these answers, and return so that the next batch can run meanwhile.
         At most one batch is being stored: a slower store holds the model back, never piles
         answers up in memory."""
-        if self._storing is not None:
+        # Another lane may start its store while this one waits: wait until none is running.
+        while self._storing is not None and not self._storing.done():
             await self._storing
         storing = self._store(claims, predictions)
         self._storing = asyncio.create_task(self._or_leave(storing, len(claims)))
@@ -317,8 +336,19 @@ def config_from(settings: Settings) -> WorkerConfig:
         limits=settings.image_limits,
         job_timeout_s=settings.job_timeout_s,
         webhooks=settings.webhooks,
-        prepare_threads=settings.accurate_all_threads,
+        lanes=settings.worker_lane_count,
+        prepare_threads=settings.accurate_prepare_threads,
     )
+
+
+async def _finish(in_hand: set[asyncio.Task[None]]) -> None:
+    """Wait for the batches in hand; one that failed is logged, so the others still finish."""
+    if not in_hand:
+        return
+    await asyncio.wait(in_hand)
+    for task in in_hand:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a batch failed", exc_info=task.exception())
 
 
 async def run_worker_process(settings: Settings) -> None:
@@ -333,7 +363,7 @@ async def run_worker_process(settings: Settings) -> None:
             load_classifier,
             settings.accurate_model,
             settings.model_dir,
-            settings.accurate_threads,
+            settings.accurate_lane_threads,
             Spin.NEVER,
         )
         stop = asyncio.Event()

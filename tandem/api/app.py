@@ -105,7 +105,14 @@ async def _start_worker(
     accurate = await _load(
         settings.accurate_model, settings, threads, spin=Spin.NEVER, solo_threads=solo
     )
-    config = replace(config_from(settings), nice=EMBEDDED_WORKER_NICE)
+    # One lane: its batch's images prepared side by side, then run on every core while the
+    # fast model is idle, or on one beside it.
+    config = replace(
+        config_from(settings),
+        nice=EMBEDDED_WORKER_NICE,
+        lanes=1,
+        prepare_threads=settings.accurate_all_threads,
+    )
     worker = Worker(running.store, accurate, config, give_way)
     await running.store.beat(worker.id, accurate.name)
     return asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")

@@ -1,13 +1,20 @@
-"""A worker's batch: images prepared side by side, each answer stored with its own job."""
+"""A worker's batches: images prepared side by side, lanes run side by side, each answer stored
+with its own job."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
-from tandem.runtime.classifier import load_classifier
+from tandem.predictions import Prediction
+from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.worker import Worker, WorkerConfig
 from tests.support import encode, solid
 
@@ -38,6 +45,51 @@ async def test_a_batch_prepared_on_several_threads_keeps_each_answer_with_its_jo
         assert jobs["garbage"].status is JobStatus.FAILED
     finally:
         await asyncio.to_thread(worker.close)
+        await store.close()
+
+
+class Meeting:
+    """The accurate model, but a run starts only once another lane's run is starting too: with
+    lanes that run one after another, the first would wait out the barrier and fail."""
+
+    def __init__(self, classifier: Classifier, lanes: int) -> None:
+        self._classifier = classifier
+        self.barrier = threading.Barrier(lanes, timeout=10)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._classifier, name)
+
+    def predict_tensors(
+        self, batch: npt.NDArray[np.float32], k: int, **options: Any
+    ) -> list[Prediction]:
+        self.barrier.wait()
+        return self._classifier.predict_tensors(batch, k, **options)
+
+
+async def test_lanes_run_batches_side_by_side_and_every_answer_finds_its_job(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    accurate = cast(Classifier, Meeting(load_classifier("tiny_accurate", tiny_dir), lanes=2))
+    worker = Worker(store, accurate, WorkerConfig(batch_size=2, lanes=2, poll_s=0.05))
+    colours = {"class 4": (255, 0, 0), "class 6": (0, 0, 255)}  # the tiny model's votes
+    expected = {new_job_id(): label for label in colours for _ in range(4)}
+    stop = asyncio.Event()
+    try:
+        for job_id, label in expected.items():
+            await store.enqueue(JobSpec(id=job_id, image=encode(solid(colours[label]), "PNG")))
+        running = asyncio.create_task(worker.run(stop))
+        jobs = {job_id: await _finished(store, job_id) for job_id in expected}
+        stop.set()
+        await running
+        assert {job_id: job.status for job_id, job in jobs.items()} == dict.fromkeys(
+            expected, JobStatus.DONE
+        )
+        answers = {job_id: job.result.label for job_id, job in jobs.items() if job.result}
+        assert answers == expected
+    finally:
+        stop.set()
         await store.close()
 
 

@@ -78,3 +78,16 @@ def test_fast_calls_share_the_cpus_unless_told(tmp_path: Path) -> None:
     assert one_call.fast_call_threads == cpus
     told = load_settings({"TANDEM_FAST_THREADS": "3"}, **dirs)
     assert told.fast_call_threads == 3
+
+
+def test_a_standalone_worker_runs_a_lane_per_cpu_unless_told(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    dirs = {"data_dir": tmp_path, "model_dir": tmp_path}
+    auto = load_settings({}, **dirs)
+    assert (auto.worker_lane_count, auto.accurate_lane_threads) == (cpus, 1)
+    assert auto.accurate_prepare_threads == 1  # each lane prepares its own batch
+    one = load_settings({"TANDEM_WORKER_LANES": "1"}, **dirs)
+    assert (one.worker_lane_count, one.accurate_lane_threads) == (1, cpus)
+    assert one.accurate_prepare_threads == cpus  # one batch's images side by side
+    told = load_settings({"TANDEM_WORKER_LANES": "2", "TANDEM_ACCURATE_THREADS": "3"}, **dirs)
+    assert (told.worker_lane_count, told.accurate_lane_threads) == (2, 3)
