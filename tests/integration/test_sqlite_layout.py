@@ -147,3 +147,24 @@ async def test_the_checkpointer_moves_the_wal_into_the_database(
         assert len(await store.claim("w", 100, 0)) == 60  # every job still there
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("statement", "arguments"),
+    [
+        (sqlite_store.CLAIMABLE_QUEUED, (JobStatus.QUEUED, 4)),
+        (sqlite_store.CLAIMABLE_EXPIRED, (JobStatus.RUNNING, 0.0, 4)),
+    ],
+)
+async def test_a_claim_reads_the_queue_in_index_order_and_sorts_none_of_it(
+    tmp_path: Path, statement: str, arguments: tuple[object, ...]
+) -> None:
+    """A claim takes a few of the oldest jobs: sorting every queued one to find them cost
+    0.9 ms at 10,000 queued, on the store's thread, for every batch."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(store.path) as c:
+        plan = " ".join(row[3] for row in c.execute(f"EXPLAIN QUERY PLAN {statement}", arguments))
+    assert "jobs_claimable" in plan
+    assert "TEMP B-TREE" not in plan
