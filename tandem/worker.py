@@ -57,6 +57,9 @@ class WorkerConfig:
     # Threads that decode and preprocess a batch's images side by side; with one, a batch's
     # images are prepared one after another on its lane's thread.
     prepare_threads: int = 1
+    # Run the model on each image of a batch alone: with one thread per run, batching does
+    # not pay (see Worker._infer). Claims and stores still go by the batch.
+    one_run_per_image: bool = False
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     # How often to look for webhooks no worker is delivering (see WebhookPolicy).
     delivery_sweep_s: float = 30.0
@@ -252,14 +255,18 @@ class Worker:
         await self._store_while_next_runs(claims, predictions)
 
     def _infer(self, tensors: list[Tensor]) -> tuple[list[Prediction], float]:
-        """The batch's answers and the seconds the model ran. Giving way, it runs image by
-        image, each run preemptible: at one thread a batch is no faster per image (Lite2 on
-        2 cores: 10.0 ms at batch 1, 10.4 at batch 4), and a preempted run loses one image."""
-        if self._give_way is None:
+        """The batch's answers and the seconds the model ran. On one thread a batch is no
+        faster per image, so a lane runs image by image (Lite2 on one thread: 68 images/s at
+        batch 1, 67 at 4, 56 at 16, in the bench's scan); giving way, each run is preemptible,
+        and a preempted run loses one image."""
+        if self._give_way is not None:
+            one_by_one = (functools.partial(self._one, tensor) for tensor in tensors)
+            predictions = [self._give_way.run(one) for one in one_by_one]
+        elif self.config.one_run_per_image:
+            predictions = [self._one(tensor, None) for tensor in tensors]
+        else:
             predictions = self.classifier.predict_tensors(np.stack(tensors), self.config.top_k)
             return predictions, predictions[0].inference_ms / 1000.0  # one run for the batch
-        one_by_one = (functools.partial(self._one, tensor) for tensor in tensors)
-        predictions = [self._give_way.run(one) for one in one_by_one]
         return predictions, sum(p.inference_ms for p in predictions) / 1000.0
 
     def _one(self, tensor: Tensor, options: ort.RunOptions | None) -> Prediction:
@@ -338,6 +345,7 @@ def config_from(settings: Settings) -> WorkerConfig:
         webhooks=settings.webhooks,
         lanes=settings.worker_lane_count,
         prepare_threads=settings.accurate_prepare_threads,
+        one_run_per_image=settings.accurate_lane_threads == 1,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -66,13 +67,15 @@ class Meeting:
         return self._classifier.predict_tensors(batch, k, **options)
 
 
+@pytest.mark.parametrize("one_run_per_image", [False, True])
 async def test_lanes_run_batches_side_by_side_and_every_answer_finds_its_job(
-    tiny_dir: Path, tmp_path: Path
+    tiny_dir: Path, tmp_path: Path, one_run_per_image: bool
 ) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     accurate = cast(Classifier, Meeting(load_classifier("tiny_accurate", tiny_dir), lanes=2))
-    worker = Worker(store, accurate, WorkerConfig(batch_size=2, lanes=2, poll_s=0.05))
+    config = WorkerConfig(batch_size=2, lanes=2, poll_s=0.05, one_run_per_image=one_run_per_image)
+    worker = Worker(store, accurate, config)
     colours = {"class 4": (255, 0, 0), "class 6": (0, 0, 255)}  # the tiny model's votes
     expected = {new_job_id(): label for label in colours for _ in range(4)}
     stop = asyncio.Event()
