@@ -10,10 +10,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,11 +24,25 @@ from tandem.jobs.store import QueueStats
 from tandem.service import FastOutcome, TandemService
 
 access_log = logging.getLogger("tandem.access")
+# Where a route leaves what its request's access line should add (see annotate_access).
+ACCESS_NOTE = "tandem.access_note"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 OUTCOMES = ("done", "failed", "cancelled", "retried")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessNote:
+    text: str
+    job_id: str | None = None
+
+
+def annotate_access(request: Request, text: str, job_id: str | None = None) -> None:
+    """Add `text` (and a job id) to this request's access line: one line per request, logged
+    after the response went out, instead of a line of the route's own before it."""
+    request.scope.setdefault("state", {})[ACCESS_NOTE] = AccessNote(text, job_id)
 
 
 class Snapshot:
@@ -160,16 +176,19 @@ class AccessMiddleware:
             method, route = scope["method"], self._route(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
+            note = scope.get("state", {}).get(ACCESS_NOTE)
             access_log.info(
-                '"%s %s" %d',
+                '"%s %s" %d%s',
                 method,
                 scope["path"],
                 status,
+                f"; {note.text}" if note else "",
                 extra={
                     "method": method,
                     "path": scope["path"],
                     "status": status,
                     "duration_ms": round(elapsed * 1000.0, 2),
+                    "job_id": note.job_id if note else None,
                 },
             )
 

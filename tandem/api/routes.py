@@ -5,7 +5,6 @@ from __future__ import annotations
 import binascii
 import contextlib
 import functools
-import logging
 import re
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -19,7 +18,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from tandem.api.errors import error_headers
-from tandem.api.metrics import CONTENT_TYPE
+from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
 from tandem.api.params import idempotency_key, openapi_parameters, query_params
 from tandem.api.schemas import (
@@ -38,7 +37,6 @@ from tandem.runtime.assets import sample_image_bytes
 from tandem.service import OK, TandemService
 
 router = APIRouter()
-log = logging.getLogger("tandem.api")
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 JSON = "application/json"
@@ -110,11 +108,13 @@ async def _predict(
     request_id = request_id_of(request)
     outcome = await service.predict(data, request_id, key, gate, callback_url)
     request.app.state.metrics.observe_fast(outcome)
-    log.info(
-        "fast answer %s; %s",
-        outcome.prediction.label,
-        f"job {outcome.job.id} queued" if outcome.job else "no job",
-        extra={"job_id": outcome.job.id if outcome.job else None},
+    job_id = outcome.job.id if outcome.job else None
+    # On the request's access line, written once the response is out, not before it.
+    annotate_access(
+        request,
+        f"fast answer {outcome.prediction.label}; "
+        + (f"job {job_id} queued" if job_id else "no job"),
+        job_id=job_id,
     )
     url = f"/job/{outcome.job.id}" if outcome.job else ""
     body = PredictResponse.of(outcome, service.accurate_model, url, request_id)
