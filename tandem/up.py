@@ -6,6 +6,7 @@ stops them all on Ctrl-C or SIGTERM, or as soon as any of them dies.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -84,11 +85,19 @@ class Topology:
             ],
         )
         for index in range(self.workers):
-            self._spawn(f"worker{index + 1}", [*tandem, "worker", *common])
+            self._spawn(f"worker{index + 1}", [*tandem, "worker", *common], self._worker_env())
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _worker_env(self) -> dict[str, str] | None:
+        """Workers on one machine share its CPUs: unless lanes were set, each runs lanes for
+        its share (at least one), rather than every worker a lane per CPU."""
+        if self.settings.worker_lanes:
+            return None
+        lanes = max(1, self.settings.worker_lane_count // self.workers)
+        return os.environ | {"TANDEM_WORKER_LANES": str(lanes)}
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         # Children ignore the terminal's Ctrl-C (own session); this process stops them in order.
-        process = subprocess.Popen(command, start_new_session=True)
+        process = subprocess.Popen(command, start_new_session=True, env=env)
         self.children.append((name, process))
         print(f"tandem up: started {name} (pid {process.pid})", file=sys.stderr)
 

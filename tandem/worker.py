@@ -101,7 +101,12 @@ class Worker:
         self._storing: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("worker %s started for model %s", self.id, self.classifier.name)
+        log.info(
+            "worker %s started for model %s, %d lane(s)",
+            self.id,
+            self.classifier.name,
+            self.config.lanes,
+        )
         # A pipeline: while the model runs on a batch in each lane, the next one is claimed and
         # earlier answers are stored. On stop, what is held is finished and stored.
         in_hand: set[asyncio.Task[None]] = set()

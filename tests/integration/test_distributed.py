@@ -431,6 +431,12 @@ def test_tandem_up_runs_the_topology_and_ctrl_c_stops_it(model_dir: Path, tmp_pa
             int(pid) for pid in re.findall(r"\(pid (\d+)\)", (tmp_path / "up.log").read_text())
         ]
         assert len(children) == 4  # redis, proxy, two workers
+        # The two workers share the machine's CPUs rather than each taking a lane per CPU.
+        lanes = max(1, len(os.sched_getaffinity(0)) // 2)
+        started = re.findall(
+            r"started for model \S+, (\d+) lane", (tmp_path / "up.log").read_text()
+        )
+        assert started == [str(lanes)] * 2
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
