@@ -54,6 +54,32 @@ def _split_rows(sync: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _scan_rows(floor: dict[str, Any]) -> list[str]:
+    """The floor's throughput scan, images/s: a row per model and batch size, a column per
+    threads and callers."""
+    scans = {name: row["best"]["scan"] for name, row in floor.items() if "scan" in row["best"]}
+    if not scans:
+        return []
+    ways = sorted({(s["threads"], s["callers"]) for scan in scans.values() for s in scan})
+    lines = [
+        "",
+        "The scan behind the best throughput, images/s by threads per run and callers at once:",
+        "",
+        "| model | batch | " + " | ".join(_way(t, c) for t, c in ways) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in ways) + " |",
+    ]
+    for name, scan in scans.items():
+        rate = {(s["batch"], s["threads"], s["callers"]): s["images_per_s"] for s in scan}
+        for batch in sorted({s["batch"] for s in scan}):
+            cells = [f"{rate[batch, t, c]:.1f}" if (batch, t, c) in rate else "" for t, c in ways]
+            lines.append(f"| {name} | {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _way(threads: int, callers: int) -> str:
+    return f"{threads} thread{'s' * (threads > 1)}, {callers} caller{'s' * (callers > 1)}"
+
+
 def _sixteen(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return next(row for row in rows if row["clients"] == 16)
 
@@ -77,6 +103,7 @@ def render(r: dict[str, Any]) -> str:
             f"| {name} | {_ms(row['batch1_s'])} | {best['images_per_s']:.1f} images/s "
             f"| {best['batch']}, {best['threads']}, {best['callers']} |"
         )
+    lines += _scan_rows(r["floor"])
     lines += [
         "",
         "## Sync path: POST /predict over loopback (proxy with no worker)",
