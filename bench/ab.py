@@ -6,6 +6,10 @@ first in half the turns, so that both meet the same moments of a shared machine.
 side's p50, p99 and the steps the service timed, then B over A: pooled, as the median of the
 turns' ratios, and how many turns B won. On the CI-class machine an A/A run's pooled p50
 ratio moved by 4 % and its turns' median by 1 %: read a ratio with its turns.
+
+With `--busy N`, each side first queues N jobs, then serves with its embedded worker draining
+them: interference, side against side. The side not measured is paused (SIGSTOP), so that
+neither side's worker meets the other's turns; an A/A run's pooled p99 moved by 5 %.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from bench.__main__ import (
     _server_split,
     bench_photo,
     bodies,
+    load,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,17 +48,37 @@ class Side:
     proc: Proc | None = None
     port: int = 0
 
-    def start(self, bench: Bench) -> None:
-        self.port = _free_port()
+    def start(self, bench: Bench, busy: int = 0) -> None:
+        """Serve with no worker; with `busy`, queue that many jobs first, then serve with the
+        embedded worker draining them."""
         data = bench.work / f"data-{self.name}"
-        command = ["serve", "--no-worker", "--port", str(self.port)]
+        if busy:
+            self._serve(bench, data, "fill", "--no-worker")
+            body, content_type = bodies(bench)["json"]
+            load(Target(self.port, body, content_type), 4, 600, requests=busy)
+            self.stop()
+            self._serve(bench, data, "serve")
+        else:
+            self._serve(bench, data, "serve", "--no-worker")
+
+    def _serve(self, bench: Bench, data: Path, log: str, *args: str) -> None:
+        self.port = _free_port()
+        command = ["serve", *args, "--port", str(self.port)]
         env = _env(bench, data, **self.env)
-        self.proc = Proc(bench, command, f"serve-{self.name}.log", env, cwd=self.root)
+        self.proc = Proc(bench, command, f"{log}-{self.name}.log", env, cwd=self.root)
         self.proc.wait_for("", url=f"http://127.0.0.1:{self.port}/health")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.pause()
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.resume()
 
     def latencies(self) -> np.ndarray:
         return np.concatenate([run["latencies_s"] for run in self.runs])
@@ -62,16 +87,24 @@ class Side:
 def run_turns(sides: list[Side], body: tuple[Path, str], args: argparse.Namespace) -> None:
     for side in sides:  # warm up: the first requests on a connection are slow
         _generate_load(Target(side.port, *body), 4, 60.0, 30)
+        if args.busy:
+            side.pause()
     for turn in range(args.turns):
         for side in sides if turn % 2 == 0 else reversed(sides):
+            if args.busy:
+                side.resume()
+                time.sleep(0.25)  # its worker back at work before the turn starts
             target = Target(side.port, *body)
             side.runs.append(_generate_load(target, args.clients, 60.0, args.requests, split=True))
+            if args.busy:
+                side.pause()
 
 
 def report(a: Side, b: Side, args: argparse.Namespace) -> str:
+    busy = f", each server's worker draining {args.busy} queued jobs" if args.busy else ""
     lines = [
         f"# A/B: {args.turns} turns of {args.requests} requests, {args.clients} client(s), "
-        f"{args.body} body",
+        f"{args.body} body{busy}",
         "",
         f"- A: {a.root} {' '.join(f'{k}={v}' for k, v in a.env.items())}",
         f"- B: {b.root} {' '.join(f'{k}={v}' for k, v in b.env.items())}",
@@ -87,19 +120,25 @@ def report(a: Side, b: Side, args: argparse.Namespace) -> str:
             f"| {_ms(steps['preprocess_s'])} | {_ms(steps['inference_s'])} "
             f"| {_ms(steps['outside_s'])} |"
         )
-    turns = [
-        statistics.median(tb["latencies_s"]) / statistics.median(ta["latencies_s"])
-        for ta, tb in zip(a.runs, b.runs, strict=True)
-    ]
+    turns = _turn_ratios(a, b, 50)
     pooled = [np.percentile(b.latencies(), q) / np.percentile(a.latencies(), q) for q in (50, 99)]
     lines += [
         "",
         f"B / A: p50 {pooled[0]:.3f}, p99 {pooled[1]:.3f}; median of the turns' p50 ratios "
         f"{statistics.median(turns):.3f}, B faster in {sum(r < 1 for r in turns)} of "
-        f"{len(turns)} turns.",
+        f"{len(turns)} turns; median of the turns' p99 ratios "
+        f"{statistics.median(_turn_ratios(a, b, 99)):.3f}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _turn_ratios(a: Side, b: Side, q: float) -> list[float]:
+    """B's percentile `q` over A's, turn by turn."""
+    return [
+        float(np.percentile(tb["latencies_s"], q) / np.percentile(ta["latencies_s"], q))
+        for ta, tb in zip(a.runs, b.runs, strict=True)
+    ]
 
 
 def _ms(seconds: float) -> str:
@@ -125,6 +164,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per turn and side")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--body", choices=("raw", "json"), default="raw")
+    parser.add_argument(
+        "--busy", type=int, default=0, metavar="N", help="each side's worker drains N queued jobs"
+    )
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bench = Bench(args.model_dir, args.out / f"ab-{stamp}", bench_photo(), quick=False)
@@ -133,7 +175,7 @@ def main() -> None:
     b = Side("B", args.b_root.resolve(), _settings(args.b_env))
     try:
         for side in (a, b):
-            side.start(bench)
+            side.start(bench, args.busy)
         run_turns([a, b], bodies(bench)[args.body], args)
     finally:
         for side in (a, b):

@@ -93,7 +93,27 @@ def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path:
     assert "- B: " in text
     assert "TANDEM_CASCADE_POLICY=when_unsure" in text
     assert text.count("| A | ") == text.count("| B | ") == 1
-    assert "of 2 turns." in text
+    assert "of 2 turns;" in text
     # Each side got its own server, with its own settings and log.
     logs = sorted(path.name for path in tmp_path.glob("ab-*/serve-*.log"))
     assert logs == ["serve-A.log", "serve-B.log"]
+
+
+@pytest.mark.timeout(150)
+def test_the_ab_command_compares_two_busy_servers(model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.ab", "--model-dir", str(model_dir)]
+    command += ["--out", str(tmp_path), "--turns", "2", "--requests", "3", "--busy", "8"]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=130, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = tmp_path.glob("ab-*.md")
+    text = report.read_text()
+    assert "each server's worker draining 8 queued jobs" in text
+    assert "median of the turns' p99 ratios" in text
+    # Each side queued its jobs with no worker, then served them with its embedded worker.
+    logs = sorted(path.name for path in tmp_path.glob("ab-*/*.log"))
+    assert logs == ["fill-A.log", "fill-B.log", "serve-A.log", "serve-B.log"]
+    for side in "AB":
+        serve = next(tmp_path.glob(f"ab-*/serve-{side}.log")).read_text()
+        assert "started for model" in serve  # the embedded worker ran
