@@ -85,10 +85,9 @@ class GiveWay:
     quiet_s: float = 0.005
     patience_s: float = 2.0
 
-    def wait(self) -> bool:
-        """For a step that cannot be interrupted: wait for quiet, at most `patience_s`; False
-        if the patience ran out and the step is to run beside the fast path."""
-        return self.calls.wait_quiet(self.quiet_s, self.patience_s)
+    def wait(self) -> None:
+        """For a step that cannot be interrupted: wait for quiet, at most `patience_s`."""
+        self.calls.wait_quiet(self.quiet_s, self.patience_s)
 
     def run(self, step: Callable[[ort.RunOptions | None], R]) -> R:
         """`step(options)` at a quiet moment, again if a fast call preempts it, and

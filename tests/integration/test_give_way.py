@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tandem.jobs.records import Claim, JobSpec, JobStatus, new_job_id
+from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.runtime.classifier import load_classifier
 from tandem.runtime.priority import GiveWay, Occupancy
@@ -86,38 +85,6 @@ async def test_a_run_with_the_cores_to_itself_uses_them_all_and_one_beside_uses_
         with fast_call_in_flight(calls):
             await worker.process(await store.claim(worker.id, 1, 0))
         assert runs == ["every core", "one thread"]
-
-
-async def test_a_batch_prepared_out_of_patience_takes_one_thread_not_every_core(
-    tiny_dir: Path, tmp_path: Path
-) -> None:
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    await store.open()
-    calls = Occupancy()
-    accurate = load_classifier("tiny_accurate", tiny_dir, threads=1, solo_threads=2)
-    give_way = GiveWay(calls, quiet_s=0.0, patience_s=0.1)
-    worker = Worker(store, accurate, WorkerConfig(prepare_threads=2), give_way)
-    threads: list[str] = []
-    prepare = worker._prepare
-
-    def recording(claim: Claim) -> Any:
-        threads.append(threading.current_thread().name)
-        return prepare(claim)
-
-    worker._prepare = recording  # type: ignore[method-assign]
-    try:
-        for _ in range(4):
-            await store.enqueue(JobSpec(id=new_job_id(), image=IMAGE))
-        await worker.process(await store.claim(worker.id, 2, 0))  # a quiet moment
-        quiet, threads[:] = list(threads), []
-        with fast_call_in_flight(calls):  # a fast model that never rests
-            await worker.process(await store.claim(worker.id, 2, 0))
-        assert all(name.startswith("tandem-prepare") for name in quiet)
-        assert all(name.startswith("tandem-worker") for name in threads)
-        assert len(quiet) == len(threads) == 2
-    finally:
-        await asyncio.to_thread(worker.close)
-        await store.close()
 
 
 def test_the_embedded_worker_gives_way_to_the_servers_own_fast_calls(
