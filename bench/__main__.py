@@ -24,12 +24,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from bench import profile as profiling
@@ -124,7 +125,7 @@ class FloorProbe:
         return _split_medians(self._best())
 
 
-def _split_medians(steps: Sequence[Sequence[float]]) -> dict[str, float]:
+def _split_medians(steps: npt.ArrayLike) -> dict[str, float]:
     """Calls given as rows of (total, decode, inference) seconds, as the median of each step:
     preprocess is the rest of the call (in the server, with its thread hops)."""
     totals, decodes, inferences = np.asarray(steps).T
@@ -690,7 +691,8 @@ def bench_photo() -> bytes:
 
     from skimage import data as photos
 
-    image = Image.fromarray(photos.chelsea()).resize((1200, 800), Image.Resampling.BICUBIC)
+    cat = photos.chelsea()  # type: ignore[no-untyped-call]
+    image = Image.fromarray(cat).resize((1200, 800), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()

@@ -155,10 +155,10 @@ def main() -> None:
     )
     parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    for side in ("a", "b"):
-        parser.add_argument(f"--{side}-root", type=Path, default=ROOT, help="a source tree")
+    for letter in ("a", "b"):
+        parser.add_argument(f"--{letter}-root", type=Path, default=ROOT, help="a source tree")
         parser.add_argument(
-            f"--{side}-env", action="append", default=[], metavar="TANDEM_X=V", help="a setting"
+            f"--{letter}-env", action="append", default=[], metavar="TANDEM_X=V", help="a setting"
         )
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--requests", type=int, default=40, help="per turn and side")
