@@ -79,17 +79,21 @@ def test_the_profile_says_where_a_proxy_s_time_goes(model_dir: Path, tmp_path: P
     assert stacks.read_text().startswith("thread (")
 
 
-@pytest.mark.timeout(120)
-def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path: Path) -> None:
+def _ab(model_dir: Path, out: Path, *args: str, timeout: float) -> str:
+    """Run `python -m bench.ab` for 2 turns of 3 requests; the report it wrote."""
     command = [sys.executable, "-m", "bench.ab", "--model-dir", str(model_dir)]
-    command += ["--out", str(tmp_path), "--turns", "2", "--requests", "3"]
-    command += ["--b-env", "TANDEM_CASCADE_POLICY=when_unsure"]
+    command += ["--out", str(out), "--turns", "2", "--requests", "3", *args]
     result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (report,) = tmp_path.glob("ab-*.md")
-    text = report.read_text()
+    (report,) = out.glob("ab-*.md")
+    return report.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path: Path) -> None:
+    text = _ab(model_dir, tmp_path, "--b-env", "TANDEM_CASCADE_POLICY=when_unsure", timeout=100)
     assert "- B: " in text
     assert "TANDEM_CASCADE_POLICY=when_unsure" in text
     assert text.count("| A | ") == text.count("| B | ") == 1
@@ -101,14 +105,7 @@ def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path:
 
 @pytest.mark.timeout(150)
 def test_the_ab_command_compares_two_busy_servers(model_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.ab", "--model-dir", str(model_dir)]
-    command += ["--out", str(tmp_path), "--turns", "2", "--requests", "3", "--busy", "8"]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=130, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (report,) = tmp_path.glob("ab-*.md")
-    text = report.read_text()
+    text = _ab(model_dir, tmp_path, "--busy", "8", timeout=130)
     assert "each server's worker draining 8 queued jobs" in text
     assert "median of the turns' p99 ratios" in text
     # Each side queued its jobs with no worker, then served them with its embedded worker.
