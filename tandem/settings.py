@@ -231,11 +231,11 @@ class Settings(BaseSettings):
     @property
     def accurate_lane_threads(self) -> int:
         """Threads for each of a standalone worker's model runs: the CPUs shared out."""
-        return self.accurate_threads or max(1, _cpus() // self.worker_lane_count)
+        return self.accurate_threads or self.accurate_prepare_threads
 
     @property
     def accurate_prepare_threads(self) -> int:
-        """Threads preparing one batch's images: the CPUs its lane's share covers."""
+        """Threads preparing one batch's images: its lane's share of the CPUs."""
         return max(1, _cpus() // self.worker_lane_count)
 
     @property

@@ -84,8 +84,9 @@ class Topology:
                 str(self.settings.port),
             ],
         )
+        worker_env = self._worker_env()
         for index in range(self.workers):
-            self._spawn(f"worker{index + 1}", [*tandem, "worker", *common], self._worker_env())
+            self._spawn(f"worker{index + 1}", [*tandem, "worker", *common], worker_env)
 
     def _worker_env(self) -> dict[str, str] | None:
         """Workers on one machine share its CPUs: unless lanes were set, each runs lanes for

@@ -116,7 +116,7 @@ async def _predict(
         + (f"job {job_id} queued" if job_id else "no job"),
         job_id=job_id,
     )
-    url = f"/job/{outcome.job.id}" if outcome.job else ""
+    url = f"/job/{job_id}" if job_id else ""
     body = PredictResponse.of(outcome, service.accurate_model, url, request_id)
     # pydantic's serializer, in one step: a tenth of a ms less than model_dump and json.dumps.
     content = body.model_dump_json()
