@@ -129,7 +129,9 @@ class Settings(BaseSettings):
     )
     fast_timeout_s: float = Field(10.0, gt=0, description="Deadline of one fast-model call: 504.")
     job_timeout_s: float = Field(
-        120.0, gt=0, description="A worker batch running longer fails its jobs."
+        120.0,
+        gt=0,
+        description="A worker batch running longer fails its jobs, and its model run stops.",
     )
 
     cascade_policy: Policy = Field(

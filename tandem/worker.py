@@ -24,6 +24,7 @@ from tandem.jobs.factory import make_store
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
+from tandem.runtime.abort import RunAbort
 from tandem.runtime.classifier import Classifier, Spin, load_classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import GiveWay
@@ -240,12 +241,12 @@ class Worker:
     async def _classify(self, ready: list[tuple[Claim, Tensor]]) -> None:
         tensors = [tensor for _, tensor in ready]
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._executor, self._infer, tensors)
+        runs = RunAbort()
+        call = loop.run_in_executor(self._executor, self._infer, tensors, runs)
         try:
             predictions, inference_s = await asyncio.wait_for(call, self.config.job_timeout_s)
         except TimeoutError:
-            # A thread cannot be stopped: ONNX Runtime finishes the call in the background,
-            # but the jobs are failed now rather than left running forever.
+            runs.abort()  # the lane's thread comes back once the run in progress stops
             reason = f"the accurate model did not finish within {self.config.job_timeout_s} s"
             await self._fail_all(ready, reason, retry=False)
             return
@@ -259,28 +260,37 @@ class Worker:
         claims = [claim for claim, _ in ready]
         await self._store_while_next_runs(claims, predictions)
 
-    def _infer(self, tensors: list[Tensor]) -> tuple[list[Prediction], float]:
+    def _infer(self, tensors: list[Tensor], runs: RunAbort) -> tuple[list[Prediction], float]:
         """The batch's answers and the seconds the model ran. On one thread a batch is no
         faster per image, so a lane runs image by image (Lite2 on one thread: 68 images/s at
         batch 1, 67 at 4, 56 at 16, in the bench's scan); giving way, each run is preemptible,
         and a preempted run loses one image."""
         if self._give_way is not None:
-            one_by_one = (functools.partial(self._one, tensor) for tensor in tensors)
-            predictions = [self._give_way.run(one) for one in one_by_one]
+            steps = (functools.partial(self._one, tensor, runs) for tensor in tensors)
+            predictions = [self._give_way.run(step) for step in steps]
         elif self.config.one_run_per_image:
-            predictions = [self._one(tensor, None) for tensor in tensors]
+            predictions = [self._one(tensor, runs, None) for tensor in tensors]
         else:
-            predictions = self.classifier.predict_tensors(np.stack(tensors), self.config.top_k)
+            with runs.watching() as options:
+                batch = np.stack(tensors)
+                predictions = self.classifier.predict_tensors(
+                    batch, self.config.top_k, run_options=options
+                )
             return predictions, predictions[0].inference_ms / 1000.0  # one run for the batch
         return predictions, sum(p.inference_ms for p in predictions) / 1000.0
 
-    def _one(self, tensor: Tensor, options: ort.RunOptions | None) -> Prediction:
+    def _one(
+        self, tensor: Tensor, runs: RunAbort, preemptible: ort.RunOptions | None
+    ) -> Prediction:
         """A preemptible run has the cores to itself until a fast call stops it; one that
         waited out its patience runs beside the fast model, on one thread."""
-        preemptible = options is not None
-        predictions = self.classifier.predict_tensors(
-            tensor[np.newaxis], self.config.top_k, solo=preemptible, run_options=options
-        )
+        with runs.watching(preemptible) as options:
+            predictions = self.classifier.predict_tensors(
+                tensor[np.newaxis],
+                self.config.top_k,
+                solo=preemptible is not None,
+                run_options=options,
+            )
         return predictions[0]
 
     async def _store_while_next_runs(

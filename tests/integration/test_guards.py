@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from starlette.testclient import TestClient
 
@@ -18,6 +19,7 @@ import tandem
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.runtime.classifier import load_classifier
+from tandem.runtime.priority import GiveWay, Occupancy
 from tandem.settings import Settings
 from tandem.worker import Worker, WorkerConfig
 from tests.support import b64, encode, solid
@@ -112,31 +114,48 @@ def test_every_request_has_a_deadline(make_client: Any, slow_image: bytes) -> No
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
 
 
-async def test_a_worker_batch_past_its_time_fails_its_jobs(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "mode", ["one run per batch", "one run per image", "giving way to the fast model"]
+)
+async def test_a_worker_batch_past_its_time_fails_its_jobs_and_frees_its_thread(
+    tiny_dir: Path, tmp_path: Path, mode: str
+) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
-        job_id = new_job_id()
-        await store.enqueue(JobSpec(id=job_id, image=encode(solid((0, 0, 255)), "PNG")))
-        # A model stuck until the test lets it go: the deadline passes first, whatever the
-        # machine's speed (a tiny model can beat even a 1 µs deadline's timer).
+        job_ids = [new_job_id() for _ in range(3)]
+        for job_id in job_ids:
+            await store.enqueue(JobSpec(id=job_id, image=encode(solid((0, 0, 255)), "PNG")))
+        # A model stuck until its run is terminated, as ONNX Runtime's runs can be: the
+        # deadline passes first, whatever the machine's speed (a tiny model can beat even a
+        # 1 µs deadline's timer).
         classifier = load_classifier("tiny_accurate", tiny_dir)
-        release, predict = threading.Event(), classifier.predict_tensors
+        predict, started, stopped = classifier.predict_tensors, [], threading.Event()
 
-        def stuck(*args: Any, **kwargs: Any) -> Any:
-            release.wait(timeout=30)
-            return predict(*args, **kwargs)
+        def stuck(*args: Any, run_options: ort.RunOptions | None = None, **kwargs: Any) -> Any:
+            started.append(run_options)
+            deadline = time.monotonic() + 10
+            while run_options is None or not run_options.terminate:
+                if time.monotonic() > deadline:  # never terminated: finish, and the test fails
+                    return predict(*args, run_options=run_options, **kwargs)
+                time.sleep(0.001)
+            stopped.set()
+            return predict(*args, run_options=run_options, **kwargs)  # ORT refuses: Preempted
 
         classifier.predict_tensors = stuck  # type: ignore[method-assign]
-        worker = Worker(store, classifier, WorkerConfig(job_timeout_s=0.05))
-        await worker.process(await store.claim(worker.id, 1, 0))
-        job = await store.get(job_id)
-        assert job is not None
-        assert job.status is JobStatus.FAILED
-        assert job.error is not None
-        assert "did not finish within" in job.error
-        release.set()
-        await asyncio.to_thread(worker.close)
+        config = WorkerConfig(job_timeout_s=0.05, one_run_per_image=mode == "one run per image")
+        give_way = GiveWay(Occupancy()) if mode.startswith("giving way") else None
+        worker = Worker(store, classifier, config, give_way)
+        await worker.process(await store.claim(worker.id, 3, 0))
+        for job_id in job_ids:
+            job = await store.get(job_id)
+            assert job is not None
+            assert job.status is JobStatus.FAILED
+            assert job.error is not None
+            assert "did not finish within" in job.error
+        assert stopped.wait(timeout=5)
+        await asyncio.wait_for(asyncio.to_thread(worker.close), timeout=5)
+        assert len(started) == 1  # the batch's other images never ran
     finally:
         await store.close()
 
