@@ -286,12 +286,19 @@ def _env(bench: Bench, data: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def serve(bench: Bench, data: Path, *args: str, **env: str) -> tuple[Proc, int]:
-    """Start `tandem serve` on a fresh free port; returns it with the port."""
+def serve(
+    bench: Bench,
+    data: Path,
+    *args: str,
+    cwd: Path | None = None,
+    log: str | None = None,
+    **env: str,
+) -> tuple[Proc, int]:
+    """Start `tandem serve` (from the tree `cwd`) on a fresh free port; returns it with the
+    port. Its output goes to `log`, named by the port unless given."""
     port = _free_port()
-    proc = Proc(
-        bench, ["serve", "--port", str(port), *args], f"serve-{port}.log", _env(bench, data, **env)
-    )
+    command = ["serve", "--port", str(port), *args]
+    proc = Proc(bench, command, log or f"serve-{port}.log", _env(bench, data, **env), cwd)
     try:
         proc.wait_for("", url=f"http://127.0.0.1:{port}/health")
     except BaseException:
@@ -468,8 +475,11 @@ class QueueWatch:
         self._conn.close()
 
 
-def _fill_queue(bench: Bench, data: Path, jobs: int) -> None:
-    server, port = serve(bench, data, "--no-worker")
+def _fill_queue(
+    bench: Bench, data: Path, jobs: int, cwd: Path | None = None, log: str | None = None, **env: str
+) -> None:
+    """Queue `jobs` jobs in `data` through a server with no worker."""
+    server, port = serve(bench, data, "--no-worker", cwd=cwd, log=log, **env)
     try:
         body, content_type = bodies(bench)["json"]
         load(Target(port, body, content_type), 4, 600, requests=jobs)

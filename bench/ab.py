@@ -27,13 +27,12 @@ from bench.__main__ import (
     Bench,
     Proc,
     Target,
-    _env,
-    _free_port,
+    _fill_queue,
     _generate_load,
     _server_split,
     bench_photo,
     bodies,
-    load,
+    serve,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,20 +52,14 @@ class Side:
         embedded worker draining them."""
         data = bench.work / f"data-{self.name}"
         if busy:
-            self._serve(bench, data, "fill", "--no-worker")
-            body, content_type = bodies(bench)["json"]
-            load(Target(self.port, body, content_type), 4, 600, requests=busy)
-            self.stop()
-            self._serve(bench, data, "serve")
+            _fill_queue(bench, data, busy, self.root, f"fill-{self.name}.log", **self.env)
+            self._serve(bench, data)
         else:
-            self._serve(bench, data, "serve", "--no-worker")
+            self._serve(bench, data, "--no-worker")
 
-    def _serve(self, bench: Bench, data: Path, log: str, *args: str) -> None:
-        self.port = _free_port()
-        command = ["serve", *args, "--port", str(self.port)]
-        env = _env(bench, data, **self.env)
-        self.proc = Proc(bench, command, f"{log}-{self.name}.log", env, cwd=self.root)
-        self.proc.wait_for("", url=f"http://127.0.0.1:{self.port}/health")
+    def _serve(self, bench: Bench, data: Path, *args: str) -> None:
+        log = f"serve-{self.name}.log"
+        self.proc, self.port = serve(bench, data, *args, cwd=self.root, log=log, **self.env)
 
     def stop(self) -> None:
         if self.proc is not None:
