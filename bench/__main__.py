@@ -335,10 +335,17 @@ def load(
 
 
 def _generate_load(
-    target: Target, concurrency: int, duration: float, requests: int, *, split: bool = False
+    target: Target,
+    concurrency: int,
+    duration: float,
+    requests: int,
+    *,
+    split: bool = False,
+    pause_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Run the load generator in its own process; its latencies and counts, and with `split`
-    each answer's timings as the service measured them."""
+    each answer's timings as the service measured them. With `pause_ms`, each connection
+    pauses about that long before each request (see bench.load)."""
     command = [
         sys.executable,
         "-m",
@@ -355,6 +362,8 @@ def _generate_load(
         str(duration),
         "--requests",
         str(requests),
+        "--pause-ms",
+        str(pause_ms),
         *(["--split"] if split else []),
     ]
     output = subprocess.run(command, capture_output=True, check=True, text=True).stdout

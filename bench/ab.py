@@ -88,16 +88,21 @@ def run_turns(sides: list[Side], body: tuple[Path, str], args: argparse.Namespac
                 side.resume()
                 time.sleep(0.25)  # its worker back at work before the turn starts
             target = Target(side.port, *body)
-            side.runs.append(_generate_load(target, args.clients, 60.0, args.requests, split=True))
+            run = _generate_load(
+                target, args.clients, 60.0, args.requests, split=True, pause_ms=args.pause_ms
+            )
+            side.runs.append(run)
             if args.busy:
                 side.pause()
 
 
 def report(a: Side, b: Side, args: argparse.Namespace) -> str:
-    busy = f", each server's worker draining {args.busy} queued jobs" if args.busy else ""
+    details = f", each server's worker draining {args.busy} queued jobs" if args.busy else ""
+    if args.pause_ms:
+        details += f", a pause of about {args.pause_ms:g} ms before each request"
     lines = [
         f"# A/B: {args.turns} turns of {args.requests} requests, {args.clients} client(s), "
-        f"{args.body} body{busy}",
+        f"{args.body} body{details}",
         "",
         f"- A: {a.root} {' '.join(f'{k}={v}' for k, v in a.env.items())}",
         f"- B: {b.root} {' '.join(f'{k}={v}' for k, v in b.env.items())}",
@@ -157,6 +162,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per turn and side")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--body", choices=("raw", "json"), default="raw")
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="sporadic traffic: each client pauses 0.5 P to 1.5 P before each request",
+    )
     parser.add_argument(
         "--busy", type=int, default=0, metavar="N", help="each side's worker drains N queued jobs"
     )

@@ -1,8 +1,10 @@
 """A small HTTP/1.1 load generator, run as its own process: `python -m bench.load`.
 
-Each of C connections sends requests back to back over keep-alive and records latencies. It
-speaks just enough HTTP for Tandem's responses (Content-Length bodies), so it costs the machine
-little CPU next to the server it measures.
+Each of C connections sends requests back to back over keep-alive and records latencies, or
+with `--pause-ms P` waits a random 0.5 P to 1.5 P before each request: sporadic traffic, where
+the server and the machine are idle when a request arrives. It speaks just enough HTTP for
+Tandem's responses (Content-Length bodies), so it costs the machine little CPU next to the
+server it measures.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from collections import Counter
@@ -21,6 +24,7 @@ from pathlib import Path
 class Tally:
     budget: int
     stop_at: float
+    pause_s: float = 0.0  # mean pause before each request; 0: back to back
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     # With --split: per answered request, its latency and the service's own timings.
@@ -65,6 +69,8 @@ async def _connection(port: int, request: bytes, tally: Tally) -> None:
     try:
         while time.perf_counter() < tally.stop_at and tally.budget > 0:
             tally.budget -= 1
+            if tally.pause_s:
+                await asyncio.sleep(tally.pause_s * random.uniform(0.5, 1.5))
             started = time.perf_counter()
             writer.write(request)
             await writer.drain()
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=10**9)
+    parser.add_argument("--pause-ms", type=float, default=0.0, help="mean pause before a request")
     parser.add_argument(
         "--split",
         action="store_true",
@@ -108,6 +115,7 @@ def main() -> None:
     tally = Tally(
         budget=args.requests,
         stop_at=time.perf_counter() + args.duration,
+        pause_s=args.pause_ms / 1000,
         split=[] if args.split else None,
     )
     json.dump(asyncio.run(run(args.port, request, args.concurrency, tally)), sys.stdout)

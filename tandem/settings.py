@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from tandem.cascade import Gate, Policy
 from tandem.errors import ConfigurationError
 from tandem.logs import LogFormat
+from tandem.runtime.classifier import Spin
 from tandem.runtime.imaging import ImageLimits
 from tandem.webhooks import WebhookPolicy
 
@@ -103,6 +104,13 @@ class Settings(BaseSettings):
     )
     accurate_threads: int = Field(0, ge=0)
     fast_concurrency: int = Field(2, ge=1, description="Fast-model calls allowed to run at once.")
+    fast_spin: Spin = Field(
+        Spin.IN_RUN,
+        description="How the fast model's threads wait for work: `in_run` spin within a run "
+        "and sleep when it returns; `always` (ONNX Runtime's default) spin on for about 25 ms "
+        "after it, which helps the tail of sporadic traffic where no embedded worker needs "
+        "the cores; `never`.",
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images get 413, judged from the header."
     )

@@ -63,6 +63,7 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
         settings.fast_model,
         settings,
         settings.fast_call_threads,
+        settings.fast_spin,
         solo_threads=settings.fast_solo_threads,
     )
     accurate_name = model_name(settings.accurate_model, settings.model_dir)

@@ -93,7 +93,9 @@ def _ab(model_dir: Path, out: Path, *args: str, timeout: float) -> str:
 
 @pytest.mark.timeout(120)
 def test_the_ab_command_compares_two_servers_in_turns(model_dir: Path, tmp_path: Path) -> None:
-    text = _ab(model_dir, tmp_path, "--b-env", "TANDEM_CASCADE_POLICY=when_unsure", timeout=100)
+    setting = ["--b-env", "TANDEM_CASCADE_POLICY=when_unsure"]
+    text = _ab(model_dir, tmp_path, *setting, "--pause-ms", "5", timeout=100)
+    assert "a pause of about 5 ms before each request" in text
     assert "- B: " in text
     assert "TANDEM_CASCADE_POLICY=when_unsure" in text
     assert text.count("| A | ") == text.count("| B | ") == 1

@@ -127,3 +127,25 @@ def test_with_no_other_request_the_answer_is_written_soon(tiny_dir: Path, tmp_pa
         job_id = _post(client)
         # Nothing reads the job through the proxy: the write happens on its own.
         assert _wait_for(lambda: store.attached == [job_id])  # before the shutdown's drain
+
+
+@pytest.mark.parametrize(("spin", "stop_after_run"), [(None, "1"), ("always", None)])
+def test_the_fast_models_threads_wait_as_configured(
+    tiny_dir: Path,
+    tmp_path: Path,
+    open_app: Callable[[Settings], TestClient],
+    spin: str | None,
+    stop_after_run: str | None,
+) -> None:
+    told = {} if spin is None else {"fast_spin": spin}
+    client = open_app(Settings(**_settings(tiny_dir, tmp_path).model_dump() | told))
+    fast = client.app.state.service.fast  # type: ignore[attr-defined]
+    for session in (fast._session, fast._solo):
+        if session is None:  # one CPU: no session with more threads
+            continue
+        options = session.get_session_options()
+        try:
+            found = str(options.get_session_config_entry("session.force_spinning_stop"))
+        except RuntimeError:  # never set: ONNX Runtime's default, spinning on after a run
+            found = None
+        assert found == stop_after_run
