@@ -27,6 +27,7 @@ from tandem.jobs.notify import Watch
 from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id, parse_job_id
 from tandem.jobs.store import JobStore, QueueStats
 from tandem.predictions import Prediction
+from tandem.runtime.abort import RunAbort
 from tandem.runtime.assets import sample_image_bytes
 from tandem.runtime.classifier import Classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
@@ -123,15 +124,24 @@ class TandemService:
         self._executor.shutdown(wait=True)
 
     def _classify(
-        self, data: bytes, on_decoded: Callable[[], object] | None = None
+        self,
+        data: bytes,
+        runs: RunAbort | None = None,
+        on_decoded: Callable[[], object] | None = None,
     ) -> tuple[Prediction, float]:
         """Decode and predict, on a pool thread. A call with the pool to itself, decoding
-        included, runs the model on every core (see Classifier); others share them."""
+        included, runs the model on every core (see Classifier); others share them. `runs`
+        stops the model's run once the request has given up."""
         with self.calls.held() as alone:
             image, decode_ms = self._decode(data)
             if on_decoded is not None:
                 on_decoded()
-            return self.fast.predict([image], self.top_k, solo=alone())[0], decode_ms
+            watching = runs.watching() if runs is not None else contextlib.nullcontext(None)
+            with watching as options:
+                predictions = self.fast.predict(
+                    [image], self.top_k, solo=alone(), run_options=options
+                )
+            return predictions[0], decode_ms
 
     def _decode(self, data: bytes) -> tuple[Image.Image, float]:
         started = time.perf_counter()
@@ -251,14 +261,19 @@ class TandemService:
             with contextlib.suppress(QueueUnavailable):
                 await self.store.cancel(job.id)
 
-    async def _in_time(self, fn: Callable[[A], R], arg: A) -> R:
-        """Run a step of the fast path on the bounded pool, within the fast deadline."""
+    async def _in_time(self, fn: Callable[[A, RunAbort], R], arg: A) -> R:
+        """Run a step of the fast path on the bounded pool, within the fast deadline. A step
+        whose request gave up (this deadline, the request's, or a client gone) has its model
+        run stopped, so that it does not hold one of the pool's few threads."""
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._executor, fn, arg)
+        runs = RunAbort()
+        call = loop.run_in_executor(self._executor, fn, arg, runs)
         try:
             return await asyncio.wait_for(call, self.fast_timeout_s)
         except TimeoutError as exc:
             raise Timeout(f"the fast model did not answer within {self.fast_timeout_s} s") from exc
+        finally:
+            runs.abort()  # nothing to stop once the step has returned
 
     async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, ServiceUnavailable | None]:
         try:

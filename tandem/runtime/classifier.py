@@ -101,11 +101,16 @@ class Classifier:
         return to_tensor(image, self.manifest.preprocess)
 
     def predict(
-        self, images: Sequence[Image.Image], k: int, *, solo: bool = False
+        self,
+        images: Sequence[Image.Image],
+        k: int,
+        *,
+        solo: bool = False,
+        run_options: ort.RunOptions | None = None,
     ) -> list[Prediction]:
         """Classify decoded RGB images in one batch."""
         batch = np.stack([self.tensor(image) for image in images])
-        return self.predict_tensors(batch, k, solo=solo)
+        return self.predict_tensors(batch, k, solo=solo, run_options=run_options)
 
     def raw_scores(
         self,

@@ -114,6 +114,41 @@ def test_every_request_has_a_deadline(make_client: Any, slow_image: bytes) -> No
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
 
 
+def _stuck_until_terminated(classifier: Any) -> tuple[list[Any], threading.Event]:
+    """Make `classifier` stick in each run until its run options are terminated, as ONNX
+    Runtime's runs can be, then let ONNX Runtime refuse the run; the runs begun, and an event
+    set once one was stopped. A run never terminated finishes after 10 s: its test fails."""
+    predict, started, stopped = classifier.predict_tensors, [], threading.Event()
+
+    def stuck(*args: Any, run_options: ort.RunOptions | None = None, **kwargs: Any) -> Any:
+        started.append(run_options)
+        deadline = time.monotonic() + 10
+        while run_options is None or not run_options.terminate:
+            if time.monotonic() > deadline:
+                return predict(*args, run_options=run_options, **kwargs)
+            time.sleep(0.001)
+        stopped.set()
+        return predict(*args, run_options=run_options, **kwargs)  # ORT refuses: Preempted
+
+    classifier.predict_tensors = stuck
+    return started, stopped
+
+
+@pytest.mark.parametrize(
+    "deadline", [{"fast_timeout_s": 0.05}, {"request_timeout_s": 0.05, "fast_timeout_s": 60}]
+)
+def test_a_request_past_its_deadline_stops_its_fast_models_run(
+    make_client: Any, deadline: dict[str, float]
+) -> None:
+    client = make_client(**deadline)
+    started, stopped = _stuck_until_terminated(client.app.state.service.fast)
+    response = client.post("/predict", json=IMAGE)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert stopped.wait(timeout=5)  # the pool's thread is free again
+    assert len(started) == 1
+
+
 @pytest.mark.parametrize(
     "mode", ["one run per batch", "one run per image", "giving way to the fast model"]
 )
@@ -126,23 +161,10 @@ async def test_a_worker_batch_past_its_time_fails_its_jobs_and_frees_its_thread(
         job_ids = [new_job_id() for _ in range(3)]
         for job_id in job_ids:
             await store.enqueue(JobSpec(id=job_id, image=encode(solid((0, 0, 255)), "PNG")))
-        # A model stuck until its run is terminated, as ONNX Runtime's runs can be: the
-        # deadline passes first, whatever the machine's speed (a tiny model can beat even a
-        # 1 µs deadline's timer).
+        # The deadline passes first, whatever the machine's speed (a tiny model can beat even
+        # a 1 µs deadline's timer).
         classifier = load_classifier("tiny_accurate", tiny_dir)
-        predict, started, stopped = classifier.predict_tensors, [], threading.Event()
-
-        def stuck(*args: Any, run_options: ort.RunOptions | None = None, **kwargs: Any) -> Any:
-            started.append(run_options)
-            deadline = time.monotonic() + 10
-            while run_options is None or not run_options.terminate:
-                if time.monotonic() > deadline:  # never terminated: finish, and the test fails
-                    return predict(*args, run_options=run_options, **kwargs)
-                time.sleep(0.001)
-            stopped.set()
-            return predict(*args, run_options=run_options, **kwargs)  # ORT refuses: Preempted
-
-        classifier.predict_tensors = stuck  # type: ignore[method-assign]
+        started, stopped = _stuck_until_terminated(classifier)
         config = WorkerConfig(job_timeout_s=0.05, one_run_per_image=mode == "one run per image")
         give_way = GiveWay(Occupancy()) if mode.startswith("giving way") else None
         worker = Worker(store, classifier, config, give_way)
