@@ -1,4 +1,5 @@
-"""Stopping a batch's model runs from another thread, once its jobs are past their time."""
+"""Stopping model runs from another thread once nobody waits for them: a request or a worker's
+batch past its deadline."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from tandem.runtime.priority import Preempted
 
 
 class Aborted(Exception):
-    """A run stopped, or was not started, because its batch was aborted."""
+    """A run stopped, or was not started, because its request or batch was aborted."""
 
 
 class RunAbort:
-    """One batch's runs. A thread cannot be stopped, but an ONNX Runtime run can: `abort`
-    terminates the runs in progress at their next step and refuses later ones, so a lane
-    whose jobs timed out gets its thread back instead of finishing work nobody waits for."""
+    """The runs of one request or batch. A thread cannot be stopped, but an ONNX Runtime run
+    can: `abort` terminates the runs in progress at their next step and refuses later ones,
+    so a pool thread or a worker's lane gets back to work instead of finishing a run whose
+    answer nobody waits for."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
