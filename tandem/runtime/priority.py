@@ -29,6 +29,10 @@ class Occupancy:
         self._changed = threading.Condition()
         self._preemptible: list[ort.RunOptions] = []
 
+    def busy(self) -> bool:
+        """Whether a fast-model call is running now."""
+        return self._running > 0
+
     @contextlib.contextmanager
     def held(self) -> Iterator[Callable[[], bool]]:
         """Count this call while inside; yields a check: is it alone right now?"""

@@ -15,11 +15,11 @@ from starlette.testclient import TestClient
 
 from tandem import service
 from tandem.api.app import create_app
-from tandem.jobs.records import load_meta
+from tandem.jobs.records import Job, JobSpec, load_meta
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.settings import Settings
-from tests.support import encode, solid
+from tests.support import encode, fast_call_in_flight, solid
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -127,6 +127,38 @@ def test_with_no_other_request_the_answer_is_written_soon(tiny_dir: Path, tmp_pa
         job_id = _post(client)
         # Nothing reads the job through the proxy: the write happens on its own.
         assert _wait_for(lambda: store.attached == [job_id])  # before the shutdown's drain
+
+
+class _Recorded(SQLiteJobStore):
+    """Records whether each job came with its fast answer, and the answers added after."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.enqueued_with_fast: list[bool] = []
+        self.attached: list[str] = []
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        self.enqueued_with_fast.append(spec.fast is not None)
+        return await super().enqueue(spec)
+
+    async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
+        self.attached.append(job_id)
+        return await super().attach_fast(job_id, fast)
+
+
+def test_beside_another_fast_call_the_job_is_stored_with_its_answer_in_one_write(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    store = _Recorded(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        alone = _post(client)  # stored while its model runs, its answer added after
+        with fast_call_in_flight(client.app.state.service.calls):  # type: ignore[attr-defined]
+            beside = _post(client)
+        job = client.get(f"/job/{beside}").json()
+        assert _wait_for(lambda: store.attached == [alone])
+    assert store.enqueued_with_fast == [False, True]
+    assert store.attached == [alone]
+    assert job["fast"]["label"] == "class 1"
 
 
 @pytest.mark.parametrize(("spin", "stop_after_run"), [(None, "1"), ("always", None)])
