@@ -451,10 +451,16 @@ def test_sigterm_lets_the_proxy_finish_requests_in_flight(cluster: Cluster) -> N
     outcomes: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     first_answer = threading.Event()
+    # The first 16 send together once their clients exist (making one takes a while under
+    # the GIL): otherwise the first could be answered before the others had even connected,
+    # and the signal would find no request in flight.
+    together = threading.Barrier(16)
 
-    def one(_: int) -> None:
+    def one(i: int) -> None:
         try:
             with proxy.client() as client:
+                if i < 16:
+                    together.wait(timeout=60)
                 status = str(client.post("/predict", json=BODY).status_code)
         except httpx.ConnectError:
             status = "refused"  # arrived after the listener closed: never started
