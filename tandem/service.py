@@ -114,7 +114,7 @@ class TandemService:
         """Run the sample photo once: the first ONNX call is slow, and /metadata shows it."""
         loop = asyncio.get_running_loop()
         prediction, _ = await loop.run_in_executor(
-            self._executor, self._classify, sample_image_bytes()
+            self._executor, self._classify, sample_image_bytes(), RunAbort()
         )
         self.sample_prediction = prediction
 
@@ -126,7 +126,7 @@ class TandemService:
     def _classify(
         self,
         data: bytes,
-        runs: RunAbort | None = None,
+        runs: RunAbort,
         on_decoded: Callable[[], object] | None = None,
     ) -> tuple[Prediction, float]:
         """Decode and predict, on a pool thread. A call with the pool to itself, decoding
@@ -136,8 +136,7 @@ class TandemService:
             image, decode_ms = self._decode(data)
             if on_decoded is not None:
                 on_decoded()
-            watching = runs.watching() if runs is not None else contextlib.nullcontext(None)
-            with watching as options:
+            with runs.watching() as options:
                 predictions = self.fast.predict(
                     [image], self.top_k, solo=alone(), run_options=options
                 )
