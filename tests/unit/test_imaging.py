@@ -103,6 +103,29 @@ def test_tensor_layout_and_normalisation() -> None:
     assert hwc[0, 0] == pytest.approx([1.0, 127 / 255, 0.0])
 
 
+@pytest.mark.parametrize("layout", [Layout.NCHW, Layout.NHWC])
+def test_the_tensor_holds_the_formulas_values_bit_for_bit(layout: Layout) -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    spec = Preprocess(
+        size=24,
+        resize=Resize.STRETCH,
+        layout=layout,
+        scale=1 / 255,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    pixels = np.asarray(resize_for(image, spec), dtype=np.float32)
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    expected = (pixels * np.float32(spec.scale) - mean) * (1.0 / std)
+    if layout is Layout.NCHW:
+        expected = expected.transpose(2, 0, 1)
+    tensor = to_tensor(image, spec)
+    assert tensor.dtype == np.float32
+    assert tensor.flags.c_contiguous
+    assert np.array_equal(tensor, expected)
+
+
 @pytest.mark.parametrize("size", [(600, 400), (401, 999), (256, 256), (1200, 257), (300, 2000)])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_the_centre_crop_resamples_the_same_pixels_as_resize_then_crop(
