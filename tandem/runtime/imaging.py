@@ -51,7 +51,9 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            # In place: otherwise an image with no orientation to apply is copied whole.
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(image)
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"the image could not be decoded: {exc}") from exc
 
