@@ -10,6 +10,9 @@ ratio moved by 4 % and its turns' median by 1 %: read a ratio with its turns.
 With `--busy N`, each side first queues N jobs, then serves with its embedded worker draining
 them: interference, side against side. The side not measured is paused (SIGSTOP), so that
 neither side's worker meets the other's turns; an A/A run's pooled p99 moved by 5 %.
+
+With `--pause-ms P`, each client pauses 0.5 P to 1.5 P before each request: sporadic traffic,
+which meets idle cores and idle threads where back-to-back requests do not.
 """
 
 from __future__ import annotations
