@@ -40,6 +40,7 @@ from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
 from tandem.runtime.classifier import Classifier, Spin
 from tandem.runtime.imaging import decode_image
 from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
+from tandem.settings import usable_cpus
 
 FAST, ACCURATE = "efficientnet_lite0", "efficientnet_lite2"
 
@@ -205,7 +206,7 @@ def _best_throughput(bench: Bench, name: str) -> dict[str, Any]:
     setting's rate under "scan". Callers count: on 2 cores two single-threaded calls side by
     side beat one call on both cores by a third (each keeps its core busy, decoding included,
     with no hand-offs inside a run), so a scan of one caller only would be no ceiling."""
-    ways = sorted({1, os.cpu_count() or 1})
+    ways = sorted({1, usable_cpus()})  # as the server sizes its threads
     seconds = 0.25 if bench.quick else 0.6
     scan = []
     for threads in ways:

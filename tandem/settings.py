@@ -219,24 +219,24 @@ class Settings(BaseSettings):
         of 1 thread gave about a quarter more requests/s at 16 clients."""
         if self.fast_threads:
             return self.fast_threads
-        return max(1, _cpus() // self.fast_concurrency)
+        return max(1, usable_cpus() // self.fast_concurrency)
 
     @property
     def fast_solo_threads(self) -> int:
         """Threads for a fast-model call that finds no other running (see Classifier)."""
-        return self.fast_threads or _cpus()
+        return self.fast_threads or usable_cpus()
 
     @property
     def accurate_all_threads(self) -> int:
         """Threads for the embedded worker's work with the cores to itself: preparing a
         batch's images, and its runs while the fast model is idle."""
-        return self.accurate_threads or _cpus()
+        return self.accurate_threads or usable_cpus()
 
     @property
     def worker_lane_count(self) -> int:
         """Batches a standalone worker runs at once. One per CPU, each run on one thread: on 2
         cores, Lite2 gave 131 images/s as two single-threaded callers, 98 as one on both."""
-        return self.worker_lanes or _cpus()
+        return self.worker_lanes or usable_cpus()
 
     @property
     def accurate_lane_threads(self) -> int:
@@ -246,7 +246,7 @@ class Settings(BaseSettings):
     @property
     def accurate_prepare_threads(self) -> int:
         """Threads preparing one batch's images: its lane's share of the CPUs."""
-        return max(1, _cpus() // self.worker_lane_count)
+        return max(1, usable_cpus() // self.worker_lane_count)
 
     @property
     def runs_worker(self) -> bool:
@@ -340,5 +340,6 @@ def load_settings(
     return Settings.model_construct(**bound.model_dump())
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), which can be fewer than the machine's."""
     return len(os.sched_getaffinity(0))
