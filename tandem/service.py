@@ -186,9 +186,11 @@ class TandemService:
         if skipped is not None:
             timings = clock.timings(decode_ms, prediction, enqueue_ms=0.0)
             return FastOutcome(prediction, None, timings, gate, skipped=skipped)
-        queued_at = time.perf_counter()
-        job, not_queued = await self._enqueue(replace(spec, fast=prediction))
-        timings = clock.timings(decode_ms, prediction, _ms_since(queued_at))
+        enqueue = self._enqueue_timed(replace(spec, fast=prediction), time.perf_counter())
+        (job, not_queued), enqueue_ms = await self._given_out(asyncio.ensure_future(enqueue), spec)
+        if job is not None:  # an idempotent retry may find its job without a fast answer
+            job = self._attach_later(job, prediction)
+        timings = clock.timings(decode_ms, prediction, enqueue_ms)
         return FastOutcome(prediction, job, timings, gate, not_queued)
 
     async def _predict_and_enqueue_at_once(self, spec: JobSpec, gate: Gate) -> FastOutcome:
@@ -212,9 +214,9 @@ class TandemService:
         try:
             prediction, decode_ms = await self._in_time(classify, spec.image)
         except BaseException:
-            await self._withdraw(pending.abandon())
+            await self._withdraw(pending.abandon(), spec)
             raise
-        (job, not_queued), enqueue_ms = await pending.result()
+        (job, not_queued), enqueue_ms = await self._given_out(pending.started(), spec)
         if job is not None:
             job = self._attach_later(job, prediction)
         timings = clock.timings(decode_ms, prediction, enqueue_ms)
@@ -255,13 +257,29 @@ class TandemService:
         answers with a job waits, so a client never sees its own job without it."""
         await self._answers.written(job_id)
 
-    async def _withdraw(self, enqueue: asyncio.Task[Any] | None) -> None:
-        """The fast model failed (a deadline): the client never learns the job's id, so the
-        job is cancelled rather than run for nobody."""
-        if enqueue is None:
+    async def _given_out(
+        self, enqueue: asyncio.Task[EnqueueResult], spec: JobSpec
+    ) -> EnqueueResult:
+        """The enqueue's outcome. A request cancelled meanwhile (its deadline) lets the enqueue
+        finish, and withdraws the job it stored."""
+        try:
+            return await asyncio.shield(enqueue)
+        except asyncio.CancelledError:
+            await self._withdraw(enqueue, spec)
+            raise
+
+    async def _withdraw(self, enqueue: asyncio.Task[EnqueueResult] | None, spec: JobSpec) -> None:
+        """The request failed once its job's enqueue had begun (a deadline): the client never
+        learns the job's id, so the job is cancelled rather than run for nobody. Not one with
+        an idempotency key: the client's retry reaches it, and must find it queued."""
+        if enqueue is None or spec.idempotency_key is not None:
             return
-        (job, _), _ = await enqueue
-        if job is not None and job.fast is None:
+        try:
+            (job, _), _ = await enqueue
+        except Exception:  # it stored nothing (the store's own refusals come back as values)
+            log.exception("storing the job of a request that failed went wrong too")
+            return
+        if job is not None:
             with contextlib.suppress(QueueUnavailable):
                 await self.store.cancel(job.id)
 
@@ -408,9 +426,9 @@ class _PendingEnqueue:
         self._abandoned = True
         return self._task
 
-    async def result(self) -> EnqueueResult:
+    def started(self) -> asyncio.Task[EnqueueResult]:
         assert self._task is not None  # started before the prediction could return
-        return await self._task
+        return self._task
 
 
 class _AnswerWrites:

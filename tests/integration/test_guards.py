@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from tandem.runtime.classifier import load_classifier
 from tandem.runtime.priority import GiveWay, Occupancy
 from tandem.settings import Settings
 from tandem.worker import Worker, WorkerConfig
-from tests.support import b64, encode, solid
+from tests.support import b64, encode, fast_call_in_flight, solid
 
 IMAGE = {"image_data": b64(encode(solid((255, 0, 0)), "PNG"))}
 
@@ -242,3 +243,49 @@ def test_a_fast_answer_past_its_deadline_leaves_no_job_to_run(
     stats = client.get("/stats").json()
     assert stats["jobs"]["cancelled"] == 1  # stored meanwhile, then withdrawn: nobody has its id
     assert "tandem_queue_length 0.0" in client.get("/metrics").text
+
+
+def test_a_retry_after_the_fast_deadline_gets_a_job_that_will_run(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idempotency key lets the client reach the job again: the 504 must not cancel it."""
+    client = make_client(fast_timeout_s=0.2, embedded_worker=False)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    predict = service.fast.predict
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return predict(*args, **kwargs)
+
+    key = {"Idempotency-Key": "order-18"}
+    monkeypatch.setattr(service.fast, "predict", stalled)
+    assert client.post("/predict", json=IMAGE, headers=key).status_code == 504
+    monkeypatch.setattr(service.fast, "predict", predict)
+    retry = client.post("/predict", json=IMAGE, headers=key)
+    assert retry.status_code == 200
+    job = client.get(f"/job/{retry.json()['job_id']}").json()
+    assert job["status"] == "queued"
+    assert job["fast"]["model"] == retry.json()["fast"]["model"]
+    assert client.get("/stats").json()["jobs"].get("cancelled", 0) == 0
+
+
+@pytest.mark.parametrize("beside_another_call", [False, True])
+def test_a_request_past_its_deadline_while_storing_its_job_leaves_none_to_run(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch, beside_another_call: bool
+) -> None:
+    """Alone, the job is stored while the model runs; beside another call, after it."""
+    client = make_client(request_timeout_s=0.3, embedded_worker=False)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    enqueue = service.store.enqueue
+
+    async def slow_to_answer(spec: Any) -> Any:
+        job = await enqueue(spec)  # stored: then the deadline passes before the id is out
+        await asyncio.sleep(0.6)
+        return job
+
+    monkeypatch.setattr(service.store, "enqueue", slow_to_answer)
+    with fast_call_in_flight(service.calls) if beside_another_call else contextlib.nullcontext():
+        assert client.post("/predict", json=IMAGE).status_code == 504
+    jobs = client.get("/stats").json()["jobs"]
+    assert jobs["cancelled"] == 1
+    assert jobs.get("queued", 0) == 0
