@@ -225,42 +225,40 @@ def test_open_streams_and_long_polls_are_bounded(make_client: Any) -> None:
     assert client.get(f"/job/{job_id}", params={"wait": 0.1}).json()["status"] == "queued"
 
 
-def test_a_fast_answer_past_its_deadline_leaves_no_job_to_run(
-    make_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = make_client(fast_timeout_s=0.2, embedded_worker=False)
-    service = client.app.state.service  # type: ignore[attr-defined]
-    # The job is stored while the fast model runs: here the model overruns its deadline.
-    predict = service.fast.predict
+@contextlib.contextmanager
+def fast_model_overrunning(client: TestClient, seconds: float) -> Iterator[None]:
+    """The fast model takes `seconds` longer, within the block."""
+    fast = client.app.state.service.fast  # type: ignore[attr-defined]
+    predict = fast.predict
 
     def stalled(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.5)
+        time.sleep(seconds)
         return predict(*args, **kwargs)
 
-    monkeypatch.setattr(service.fast, "predict", stalled)
-    response = client.post("/predict", json=IMAGE)
+    fast.predict = stalled
+    try:
+        yield
+    finally:
+        del fast.predict  # the class's method again
+
+
+def test_a_fast_answer_past_its_deadline_leaves_no_job_to_run(make_client: Any) -> None:
+    client = make_client(fast_timeout_s=0.2, embedded_worker=False)
+    # The job is stored while the fast model runs: here the model overruns its deadline.
+    with fast_model_overrunning(client, 0.5):
+        response = client.post("/predict", json=IMAGE)
     assert response.status_code == 504
     stats = client.get("/stats").json()
     assert stats["jobs"]["cancelled"] == 1  # stored meanwhile, then withdrawn: nobody has its id
     assert "tandem_queue_length 0.0" in client.get("/metrics").text
 
 
-def test_a_retry_after_the_fast_deadline_gets_a_job_that_will_run(
-    make_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_retry_after_the_fast_deadline_gets_a_job_that_will_run(make_client: Any) -> None:
     """An idempotency key lets the client reach the job again: the 504 must not cancel it."""
     client = make_client(fast_timeout_s=0.2, embedded_worker=False)
-    service = client.app.state.service  # type: ignore[attr-defined]
-    predict = service.fast.predict
-
-    def stalled(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.5)
-        return predict(*args, **kwargs)
-
     key = {"Idempotency-Key": "order-18"}
-    monkeypatch.setattr(service.fast, "predict", stalled)
-    assert client.post("/predict", json=IMAGE, headers=key).status_code == 504
-    monkeypatch.setattr(service.fast, "predict", predict)
+    with fast_model_overrunning(client, 0.5):
+        assert client.post("/predict", json=IMAGE, headers=key).status_code == 504
     retry = client.post("/predict", json=IMAGE, headers=key)
     assert retry.status_code == 200
     job = client.get(f"/job/{retry.json()['job_id']}").json()
