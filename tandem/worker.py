@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from tandem import heap
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError
 from tandem.jobs.factory import make_store
@@ -393,6 +394,7 @@ async def run_worker_process(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await Worker(store, classifier, config_from(settings)).run(stop)
+        with heap.frozen():
+            await Worker(store, classifier, config_from(settings)).run(stop)
     finally:
         await store.close()

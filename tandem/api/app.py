@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from tandem import __version__
+from tandem import __version__, heap
 from tandem.api.direct import DirectRoute
 from tandem.api.errors import install_error_handlers
 from tandem.api.guards import ApiKeys, BodyLimit, Deadline, LoadShedder
@@ -181,7 +181,8 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
         running = _Running(store=store or make_store(settings))
         try:
             app.state.service = await _startup(settings, running)
-            yield
+            with heap.frozen():
+                yield
         finally:
             await _shutdown(running)
 
