@@ -2,7 +2,8 @@
 
 Phases, each against the same photo:
   floor         decode + preprocess + inference in this process, no server
-  sync          POST /predict over loopback from a load generator in another process
+  sync          POST /predict over loopback from a load generator in another process, back to
+                back, and from one client pausing between requests (sporadic)
   async         jobs per second through a worker, with the proxy idle
   interference  sync latency while a worker drains a full queue, against an empty queue
   memory        peak RSS of the proxy and of a worker
@@ -16,6 +17,7 @@ import functools
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import sqlite3
@@ -43,6 +45,8 @@ from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
 from tandem.settings import usable_cpus
 
 FAST, ACCURATE = "efficientnet_lite0", "efficientnet_lite2"
+# The sporadic row's client, and its floor, pause 0.5 to 1.5 times this before each call.
+SPORADIC_PAUSE_MS = 20.0
 
 
 @dataclass
@@ -108,9 +112,13 @@ class FloorProbe:
         """Forget the samples taken so far."""
         self.steps: dict[Spin, list[tuple[float, float, float]]] = {spin: [] for spin in self.calls}
 
-    def sample(self, calls: int) -> None:
+    def sample(self, calls: int, pause_s: float = 0.0) -> None:
+        """`calls` calls per way of spinning, each after a pause of 0.5 to 1.5 times
+        `pause_s`, as the load generator's (bench.load)."""
         for spin, call in self.calls.items():
             for _ in range(calls):
+                if pause_s:
+                    time.sleep(pause_s * random.uniform(0.5, 1.5))
                 started = time.perf_counter()
                 decode_s, inference_s = call()
                 self.steps[spin].append((time.perf_counter() - started, decode_s, inference_s))
@@ -385,16 +393,19 @@ def _summary(concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def one_client_beside_the_floor(bench: Bench, target: Target, probe: FloorProbe) -> dict[str, Any]:
+def one_client_beside_the_floor(
+    bench: Bench, target: Target, probe: FloorProbe, pause_ms: float = 0.0
+) -> dict[str, Any]:
     """1-client latency, with the fast model's floor sampled in turns with it: the ratio of
-    the two then compares the same minutes, not a quiet minute with a busy one."""
+    the two then compares the same minutes, not a quiet minute with a busy one. With
+    `pause_ms`, the client and the floor both pause before each call (sporadic traffic)."""
     probe.restart()
     runs = []
     # Short turns: a neighbour's burst on a shared machine then meets both sides alike.
     for _ in range(5 if bench.quick else 20):
-        probe.sample(3)
+        probe.sample(3, pause_ms / 1000.0)
         time.sleep(0.05)  # ONNX Runtime's default lets its threads spin a while after a run
-        runs.append(_generate_load(target, 1, 60.0, 15, split=True))
+        runs.append(_generate_load(target, 1, 60.0, 15, split=True, pause_ms=pause_ms))
     return _summary(1, runs) | {
         "floor_s": probe.latency(),
         "floor_split": probe.split(),
@@ -443,8 +454,9 @@ def sync_path(bench: Bench, best: dict[str, Any]) -> dict[str, Any]:
     # One of each for every body kind: their sessions take a while to build.
     floor_probe = FloorProbe(bench, FAST)
     best_probe = ThroughputProbe(bench, FAST, best)
+    kinds = bodies(bench)
     try:
-        for kind, (body, content_type) in bodies(bench).items():
+        for kind, (body, content_type) in kinds.items():
             probe = load(Target(port, body, content_type), 1, 5, requests=3)
             if probe["ok"] == 0:
                 results[kind] = None  # the server does not take this kind of body
@@ -457,6 +469,11 @@ def sync_path(bench: Bench, best: dict[str, Any]) -> dict[str, Any]:
                 sixteen_clients_beside_the_floor(bench, target, best_probe),
                 load(target, 64, bench.seconds),
             ]
+        if results.get("raw") is not None:
+            raw = Target(port, *kinds["raw"])
+            results["sporadic"] = one_client_beside_the_floor(
+                bench, raw, floor_probe, SPORADIC_PAUSE_MS
+            ) | {"pause_ms": SPORADIC_PAUSE_MS}
         results["proxy_peak_rss_mb"] = server.peak_rss_mb()
     finally:
         server.stop()

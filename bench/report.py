@@ -121,6 +121,12 @@ def render(r: dict[str, Any]) -> str:
             f"{_ms(x['p99_s'])} |"
             for x in rows
         ]
+    sporadic = r["sync"].get("sporadic")
+    if sporadic is not None:
+        lines.append(
+            f"| raw, sporadic | 1 | {sporadic['per_s']:.1f} | {_ms(sporadic['p50_s'])} | "
+            f"{_ms(sporadic['p99_s'])} |"
+        )
     lines += [
         "",
         "Each 1-client row is taken in turns with the fast model's floor, whose batch-1 "
@@ -138,6 +144,7 @@ def render(r: dict[str, Any]) -> str:
             if r["sync"].get(kind) is not None
         )
         + ".",
+        *_sporadic_lines(sporadic),
         *_split_rows(r["sync"]),
     ]
     sync = r["sync"]["json"]
@@ -198,4 +205,24 @@ def render(r: dict[str, Any]) -> str:
         f"{sixteen['p99_s'] * sixteen['per_s'] / 16:.2f}.",
         "",
     ]
+    if sporadic is not None:
+        lines += [
+            "Not a target (every client above sends back to back): sync p50, 1 client sending "
+            "sporadically / the floor called as sporadically, in turns: "
+            f"{sporadic['p50_s'] / sporadic['floor_s']:.3f}.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _sporadic_lines(sporadic: dict[str, Any] | None) -> list[str]:
+    if sporadic is None:
+        return []
+    low, high = 0.5 * sporadic["pause_ms"], 1.5 * sporadic["pause_ms"]
+    return [
+        "",
+        f"The sporadic row's client pauses {low:.0f} to {high:.0f} ms before each request, "
+        "where the others send back to back: idle cores and threads wake slowly. It is taken "
+        "in turns with the floor, called after the same pauses, whose batch-1 latency over "
+        f"those turns was {_ms(sporadic['floor_s'])}.",
+    ]

@@ -54,6 +54,13 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
         sixteen = next(row for row in results["sync"][kind] if row["clients"] == 16)
         assert sixteen["ok"] > 0
         assert sixteen["floor_per_s"] > 0
+    # One client sending sporadically, beside a floor called after the same pauses.
+    sporadic = results["sync"]["sporadic"]
+    assert sporadic["ok"] == sporadic["requests"] > 0
+    assert sporadic["floor_s"] > 0
+    assert sporadic["pause_ms"] > 0
+    assert "| raw, sporadic | 1 |" in table
+    assert "the floor called as sporadically, in turns" in table
     assert results["async"]["jobs"] > 0
     assert results["async"]["floor_per_s"] > 0
     assert results["async"]["queue_left"] > 0  # the worker never ran out of jobs in a turn
