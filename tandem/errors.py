@@ -57,6 +57,13 @@ class ImageTooSmall(TandemError):
     code = "image_too_small"
 
 
+class IdempotencyKeyReused(TandemError):
+    """The key came with another image or callback URL: its job is another request's."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class CallbackNotAllowed(TandemError):
     status = 422
     code = "callback_not_allowed"

@@ -16,15 +16,24 @@ from PIL import Image
 
 from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
+    IdempotencyKeyReused,
     JobFinished,
     JobNotFound,
     Overloaded,
     QueueUnavailable,
     ServiceUnavailable,
+    TandemError,
     Timeout,
 )
 from tandem.jobs.notify import Watch
-from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id, parse_job_id
+from tandem.jobs.records import (
+    Job,
+    JobSpec,
+    JobStatus,
+    new_job_id,
+    parse_job_id,
+    request_fingerprint,
+)
 from tandem.jobs.store import JobStore, QueueStats
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
@@ -165,6 +174,7 @@ class TandemService:
             request_id=request_id,
             idempotency_key=idempotency_key,
             callback_url=callback_url,
+            fingerprint=request_fingerprint(data, callback_url) if idempotency_key else None,
         )
         # Overlapping the job's write with the model saves a lone request its write's time,
         # but costs a second write (the fast answer, added after). With other calls running
@@ -272,14 +282,16 @@ class TandemService:
         """The request failed once its job's enqueue had begun (a deadline): the client never
         learns the job's id, so the job is cancelled rather than run for nobody. Not one with
         an idempotency key: the client's retry reaches it, and must find it queued."""
-        if enqueue is None or spec.idempotency_key is not None:
+        if enqueue is None:
             return
         try:
             (job, _), _ = await enqueue
-        except Exception:  # it stored nothing (the store's own refusals come back as values)
+        except TandemError:  # it stored nothing of this request's (a reused key)
+            return
+        except Exception:
             log.exception("storing the job of a request that failed went wrong too")
             return
-        if job is not None:
+        if job is not None and spec.idempotency_key is None:
             with contextlib.suppress(QueueUnavailable):
                 await self.store.cancel(job.id)
 
@@ -299,10 +311,16 @@ class TandemService:
 
     async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, ServiceUnavailable | None]:
         try:
-            return await self.store.enqueue(spec), None
+            job = await self.store.enqueue(spec)
         except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
             exc.details.setdefault("retry_after", self.retry_after_s)
             return None, exc
+        if job.fingerprint is not None and job.fingerprint != spec.fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was sent before with another image or callback_url",
+                idempotency_key=spec.idempotency_key,
+            )
+        return job, None
 
     async def cancel(self, job_id: str) -> Job:
         job_id = parse_job_id(job_id)

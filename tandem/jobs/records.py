@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -54,6 +55,8 @@ class JobSpec:
     request_id: str | None = None
     # A client's retry with the same key within the result TTL gets this job, not a new one.
     idempotency_key: str | None = None
+    # With a key: what a retry must send again (see request_fingerprint).
+    fingerprint: str | None = None
     # Where the worker POSTs the result once stored (already checked against the allowlist).
     callback_url: str | None = None
 
@@ -67,7 +70,15 @@ class JobSpec:
             fast=self.fast,
             request_id=self.request_id,
             callback_url=self.callback_url,
+            fingerprint=self.fingerprint,
         )
+
+
+def request_fingerprint(image: bytes, callback_url: str | None) -> str:
+    """A digest of what makes a request's job: the image and where its result goes."""
+    digest = hashlib.sha256(image)
+    digest.update(b"\0" + (callback_url or "").encode())
+    return digest.hexdigest()
 
 
 class DeliveryState(StrEnum):
@@ -107,6 +118,7 @@ class Job:
     cancel_requested: bool = False
     callback_url: str | None = None
     webhook: Delivery | None = None
+    fingerprint: str | None = None
 
     @property
     def final(self) -> Prediction | None:
@@ -143,6 +155,7 @@ def dump_meta(spec: JobSpec) -> str:
         "request_id": spec.request_id,
         "fast": spec.fast.to_dict() if spec.fast else None,
         "callback_url": spec.callback_url,
+        "fingerprint": spec.fingerprint,
     }
     return json.dumps(meta, separators=(",", ":"))
 
@@ -159,12 +172,14 @@ class Meta:
     fast: Prediction | None
     request_id: str | None
     callback_url: str | None
+    fingerprint: str | None
 
 
 def load_meta(text: str) -> Meta:
     meta = _versioned(text, "job payload")
     fast = Prediction.from_dict(meta["fast"]) if meta.get("fast") else None
-    return Meta(fast, meta.get("request_id"), meta.get("callback_url"))
+    # Records stored before fingerprints have none: a retry is not checked against them.
+    return Meta(fast, meta.get("request_id"), meta.get("callback_url"), meta.get("fingerprint"))
 
 
 def dump_delivery(delivery: Delivery) -> str:
@@ -234,4 +249,5 @@ def job_from_stored(job_id: str, fields: Mapping[str, Any]) -> Job:
         cancel_requested=str(fields.get("cancel") or "0") == "1",
         callback_url=meta.callback_url,
         webhook=load_delivery(fields.get("webhook")),
+        fingerprint=meta.fingerprint,
     )

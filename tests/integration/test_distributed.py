@@ -45,6 +45,7 @@ pytestmark = pytest.mark.slow
 _prefixes = itertools.count()
 LEDGERS: list[str] = []  # printed at the end of the run by conftest.pytest_terminal_summary
 BODY = {"image_data": b64(encode(photos.chelsea()))}
+OTHER_BODY = {"image_data": b64(encode(photos.astronaut()))}
 DONE_LINE = re.compile(r"job ([0-9a-f]{32}) done:")
 # A finishing call whose reply the connection lost: Redis may have run it before it died.
 LOST_REPLY = re.compile(r"queue unavailable while finishing (\d+) jobs")
@@ -389,6 +390,11 @@ def test_idempotency_key_and_cancel_over_http(cluster: Cluster) -> None:
         retry = client.post("/predict", json=BODY, headers={"Idempotency-Key": "order-17"})
         other = client.post("/predict", json=BODY)
         assert first.json()["job_id"] == retry.json()["job_id"] != other.json()["job_id"]
+        reused = client.post(
+            "/predict", json=OTHER_BODY, headers={"Idempotency-Key": "order-17"}
+        )  # another image under the same key: not a retry
+        assert reused.status_code == 422
+        assert reused.json()["error"]["code"] == "idempotency_key_reused"
         bad_key = client.post("/predict", json=BODY, headers={"Idempotency-Key": "x" * 200})
         assert bad_key.status_code == 400
 

@@ -267,6 +267,29 @@ def test_a_retry_after_the_fast_deadline_gets_a_job_that_will_run(make_client: A
     assert client.get("/stats").json()["jobs"].get("cancelled", 0) == 0
 
 
+def test_a_key_sent_again_with_another_image_is_refused_and_costs_no_job(
+    make_client: Any,
+) -> None:
+    hooks = {"webhook_hosts": ["hooks.example"], "webhook_secret": "s" * 16}
+    client = make_client(embedded_worker=False, **hooks)
+    key = {"Idempotency-Key": "order-19"}
+    first = client.post("/predict", json=IMAGE, headers=key)
+    blue = {"image_data": b64(encode(solid((0, 0, 255)), "PNG"))}
+    reused = client.post("/predict", json=blue, headers=key)
+    assert reused.status_code == 422
+    error = reused.json()["error"]
+    assert error["code"] == "idempotency_key_reused"
+    assert error["details"] == {"idempotency_key": "order-19"}
+    # Nor does a different callback URL make the same request.
+    hook = client.post(
+        "/predict", params={"callback_url": "https://hooks.example/x"}, json=IMAGE, headers=key
+    )
+    assert hook.json()["error"]["code"] == "idempotency_key_reused"
+    retry = client.post("/predict", json=IMAGE, headers=key)
+    assert retry.json()["job_id"] == first.json()["job_id"]
+    assert "tandem_queue_length 1.0" in client.get("/metrics").text  # the first request's
+
+
 @pytest.mark.parametrize("beside_another_call", [False, True])
 def test_a_request_past_its_deadline_while_storing_its_job_leaves_none_to_run(
     make_client: Any, monkeypatch: pytest.MonkeyPatch, beside_another_call: bool

@@ -332,6 +332,17 @@ async def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None
     assert await store.queue_depth() == 2
 
 
+async def test_a_keyed_job_keeps_the_fingerprint_a_retry_is_checked_against(
+    store: JobStore,
+) -> None:
+    first = await store.enqueue(replace(spec(), idempotency_key="k", fingerprint="image-a"))
+    again = await store.enqueue(replace(spec(), idempotency_key="k", fingerprint="image-b"))
+    assert first.fingerprint == again.fingerprint == "image-a"  # the stored job's, not the retry's
+    stored = await store.get(first.id)
+    assert stored is not None
+    assert stored.fingerprint == "image-a"
+
+
 async def test_cancelling_a_queued_job_removes_it_from_the_queue(store: JobStore) -> None:
     s = spec()
     await store.enqueue(s)

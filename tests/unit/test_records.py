@@ -20,6 +20,7 @@ from tandem.jobs.records import (
     load_prediction,
     new_job_id,
     parse_job_id,
+    request_fingerprint,
 )
 from tandem.predictions import Prediction, Scored
 
@@ -45,9 +46,16 @@ def test_terminal_statuses() -> None:
 def test_payloads_are_versioned_json_that_round_trips() -> None:
     prediction = Prediction("m", (Scored(1, "a", 0.5), Scored(2, "b", 0.25)), 3.0)
     spec = JobSpec(
-        id=new_job_id(), image=b"x", fast=prediction, request_id="r", callback_url="http://h/"
+        id=new_job_id(),
+        image=b"x",
+        fast=prediction,
+        request_id="r",
+        callback_url="http://h/",
+        fingerprint="f",
     )
-    assert load_meta(dump_meta(spec)) == Meta(prediction, "r", "http://h/")
+    assert load_meta(dump_meta(spec)) == Meta(prediction, "r", "http://h/", "f")
+    # A record stored before fingerprints reads as having none.
+    assert load_meta('{"v":1,"fast":null}').fingerprint is None
     assert load_prediction(dump_prediction(prediction)) == prediction
     delivery = Delivery(DeliveryState.FAILED, 3, "HTTP 500", 12.5)
     assert load_delivery(dump_delivery(delivery)) == delivery
@@ -77,3 +85,13 @@ def test_the_final_answer_is_the_best_known_one() -> None:
     disagreed = _job(fast, other, JobStatus.DONE)
     assert (disagreed.final, disagreed.changed) == (other, True)
     assert _job(None, None, JobStatus.QUEUED).final is None
+
+
+def test_a_request_s_fingerprint_covers_its_image_and_its_callback() -> None:
+    base = request_fingerprint(b"image", None)
+    assert request_fingerprint(b"image", None) == base
+    assert request_fingerprint(b"image", "") == base  # no callback either way
+    assert request_fingerprint(b"other", None) != base
+    assert request_fingerprint(b"image", "https://hooks.example/x") != base
+    # The separator keeps the image's end from passing for the callback's start.
+    assert request_fingerprint(b"imageh", "ttps://x") != request_fingerprint(b"image", "https://x")
