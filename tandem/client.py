@@ -154,9 +154,16 @@ class EventParser:
         return None
 
 
-def _params(policy: str | None, threshold: float | None) -> dict[str, str]:
+def _predict_request(
+    image: Image, policy: str | None, threshold: float | None, idempotency_key: str | None
+) -> dict[str, Any]:
+    """POST /predict's body, headers and query, as httpx's keyword arguments."""
+    content, headers = _image_request(image)
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     given = {"policy": policy, "threshold": threshold}
-    return {k: str(v) for k, v in given.items() if v is not None}
+    params = {k: str(v) for k, v in given.items() if v is not None}
+    return {"content": content, "headers": headers, "params": params}
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -193,12 +200,17 @@ class Client:
             return self._http.request(method, path, **kwargs)
 
     def predict(
-        self, image: Image, *, policy: str | None = None, threshold: float | None = None
+        self,
+        image: Image,
+        *,
+        policy: str | None = None,
+        threshold: float | None = None,
+        idempotency_key: str | None = None,
     ) -> FastResult:
-        content, headers = _image_request(image)
-        params = _params(policy, threshold)
-        response = self._send("POST", "/predict", content=content, headers=headers, params=params)
-        return _fast_result(response)
+        """The fast answer and the job's id. With `idempotency_key`, sending the same image
+        again (a retry after ServerUnreachable or Timeout) gets the same job, not a second."""
+        request = _predict_request(image, policy, threshold, idempotency_key)
+        return _fast_result(self._send("POST", "/predict", **request))
 
     def job(self, job_id: str, wait: float = 0.0) -> JobResult:
         params = {"wait": str(wait)} if wait else {}
@@ -265,14 +277,15 @@ class AsyncClient:
             return await self._http.request(method, path, **kwargs)
 
     async def predict(
-        self, image: Image, *, policy: str | None = None, threshold: float | None = None
+        self,
+        image: Image,
+        *,
+        policy: str | None = None,
+        threshold: float | None = None,
+        idempotency_key: str | None = None,
     ) -> FastResult:
-        content, headers = _image_request(image)
-        params = _params(policy, threshold)
-        response = await self._send(
-            "POST", "/predict", content=content, headers=headers, params=params
-        )
-        return _fast_result(response)
+        request = _predict_request(image, policy, threshold, idempotency_key)
+        return _fast_result(await self._send("POST", "/predict", **request))
 
     async def job(self, job_id: str, wait: float = 0.0) -> JobResult:
         params = {"wait": str(wait)} if wait else {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tandem.client import AsyncClient, Client
-from tandem.errors import InvalidImage, JobNotFound, ServerUnreachable
+from tandem.errors import IdempotencyKeyReused, InvalidImage, JobNotFound, ServerUnreachable
 from tandem.jobs.records import JobStatus
 from tests.support import ServerProcess, clean_env, encode, free_port, solid
 
@@ -46,6 +46,17 @@ def test_events_iterate_to_the_finished_job(working: ServerProcess) -> None:
         states = list(client.events(fast.job_id or ""))
     assert states[-1].status is JobStatus.DONE
     assert states[-1].accurate is not None
+
+
+def test_a_retry_with_the_same_key_gets_the_same_job(idle: ServerProcess, image: Path) -> None:
+    with Client(idle.url) as client:
+        first = client.predict(image, idempotency_key="order-20")
+        retry = client.predict(PNG, idempotency_key="order-20")  # the same bytes
+        other = client.predict(PNG)
+        with pytest.raises(IdempotencyKeyReused) as refused:
+            client.predict(encode(solid((200, 10, 10)), "PNG"), idempotency_key="order-20")
+    assert first.job_id == retry.job_id != other.job_id
+    assert refused.value.status == 422
 
 
 async def test_the_async_client_does_the_same(working: ServerProcess) -> None:
