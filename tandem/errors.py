@@ -37,6 +37,11 @@ class InvalidJSON(TandemError):
     code = "invalid_json"
 
 
+class InvalidMultipart(TandemError):
+    status = 400
+    code = "invalid_multipart"
+
+
 class ValidationFailed(TandemError):
     status = 422
     code = "validation_error"

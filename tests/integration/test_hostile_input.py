@@ -11,6 +11,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,11 +84,21 @@ CORPUS = {
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "lynx"}
 
 
+def _post(client: httpx.Client, data: bytes, body: str) -> httpx.Response:
+    """POST `data` as one of the bodies /predict takes: each must be judged alike."""
+    if body == "json":
+        return client.post("/predict", json={"image_data": b64(data)})
+    if body == "form":
+        return client.post("/predict", files={"image": ("upload", data)})
+    return client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+
+
+@pytest.mark.parametrize("body", ["json", "raw", "form"])
 @pytest.mark.parametrize("name", list(CORPUS))
-def test_hostile_file(real_server: ServerProcess, name: str) -> None:
+def test_hostile_file(real_server: ServerProcess, name: str, body: str) -> None:
     data, status, code = CORPUS[name]
     with real_server.client() as client:
-        response = client.post("/predict", json={"image_data": b64(data)})
+        response = _post(client, data, body)
     assert response.status_code == status, response.text
     body = response.json()
     if code is None:

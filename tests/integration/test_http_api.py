@@ -232,19 +232,23 @@ def test_openapi_documents_every_route(real_server: ServerProcess) -> None:
     bodies = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert bodies["application/json"]["schema"]["required"] == ["image_data"]
     assert {"image/*", "application/octet-stream"} <= set(bodies)
+    assert bodies["multipart/form-data"]["schema"]["required"] == ["image"]
 
 
-def test_raw_image_bodies_are_accepted(real_server: ServerProcess) -> None:
+def test_raw_and_form_image_bodies_are_accepted(real_server: ServerProcess) -> None:
     data = encode(photos.chelsea())
     with real_server.client() as client:
         raw = client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
         octets = client.post(
             "/predict", content=data, headers={"content-type": "application/octet-stream"}
         )
+        form = client.post("/predict", files={"image": ("chelsea.jpg", data, "image/jpeg")})
         text = client.post("/predict", content=b"hello", headers={"content-type": "text/plain"})
         not_image = client.post("/predict", content=b"hello", headers={"content-type": "image/png"})
     assert raw.status_code == octets.status_code == 200
     assert raw.json()["efficientnet_lite0"] in CATS
+    assert form.status_code == 200, form.text
+    assert form.json()["fast"]["top_k"] == raw.json()["fast"]["top_k"]
     assert text.status_code == 415
     assert text.json()["error"]["code"] == "unsupported_media_type"
     assert not_image.status_code == 422

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tandem.api.routes import decode_base64
+from tandem.api.bodies import decode_base64
 from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
 from tandem.runtime.assets import imagenet_labels
 from tandem.runtime.manifest import model_name, read_manifest, resolve_manifest_path
