@@ -70,10 +70,14 @@ class Bench:
 # -- floor ----------------------------------------------------------------------------------------
 
 
-def _classifier(bench: Bench, name: str, threads: int, spin: Spin = Spin.ALWAYS) -> Classifier:
+def _classifier(
+    bench: Bench, name: str, threads: int, spin: Spin = Spin.ALWAYS, solo: int = 0
+) -> Classifier:
+    """With `solo` threads, a second session for solo calls, placed as the server places the
+    fast model's."""
     path = bench.model_dir / name / MANIFEST_NAME
     manifest = read_manifest(path)
-    return Classifier(manifest, path.parent / manifest.file, threads, spin)
+    return Classifier(manifest, path.parent / manifest.file, threads, spin, solo, pin_solo=True)
 
 
 def _timed(fn: Any, repeat: int) -> list[float]:
@@ -94,34 +98,43 @@ def floor(bench: Bench, name: str) -> dict[str, Any]:
 
 
 class FloorProbe:
-    """Batch-1 decode + preprocess + inference: the better of ONNX Runtime's default and the
-    server's way of spinning, sampled in turns so that both meet the same moments of a
-    shared machine."""
+    """Batch-1 decode + preprocess + inference: the best of ONNX Runtime's default (threads
+    spinning on after a run), the server's way of spinning, and that way with the run's
+    threads placed on CPUs of their own as the server places a lone call's (see
+    tandem.runtime.placement), sampled in turns so that all meet the same moments of a shared
+    machine."""
 
     def __init__(self, bench: Bench, name: str) -> None:
+        placed = _classifier(bench, name, threads=1, spin=Spin.IN_RUN, solo=usable_cpus())
+        ways = {
+            "spinning on": (_classifier(bench, name, threads=0, spin=Spin.ALWAYS), False),
+            "stopping after a run": (_classifier(bench, name, threads=0, spin=Spin.IN_RUN), False),
+            "stopping after a run, placed": (placed, True),
+        }
         self.calls = {}
-        for spin in (Spin.ALWAYS, Spin.IN_RUN):
-            single = _classifier(bench, name, threads=0, spin=spin)
+        for way, (classifier, solo) in ways.items():
             # The server's decoding: drafted to the model's size.
-            call = functools.partial(_classify_one, single, bench.photo, single.decode_side)
+            call = functools.partial(
+                _classify_one, classifier, bench.photo, classifier.decode_side, solo=solo
+            )
             _timed(call, 5)  # warm up
-            self.calls[spin] = call
+            self.calls[way] = call
         self.restart()
 
     def restart(self) -> None:
         """Forget the samples taken so far."""
-        self.steps: dict[Spin, list[tuple[float, float, float]]] = {spin: [] for spin in self.calls}
+        self.steps: dict[str, list[tuple[float, float, float]]] = {way: [] for way in self.calls}
 
     def sample(self, calls: int, pause_s: float = 0.0) -> None:
-        """`calls` calls per way of spinning, each after a pause of 0.5 to 1.5 times
-        `pause_s`, as the load generator's (bench.load)."""
-        for spin, call in self.calls.items():
+        """`calls` calls per way, each after a pause of 0.5 to 1.5 times `pause_s`, as the
+        load generator's (bench.load)."""
+        for way, call in self.calls.items():
             for _ in range(calls):
                 if pause_s:
                     time.sleep(pause_s * random.uniform(0.5, 1.5))
                 started = time.perf_counter()
                 decode_s, inference_s = call()
-                self.steps[spin].append((time.perf_counter() - started, decode_s, inference_s))
+                self.steps[way].append((time.perf_counter() - started, decode_s, inference_s))
 
     def _best(self) -> list[tuple[float, float, float]]:
         return min(self.steps.values(), key=lambda steps: float(np.median([s[0] for s in steps])))
@@ -130,7 +143,7 @@ class FloorProbe:
         return float(np.median([total for total, _, _ in self._best()]))
 
     def split(self) -> dict[str, float]:
-        """Medians of each step, for the way of spinning that gave the floor."""
+        """Medians of each step, for the way that gave the floor."""
         return _split_medians(self._best())
 
 
@@ -145,12 +158,14 @@ def _split_medians(steps: npt.ArrayLike) -> dict[str, float]:
     }
 
 
-def _classify_one(classifier: Classifier, photo: bytes, side: int) -> tuple[float, float]:
+def _classify_one(
+    classifier: Classifier, photo: bytes, side: int, *, solo: bool = False
+) -> tuple[float, float]:
     """Seconds spent decoding and in the model's run."""
     started = time.perf_counter()
     image = decode_image(photo, min_side=side)
     decoded = time.perf_counter() - started
-    (prediction,) = classifier.predict([image], 5)
+    (prediction,) = classifier.predict([image], 5, solo=solo)
     return decoded, prediction.inference_ms / 1000.0
 
 

@@ -50,10 +50,16 @@ class _Running:
 
 
 async def _load(
-    ref: str, settings: Settings, threads: int, spin: Spin = Spin.IN_RUN, solo_threads: int = 0
+    ref: str,
+    settings: Settings,
+    threads: int,
+    spin: Spin = Spin.IN_RUN,
+    solo_threads: int = 0,
+    *,
+    pin_solo: bool = False,
 ) -> Classifier:
     return await asyncio.to_thread(
-        load_classifier, ref, settings.model_dir, threads, spin, solo_threads
+        load_classifier, ref, settings.model_dir, threads, spin, solo_threads, pin_solo=pin_solo
     )
 
 
@@ -65,6 +71,7 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
         settings.fast_call_threads,
         settings.fast_spin,
         solo_threads=settings.fast_solo_threads,
+        pin_solo=settings.fast_pin,
     )
     accurate_name = model_name(settings.accurate_model, settings.model_dir)
     service = TandemService(

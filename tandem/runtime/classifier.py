@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from enum import Enum
@@ -21,6 +22,7 @@ from tandem.runtime.manifest import (
     resolve_manifest_path,
     sha256_of,
 )
+from tandem.runtime.placement import AFFINITIES, Placement
 from tandem.runtime.priority import Preempted
 
 
@@ -41,7 +43,8 @@ class Classifier:
     """Owns the model's InferenceSession. `predict` is thread-safe and blocking: call it off
     the loop. With `solo_threads` above `threads` it owns a second session with that many
     threads, for calls made with `solo` (see Occupancy): one request alone gets every core,
-    and requests side by side share the cores out instead of oversubscribing them."""
+    and requests side by side share the cores out instead of oversubscribing them. With
+    `pin_solo`, a solo call's threads each run on a CPU of their own (see placement)."""
 
     def __init__(
         self,
@@ -50,11 +53,15 @@ class Classifier:
         threads: int = 0,
         spin: Spin = Spin.IN_RUN,
         solo_threads: int = 0,
+        *,
+        pin_solo: bool = False,
     ) -> None:
         self.manifest = manifest
         self._session = _open_session(model_path, threads, spin)
+        has_solo = 0 < threads < solo_threads
+        self._placement = Placement.for_threads(solo_threads) if has_solo and pin_solo else None
         self._solo = (
-            _open_session(model_path, solo_threads, spin) if 0 < threads < solo_threads else None
+            _open_session(model_path, solo_threads, spin, self._placement) if has_solo else None
         )
         inputs = self._session.get_inputs()
         self._input_name: str = manifest.input_name or inputs[0].name
@@ -70,6 +77,8 @@ class Classifier:
         threads: int = 0,
         spin: Spin = Spin.IN_RUN,
         solo_threads: int = 0,
+        *,
+        pin_solo: bool = False,
     ) -> Classifier:
         manifest = read_manifest(manifest_path)
         model_path = manifest_path.parent / manifest.file
@@ -77,7 +86,7 @@ class Classifier:
             raise ModelNotFound(f"model file {model_path} named by {manifest_path} is missing")
         if sha256_of(model_path) != manifest.sha256:
             raise ConfigurationError(f"{model_path} does not match the checksum in its manifest")
-        return cls(manifest, model_path, threads, spin, solo_threads)
+        return cls(manifest, model_path, threads, spin, solo_threads, pin_solo=pin_solo)
 
     @property
     def name(self) -> str:
@@ -120,9 +129,15 @@ class Classifier:
         run_options: ort.RunOptions | None = None,
     ) -> npt.NDArray[np.float32]:
         """The model's first output for a prepared batch, untouched."""
-        session = self._solo if solo and self._solo is not None else self._session
+        session = self._session
+        placed: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if solo and self._solo is not None:
+            session = self._solo
+            if self._placement is not None:
+                placed = self._placement.caller_pinned()
         try:
-            outputs = session.run(None, {self._input_name: batch}, run_options)
+            with placed:
+                outputs = session.run(None, {self._input_name: batch}, run_options)
         except Exception as exc:  # ORT's errors are untyped: the flag tells a preemption apart
             if run_options is not None and run_options.terminate:
                 raise Preempted from exc
@@ -163,15 +178,25 @@ class Classifier:
 
 
 def load_classifier(
-    ref: str, model_dir: Path, threads: int = 0, spin: Spin = Spin.IN_RUN, solo_threads: int = 0
+    ref: str,
+    model_dir: Path,
+    threads: int = 0,
+    spin: Spin = Spin.IN_RUN,
+    solo_threads: int = 0,
+    *,
+    pin_solo: bool = False,
 ) -> Classifier:
     """Load a model named in settings: a built-in name, a model directory or a manifest path."""
     path = resolve_manifest_path(ref, model_dir)
-    return Classifier.from_manifest(path, threads, spin, solo_threads)
+    return Classifier.from_manifest(path, threads, spin, solo_threads, pin_solo=pin_solo)
 
 
-def _open_session(model_path: Path, threads: int, spin: Spin) -> ort.InferenceSession:
+def _open_session(
+    model_path: Path, threads: int, spin: Spin, placement: Placement | None = None
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if placement is not None:
+        options.add_session_config_entry(AFFINITIES, placement.affinities)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

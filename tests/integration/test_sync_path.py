@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sqlite3
 import threading
 import time
@@ -182,6 +183,21 @@ def test_the_fast_models_threads_wait_as_configured(
         except RuntimeError:  # never set: ONNX Runtime's default, spinning on after a run
             found = None
         assert found == stop_after_run
+
+
+@pytest.mark.parametrize(("told", "pinned"), [({}, True), ({"fast_pin": False}, False)])
+def test_a_lone_fast_call_runs_on_cpus_of_its_own_unless_told_not_to(
+    tiny_dir: Path,
+    tmp_path: Path,
+    open_app: Callable[[Settings], TestClient],
+    told: dict[str, bool],
+    pinned: bool,
+) -> None:
+    client = open_app(Settings(**_settings(tiny_dir, tmp_path).model_dump() | told))
+    fast = client.app.state.service.fast  # type: ignore[attr-defined]
+    two_cpus = len(os.sched_getaffinity(0)) >= 2  # one CPU: nothing to place
+    assert (fast._placement is not None) == (pinned and two_cpus)
+    assert _post(client)  # it answers
 
 
 def test_while_serving_the_start_up_heap_is_out_of_the_collectors_way(

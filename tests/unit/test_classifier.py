@@ -3,13 +3,16 @@ threads wait for work as the model's role needs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from tandem.runtime.classifier import Classifier, Spin
+from tandem.runtime.placement import AFFINITIES
 from tests.support import TinySpec, record_runs, tiny_model
 
 RED = Image.new("RGB", (8, 8), (255, 0, 0))
@@ -55,3 +58,46 @@ def test_each_way_of_spinning_reaches_both_sessions(
     for session in (classifier._session, classifier._solo):
         assert _config(session, "session.intra_op.allow_spinning") == allow_spinning
         assert _config(session, "session.force_spinning_stop") == stop_after_run
+
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="placing two threads takes two CPUs")
+def test_a_pinned_solo_call_runs_each_thread_on_a_cpu_of_its_own(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
+    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2, pin_solo=True)
+    assert classifier._solo is not None
+    # The pool's one thread on the first CPU, fixed when the session opened (counted from 1).
+    assert _config(classifier._solo, AFFINITIES) == str(CPUS[0] + 1)
+    assert _config(classifier._session, AFFINITIES) is None  # calls side by side: not pinned
+    seen: list[set[int]] = []
+    for session in (classifier._solo, classifier._session):
+        _record_affinity(session, seen)
+    classifier.predict([RED], 1, solo=True)
+    classifier.predict([RED], 1)
+    # The caller on the last CPU for the solo run only, and free again after it.
+    assert seen == [{CPUS[-1]}, set(CPUS)]
+    assert os.sched_getaffinity(0) == set(CPUS)
+
+
+def test_unpinned_solo_calls_are_left_to_the_scheduler(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
+    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2)
+    seen: list[set[int]] = []
+    if classifier._solo is not None:
+        assert _config(classifier._solo, AFFINITIES) is None
+        _record_affinity(classifier._solo, seen)
+    _record_affinity(classifier._session, seen)
+    classifier.predict([RED], 1, solo=True)
+    assert seen == [set(CPUS)]
+
+
+def _record_affinity(session: ort.InferenceSession, seen: list[set[int]]) -> None:
+    run = session.run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(os.sched_getaffinity(0))
+        return run(*args, **kwargs)
+
+    session.run = recorded  # type: ignore[method-assign]
