@@ -113,10 +113,11 @@ class Settings(BaseSettings):
     )
     fast_pin: bool = Field(
         True,
-        description="A fast-model call alone runs each ONNX Runtime thread on a CPU of its own, "
-        "its caller's included: left to the scheduler, a thread woken after an idle moment "
-        "could land beside the caller and slow the run two- to threefold. `false` leaves "
-        "them to the scheduler (a host where other work holds some of this process's CPUs).",
+        description="A fast-model call alone, on every CPU this process may use (as by "
+        "default), runs each ONNX Runtime thread on a CPU of its own, its caller's included: "
+        "left to the scheduler, a thread woken after an idle moment could land beside the "
+        "caller and slow the run two- to threefold. `false` leaves them to the scheduler (a "
+        "host where other busy processes share this process's CPUs).",
     )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images get 413, judged from the header."

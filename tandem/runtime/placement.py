@@ -32,12 +32,14 @@ class Placement:
 
     @classmethod
     def for_threads(cls, threads: int) -> Placement | None:
-        """One CPU each for a run of `threads` threads, from those this process may use; None
-        when there are too few, or one thread needs no placing."""
+        """One CPU each for a run of `threads` threads, when they take every CPU this process
+        may use. None otherwise: with CPUs to spare the scheduler has somewhere else to put a
+        thread (and pinning to a few of many CPUs, in a container that sees the whole host,
+        would pile onto whatever else runs there); one thread needs no placing."""
         cpus = sorted(os.sched_getaffinity(0))
-        if not 1 < threads <= len(cpus):
+        if not 1 < threads == len(cpus):
             return None
-        return cls(frozenset(cpus[-1:]), tuple(cpus[: threads - 1]))
+        return cls(frozenset(cpus[-1:]), tuple(cpus[:-1]))
 
     @property
     def affinities(self) -> str:

@@ -66,10 +66,11 @@ CPUS = sorted(os.sched_getaffinity(0))
 @pytest.mark.skipif(len(CPUS) < 2, reason="placing two threads takes two CPUs")
 def test_a_pinned_solo_call_runs_each_thread_on_a_cpu_of_its_own(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
-    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2, pin_solo=True)
+    every = len(CPUS)
+    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=every, pin_solo=True)
     assert classifier._solo is not None
-    # The pool's one thread on the first CPU, fixed when the session opened (counted from 1).
-    assert _config(classifier._solo, AFFINITIES) == str(CPUS[0] + 1)
+    # The pool's threads on the first CPUs, fixed when the session opened (counted from 1).
+    assert _config(classifier._solo, AFFINITIES) == ";".join(str(cpu + 1) for cpu in CPUS[:-1])
     assert _config(classifier._session, AFFINITIES) is None  # calls side by side: not pinned
     seen: list[set[int]] = []
     for session in (classifier._solo, classifier._session):
