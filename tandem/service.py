@@ -163,16 +163,20 @@ class TandemService:
         idempotency_key: str | None = None,
         gate: Gate | None = None,
         callback_url: str | None = None,
+        *,
+        idempotency_scope: str | None = None,
     ) -> FastOutcome:
         """Answer with the fast model and store the job durably, unless the gate says the fast
         answer is enough. Bad images raise before anything is stored; a full or unreachable
-        queue still gets the fast answer, with the reason instead."""
+        queue still gets the fast answer, with the reason instead. An idempotency key counts
+        within its scope (the client's identity), when it has one."""
         gate = gate or self.gate
         spec = JobSpec(
             id=new_job_id(),
             image=data,
             request_id=request_id,
             idempotency_key=idempotency_key,
+            idempotency_scope=idempotency_scope,
             callback_url=callback_url,
             fingerprint=request_fingerprint(data, callback_url) if idempotency_key else None,
         )

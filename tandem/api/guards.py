@@ -10,12 +10,15 @@ import hashlib
 import hmac
 from collections.abc import Collection
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.errors import error_json
 from tandem.api.middleware import header
 from tandem.errors import Overloaded, PayloadTooLarge, TandemError, Timeout, Unauthorized
 
+# Where ApiKeys leaves which client sent a request: a digest of its key, never the key.
+API_KEY_ID = "api_key_id"
 # Load balancers and people checking on the service need these without a key.
 # The web page is static and holds no data; what it fetches is guarded like any other call.
 OPEN_PATHS = frozenset({"/", "/health", "/health/all"})
@@ -88,24 +91,38 @@ class ApiKeys:
         self.app = app
         self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
 
-    def _allowed(self, scope: Scope) -> bool:
+    def _valid_digest(self, scope: Scope) -> bytes | None:
+        """The digest of the valid key the request carries, if any."""
         offered = header(scope, b"x-api-key")
         authorization = header(scope, b"authorization") or ""
         scheme, _, token = authorization.partition(" ")
         if offered is None and scheme.lower() == "bearer":
             offered = token.strip()
         if not offered:
-            return False
+            return None
         digest = hashlib.sha256(offered.encode()).digest()
         # Check every key, so the time taken says nothing about which one nearly matched.
-        return sum(hmac.compare_digest(digest, known) for known in self._digests) > 0
+        valid = sum(hmac.compare_digest(digest, known) for known in self._digests) > 0
+        return digest if valid else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        digest = self._valid_digest(scope)
+        if digest is not None:
+            # Who sent it, for what belongs to a client (its idempotency keys); not the key.
+            scope.setdefault("state", {})[API_KEY_ID] = digest[:8].hex()
             await self.app(scope, receive, send)
             return
         error = Unauthorized("a valid API key is required (Authorization: Bearer, or X-API-Key)")
         await _refuse(scope, receive, send, error)
+
+
+def api_key_id_of(request: Request) -> str | None:
+    """The client's identity when API keys are on: a digest of the key it sent."""
+    value = request.scope.get("state", {}).get(API_KEY_ID)
+    return value if isinstance(value, str) else None
 
 
 class LoadShedder:

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from tandem.api.bodies import JSON, REQUEST_BODY, image_bytes
 from tandem.api.errors import error_headers
+from tandem.api.guards import api_key_id_of
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
 from tandem.api.params import idempotency_key, openapi_parameters, query_params
@@ -79,7 +80,9 @@ async def _predict(
 ) -> Response:
     service = service_of(request)
     request_id = request_id_of(request)
-    outcome = await service.predict(data, request_id, key, gate, callback_url)
+    outcome = await service.predict(
+        data, request_id, key, gate, callback_url, idempotency_scope=api_key_id_of(request)
+    )
     request.app.state.metrics.observe_fast(outcome)
     job_id = outcome.job.id if outcome.job else None
     # On the request's access line, written once the response is out, not before it.

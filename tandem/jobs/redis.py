@@ -322,7 +322,7 @@ class RedisJobStore:
 
     async def enqueue(self, spec: JobSpec) -> Job:
         now = time.time()
-        idempotency = f"{self._prefix}:idempotency:{spec.idempotency_key or ''}"
+        idempotency = f"{self._prefix}:idempotency:{spec.idempotency_slot or ''}"
         keys = [self._job_key(spec.id), self._queue, idempotency]
         args: list[ScriptArg] = [
             spec.id,
@@ -332,7 +332,7 @@ class RedisJobStore:
             self.policy.max_queue_length,
             self._ttl_ms,
             self._job_key(""),
-            "1" if spec.idempotency_key else "0",
+            "1" if spec.idempotency_slot else "0",
         ]
         stored: Any = await self._call(lambda: self._enqueue(keys=keys, args=args))
         if stored is None:

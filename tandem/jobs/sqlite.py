@@ -214,7 +214,7 @@ class SQLiteJobStore:
         return job
 
     def _insert(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:
-        earlier = self._idempotent_job(c, spec.idempotency_key, now) or _select_job(c, spec.id)
+        earlier = self._idempotent_job(c, spec.idempotency_slot, now) or _select_job(c, spec.id)
         if earlier is not None:
             return earlier
         limit = self.policy.max_queue_length
@@ -225,10 +225,10 @@ class SQLiteJobStore:
             (spec.id, JobStatus.QUEUED, now, now, dump_meta(spec)),
         )
         c.execute("INSERT INTO images (job_id, data) VALUES (?, ?)", (spec.id, spec.image))
-        if spec.idempotency_key:
+        if spec.idempotency_slot:
             c.execute(
                 "INSERT OR REPLACE INTO idempotency (key, job_id, expires_at) VALUES (?, ?, ?)",
-                (spec.idempotency_key, spec.id, now + self.policy.result_ttl_s),
+                (spec.idempotency_slot, spec.id, now + self.policy.result_ttl_s),
             )
         # Built, not read back: this runs beside the fast model, and every bit of CPU shows.
         return spec.queued(now)

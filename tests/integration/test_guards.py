@@ -290,6 +290,23 @@ def test_a_key_sent_again_with_another_image_is_refused_and_costs_no_job(
     assert "tandem_queue_length 1.0" in client.get("/metrics").text  # the first request's
 
 
+def test_with_api_keys_each_client_has_its_own_idempotency_keys(make_client: Any) -> None:
+    """Two clients that pick the same key neither meet a 422 nor get each other's job."""
+    client = make_client(api_keys="first-key,second-key", embedded_worker=False)
+    blue = {"image_data": b64(encode(solid((0, 0, 255)), "PNG"))}
+
+    def post(api_key: str, body: dict[str, str]) -> Any:
+        headers = {"X-API-Key": api_key, "Idempotency-Key": "order-1"}
+        return client.post("/predict", json=body, headers=headers)
+
+    mine, theirs = post("first-key", IMAGE), post("second-key", blue)
+    assert mine.status_code == theirs.status_code == 200, theirs.text
+    assert mine.json()["job_id"] != theirs.json()["job_id"]
+    assert post("first-key", IMAGE).json()["job_id"] == mine.json()["job_id"]
+    assert post("second-key", blue).json()["job_id"] == theirs.json()["job_id"]
+    assert post("second-key", IMAGE).json()["error"]["code"] == "idempotency_key_reused"
+
+
 @pytest.mark.parametrize("beside_another_call", [False, True])
 def test_a_request_past_its_deadline_while_storing_its_job_leaves_none_to_run(
     make_client: Any, monkeypatch: pytest.MonkeyPatch, beside_another_call: bool

@@ -332,6 +332,17 @@ async def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None
     assert await store.queue_depth() == 2
 
 
+async def test_an_idempotency_key_counts_within_its_scope(store: JobStore) -> None:
+    """Two clients (API keys) may pick the same key: each gets its own job, and its own back."""
+    mine = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="a"))
+    theirs = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="b"))
+    unscoped = await store.enqueue(replace(spec(), idempotency_key="order-1"))
+    assert len({mine.id, theirs.id, unscoped.id}) == 3
+    again = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="a"))
+    assert again.id == mine.id
+    assert await store.queue_depth() == 3
+
+
 async def test_a_keyed_job_keeps_the_fingerprint_a_retry_is_checked_against(
     store: JobStore,
 ) -> None:
