@@ -59,4 +59,7 @@ class Placement:
             yield
         finally:
             if pinned:
-                os.sched_setaffinity(0, allowed)
+                # Only a CPU taken away meanwhile fails this: the thread stays where it is,
+                # and the request's answer is not lost for it.
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, allowed)

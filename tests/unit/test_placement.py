@@ -46,3 +46,20 @@ def test_a_cpu_the_process_may_no_longer_use_leaves_the_caller_where_it_was() ->
         ran = True
     assert ran
     assert os.sched_getaffinity(0) == MINE
+
+
+def test_a_caller_that_cannot_be_set_free_again_still_gets_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[set[int]] = []
+
+    def refuse_the_second(_: int, cpus: set[int]) -> None:
+        calls.append(set(cpus))
+        if len(calls) > 1:
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(placement.os, "sched_setaffinity", refuse_the_second)
+    with Placement(frozenset({min(MINE)}), ()).caller_pinned():
+        answer = 42
+    assert answer == 42
+    assert calls == [{min(MINE)}, set(MINE)]
