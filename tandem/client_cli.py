@@ -8,6 +8,7 @@ reached, or failed (5xx); 4 --wait ran out, or a job failed. 2 is argparse's usa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -98,6 +99,12 @@ def add_parser(commands: Any, environ: dict[str, str]) -> None:
         metavar="SECONDS",
         help="also wait for the accurate answers (default 60 s when given without a value)",
     )
+    predict.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="send each image with an Idempotency-Key made from its content, so that running "
+        "the command again (after an interruption, say) gets the same jobs back, not new ones",
+    )
     predict.add_argument("--json", action="store_true", help="one JSON object per image and line")
     predict.add_argument(
         "--progress",
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress = len(args.images) > 1 and sys.stderr.isatty()
     bar = Progress(len(args.images), sys.stderr if show_progress else None)
     with Client(args.url, api_key=args.api_key) as client:
-        outcomes = [_send(client, path, bar) for path in args.images]
+        outcomes = [_send(client, path, bar, idempotent=args.idempotent) for path in args.images]
         if args.wait is not None:
             for outcome in outcomes:
                 _wait(client, outcome, args.wait)
@@ -124,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
     return max(outcome.exit_code for outcome in outcomes)
 
 
-def _send(client: Client, path: Path, bar: Progress) -> Outcome:
+def _send(client: Client, path: Path, bar: Progress, *, idempotent: bool) -> Outcome:
     outcome = Outcome(str(path))
     try:
-        outcome.fast = client.predict(path)
+        outcome.fast = _predict(client, path, idempotent=idempotent)
     except OSError as exc:
         outcome.error = TandemError(f"cannot read the file: {exc.strerror or exc}")
         outcome.exit_code = EXIT_REFUSED
@@ -141,6 +148,15 @@ def _send(client: Client, path: Path, bar: Progress) -> Outcome:
             outcome.notes.append(f"no job: {outcome.fast.skipped}")
     bar.step()
     return outcome
+
+
+def _predict(client: Client, path: Path, *, idempotent: bool) -> FastResult:
+    if not idempotent:
+        return client.predict(path)
+    data = path.read_bytes()
+    # The same file, sent again, names the same job; another file, another job.
+    key = "sha256-" + hashlib.sha256(data).hexdigest()
+    return client.predict(data, idempotency_key=key)
 
 
 def _wait(client: Client, outcome: Outcome, wait_s: float) -> None:

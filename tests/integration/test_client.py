@@ -122,6 +122,23 @@ def test_cli_prints_both_answers_and_exits_0(working: ServerProcess, image: Path
     assert "-> accurate" in text.stdout
 
 
+def test_cli_run_again_with_idempotent_gets_the_same_jobs(
+    idle: ServerProcess, image: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "red.png"
+    other.write_bytes(encode(solid((200, 10, 10)), "PNG"))
+
+    def job_ids(*flags: str) -> list[str]:
+        done = tandem_predict(str(image), str(other), "--json", *flags, url=idle.url)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line)["job_id"] for line in done.stdout.splitlines()]
+
+    first = job_ids("--idempotent")
+    assert len(set(first)) == 2  # each file its own job
+    assert job_ids("--idempotent") == first  # run again: the same jobs, none new
+    assert set(job_ids()).isdisjoint(first)  # without the flag, new jobs
+
+
 def test_cli_exit_codes_tell_scripts_what_happened(
     working: ServerProcess, idle: ServerProcess, image: Path, tmp_path: Path
 ) -> None:
