@@ -178,7 +178,6 @@ class TandemService:
             idempotency_key=idempotency_key,
             idempotency_scope=idempotency_scope,
             callback_url=callback_url,
-            fingerprint=request_fingerprint(data, callback_url) if idempotency_key else None,
         )
         # Overlapping the job's write with the model saves a lone request its write's time,
         # but costs a second write (the fast answer, added after). With other calls running
@@ -314,6 +313,10 @@ class TandemService:
             runs.abort()  # nothing to stop once the step has returned
 
     async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, ServiceUnavailable | None]:
+        if spec.idempotency_key is not None:
+            # Taken here, where the job is stored and checked: a request the cascade skips, or
+            # whose image does not decode, never pays for the digest on the event loop.
+            spec = replace(spec, fingerprint=request_fingerprint(spec.image, spec.callback_url))
         try:
             job = await self.store.enqueue(spec)
         except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
