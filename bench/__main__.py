@@ -39,7 +39,7 @@ from bench import profile as profiling
 from bench.report import render
 from tandem.jobs.factory import DB_NAME
 from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
-from tandem.runtime.classifier import Classifier, Spin
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan
 from tandem.runtime.imaging import decode_image
 from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
 from tandem.settings import usable_cpus
@@ -77,7 +77,8 @@ def _classifier(
     fast model's."""
     path = bench.model_dir / name / MANIFEST_NAME
     manifest = read_manifest(path)
-    return Classifier(manifest, path.parent / manifest.file, threads, spin, solo, pin_solo=True)
+    plan = ThreadPlan(threads, spin, solo, pin_solo=True)
+    return Classifier(manifest, path.parent / manifest.file, plan)
 
 
 def _timed(fn: Any, repeat: int) -> list[float]:

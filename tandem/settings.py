@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from tandem.cascade import Gate, Policy
 from tandem.errors import ConfigurationError
 from tandem.logs import LogFormat
-from tandem.runtime.classifier import Spin
+from tandem.runtime.classifier import Spin, ThreadPlan
 from tandem.runtime.imaging import ImageLimits
 from tandem.webhooks import WebhookPolicy
 
@@ -233,6 +233,12 @@ class Settings(BaseSettings):
     def fast_solo_threads(self) -> int:
         """Threads for a fast-model call that finds no other running (see Classifier)."""
         return self.fast_threads or usable_cpus()
+
+    @property
+    def fast_plan(self) -> ThreadPlan:
+        return ThreadPlan(
+            self.fast_call_threads, self.fast_spin, self.fast_solo_threads, self.fast_pin
+        )
 
     @property
     def accurate_all_threads(self) -> int:

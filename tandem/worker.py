@@ -26,7 +26,7 @@ from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
-from tandem.runtime.classifier import Classifier, Spin, load_classifier
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import GiveWay
 from tandem.settings import Settings
@@ -383,12 +383,9 @@ async def run_worker_process(settings: Settings) -> None:
     try:
         # Not spinning: ONNX Runtime's idle threads would spin on the cores that the next
         # batch's images are being prepared on.
+        plan = ThreadPlan(settings.accurate_lane_threads, Spin.NEVER)
         classifier = await asyncio.to_thread(
-            load_classifier,
-            settings.accurate_model,
-            settings.model_dir,
-            settings.accurate_lane_threads,
-            Spin.NEVER,
+            load_classifier, settings.accurate_model, settings.model_dir, plan
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable
 from tandem.jobs.factory import make_store
 from tandem.jobs.store import JobStore
-from tandem.runtime.classifier import Classifier, Spin, load_classifier
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
 from tandem.runtime.manifest import model_name
 from tandem.runtime.priority import GiveWay
 from tandem.service import TandemService
@@ -49,30 +49,13 @@ class _Running:
     flusher: asyncio.Task[None] | None = None
 
 
-async def _load(
-    ref: str,
-    settings: Settings,
-    threads: int,
-    spin: Spin = Spin.IN_RUN,
-    solo_threads: int = 0,
-    *,
-    pin_solo: bool = False,
-) -> Classifier:
-    return await asyncio.to_thread(
-        load_classifier, ref, settings.model_dir, threads, spin, solo_threads, pin_solo=pin_solo
-    )
+async def _load(ref: str, settings: Settings, plan: ThreadPlan) -> Classifier:
+    return await asyncio.to_thread(load_classifier, ref, settings.model_dir, plan)
 
 
 async def _startup(settings: Settings, running: _Running) -> TandemService:
     await running.store.open()
-    fast = await _load(
-        settings.fast_model,
-        settings,
-        settings.fast_call_threads,
-        settings.fast_spin,
-        solo_threads=settings.fast_solo_threads,
-        pin_solo=settings.fast_pin,
-    )
+    fast = await _load(settings.fast_model, settings, settings.fast_plan)
     accurate_name = model_name(settings.accurate_model, settings.model_dir)
     service = TandemService(
         running.store,
@@ -110,9 +93,7 @@ async def _start_worker(
     threads, solo = (
         (1, settings.accurate_all_threads) if give_way else (settings.accurate_threads or 1, 0)
     )
-    accurate = await _load(
-        settings.accurate_model, settings, threads, spin=Spin.NEVER, solo_threads=solo
-    )
+    accurate = await _load(settings.accurate_model, settings, ThreadPlan(threads, Spin.NEVER, solo))
     # One lane: its batch's images prepared side by side, then run on every core while the
     # fast model is idle, or on one beside it.
     config = replace(

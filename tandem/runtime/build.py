@@ -171,7 +171,7 @@ def _max_logit_diff(torch: Any, model: Any, manifest: ModelManifest, onnx_path: 
     from tandem.runtime.classifier import Classifier
 
     image = decode_image(sample_image_bytes())
-    classifier = Classifier(manifest, onnx_path, threads=0)
+    classifier = Classifier(manifest, onnx_path)
     batch = classifier.tensor(image)[None]
     with torch.no_grad():
         reference = model(torch.from_numpy(batch)).numpy()

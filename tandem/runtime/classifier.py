@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -39,29 +40,42 @@ class Spin(Enum):
     ALWAYS = "always"
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadPlan:
+    """How a classifier's runs use the CPUs.
+
+    `threads`: ONNX Runtime threads per call (0: its default, one per core). With `solo`
+    above it, a second session with `solo` threads serves the calls made with `solo=True`
+    (see Occupancy): one request alone gets every core, and requests side by side share the
+    cores out instead of oversubscribing them. With `pin_solo`, a solo call's threads each
+    run on a CPU of their own (see placement)."""
+
+    threads: int = 0
+    spin: Spin = Spin.IN_RUN
+    solo: int = 0
+    pin_solo: bool = False
+
+    @property
+    def has_solo(self) -> bool:
+        return 0 < self.threads < self.solo
+
+
 class Classifier:
-    """Owns the model's InferenceSession. `predict` is thread-safe and blocking: call it off
-    the loop. With `solo_threads` above `threads` it owns a second session with that many
-    threads, for calls made with `solo` (see Occupancy): one request alone gets every core,
-    and requests side by side share the cores out instead of oversubscribing them. With
-    `pin_solo`, a solo call's threads each run on a CPU of their own (see placement)."""
+    """Owns the model's InferenceSessions, opened as `plan` says. `predict` is thread-safe
+    and blocking: call it off the loop."""
 
     def __init__(
-        self,
-        manifest: ModelManifest,
-        model_path: Path,
-        threads: int = 0,
-        spin: Spin = Spin.IN_RUN,
-        solo_threads: int = 0,
-        *,
-        pin_solo: bool = False,
+        self, manifest: ModelManifest, model_path: Path, plan: ThreadPlan = ThreadPlan()
     ) -> None:
         self.manifest = manifest
-        self._session = _open_session(model_path, threads, spin)
-        has_solo = 0 < threads < solo_threads
-        self._placement = Placement.for_threads(solo_threads) if has_solo and pin_solo else None
+        self._session = _open_session(model_path, plan.threads, plan.spin)
+        self._placement = (
+            Placement.for_threads(plan.solo) if plan.has_solo and plan.pin_solo else None
+        )
         self._solo = (
-            _open_session(model_path, solo_threads, spin, self._placement) if has_solo else None
+            _open_session(model_path, plan.solo, plan.spin, self._placement)
+            if plan.has_solo
+            else None
         )
         inputs = self._session.get_inputs()
         self._input_name: str = manifest.input_name or inputs[0].name
@@ -71,22 +85,14 @@ class Classifier:
         self._check_output_width()
 
     @classmethod
-    def from_manifest(
-        cls,
-        manifest_path: Path,
-        threads: int = 0,
-        spin: Spin = Spin.IN_RUN,
-        solo_threads: int = 0,
-        *,
-        pin_solo: bool = False,
-    ) -> Classifier:
+    def from_manifest(cls, manifest_path: Path, plan: ThreadPlan = ThreadPlan()) -> Classifier:
         manifest = read_manifest(manifest_path)
         model_path = manifest_path.parent / manifest.file
         if not model_path.is_file():
             raise ModelNotFound(f"model file {model_path} named by {manifest_path} is missing")
         if sha256_of(model_path) != manifest.sha256:
             raise ConfigurationError(f"{model_path} does not match the checksum in its manifest")
-        return cls(manifest, model_path, threads, spin, solo_threads, pin_solo=pin_solo)
+        return cls(manifest, model_path, plan)
 
     @property
     def name(self) -> str:
@@ -177,18 +183,9 @@ class Classifier:
         return Prediction(self.name, top, elapsed_ms)
 
 
-def load_classifier(
-    ref: str,
-    model_dir: Path,
-    threads: int = 0,
-    spin: Spin = Spin.IN_RUN,
-    solo_threads: int = 0,
-    *,
-    pin_solo: bool = False,
-) -> Classifier:
+def load_classifier(ref: str, model_dir: Path, plan: ThreadPlan = ThreadPlan()) -> Classifier:
     """Load a model named in settings: a built-in name, a model directory or a manifest path."""
-    path = resolve_manifest_path(ref, model_dir)
-    return Classifier.from_manifest(path, threads, spin, solo_threads, pin_solo=pin_solo)
+    return Classifier.from_manifest(resolve_manifest_path(ref, model_dir), plan)
 
 
 def _open_session(

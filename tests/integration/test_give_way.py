@@ -12,7 +12,7 @@ from typing import Any
 
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
-from tandem.runtime.classifier import load_classifier
+from tandem.runtime.classifier import ThreadPlan, load_classifier
 from tandem.runtime.priority import GiveWay, Occupancy
 from tandem.settings import Settings
 from tandem.worker import Worker, WorkerConfig
@@ -36,7 +36,7 @@ async def giving_way(
     await store.open()
     calls = Occupancy()
     # One thread beside the fast model, two with the cores to itself (see Classifier).
-    accurate = load_classifier("tiny_accurate", tiny_dir, threads=1, solo_threads=2)
+    accurate = load_classifier("tiny_accurate", tiny_dir, ThreadPlan(threads=1, solo=2))
     give_way = GiveWay(calls, quiet_s=0.0, patience_s=patience_s)
     worker = Worker(store, accurate, WorkerConfig(), give_way)
     try:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tandem.runtime.classifier import Classifier, Spin
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan
 from tandem.runtime.placement import AFFINITIES
 from tests.support import TinySpec, record_runs, tiny_model
 
@@ -20,7 +20,7 @@ RED = Image.new("RGB", (8, 8), (255, 0, 0))
 
 def test_solo_calls_run_on_the_session_with_more_threads(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
-    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2)
+    classifier = Classifier.from_manifest(manifest, ThreadPlan(threads=1, solo=2))
     runs: list[str] = []
     record_runs(classifier._solo, "solo", runs)
     record_runs(classifier._session, "shared", runs)
@@ -32,9 +32,9 @@ def test_solo_calls_run_on_the_session_with_more_threads(tmp_path: Path) -> None
 
 def test_without_more_solo_threads_there_is_one_session(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
-    assert Classifier.from_manifest(manifest, threads=2, solo_threads=2)._solo is None
-    assert Classifier.from_manifest(manifest, threads=0, solo_threads=2)._solo is None
-    single = Classifier.from_manifest(manifest, threads=1)
+    assert Classifier.from_manifest(manifest, ThreadPlan(threads=2, solo=2))._solo is None
+    assert Classifier.from_manifest(manifest, ThreadPlan(threads=0, solo=2))._solo is None
+    single = Classifier.from_manifest(manifest, ThreadPlan(threads=1))
     assert single.predict([RED], 1, solo=True)[0].label == single.manifest.labels[1]
 
 
@@ -53,7 +53,7 @@ def test_each_way_of_spinning_reaches_both_sessions(
     tmp_path: Path, spin: Spin, allow_spinning: str | None, stop_after_run: str | None
 ) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
-    classifier = Classifier.from_manifest(manifest, threads=1, spin=spin, solo_threads=2)
+    classifier = Classifier.from_manifest(manifest, ThreadPlan(1, spin, solo=2))
     assert classifier._solo is not None
     for session in (classifier._session, classifier._solo):
         assert _config(session, "session.intra_op.allow_spinning") == allow_spinning
@@ -67,7 +67,9 @@ CPUS = sorted(os.sched_getaffinity(0))
 def test_a_pinned_solo_call_runs_each_thread_on_a_cpu_of_its_own(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
     every = len(CPUS)
-    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=every, pin_solo=True)
+    classifier = Classifier.from_manifest(
+        manifest, ThreadPlan(threads=1, solo=every, pin_solo=True)
+    )
     assert classifier._solo is not None
     # The pool's threads on the first CPUs, fixed when the session opened (counted from 1).
     assert _config(classifier._solo, AFFINITIES) == ";".join(str(cpu + 1) for cpu in CPUS[:-1])
@@ -84,7 +86,7 @@ def test_a_pinned_solo_call_runs_each_thread_on_a_cpu_of_its_own(tmp_path: Path)
 
 def test_unpinned_solo_calls_are_left_to_the_scheduler(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path, TinySpec(name="tiny", size=8))
-    classifier = Classifier.from_manifest(manifest, threads=1, solo_threads=2)
+    classifier = Classifier.from_manifest(manifest, ThreadPlan(threads=1, solo=2))
     seen: list[set[int]] = []
     if classifier._solo is not None:
         assert _config(classifier._solo, AFFINITIES) is None

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import ConfigurationError
+from tandem.runtime.classifier import Spin, ThreadPlan
 from tandem.settings import Settings, load_settings
 
 
@@ -78,6 +79,16 @@ def test_fast_calls_share_the_cpus_unless_told(tmp_path: Path) -> None:
     assert one_call.fast_call_threads == cpus
     told = load_settings({"TANDEM_FAST_THREADS": "3"}, **dirs)
     assert told.fast_call_threads == 3
+
+
+def test_the_fast_models_plan_gives_a_lone_call_every_cpu(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    dirs = {"data_dir": tmp_path, "model_dir": tmp_path}
+    auto = load_settings({}, **dirs).fast_plan
+    assert auto == ThreadPlan(max(1, cpus // 2), Spin.IN_RUN, solo=cpus, pin_solo=True)
+    told = load_settings({"TANDEM_FAST_THREADS": "1", "TANDEM_FAST_PIN": "false"}, **dirs)
+    assert told.fast_plan == ThreadPlan(1, Spin.IN_RUN, solo=1, pin_solo=False)
+    assert not told.fast_plan.has_solo  # one session: every call on one thread
 
 
 def test_a_standalone_worker_runs_a_lane_per_cpu_unless_told(tmp_path: Path) -> None:
