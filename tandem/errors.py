@@ -141,6 +141,17 @@ class QueueFull(ServiceUnavailable):
     code = "queue_full"
 
 
+class UnreadableJob(TandemError):
+    """A stored job this version of Tandem cannot read: written by a newer one, or damaged."""
+
+    code = "unreadable_job"
+    reason: str = ""  # what failed to parse; not on the wire (error_from_wire leaves it empty)
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id}'s stored record cannot be read: {reason}", job_id=job_id)
+        self.reason = reason
+
+
 class ConfigurationError(TandemError):
     """Settings or model files are wrong; raised at start-up, never per request."""
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from tandem.errors import JobNotFound
+from tandem.errors import JobNotFound, UnreadableJob
 from tandem.predictions import Prediction
 
 PAYLOAD_VERSION = 1
@@ -242,7 +242,16 @@ STORED_FIELDS = (
 
 
 def job_from_stored(job_id: str, fields: Mapping[str, Any]) -> Job:
-    """A Job from its stored fields; values may be text (Redis) or typed (SQLite)."""
+    """A Job from its stored fields; values may be text (Redis) or typed (SQLite). A record
+    this version cannot read (a newer payload version, or damaged) raises UnreadableJob."""
+    try:
+        return _job_from_stored(job_id, fields)
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        reason = str(exc) if not isinstance(exc, KeyError) else f"no field {exc}"
+        raise UnreadableJob(job_id, reason) from exc
+
+
+def _job_from_stored(job_id: str, fields: Mapping[str, Any]) -> Job:
     meta = load_meta(str(fields["meta"]))
     finished = fields.get("finished_at")
     return Job(

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from tandem.errors import QueueFull, QueueUnavailable
+from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
@@ -46,7 +46,7 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import Completed, StorePolicy
+from tandem.jobs.store import Completed, StorePolicy, unreadable_failure
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 
@@ -79,6 +79,12 @@ return {ARGV[1], 1}
 # KEYS: job, queue, counters, deliveries.
 # ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
 _FINISH_BODY = """
+-- A job's metadata as a table; empty if it is not JSON (a damaged record still finishes).
+local function decoded_meta(job)
+  local ok, meta = pcall(cjson.decode, redis.call('HGET', job, 'meta') or '')
+  if ok and type(meta) == 'table' then return meta end
+  return {}
+end
 local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally,
                       deliveries)
   local current = redis.call('HGET', job, 'status')
@@ -98,8 +104,7 @@ local function finish(job, queue, status, now, ttl_ms, result, err, group, count
   end
   redis.call('HINCRBY', counters, 'jobs_' .. status, 1)
   for name in string.gmatch(tally, '[^,]+') do redis.call('HINCRBY', counters, name, 1) end
-  local meta = redis.call('HGET', job, 'meta')
-  if meta and type(cjson.decode(meta)['callback_url']) == 'string' then
+  if type(decoded_meta(job)['callback_url']) == 'string' then
     redis.call('ZADD', deliveries, now, job)
   end
   return 1
@@ -113,8 +118,7 @@ _FINISH = (
 local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
                       KEYS[3], ARGV[7], KEYS[4])
 if stored == 1 and ARGV[4] ~= '' and ARGV[7] == '' then
-  local meta = cjson.decode(redis.call('HGET', KEYS[1], 'meta'))
-  if type(meta['fast']) == 'table' then return 2 end
+  if type(decoded_meta(KEYS[1])['fast']) == 'table' then return 2 end
 end
 return stored
 """
@@ -407,8 +411,17 @@ class RedisJobStore:
         await self._call(lambda: self._publish(job_id))
         if image is None:
             return None
-        job = await self.get(job_id)
+        try:
+            job = await self.get(job_id)
+        except UnreadableJob as exc:
+            await self._finish_unreadable(job_id, exc)
+            return None
         return Claim(job, bytes(image), worker_id) if job is not None else None
+
+    async def _finish_unreadable(self, job_id: str, exc: UnreadableJob) -> None:
+        keys, args = self._finish_call(job_id, JobStatus.FAILED, error=unreadable_failure(exc))
+        await self._call(lambda: self._finish(keys=keys, args=args))
+        await self._call(lambda: self._publish(job_id))
 
     @property
     def _ttl_ms(self) -> int:
@@ -493,7 +506,10 @@ class RedisJobStore:
         )
         waiting, gone = [], []
         for key in map(_text, members):
-            job = await self.get(key.removeprefix(self._job_key("")))
+            try:
+                job = await self.get(key.removeprefix(self._job_key("")))
+            except UnreadableJob:
+                continue  # left for a worker that can read it
             if job is None or (job.webhook is not None and job.webhook.state.final):
                 gone.append(key)  # expired, or delivered by a worker that then lost its reply
             elif job.webhook is None or (job.webhook.updated_at or 0.0) < before:

@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
-from tandem.errors import QueueFull, QueueUnavailable
+from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
@@ -37,7 +37,7 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import Completed, StorePolicy
+from tandem.jobs.store import Completed, StorePolicy, unreadable_failure
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 from tandem.threads import pool
@@ -299,7 +299,11 @@ class SQLiteJobStore:
             " WHERE id = ?",
             (JobStatus.RUNNING, now + self.policy.visibility_timeout_s, now, job_id),
         )
-        job = _select_job(c, job_id)
+        try:
+            job = _select_job(c, job_id)
+        except UnreadableJob as exc:
+            self._finish(c, job_id, JobStatus.FAILED, now, error=unreadable_failure(exc))
+            return None
         (image,) = c.execute("SELECT data FROM images WHERE job_id = ?", (job_id,)).fetchone()
         assert job is not None
         return Claim(job, bytes(image), worker_id)
@@ -424,13 +428,16 @@ class SQLiteJobStore:
             rows = c.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs"  # noqa: S608 (constant)
                 " WHERE status IN (?, ?, ?) AND finished_at < ?"
-                " AND json_extract(meta, '$.callback_url') IS NOT NULL"
+                # CASE: json_extract raises on text that is not JSON, which a damaged record
+                # may hold; AND does not promise to test json_valid first.
+                " AND CASE WHEN json_valid(meta) THEN json_extract(meta, '$.callback_url') END"
+                " IS NOT NULL"
                 " AND (webhook IS NULL OR (json_extract(webhook, '$.state') = ?"
                 " AND json_extract(webhook, '$.updated_at') < ?))"
                 " ORDER BY finished_at LIMIT ?",
                 (*sorted(TERMINAL_STATUSES), before, DeliveryState.PENDING, before, limit),
             ).fetchall()
-            return [_job_from_row(row) for row in rows]
+            return _readable(rows)
 
         return await self._run(select)
 
@@ -625,6 +632,15 @@ def _select_job(c: sqlite3.Connection, job_id: str, alive_at: float | None = Non
     if alive_at is not None and expires_at is not None and expires_at <= alive_at:
         return None
     return _job_from_row(fields)
+
+
+def _readable(rows: Iterable[list[object]]) -> list[Job]:
+    """The jobs of `rows` that this version can read; the others are left for one that can."""
+    jobs = []
+    for row in rows:
+        with contextlib.suppress(UnreadableJob):
+            jobs.append(_job_from_row(row))
+    return jobs
 
 
 def _job_from_row(row: list[object]) -> Job:

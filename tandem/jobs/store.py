@@ -13,18 +13,25 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
   `complete_many` writes second reports it, so each job's agreement is counted once.
 - counters are shared by every process on the store and survive restarts; each terminal write
   bumps `jobs_<status>` (and a retry `jobs_retried`) in the same atomic step as the write.
+- a job whose stored record cannot be read (UnreadableJob: a newer payload version, or
+  damage) is failed by the claim that meets it, not handed out, so that one record cannot
+  stop every worker; `get` raises UnreadableJob for it, and `undelivered` leaves it out.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from tandem.errors import UnreadableJob
 from tandem.jobs.notify import Watch
 from tandem.jobs.records import Claim, Delivery, Job, JobSpec
 from tandem.predictions import Prediction
+
+log = logging.getLogger("tandem.jobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +143,10 @@ class JobStore(Protocol):
 
     async def live_models(self, within_s: float) -> set[str]:
         """Models served by workers that beat within the last `within_s` seconds."""
+
+
+def unreadable_failure(exc: UnreadableJob) -> str:
+    """The error stored on a job that a claim could not read, which fails it; logged, since
+    it points at a mixed-version deployment or a damaged store."""
+    log.error("%s; the job is failed rather than handed to a worker", exc.message)
+    return f"the job's stored record could not be read: {exc.reason}"

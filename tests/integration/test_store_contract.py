@@ -8,7 +8,9 @@ during a test, so nothing here depends on how fast the machine is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tandem.errors import QueueFull
+from tandem.errors import QueueFull, UnreadableJob
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -44,6 +46,21 @@ def redis_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactor
 
 
 BACKENDS = {"sqlite": sqlite_factory, "redis": redis_factory}
+
+
+async def _sqlite_meta(store: JobStore, job_id: str, meta: str) -> None:
+    assert isinstance(store, SQLiteJobStore)
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", (meta, job_id))
+
+
+async def _redis_meta(store: JobStore, job_id: str, meta: str) -> None:
+    assert isinstance(store, RedisJobStore)
+    await store._client.hset(store._job_key(job_id), "meta", meta)
+
+
+# How each backend's stored metadata is overwritten behind its back, as by a newer version.
+OVERWRITE_META = {SQLiteJobStore: _sqlite_meta, RedisJobStore: _redis_meta}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -643,3 +660,41 @@ async def test_a_delivery_left_pending_is_offered_again_once_stale(store: JobSto
     (resumed,) = [job for job in later if job.id == failed.id]
     assert resumed.webhook == Delivery(DeliveryState.PENDING, 2, "HTTP 503", now)
     assert len(await store.undelivered(now + 60, 1)) == 1
+
+
+# -- records this version cannot read -----------------------------------------------------------
+
+HOOK = "https://hooks.example.com/tandem"
+UNREADABLE = {
+    "newer": '{"v": 2, "callback_url": "' + HOOK + '"}',  # a later payload version
+    "damaged": '{"v": 1, "callback_url": "' + HOOK + '", "fa',  # cut short
+}
+
+
+@pytest.mark.parametrize("meta", sorted(UNREADABLE))
+async def test_a_claim_fails_a_job_it_cannot_read_and_hands_out_the_others(
+    store: JobStore, meta: str
+) -> None:
+    """One unreadable record at the head of the queue stopped every worker that met it."""
+    bad, good = hooked(), spec()
+    await store.enqueue(bad)
+    await store.enqueue(good)
+    await OVERWRITE_META[type(store)](store, bad.id, UNREADABLE[meta])
+    assert [claim.id for claim in await store.claim("w", 10, 0)] == [good.id]
+    assert await store.claim("w", 10, 0) == []  # finished: never handed out again
+    assert await store.queue_depth() == 1  # the good one, running
+    assert (await store.counts()).get("jobs_failed") == 1
+    with pytest.raises(UnreadableJob) as raised:
+        await store.get(bad.id)
+    assert raised.value.details == {"job_id": bad.id}
+
+
+@pytest.mark.parametrize("meta", sorted(UNREADABLE))
+async def test_undelivered_leaves_out_a_job_it_cannot_read(store: JobStore, meta: str) -> None:
+    bad, good = hooked(), hooked()
+    for s in (bad, good):
+        await store.enqueue(s)
+    await store.claim("w", 2, 0)
+    await store.complete_many({bad.id: answer(), good.id: answer()})
+    await OVERWRITE_META[type(store)](store, bad.id, UNREADABLE[meta])
+    assert [job.id for job in await store.undelivered(time.time() + 60, 10)] == [good.id]

@@ -214,3 +214,17 @@ def test_while_serving_the_start_up_heap_is_out_of_the_collectors_way(
         del garbage
         assert gc.collect() > 0
     assert gc.get_freeze_count() == 0  # what served can be collected again
+
+
+def test_a_job_this_version_cannot_read_gets_a_typed_error(
+    tiny_dir: Path, tmp_path: Path, open_app: Callable[[Settings], TestClient]
+) -> None:
+    client = open_app(_settings(tiny_dir, tmp_path))
+    job_id = _post(client)
+    with sqlite3.connect(tmp_path / "tandem.db") as conn:  # as a newer Tandem would write it
+        conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", ('{"v": 2}', job_id))
+    response = client.get(f"/job/{job_id}")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert (error["code"], error["details"]) == ("unreadable_job", {"job_id": job_id})
+    assert "unsupported job payload version 2" in error["message"]

@@ -4,6 +4,8 @@ with its own job."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -91,6 +93,34 @@ async def test_lanes_run_batches_side_by_side_and_every_answer_finds_its_job(
         )
         answers = {job_id: job.result.label for job_id, job in jobs.items() if job.result}
         assert answers == expected
+    finally:
+        stop.set()
+        await store.close()
+
+
+async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A record from a newer version at the head of the queue used to stop the worker."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=0.05))
+    newer, good = new_job_id(), new_job_id()
+    image = encode(solid((255, 0, 0)), "PNG")
+    stop = asyncio.Event()
+    try:
+        for job_id in (newer, good):
+            await store.enqueue(JobSpec(id=job_id, image=image))
+        with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+            conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", ('{"v": 2}', newer))
+        running = asyncio.create_task(worker.run(stop))
+        done = await _finished(store, good)
+        assert done.result is not None
+        assert done.result.label == "class 4"
+        assert not running.done()
+        assert (await store.counts())["jobs_failed"] == 1
+        stop.set()
+        await running
     finally:
         stop.set()
         await store.close()
