@@ -223,9 +223,12 @@ class Worker:
     def _prepare(self, claim: Claim) -> Tensor | TandemError:
         try:
             image = decode_image(claim.image, self.config.limits, self.classifier.decode_side)
+            return self.classifier.tensor(image)
         except TandemError as exc:
             return exc
-        return self.classifier.tensor(image)
+        except Exception as exc:  # a decoder's fault on one image fails that job, not the batch
+            log.exception("preparing the image of job %s failed", claim.id)
+            return TandemError(f"preparing the image failed: {exc!r}")
 
     async def _fail_all(
         self, ready: list[tuple[Claim, Tensor]], reason: str, *, retry: bool

@@ -104,7 +104,16 @@ async def _start_worker(
     )
     worker = Worker(running.store, accurate, config, give_way)
     await running.store.beat(worker.id, accurate.name)
-    return asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")
+    task = asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")
+    task.add_done_callback(_report_worker_failure)
+    return task
+
+
+def _report_worker_failure(task: asyncio.Task[None]) -> None:
+    """Said when it happens, not at shutdown: the proxy goes on answering and queueing, and
+    /health/all reports the accurate model down once the worker's beats stop."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("the embedded worker stopped on an error; jobs wait for a restart", exc_info=exc)
 
 
 async def _flush_stats_forever(service: TandemService) -> None:
@@ -121,7 +130,8 @@ async def _shutdown(running: _Running) -> None:
             await running.service.flush_stats()
     running.worker_stop.set()
     if running.worker_task is not None:
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        # A worker that failed was reported then; the rest must still shut down.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(running.worker_task, WORKER_STOP_S)
     if running.service is not None:
         await running.service.close()

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from starlette.testclient import TestClient
+
+from tandem.api.app import create_app
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.runtime.classifier import ThreadPlan, load_classifier
@@ -108,3 +113,43 @@ def test_the_embedded_worker_gives_way_to_the_servers_own_fast_calls(
         while client.get(f"/job/{job}").json()["status"] != "done":
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_an_embedded_worker_that_fails_is_reported_at_once_and_the_app_still_stops(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    async def broken(self: Worker, stop: asyncio.Event) -> None:
+        raise RuntimeError("a bug in the worker")
+
+    monkeypatch.setattr(Worker, "run", broken)
+    settings = Settings(
+        data_dir=tmp_path,
+        model_dir=tiny_dir,
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+    )
+    with caplog.at_level(logging.ERROR, logger="tandem.api"):
+        client = TestClient(create_app(settings)).__enter__()
+        try:
+            deadline = time.monotonic() + 5
+            while not any("embedded worker stopped" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            (report,) = [r for r in caplog.records if "embedded worker stopped" in r.message]
+            assert report.exc_info is not None
+            assert str(report.exc_info[1]) == "a bug in the worker"
+            # The proxy still answers fast and queues the job, for a worker after a restart.
+            response = client.post("/predict", json={"image_data": b64(IMAGE)})
+            assert response.status_code == 200
+        finally:
+            client.__exit__(None, None, None)  # shuts down: must not raise the worker's error
+    store = SQLiteJobStore(tmp_path / "tandem.db")
+    assert asyncio.run(_queued_after_close(store, response.json()["job_id"])) is JobStatus.QUEUED
+
+
+async def _queued_after_close(store: SQLiteJobStore, job_id: str) -> JobStatus:
+    await store.open()
+    try:
+        return await _status(store, job_id)
+    finally:
+        await store.close()

@@ -126,6 +126,47 @@ async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
         await store.close()
 
 
+class FaultyOnBlue:
+    """The accurate model, whose preparing fails as a decoder's bug would, on blue images."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        self._classifier = classifier
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._classifier, name)
+
+    def tensor(self, image: Any) -> npt.NDArray[np.float32]:
+        if image.getpixel((0, 0)) == (0, 0, 255):
+            raise RuntimeError("decoder fault")
+        return self._classifier.tensor(image)
+
+
+async def test_a_fault_preparing_one_image_fails_that_job_and_not_its_batch(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    accurate = cast(Classifier, FaultyOnBlue(load_classifier("tiny_accurate", tiny_dir)))
+    worker = Worker(store, accurate, WorkerConfig(batch_size=2, poll_s=0.05))
+    red, blue = new_job_id(), new_job_id()
+    stop = asyncio.Event()
+    try:
+        await store.enqueue(JobSpec(id=red, image=encode(solid((255, 0, 0)), "PNG")))
+        await store.enqueue(JobSpec(id=blue, image=encode(solid((0, 0, 255)), "PNG")))
+        running = asyncio.create_task(worker.run(stop))
+        failed, done = await _finished(store, blue), await _finished(store, red)
+        assert failed.status is JobStatus.FAILED
+        assert failed.error == "preparing the image failed: RuntimeError('decoder fault')"
+        assert failed.attempts == 1  # deterministic: not tried again
+        assert done.status is JobStatus.DONE
+        assert not running.done()
+        stop.set()
+        await running
+    finally:
+        stop.set()
+        await store.close()
+
+
 async def _finished(store: SQLiteJobStore, job_id: str, timeout_s: float = 10.0) -> Job:
     async with asyncio.timeout(timeout_s):
         while True:
