@@ -58,7 +58,14 @@ class WebhookPolicy:
         """The URL, if it may be called; else CallbackNotAllowed, saying why."""
         if not self.allowed_hosts:
             raise CallbackNotAllowed("webhooks are off on this server (no allowed hosts)")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port out of range)
+            httpx.URL(url)  # what the sender will be given must be a URL it takes
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise CallbackNotAllowed(
+                f"callback_url is not a valid URL: {exc}", url=url[:200]
+            ) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CallbackNotAllowed("callback_url must be an http or https URL", url=url[:200])
         host = parts.hostname.lower()
@@ -128,6 +135,14 @@ class WebhookSender:
         await self._http.aclose()
 
     async def _deliver(self, job: Job) -> None:
+        try:
+            await self._attempts(job)
+        except Exception as exc:  # a bug must not leave the delivery pending, to be taken up again
+            log.exception("the webhook for job %s failed", job.id, extra={"job_id": job.id})
+            attempts = job.webhook.attempts if job.webhook is not None else 0
+            await self._record(job, DeliveryState.FAILED, attempts, f"{type(exc).__name__}: {exc}")
+
+    async def _attempts(self, job: Job) -> None:
         assert job.callback_url is not None
         body = payload(job)
         state = DeliveryState.FAILED

@@ -15,13 +15,19 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from tandem.errors import ConfigurationError
+from tandem.errors import CallbackNotAllowed, ConfigurationError
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction, Scored
 from tandem.runtime.classifier import load_classifier
 from tandem.settings import Settings, load_settings
-from tandem.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookPolicy, verify
+from tandem.webhooks import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookPolicy,
+    WebhookSender,
+    verify,
+)
 from tandem.worker import Worker, WorkerConfig
 from tests.support import encode, solid
 
@@ -171,6 +177,7 @@ def test_client_errors_and_redirects_are_not_retried_or_followed(
         "http://127.0.0.1:1/hook",  # the right host, another port
         "file:///etc/passwd",
         "not a url",
+        "http://[::1/hook",  # urllib cannot split it: was a 500
     ],
 )
 def test_a_callback_off_the_allowlist_is_422_and_costs_nothing(
@@ -181,6 +188,58 @@ def test_a_callback_off_the_allowlist_is_422_and_costs_nothing(
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "callback_not_allowed"
     assert client.get("/stats").json()["requests"] == 0  # the fast model never ran
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        "\x00",  # a control character: no HTTP client sends it
+        "\r\nX-Injected: 1",  # a header smuggled into the request line
+    ],
+)
+def test_a_callback_on_the_allowlist_that_is_no_url_is_422(
+    make_client: Any, receiver: Receiver, suffix: str
+) -> None:
+    """Its host passed the allowlist, so the job was queued and every delivery then failed
+    unrecorded, taken up again at each sweep."""
+    client = make_client(receiver)
+    response = predict(client, receiver.url() + suffix)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "callback_not_allowed"
+    assert error["message"].startswith("callback_url is not a valid URL")
+    assert client.get("/stats").json()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1/hook",  # urllib raised ValueError: a 500
+        "http://hooks.example:99999/hook",  # a port out of range
+        "http://hooks.example/\x7f",
+    ],
+)
+def test_the_allowlist_refuses_what_is_no_url_whatever_its_host(url: str) -> None:
+    policy = WebhookPolicy(allowed_hosts=frozenset({"hooks.example", "::1"}), secret=SECRET)
+    with pytest.raises(CallbackNotAllowed, match="not a valid URL"):
+        policy.check(url)
+    assert policy.check("http://hooks.example:8080/hook") == "http://hooks.example:8080/hook"
+
+
+def test_a_delivery_that_fails_unexpectedly_is_recorded_as_failed(
+    make_client: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not left pending, to be taken up and fail again at every sweep."""
+
+    async def broken(self: WebhookSender, url: str, body: bytes) -> None:
+        raise RuntimeError("a bug in the sender")
+
+    monkeypatch.setattr(WebhookSender, "_post", broken)
+    client = make_client(receiver)
+    job = settled(client, predict(client, receiver.url()).json()["job_id"])
+    assert job["webhook"]["state"] == "failed"
+    assert job["webhook"]["last_error"] == "RuntimeError: a bug in the sender"
     assert receiver.received == []
 
 
