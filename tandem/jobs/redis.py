@@ -46,7 +46,7 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import Completed, StorePolicy, unreadable_failure
+from tandem.jobs.store import MISSING_IMAGE, Completed, StorePolicy, unreadable_failure
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 
@@ -125,9 +125,10 @@ return stored
 )
 
 # Lease a delivered entry. KEYS: job, queue, counters.
-# ARGV: entry, now, max_attempts, ttl_ms, lost, group.
-# Returns the image, or false when the entry is stale (job gone, finished, cancelled, or out of
-# attempts).
+# ARGV: entry, now, max_attempts, ttl_ms, lost, group, missing (the error for a job without
+# its image).
+# Returns the image, or false when the entry is stale (job gone, finished, cancelled, out of
+# attempts, or without its image).
 _LEASE = (
     _FINISH_BODY
     + """
@@ -149,8 +150,13 @@ if attempts >= tonumber(ARGV[3]) then
   finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '', KEYS[4])
   return false
 end
+local image = redis.call('HGET', KEYS[1], 'image')
+if not image then
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', ARGV[7], ARGV[6], KEYS[3], '', KEYS[4])
+  return false
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2], 'attempts', attempts + 1)
-return redis.call('HGET', KEYS[1], 'image')
+return image
 """
 )
 
@@ -406,6 +412,7 @@ class RedisJobStore:
             self._ttl_ms,
             _LOST_LUA,
             GROUP,
+            MISSING_IMAGE,
         ]
         image = await self._call(lambda: self._lease(keys=keys, args=args))
         await self._call(lambda: self._publish(job_id))

@@ -37,7 +37,7 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import Completed, StorePolicy, unreadable_failure
+from tandem.jobs.store import MISSING_IMAGE, Completed, StorePolicy, unreadable_failure
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 from tandem.threads import pool
@@ -294,6 +294,10 @@ class SQLiteJobStore:
         if attempts >= self.policy.max_attempts:
             self._finish(c, job_id, JobStatus.FAILED, now, error=_LOST.format(n=attempts))
             return None
+        image = c.execute("SELECT data FROM images WHERE job_id = ?", (job_id,)).fetchone()
+        if image is None:
+            self._finish(c, job_id, JobStatus.FAILED, now, error=MISSING_IMAGE)
+            return None
         c.execute(
             "UPDATE jobs SET status = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?"
             " WHERE id = ?",
@@ -304,9 +308,8 @@ class SQLiteJobStore:
         except UnreadableJob as exc:
             self._finish(c, job_id, JobStatus.FAILED, now, error=unreadable_failure(exc))
             return None
-        (image,) = c.execute("SELECT data FROM images WHERE job_id = ?", (job_id,)).fetchone()
         assert job is not None
-        return Claim(job, bytes(image), worker_id)
+        return Claim(job, bytes(image[0]), worker_id)
 
     async def complete(self, job_id: str, result: Prediction) -> bool:
         return job_id in (await self.complete_many({job_id: result})).stored

@@ -14,8 +14,9 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 - counters are shared by every process on the store and survive restarts; each terminal write
   bumps `jobs_<status>` (and a retry `jobs_retried`) in the same atomic step as the write.
 - a job whose stored record cannot be read (UnreadableJob: a newer payload version, or
-  damage) is failed by the claim that meets it, not handed out, so that one record cannot
-  stop every worker; `get` raises UnreadableJob for it, and `undelivered` leaves it out.
+  damage) or whose image is missing is failed by the claim that meets it, not handed out,
+  so that one record cannot stop every worker; `get` raises UnreadableJob for the former,
+  and `undelivered` leaves it out.
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ class JobStore(Protocol):
 
     async def live_models(self, within_s: float) -> set[str]:
         """Models served by workers that beat within the last `within_s` seconds."""
+
+
+# The error of a job whose image a claim cannot find (a damaged store): failed, not handed out.
+MISSING_IMAGE = "the job's image is missing from the store"
 
 
 def unreadable_failure(exc: UnreadableJob) -> str:

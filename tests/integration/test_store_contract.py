@@ -23,7 +23,7 @@ from tandem.errors import QueueFull, UnreadableJob
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
-from tandem.jobs.store import Completed, JobStore, StorePolicy
+from tandem.jobs.store import MISSING_IMAGE, Completed, JobStore, StorePolicy
 from tandem.predictions import Prediction, Scored
 from tests.support import RedisServer
 
@@ -59,8 +59,21 @@ async def _redis_meta(store: JobStore, job_id: str, meta: str) -> None:
     await store._client.hset(store._job_key(job_id), "meta", meta)
 
 
-# How each backend's stored metadata is overwritten behind its back, as by a newer version.
+async def _sqlite_drop_image(store: JobStore, job_id: str) -> None:
+    assert isinstance(store, SQLiteJobStore)
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+
+
+async def _redis_drop_image(store: JobStore, job_id: str) -> None:
+    assert isinstance(store, RedisJobStore)
+    await store._client.hdel(store._job_key(job_id), "image")
+
+
+# How each backend's stored job is damaged behind its back: its metadata overwritten, as by
+# a newer version, or its image lost.
 OVERWRITE_META = {SQLiteJobStore: _sqlite_meta, RedisJobStore: _redis_meta}
+DROP_IMAGE = {SQLiteJobStore: _sqlite_drop_image, RedisJobStore: _redis_drop_image}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -687,6 +700,18 @@ async def test_a_claim_fails_a_job_it_cannot_read_and_hands_out_the_others(
     with pytest.raises(UnreadableJob) as raised:
         await store.get(bad.id)
     assert raised.value.details == {"job_id": bad.id}
+
+
+async def test_a_claim_fails_a_job_whose_image_is_missing(store: JobStore) -> None:
+    lost, good = spec(), spec()
+    await store.enqueue(lost)
+    await store.enqueue(good)
+    await DROP_IMAGE[type(store)](store, lost.id)
+    assert [claim.id for claim in await store.claim("w", 10, 0)] == [good.id]
+    job = await store.get(lost.id)
+    assert job is not None
+    assert (job.status, job.error, job.attempts) == (JobStatus.FAILED, MISSING_IMAGE, 0)
+    assert await store.claim("w", 10, 0) == []
 
 
 @pytest.mark.parametrize("meta", sorted(UNREADABLE))
