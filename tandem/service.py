@@ -116,6 +116,8 @@ class TandemService:
         # Fast-model calls in flight: who may use every core, and when the worker must wait.
         self.calls = Occupancy()
         self.sample_prediction: Prediction | None = None
+        # Why the embedded worker stopped, if it died: liveness fails, so that it is restarted.
+        self.worker_failure: str | None = None
         # Fast answers added to their jobs after the response went out (see _attach_later).
         self._answers = _AnswerWrites(self._attach_fast, ANSWER_WRITE_AFTER_S)
 
@@ -423,7 +425,9 @@ class TandemService:
             report["queue"] = exc.message
             report[self.accurate_model] = "unknown: the queue is unavailable"
             return report
-        if self.accurate_model not in live:
+        if self.worker_failure is not None:
+            report[self.accurate_model] = self.worker_failure
+        elif self.accurate_model not in live:
             report[self.accurate_model] = "no live worker serves this model"
         return report
 

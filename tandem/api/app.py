@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -105,15 +106,16 @@ async def _start_worker(
     worker = Worker(running.store, accurate, config, give_way)
     await running.store.beat(worker.id, accurate.name)
     task = asyncio.create_task(worker.run(running.worker_stop), name="tandem-worker")
-    task.add_done_callback(_report_worker_failure)
+    task.add_done_callback(functools.partial(_report_worker_failure, service))
     return task
 
 
-def _report_worker_failure(task: asyncio.Task[None]) -> None:
-    """Said when it happens, not at shutdown: the proxy goes on answering and queueing, and
-    /health/all reports the accurate model down once the worker's beats stop."""
+def _report_worker_failure(service: TandemService, task: asyncio.Task[None]) -> None:
+    """Said when it happens, not at shutdown. The proxy goes on answering and queueing, and
+    /health fails, so that a supervisor restarts the process and the jobs run."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("the embedded worker stopped on an error; jobs wait for a restart", exc_info=exc)
+        service.worker_failure = f"the embedded worker stopped: {exc!r}"
 
 
 async def _flush_stats_forever(service: TandemService) -> None:

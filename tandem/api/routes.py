@@ -114,9 +114,17 @@ def web_page_html() -> str:
     return (resources.files("tandem") / "web" / "index.html").read_text(encoding="utf-8")
 
 
-@router.get("/health", summary="Liveness: the process answers.")
-async def health() -> dict[str, str]:
-    return {"health": OK}
+@router.get(
+    "/health",
+    summary="Liveness: the process answers, and nothing it runs has died (503 if so).",
+    response_model=dict[str, str],
+    responses={503: {"description": "The embedded worker stopped on an error: restart."}},
+)
+async def health(request: Request) -> JSONResponse:
+    failure = service_of(request).worker_failure
+    if failure is not None:
+        return JSONResponse({"health": failure}, status_code=503)
+    return JSONResponse({"health": OK})
 
 
 @router.get(

@@ -138,9 +138,14 @@ def test_an_embedded_worker_that_fails_is_reported_at_once_and_the_app_still_sto
             (report,) = [r for r in caplog.records if "embedded worker stopped" in r.message]
             assert report.exc_info is not None
             assert str(report.exc_info[1]) == "a bug in the worker"
-            # The proxy still answers fast and queues the job, for a worker after a restart.
+            # The proxy still answers fast and queues the job, for a worker after a restart;
+            # liveness fails, so that a supervisor makes that restart.
             response = client.post("/predict", json={"image_data": b64(IMAGE)})
             assert response.status_code == 200
+            stopped = "the embedded worker stopped: RuntimeError('a bug in the worker')"
+            health = client.get("/health")
+            assert (health.status_code, health.json()) == (503, {"health": stopped})
+            assert client.get("/health/all").json()["tiny_accurate"] == stopped
         finally:
             client.__exit__(None, None, None)  # shuts down: must not raise the worker's error
     store = SQLiteJobStore(tmp_path / "tandem.db")
