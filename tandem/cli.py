@@ -123,6 +123,20 @@ def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
+def _ensure_data_dir(settings: Settings) -> None:
+    """Refuse, with the reason, a data directory the SQLite store cannot live in: found here,
+    it is one line; found by the store, a traceback from inside the server's start-up."""
+    if settings.redis_url:
+        return
+    directory = settings.data_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"the data directory {directory} cannot be made: {exc}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"the data directory {directory} is not writable")
+
+
 def _ensure_models(settings: Settings, refs: list[str]) -> None:
     """Build the built-in models among `refs` that are not built yet."""
     from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
@@ -147,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings)
+    _ensure_data_dir(settings)
     roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
     _ensure_models(settings, roles)
     app = create_app(settings)
@@ -170,6 +185,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings)
+    _ensure_data_dir(settings)
     _ensure_models(settings, [settings.accurate_model])
     asyncio.run(run_worker_process(settings))
     return 0

@@ -39,6 +39,19 @@ def test_bad_settings_exit_with_a_message_not_a_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_data_directory_the_store_cannot_use_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "a-file" / "data"))
+    assert main(["serve"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"tandem: the data directory {tmp_path / 'a-file' / 'data'} cannot")
+    assert "Not a directory" in err
+    assert not (tmp_path / "models").exists()  # refused before building any model
+
+
 def test_unknown_model_names_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
