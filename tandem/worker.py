@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from tandem import heap
 from tandem.cascade import judged_counts, late_judgement
-from tandem.errors import QueueUnavailable, TandemError
+from tandem.errors import QueueUnavailable, TandemError, UnreadableJob
 from tandem.jobs.factory import make_store
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
@@ -338,16 +338,26 @@ class Worker:
     async def _tally_late(self, job_id: str, answer: Prediction) -> None:
         """A job is stored while the proxy's fast model runs, and its fast answer added after:
         one claimed in between is judged once both answers are stored."""
-        job = await self.store.get(job_id)
+        job = await self._read_back(job_id)
         if job is not None and job.fast is not None:
             await self.store.add_counts(late_judgement(job.fast, answer))
 
     async def _call_back_stored(self, claim: Claim) -> None:
         if claim.job.callback_url is None:
             return
-        job = await self.store.get(claim.id)  # as stored: done, or cancelled meanwhile
+        job = await self._read_back(claim.id)  # as stored: done, or cancelled meanwhile
         if job is not None:
             self._call_back(job)
+
+    async def _read_back(self, job_id: str) -> Job | None:
+        """A job this worker has just finished, as stored. A newer version may have rewritten
+        it meanwhile (a proxy of a later release adding the fast answer): its answer is stored,
+        and what needs the record is skipped rather than stopping the worker."""
+        try:
+            return await self.store.get(job_id)
+        except UnreadableJob as exc:
+            log.error("%s; its webhook and agreement tally are skipped", exc.message)
+            return None
 
     def _call_back(self, job: Job) -> None:
         if job.callback_url is not None:

@@ -621,7 +621,12 @@ def _meta(c: sqlite3.Connection, job_id: str) -> str | None:
 
 
 def _has_fast(meta: str | None) -> bool:
-    return meta is not None and load_meta(meta).fast is not None
+    """Whether stored metadata holds a fast answer; metadata this version cannot read (a
+    newer writer's) counts as none, so that no agreement is tallied from it."""
+    try:
+        return meta is not None and load_meta(meta).fast is not None
+    except ValueError:
+        return False
 
 
 def _select_job(c: sqlite3.Connection, job_id: str, alive_at: float | None = None) -> Job | None:

@@ -1,5 +1,5 @@
 """A worker's batches: images prepared side by side, lanes run side by side, each answer stored
-with its own job."""
+with its own job; and no one job (unreadable, faulty, rewritten mid-run) stops the worker."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,8 +19,33 @@ from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, load_classifier
+from tandem.webhooks import WebhookPolicy
 from tandem.worker import Worker, WorkerConfig
 from tests.support import encode, solid
+
+RED = encode(solid((255, 0, 0)), "PNG")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[None]:
+    """The worker runs until the block ends, and must still be running then: a job that
+    stopped it fails the test."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield
+        assert not task.done(), task.exception()
+    finally:
+        stop.set()
+        await task
 
 
 async def test_a_batch_prepared_on_several_threads_keeps_each_answer_with_its_job(
@@ -71,59 +97,45 @@ class Meeting:
 
 @pytest.mark.parametrize("one_run_per_image", [False, True])
 async def test_lanes_run_batches_side_by_side_and_every_answer_finds_its_job(
-    tiny_dir: Path, tmp_path: Path, one_run_per_image: bool
+    tiny_dir: Path, store: SQLiteJobStore, one_run_per_image: bool
 ) -> None:
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    await store.open()
     accurate = cast(Classifier, Meeting(load_classifier("tiny_accurate", tiny_dir), lanes=2))
     config = WorkerConfig(batch_size=2, lanes=2, poll_s=0.05, one_run_per_image=one_run_per_image)
     worker = Worker(store, accurate, config)
     colours = {"class 4": (255, 0, 0), "class 6": (0, 0, 255)}  # the tiny model's votes
     expected = {new_job_id(): label for label in colours for _ in range(4)}
-    stop = asyncio.Event()
-    try:
-        for job_id, label in expected.items():
-            await store.enqueue(JobSpec(id=job_id, image=encode(solid(colours[label]), "PNG")))
-        running = asyncio.create_task(worker.run(stop))
+    for job_id, label in expected.items():
+        await store.enqueue(JobSpec(id=job_id, image=encode(solid(colours[label]), "PNG")))
+    async with running(worker):
         jobs = {job_id: await _finished(store, job_id) for job_id in expected}
-        stop.set()
-        await running
-        assert {job_id: job.status for job_id, job in jobs.items()} == dict.fromkeys(
-            expected, JobStatus.DONE
-        )
-        answers = {job_id: job.result.label for job_id, job in jobs.items() if job.result}
-        assert answers == expected
-    finally:
-        stop.set()
-        await store.close()
+    assert {job_id: job.status for job_id, job in jobs.items()} == dict.fromkeys(
+        expected, JobStatus.DONE
+    )
+    answers = {job_id: job.result.label for job_id, job in jobs.items() if job.result}
+    assert answers == expected
+
+
+def _rewrite_meta(store: SQLiteJobStore, meta: str, job_id: str | None = None) -> None:
+    """Overwrite stored metadata behind the store's back, as a newer version would write it:
+    one job's, or every job's."""
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("UPDATE jobs SET meta = ? WHERE ? IS NULL OR id = ?", (meta, job_id, job_id))
 
 
 async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
-    tiny_dir: Path, tmp_path: Path
+    tiny_dir: Path, store: SQLiteJobStore
 ) -> None:
     """A record from a newer version at the head of the queue used to stop the worker."""
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    await store.open()
     worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=0.05))
     newer, good = new_job_id(), new_job_id()
-    image = encode(solid((255, 0, 0)), "PNG")
-    stop = asyncio.Event()
-    try:
-        for job_id in (newer, good):
-            await store.enqueue(JobSpec(id=job_id, image=image))
-        with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
-            conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", ('{"v": 2}', newer))
-        running = asyncio.create_task(worker.run(stop))
+    for job_id in (newer, good):
+        await store.enqueue(JobSpec(id=job_id, image=RED))
+    _rewrite_meta(store, '{"v": 2}', newer)
+    async with running(worker):
         done = await _finished(store, good)
-        assert done.result is not None
-        assert done.result.label == "class 4"
-        assert not running.done()
-        assert (await store.counts())["jobs_failed"] == 1
-        stop.set()
-        await running
-    finally:
-        stop.set()
-        await store.close()
+    assert done.result is not None
+    assert done.result.label == "class 4"
+    assert (await store.counts())["jobs_failed"] == 1
 
 
 class FaultyOnBlue:
@@ -142,29 +154,58 @@ class FaultyOnBlue:
 
 
 async def test_a_fault_preparing_one_image_fails_that_job_and_not_its_batch(
-    tiny_dir: Path, tmp_path: Path
+    tiny_dir: Path, store: SQLiteJobStore
 ) -> None:
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    await store.open()
     accurate = cast(Classifier, FaultyOnBlue(load_classifier("tiny_accurate", tiny_dir)))
     worker = Worker(store, accurate, WorkerConfig(batch_size=2, poll_s=0.05))
     red, blue = new_job_id(), new_job_id()
-    stop = asyncio.Event()
-    try:
-        await store.enqueue(JobSpec(id=red, image=encode(solid((255, 0, 0)), "PNG")))
-        await store.enqueue(JobSpec(id=blue, image=encode(solid((0, 0, 255)), "PNG")))
-        running = asyncio.create_task(worker.run(stop))
+    await store.enqueue(JobSpec(id=red, image=RED))
+    await store.enqueue(JobSpec(id=blue, image=encode(solid((0, 0, 255)), "PNG")))
+    async with running(worker):
         failed, done = await _finished(store, blue), await _finished(store, red)
-        assert failed.status is JobStatus.FAILED
-        assert failed.error == "preparing the image failed: RuntimeError('decoder fault')"
-        assert failed.attempts == 1  # deterministic: not tried again
-        assert done.status is JobStatus.DONE
-        assert not running.done()
-        stop.set()
-        await running
-    finally:
-        stop.set()
-        await store.close()
+    assert failed.status is JobStatus.FAILED
+    assert failed.error == "preparing the image failed: RuntimeError('decoder fault')"
+    assert failed.attempts == 1  # deterministic: not tried again
+    assert done.status is JobStatus.DONE
+
+
+class RewritingMidRun:
+    """The accurate model, while a newer proxy rewrites every job's record."""
+
+    def __init__(self, classifier: Classifier, store: SQLiteJobStore) -> None:
+        self._classifier, self._store = classifier, store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._classifier, name)
+
+    def predict_tensors(
+        self, batch: npt.NDArray[np.float32], k: int, **options: Any
+    ) -> list[Prediction]:
+        _rewrite_meta(self._store, '{"v": 2}')
+        return self._classifier.predict_tensors(batch, k, **options)
+
+
+async def test_a_job_rewritten_by_a_newer_version_mid_run_keeps_its_answer(
+    tiny_dir: Path, store: SQLiteJobStore
+) -> None:
+    """Reading it back (for its webhook) stopped the worker, as an unreadable claim did."""
+    accurate = cast(Classifier, RewritingMidRun(load_classifier("tiny_accurate", tiny_dir), store))
+    hooks = WebhookPolicy(allowed_hosts=frozenset({"hooks.example"}), secret="s" * 16)
+    worker = Worker(store, accurate, WorkerConfig(poll_s=0.05, webhooks=hooks))
+    await store.enqueue(JobSpec(id=new_job_id(), image=RED, callback_url="http://hooks.example/h"))
+    async with running(worker):
+        await _done_jobs(store, 1)
+        # The next batch meets the first one's storing, which raised before the change.
+        await store.enqueue(JobSpec(id=new_job_id(), image=RED))
+        await _done_jobs(store, 2)
+
+
+async def _done_jobs(store: SQLiteJobStore, n: int, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if (await store.counts()).get("jobs_done", 0) >= n:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def _finished(store: SQLiteJobStore, job_id: str, timeout_s: float = 10.0) -> Job:
