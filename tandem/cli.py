@@ -11,7 +11,7 @@ from pathlib import Path
 from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, ServerUnreachable
 from tandem.logs import configure_logging
-from tandem.runtime.manifest import resolve_manifest_path
+from tandem.runtime.manifest import resolve_manifest_path, verified_model
 from tandem.settings import Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -138,7 +138,8 @@ def _ensure_data_dir(settings: Settings) -> None:
 
 
 def _ensure_models(settings: Settings, refs: list[str]) -> None:
-    """Build the built-in models among `refs` that are not built yet."""
+    """Build the built-in models among `refs` that are not built yet, then check each one's
+    files: a damaged model is one line here, not a traceback from the server's start-up."""
     from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
 
     for name in (ref for ref in refs if ref in BUILTIN_MODELS):
@@ -148,6 +149,8 @@ def _ensure_models(settings: Settings, refs: list[str]) -> None:
                 file=sys.stderr,
             )
             build_model(name, settings.model_dir, progress=_progress)
+    for ref in refs:
+        verified_model(resolve_manifest_path(ref, settings.model_dir))
 
 
 def _progress(line: str) -> None:

@@ -14,15 +14,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 from PIL import Image
 
-from tandem.errors import ConfigurationError, ModelNotFound
+from tandem.errors import ConfigurationError
 from tandem.predictions import Prediction, Scored
 from tandem.runtime.imaging import to_tensor
-from tandem.runtime.manifest import (
-    ModelManifest,
-    read_manifest,
-    resolve_manifest_path,
-    sha256_of,
-)
+from tandem.runtime.manifest import ModelManifest, resolve_manifest_path, verified_model
 from tandem.runtime.placement import AFFINITIES, Placement
 from tandem.runtime.priority import Preempted
 
@@ -86,12 +81,7 @@ class Classifier:
 
     @classmethod
     def from_manifest(cls, manifest_path: Path, plan: ThreadPlan = ThreadPlan()) -> Classifier:
-        manifest = read_manifest(manifest_path)
-        model_path = manifest_path.parent / manifest.file
-        if not model_path.is_file():
-            raise ModelNotFound(f"model file {model_path} named by {manifest_path} is missing")
-        if sha256_of(model_path) != manifest.sha256:
-            raise ConfigurationError(f"{model_path} does not match the checksum in its manifest")
+        manifest, model_path = verified_model(manifest_path)
         return cls(manifest, model_path, plan)
 
     @property

@@ -108,6 +108,18 @@ def read_manifest(path: Path) -> ModelManifest:
         raise ConfigurationError(f"invalid model manifest {path}: {exc}") from exc
 
 
+def verified_model(manifest_path: Path) -> tuple[ModelManifest, Path]:
+    """A manifest and the model file it names, checked: the file is there and matches its
+    checksum (ModelNotFound, ConfigurationError)."""
+    manifest = read_manifest(manifest_path)
+    model_path = manifest_path.parent / manifest.file
+    if not model_path.is_file():
+        raise ModelNotFound(f"model file {model_path} named by {manifest_path} is missing")
+    if sha256_of(model_path) != manifest.sha256:
+        raise ConfigurationError(f"{model_path} does not match the checksum in its manifest")
+    return manifest, model_path
+
+
 def resolve_manifest_path(ref: str, model_dir: Path) -> Path:
     """A model reference is a manifest path, a directory holding one, or a built model's name."""
     path = Path(ref).expanduser()

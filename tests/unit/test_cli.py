@@ -52,6 +52,26 @@ def test_a_data_directory_the_store_cannot_use_is_refused_in_one_line(
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
+def test_a_damaged_model_is_refused_in_one_line_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = tiny_model(tmp_path / "models" / "tiny", TinySpec(name="tiny", size=8))
+    model = manifest.parent / "tiny.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")  # one byte more than its checksum covers
+    for name, value in {
+        "MODEL_DIR": tmp_path / "models",
+        "DATA_DIR": tmp_path / "data",
+        "FAST_MODEL": "tiny",
+        "ACCURATE_MODEL": "tiny",
+        "PORT": 0,
+    }.items():
+        monkeypatch.setenv(f"TANDEM_{name}", str(value))
+    assert main(["serve"]) == EXIT_CONFIG
+    assert (
+        capsys.readouterr().err == f"tandem: {model} does not match the checksum in its manifest\n"
+    )
+
+
 def test_unknown_model_names_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
