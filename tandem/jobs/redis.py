@@ -579,11 +579,13 @@ _LOST_LUA = _LOST.replace("{n}", "%d")
 
 
 def _entries(raw: Any) -> list[tuple[str, str]]:
-    """[(entry id, job id)] from XREADGROUP/XAUTOCLAIM replies; deleted entries come as None."""
+    """[(entry id, job id)] from XREADGROUP/XAUTOCLAIM replies; deleted entries come as None.
+    An entry that names no job (another client's) gets the empty id: no job has it, so its
+    lease drops the entry as stale."""
     entries = []
     for entry_id, fields in raw:
         if fields:
-            entries.append((_text(entry_id), _text(fields[b"id"])))
+            entries.append((_text(entry_id), _text(fields.get(b"id", b""))))
     return entries
 
 
