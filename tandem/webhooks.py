@@ -60,12 +60,14 @@ class WebhookPolicy:
             raise CallbackNotAllowed("webhooks are off on this server (no allowed hosts)")
         try:
             parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises on a port out of range)
+            port = parts.port  # raises on a port out of range
             httpx.URL(url)  # what the sender will be given must be a URL it takes
         except (ValueError, httpx.InvalidURL) as exc:
             raise CallbackNotAllowed(
                 f"callback_url is not a valid URL: {exc}", url=url[:200]
             ) from exc
+        if port == 0:
+            raise CallbackNotAllowed("callback_url is not a valid URL: port 0", url=url[:200])
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CallbackNotAllowed("callback_url must be an http or https URL", url=url[:200])
         host = parts.hostname.lower()

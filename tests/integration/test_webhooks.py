@@ -217,6 +217,7 @@ def test_a_callback_on_the_allowlist_that_is_no_url_is_422(
     [
         "http://[::1/hook",  # urllib raised ValueError: a 500
         "http://hooks.example:99999/hook",  # a port out of range
+        "http://hooks.example:0/hook",  # no port to call
         "http://hooks.example/\x7f",
     ],
 )
