@@ -401,7 +401,7 @@ class TandemService:
             return
         try:
             await self.store.add_counts(counts)
-        except QueueUnavailable:
+        except Exception:
             self.seen.put_back(counts)  # kept for the next flush
             raise
 

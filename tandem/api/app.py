@@ -121,8 +121,12 @@ def _report_worker_failure(service: TandemService, task: asyncio.Task[None]) -> 
 async def _flush_stats_forever(service: TandemService) -> None:
     while True:
         await asyncio.sleep(STATS_FLUSH_S)
-        with contextlib.suppress(QueueUnavailable):  # kept in memory for the next flush
+        try:
             await service.flush_stats()
+        except QueueUnavailable:  # kept in memory for the next flush
+            continue
+        except Exception:  # nobody awaits this task: said here, and the next flush tries again
+            log.exception("writing the request counts to the store failed")
 
 
 async def _shutdown(running: _Running) -> None:

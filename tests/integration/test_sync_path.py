@@ -16,6 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tandem import service
+from tandem.api import app as app_module
 from tandem.api.app import create_app
 from tandem.jobs.records import Job, JobSpec, load_meta
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -228,3 +229,36 @@ def test_a_job_this_version_cannot_read_gets_a_typed_error(
     error = response.json()["error"]
     assert (error["code"], error["details"]) == ("unreadable_job", {"job_id": job_id})
     assert "unsupported job payload version 2" in error["message"]
+
+
+def test_the_request_counts_reach_the_store_after_a_failed_flush(
+    tiny_dir: Path,
+    tmp_path: Path,
+    open_app: Callable[[Settings], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background flush stopped for good on any error but an unavailable queue, and the
+    counts it had taken were dropped."""
+    monkeypatch.setattr(app_module, "STATS_FLUSH_S", 0.05)
+    client = open_app(_settings(tiny_dir, tmp_path))
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    add_counts, failures = store.add_counts, []
+
+    async def failing_once(counts: dict[str, int]) -> None:
+        if not failures:
+            failures.append(counts)
+            raise RuntimeError("a bug in the store")
+        await add_counts(counts)
+
+    def seen_in_store() -> int:
+        counts = client.portal.call(store.counts)
+        return sum(n for name, n in counts.items() if name.startswith("seen:"))
+
+    monkeypatch.setattr(store, "add_counts", failing_once)
+    _post(client)
+    deadline = time.monotonic() + 5
+    while seen_in_store() == 0:
+        assert time.monotonic() < deadline, "the counts never reached the store"
+        time.sleep(0.02)
+    assert failures  # the first flush failed, and a later one wrote the same counts
+    assert seen_in_store() == 1
