@@ -39,9 +39,8 @@ from bench import profile as profiling
 from bench.report import render
 from tandem.jobs.factory import DB_NAME
 from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
-from tandem.runtime.classifier import Classifier, Spin, ThreadPlan
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
 from tandem.runtime.imaging import decode_image
-from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
 from tandem.settings import usable_cpus
 
 FAST, ACCURATE = "efficientnet_lite0", "efficientnet_lite2"
@@ -75,10 +74,7 @@ def _classifier(
 ) -> Classifier:
     """With `solo` threads, a second session for solo calls, placed as the server places the
     fast model's."""
-    path = bench.model_dir / name / MANIFEST_NAME
-    manifest = read_manifest(path)
-    plan = ThreadPlan(threads, spin, solo, pin_solo=True)
-    return Classifier(manifest, path.parent / manifest.file, plan)
+    return load_classifier(name, bench.model_dir, ThreadPlan(threads, spin, solo, pin_solo=True))
 
 
 def _timed(fn: Any, repeat: int) -> list[float]:
