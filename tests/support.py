@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +45,16 @@ def b64(data: bytes) -> str:
 
 def solid(colour: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
     return Image.new("RGB", size, colour)
+
+
+# -- stored jobs ------------------------------------------------------------------------------
+
+
+def overwrite_meta(db: Path, meta: str, job_id: str | None = None) -> None:
+    """Overwrite jobs' stored metadata in a SQLite store behind its back, as a newer version
+    of Tandem (or a fault) would leave it: one job's, or every job's."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE jobs SET meta = ? WHERE ? IS NULL OR id = ?", (meta, job_id, job_id))
 
 
 # -- tiny models -------------------------------------------------------------------------------

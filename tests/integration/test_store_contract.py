@@ -25,7 +25,7 @@ from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import MISSING_IMAGE, Completed, JobStore, StorePolicy
 from tandem.predictions import Prediction, Scored
-from tests.support import RedisServer
+from tests.support import RedisServer, overwrite_meta
 
 LONG = StorePolicy(result_ttl_s=600.0, visibility_timeout_s=600.0, max_attempts=2)
 SHORT = StorePolicy(result_ttl_s=0.3, visibility_timeout_s=0.3, max_attempts=2)
@@ -50,8 +50,7 @@ BACKENDS = {"sqlite": sqlite_factory, "redis": redis_factory}
 
 async def _sqlite_meta(store: JobStore, job_id: str, meta: str) -> None:
     assert isinstance(store, SQLiteJobStore)
-    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
-        conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", (meta, job_id))
+    overwrite_meta(store.path, meta, job_id)
 
 
 async def _redis_meta(store: JobStore, job_id: str, meta: str) -> None:

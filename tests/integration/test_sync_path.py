@@ -22,7 +22,7 @@ from tandem.jobs.records import Job, JobSpec, load_meta
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.settings import Settings
-from tests.support import encode, fast_call_in_flight, solid
+from tests.support import encode, fast_call_in_flight, overwrite_meta, solid
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -222,8 +222,7 @@ def test_a_job_this_version_cannot_read_gets_a_typed_error(
 ) -> None:
     client = open_app(_settings(tiny_dir, tmp_path))
     job_id = _post(client)
-    with sqlite3.connect(tmp_path / "tandem.db") as conn:  # as a newer Tandem would write it
-        conn.execute("UPDATE jobs SET meta = ? WHERE id = ?", ('{"v": 2}', job_id))
+    overwrite_meta(tmp_path / "tandem.db", '{"v": 2}', job_id)  # as a newer Tandem writes it
     response = client.get(f"/job/{job_id}")
     assert response.status_code == 500
     error = response.json()["error"]

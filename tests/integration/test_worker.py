@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.webhooks import WebhookPolicy
 from tandem.worker import Worker, WorkerConfig
-from tests.support import encode, solid
+from tests.support import encode, overwrite_meta, solid
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -115,13 +114,6 @@ async def test_lanes_run_batches_side_by_side_and_every_answer_finds_its_job(
     assert answers == expected
 
 
-def _rewrite_meta(store: SQLiteJobStore, meta: str, job_id: str | None = None) -> None:
-    """Overwrite stored metadata behind the store's back, as a newer version would write it:
-    one job's, or every job's."""
-    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
-        conn.execute("UPDATE jobs SET meta = ? WHERE ? IS NULL OR id = ?", (meta, job_id, job_id))
-
-
 async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
     tiny_dir: Path, store: SQLiteJobStore
 ) -> None:
@@ -130,7 +122,7 @@ async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
     newer, good = new_job_id(), new_job_id()
     for job_id in (newer, good):
         await store.enqueue(JobSpec(id=job_id, image=RED))
-    _rewrite_meta(store, '{"v": 2}', newer)
+    overwrite_meta(store.path, '{"v": 2}', newer)
     async with running(worker):
         done = await _finished(store, good)
     assert done.result is not None
@@ -181,7 +173,7 @@ class RewritingMidRun:
     def predict_tensors(
         self, batch: npt.NDArray[np.float32], k: int, **options: Any
     ) -> list[Prediction]:
-        _rewrite_meta(self._store, '{"v": 2}')
+        overwrite_meta(self._store.path, '{"v": 2}')
         return self._classifier.predict_tensors(batch, k, **options)
 
 
