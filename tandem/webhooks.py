@@ -70,6 +70,12 @@ class WebhookPolicy:
             raise CallbackNotAllowed("callback_url is not a valid URL: port 0", url=url[:200])
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CallbackNotAllowed("callback_url must be an http or https URL", url=url[:200])
+        if parts.username is not None or parts.password is not None:
+            # They would be stored with the job, shown by GET /job/{id} and sent as Basic auth.
+            raise CallbackNotAllowed(
+                "callback_url must not carry credentials: receivers check the "
+                f"{SIGNATURE_HEADER} header instead"
+            )
         host = parts.hostname.lower()
         if host not in self.allowed_hosts and parts.netloc.lower() not in self.allowed_hosts:
             raise CallbackNotAllowed(f"{parts.netloc} is not on the webhook allowlist")

@@ -228,6 +228,23 @@ def test_the_allowlist_refuses_what_is_no_url_whatever_its_host(url: str) -> Non
     assert policy.check("http://hooks.example:8080/hook") == "http://hooks.example:8080/hook"
 
 
+@pytest.mark.parametrize("userinfo", ["user:secret@", "user@", ":secret@"])
+def test_a_callback_with_credentials_is_422_and_not_echoed(
+    make_client: Any, receiver: Receiver, userinfo: str
+) -> None:
+    """Its host is allowed, but the credentials would be stored with the job, shown by
+    GET /job/{id} to anyone holding the id, and sent as Basic auth."""
+    client = make_client(receiver)
+    response = predict(client, f"http://{userinfo}{receiver.host}/hook")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "callback_not_allowed"
+    assert "credentials" in error["message"]
+    assert "secret" not in response.text.replace(SECRET, "")
+    assert client.get("/stats").json()["requests"] == 0
+    assert receiver.received == []
+
+
 def test_a_delivery_that_fails_unexpectedly_is_recorded_as_failed(
     make_client: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
