@@ -24,6 +24,7 @@ from tandem.errors import (
     ServiceUnavailable,
     TandemError,
     Timeout,
+    UnreadableJob,
 )
 from tandem.jobs.notify import Watch
 from tandem.jobs.records import (
@@ -264,6 +265,8 @@ class TandemService:
                 await self.store.add_counts(late_judgement(prediction, accurate))
         except QueueUnavailable:  # the job is stored; the answer was extra
             log.warning("the fast answer was not added to job %s: the queue is unavailable", job_id)
+        except UnreadableJob as exc:  # rewritten meanwhile by a newer version, which owns it now
+            log.warning("the fast answer was not added to job %s: %s", job_id, exc.message)
         except Exception:  # nobody awaits this task to hear of it
             log.exception("adding the fast answer to job %s failed", job_id)
 

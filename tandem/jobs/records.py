@@ -170,9 +170,15 @@ def dump_meta(spec: JobSpec) -> str:
     return json.dumps(meta, separators=(",", ":"))
 
 
-def meta_with_fast(text: str, fast: Prediction) -> str:
-    """Stored metadata with the fast answer added."""
-    meta = _versioned(text, "job payload")
+def meta_with_fast(job_id: str, text: str, fast: Prediction) -> str | None:
+    """Stored metadata with the fast answer added, or None if it holds one already (it stays).
+    Metadata this version cannot read raises UnreadableJob: a newer writer's is left as it is."""
+    try:
+        meta = _versioned(text, "job payload")
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise UnreadableJob(job_id, str(exc)) from exc
+    if meta.get("fast"):
+        return None
     meta["fast"] = fast.to_dict()
     return json.dumps(meta, separators=(",", ":"))
 

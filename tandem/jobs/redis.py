@@ -42,7 +42,6 @@ from tandem.jobs.records import (
     dump_meta,
     dump_prediction,
     job_from_stored,
-    load_meta,
     load_prediction,
     meta_with_fast,
 )
@@ -359,9 +358,10 @@ class RedisJobStore:
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         key = self._job_key(job_id)
         meta: Any = await self._call(lambda: self._client.hget(key, "meta"))
-        if meta is None or load_meta(_text(meta)).fast is not None:
+        added = meta_with_fast(job_id, _text(meta), fast) if meta is not None else None
+        if added is None:
             return None
-        args = [meta, meta_with_fast(_text(meta), fast)]
+        args = [meta, added]
         result = await self._call(lambda: self._attach(keys=[key], args=args))
         return load_prediction(_text(result)) if result else None
 

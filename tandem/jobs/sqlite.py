@@ -245,12 +245,13 @@ class SQLiteJobStore:
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         def attach(c: sqlite3.Connection) -> Prediction | None:
             meta = _meta(c, job_id)
-            if meta is None or _has_fast(meta):
+            added = meta_with_fast(job_id, meta, fast) if meta is not None else None
+            if added is None:
                 return None
             # One statement, so the result it reads is the one there when the answer landed.
             written = c.execute(
                 "UPDATE jobs SET meta = ? WHERE id = ? AND meta = ? RETURNING result",
-                (meta_with_fast(meta, fast), job_id, meta),
+                (added, job_id, meta),
             ).fetchall()
             return load_prediction(written[0][0]) if written else None
 

@@ -79,7 +79,8 @@ class JobStore(Protocol):
         """Add the fast answer to a job enqueued without one (it was computed meanwhile); a job
         that has one keeps it. Need not be durable: the job is, and the client has the answer.
         Returns the job's accurate result if it was stored first: then the worker could not
-        judge the two answers, and the caller owes the agreement tally."""
+        judge the two answers, and the caller owes the agreement tally. A record this version
+        cannot read raises UnreadableJob, and is left as it is."""
 
     async def get(self, job_id: str) -> Job | None:
         """The job, or None if it never existed or has expired."""

@@ -701,6 +701,20 @@ async def test_a_claim_fails_a_job_it_cannot_read_and_hands_out_the_others(
     assert raised.value.details == {"job_id": bad.id}
 
 
+@pytest.mark.parametrize("meta", sorted(UNREADABLE))
+async def test_a_fast_answer_leaves_a_record_it_cannot_read_as_it_is(
+    store: JobStore, meta: str
+) -> None:
+    """A newer version's record is not rewritten by this one: it raises, typed."""
+    job = await store.enqueue(hooked())
+    await OVERWRITE_META[type(store)](store, job.id, UNREADABLE[meta])
+    with pytest.raises(UnreadableJob) as raised:
+        await store.attach_fast(job.id, answer())
+    assert raised.value.details == {"job_id": job.id}
+    assert [claim.id for claim in await store.claim("w", 10, 0)] == []  # failed, unread
+    assert (await store.counts()).get("jobs_failed") == 1
+
+
 async def test_a_claim_fails_a_job_whose_image_is_missing(store: JobStore) -> None:
     lost, good = spec(), spec()
     await store.enqueue(lost)

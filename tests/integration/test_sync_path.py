@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import sqlite3
 import threading
@@ -228,6 +229,27 @@ def test_a_job_this_version_cannot_read_gets_a_typed_error(
     error = response.json()["error"]
     assert (error["code"], error["details"]) == ("unreadable_job", {"job_id": job_id})
     assert "unsupported job payload version 2" in error["message"]
+
+
+def test_a_fast_answer_for_a_job_rewritten_by_a_newer_version_is_dropped_with_a_warning(
+    tiny_dir: Path,
+    tmp_path: Path,
+    open_app: Callable[[Settings], TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It was logged as an unexpected failure, with a traceback."""
+    monkeypatch.setattr("tandem.service.ANSWER_WRITE_AFTER_S", 3600.0)  # written when read
+    client = open_app(_settings(tiny_dir, tmp_path))
+    job_id = _post(client)
+    overwrite_meta(tmp_path / "tandem.db", '{"v": 2}', job_id)
+    with caplog.at_level(logging.WARNING, logger="tandem.service"):
+        assert client.get(f"/job/{job_id}").status_code == 500  # unreadable_job, as above
+    (record,) = [r for r in caplog.records if r.name == "tandem.service"]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert f"not added to job {job_id}" in record.getMessage()
+    assert "unsupported job payload version 2" in record.getMessage()
 
 
 def test_the_request_counts_reach_the_store_after_a_failed_flush(
