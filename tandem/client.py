@@ -140,16 +140,22 @@ def _fast_from(
 
 
 class EventParser:
-    """Server-Sent Events, line by line: `feed` returns a JobResult at each complete event."""
+    """Server-Sent Events, line by line: `feed` returns a JobResult at each complete event, and
+    raises the typed error that an `error` event (the stream's last) carries."""
 
     def __init__(self) -> None:
+        self._event = ""
         self._data: list[str] = []
 
     def feed(self, line: str) -> JobResult | None:
-        if line.startswith("data:"):
+        if line.startswith("event:"):
+            self._event = line[6:].strip()
+        elif line.startswith("data:"):
             self._data.append(line[5:].strip())
         elif not line and self._data:
             body, self._data = json.loads("\n".join(self._data)), []
+            if self._event == "error":
+                raise error_from_wire(None, body)
             return JobResult.from_wire(body)
         return None
 

@@ -173,9 +173,10 @@ def _subclasses(cls: type[TandemError]) -> list[type[TandemError]]:
     return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
 
 
-def error_from_wire(status: int, body: object) -> TandemError:
+def error_from_wire(status: int | None, body: object) -> TandemError:
     """The typed error an error body names: the client side of the one error shape. An unknown
-    code gives a plain TandemError that keeps the code in its details."""
+    code gives a plain TandemError that keeps the code in its details. Without an HTTP status
+    (an event stream's last event), the error's class gives it."""
     detail = body.get("error") if isinstance(body, dict) else None
     if not isinstance(detail, dict):
         detail = {"message": f"HTTP {status} without an error body"}
@@ -185,7 +186,8 @@ def error_from_wire(status: int, body: object) -> TandemError:
     # Built without the subclass's own __init__: the wire gives message and details only.
     error = cls.__new__(cls)
     TandemError.__init__(error, str(detail.get("message", "")), **(details or {}))
-    error.status = status
+    if status is not None:
+        error.status = status
     error.request_id = detail.get("request_id")
     if cls is TandemError:
         error.details["code"] = code

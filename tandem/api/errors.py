@@ -25,15 +25,21 @@ from tandem.errors import (
 log = logging.getLogger("tandem.api")
 
 
-def error_json(error: TandemError, request_id: str | None) -> JSONResponse:
-    """The one error shape; middlewares that answer before routing use it too."""
-    body: dict[str, Any] = {
+def error_body(error: TandemError, request_id: str | None) -> dict[str, Any]:
+    """The one error shape, in a response body or a stream's last event."""
+    body = {
         "code": error.code,
         "message": error.message,
         "request_id": request_id,
         "details": error.details,
     }
-    return JSONResponse({"error": body}, status_code=error.status, headers=error_headers(error))
+    return {"error": body}
+
+
+def error_json(error: TandemError, request_id: str | None) -> JSONResponse:
+    """An error response; middlewares that answer before routing use it too."""
+    body = error_body(error, request_id)
+    return JSONResponse(body, status_code=error.status, headers=error_headers(error))
 
 
 def error_headers(error: TandemError) -> dict[str, str]:
@@ -50,11 +56,19 @@ def error_response(request: Request, error: TandemError) -> JSONResponse:
     return error_json(error, request_id_of(request))
 
 
-async def _tandem_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, TandemError)
+def reported(exc: Exception) -> TandemError:
+    """What a client is told of `exc`, logged for the operator: a domain error as it is, the
+    unexpected as an internal error, with its traceback in the log."""
+    if not isinstance(exc, TandemError):
+        log.exception("unhandled error", exc_info=exc)
+        return TandemError("internal error; see the server log")
     if exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    return error_response(request, exc)
+    return exc
+
+
+async def _reported(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, reported(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,13 +110,8 @@ def _methods_on_path(request: Request) -> set[str]:
     return methods
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return error_response(request, TandemError("internal error; see the server log"))
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(TandemError, _tandem_error)
+    app.add_exception_handler(TandemError, _reported)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, _reported)

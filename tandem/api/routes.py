@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.routing import APIRoute
 
 from tandem.api.bodies import JSON, REQUEST_BODY, image_bytes
-from tandem.api.errors import error_headers
+from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
@@ -249,7 +250,8 @@ async def get_job(
     responses={
         200: {
             "description": "`event: <status>` with a JobResponse as `data`, per state; "
-            f"a `: keep-alive` comment every {KEEPALIVE_S:g} s without one.",
+            f"a `: keep-alive` comment every {KEEPALIVE_S:g} s without one; an error met "
+            "once the stream began is its last event, `event: error` with the error body.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **_ERRORS,
@@ -260,24 +262,33 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     # Watching starts before the first read (and a 404 is raised) before the stream starts.
     states = await stack.enter_async_context(service_of(request).follow(job_id, KEEPALIVE_S))
     return StreamingResponse(
-        _server_sent_events(states, stack),
+        _server_sent_events(states, stack, request_id_of(request)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _server_sent_events(
-    states: AsyncIterator[Job], stack: contextlib.AsyncExitStack
+    states: AsyncIterator[Job], stack: contextlib.AsyncExitStack, request_id: str | None
 ) -> AsyncIterator[bytes]:
     async with stack:  # a client that goes away cancels this; the watch is dropped at once
-        sent: tuple[JobStatus, float] | None = None
-        async for job in states:
-            if (job.status, job.updated_at) == sent:
-                yield b": keep-alive\n\n"
-                continue
-            sent = (job.status, job.updated_at)
-            data = JobResponse.of(job).model_dump_json()
-            yield f"event: {job.status}\ndata: {data}\n\n".encode()
+        try:
+            async for frame in _job_frames(states):
+                yield frame
+        except Exception as exc:  # the 200 went out: the error is the stream's last event
+            body = json.dumps(error_body(reported(exc), request_id), separators=(",", ":"))
+            yield f"event: error\ndata: {body}\n\n".encode()
+
+
+async def _job_frames(states: AsyncIterator[Job]) -> AsyncIterator[bytes]:
+    sent: tuple[JobStatus, float] | None = None
+    async for job in states:
+        if (job.status, job.updated_at) == sent:
+            yield b": keep-alive\n\n"
+            continue
+        sent = (job.status, job.updated_at)
+        data = JobResponse.of(job).model_dump_json()
+        yield f"event: {job.status}\ndata: {data}\n\n".encode()
 
 
 @router.delete(

@@ -3,17 +3,23 @@ on the `working` and `idle` servers of conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tandem.client import Client
+from tandem.errors import UnreadableJob
 from tests.support import (
     ServerProcess,
     encode,
     metric,
+    overwrite_meta,
     rss_kib,
     server_sent_events,
     solid,
@@ -110,6 +116,30 @@ def test_an_event_reaches_a_watcher_of_a_cancelled_job(idle: ServerProcess) -> N
         time.sleep(0.3)
         assert client.delete(f"/job/{job_id}").status_code == 200
         assert watching.result(timeout=20) == ["queued", "cancelled"]
+
+
+def test_a_stream_ends_with_a_typed_error_event_when_its_job_turns_unreadable(
+    idle: ServerProcess,
+) -> None:
+    """A newer Tandem rewrote the record while it was watched: the stream was cut, and the
+    client saw only a broken connection."""
+    db = Path(idle.env["TANDEM_DATA_DIR"]) / "tandem.db"
+    with idle.client() as client:
+        job_id = submit(client)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (meta,) = conn.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    try:
+        with Client(idle.url) as tandem:
+            events = tandem.events(job_id)
+            assert next(events).status == "queued"
+            overwrite_meta(db, '{"v": 2}', job_id)  # seen by the server's re-read of the file
+            with pytest.raises(UnreadableJob) as raised:
+                next(events)
+    finally:
+        overwrite_meta(db, meta, job_id)  # the server is shared with other tests
+    assert raised.value.details == {"job_id": job_id}
+    assert raised.value.status == 500
+    assert raised.value.request_id is not None
 
 
 def _watchers_and_tasks(client: httpx.Client) -> tuple[float, float]:
