@@ -569,7 +569,10 @@ def _in_transaction(c: sqlite3.Connection, body: Callable[[], T]) -> T:
     try:
         result = body()
     except BaseException:
-        c.execute("ROLLBACK")
+        # Some errors (a full disk, an I/O error) have rolled it back already: a second
+        # ROLLBACK would raise, and hide the error that says what went wrong.
+        if c.in_transaction:
+            c.execute("ROLLBACK")
         raise
     c.execute("COMMIT")
     return result

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.errors import QueueUnavailable
 from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -168,3 +169,26 @@ async def test_a_claim_reads_the_queue_in_index_order_and_sorts_none_of_it(
         plan = " ".join(row[3] for row in c.execute(f"EXPLAIN QUERY PLAN {statement}", arguments))
     assert "jobs_claimable" in plan
     assert "TEMP B-TREE" not in plan
+
+
+async def test_a_full_disk_refuses_the_job_saying_so_and_the_store_recovers(
+    tmp_path: Path,
+) -> None:
+    """SQLite rolls back a transaction that hit a full disk itself: the store's ROLLBACK then
+    raised "no transaction is active", which hid the reason."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        conn = store._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 8}")  # the file cannot grow: a full disk
+        big = JobSpec(id=new_job_id(), image=os.urandom(200_000))
+        with pytest.raises(QueueUnavailable, match="database or disk is full"):
+            await store.enqueue(big)
+        assert await store.get(big.id) is None
+        assert await store.queue_depth() == 0
+        conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+        assert (await store.enqueue(big)).status is JobStatus.QUEUED
+    finally:
+        await store.close()
