@@ -124,8 +124,12 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _ensure_data_dir(settings: Settings) -> None:
-    """Refuse, with the reason, a data directory the SQLite store cannot live in: found here,
-    it is one line; found by the store, a traceback from inside the server's start-up."""
+    """Refuse, with the reason, a data directory the SQLite store cannot live in, or a file
+    there it cannot read: found here, it is one line; found by the store, a traceback from
+    inside the server's start-up."""
+    from tandem.jobs.factory import sqlite_path
+    from tandem.jobs.sqlite import check_database
+
     if settings.redis_url:
         return
     directory = settings.data_dir
@@ -135,6 +139,7 @@ def _ensure_data_dir(settings: Settings) -> None:
         raise ConfigurationError(f"the data directory {directory} cannot be made: {exc}") from exc
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigurationError(f"the data directory {directory} is not writable")
+    check_database(sqlite_path(settings))
 
 
 def _ensure_models(settings: Settings, refs: list[str]) -> None:

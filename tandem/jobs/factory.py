@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
@@ -19,9 +21,13 @@ def policy_from(settings: Settings) -> StorePolicy:
     )
 
 
+def sqlite_path(settings: Settings) -> Path:
+    return settings.data_dir / DB_NAME
+
+
 def make_store(settings: Settings) -> JobStore:
     if settings.redis_url:
         return RedisJobStore(
             settings.redis_url, policy_from(settings), prefix=settings.redis_prefix
         )
-    return SQLiteJobStore(settings.data_dir / DB_NAME, policy_from(settings))
+    return SQLiteJobStore(sqlite_path(settings), policy_from(settings))

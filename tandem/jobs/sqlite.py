@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
-from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
+from tandem.errors import ConfigurationError, QueueFull, QueueUnavailable, UnreadableJob
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
@@ -171,6 +171,7 @@ class SQLiteJobStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_database(self.path)
         conn = _connection(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before enqueue returns, so a job id given out survives a crash.
@@ -497,6 +498,18 @@ class SQLiteJobStore:
             return {model for (model,) in rows}
 
         return await self._run(select)
+
+
+def check_database(path: Path) -> None:
+    """ConfigurationError, saying why, if `path` exists and SQLite cannot read it (another
+    kind of file, or a damaged one): a reason at start-up, not a failure at each request."""
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:  # OperationalError included: unreadable, locked
+        raise ConfigurationError(f"the job store {path} cannot be opened: {exc}") from exc
 
 
 def _connection(path: Path) -> sqlite3.Connection:

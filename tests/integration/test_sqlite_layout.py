@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.errors import QueueUnavailable
+from tandem.errors import ConfigurationError, QueueUnavailable
 from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -192,3 +192,12 @@ async def test_a_full_disk_refuses_the_job_saying_so_and_the_store_recovers(
         assert (await store.enqueue(big)).status is JobStatus.QUEUED
     finally:
         await store.close()
+
+
+async def test_a_file_that_is_no_database_is_refused_at_open_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    path.write_bytes(b"\x89PNG\r\n" + os.urandom(8192))
+    store = SQLiteJobStore(path)
+    with pytest.raises(ConfigurationError, match="cannot be opened: file is not a database"):
+        await store.open()
+    await store.close()

@@ -52,6 +52,28 @@ def test_a_data_directory_the_store_cannot_use_is_refused_in_one_line(
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_job_store_file_sqlite_cannot_read_is_refused_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    """It was a traceback from inside the server's start-up, and the worker's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tandem.db").write_text("these are notes, not a database\n" * 40)
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(data))
+    assert main([command]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"tandem: the job store {data / 'tandem.db'} cannot be opened: file is not a database\n"
+    )
+    assert not (tmp_path / "models").exists()  # refused before building any model
+
+
 def test_a_damaged_model_is_refused_in_one_line_before_serving(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
