@@ -50,6 +50,14 @@ async def image_bytes(request: Request) -> bytes:
 
     Raw bodies skip base64 and JSON entirely: the cheaper way to send an image.
     """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # Images are compressed already: a second coding gains little, and read as it stands
+        # the body would be classified as garbage, or not at all.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the body uncompressed",
+            content_encoding=encoding[:64],
+        )
     content_type = request.headers.get("content-type", JSON).lower()
     if content_type.startswith(RAW_TYPES):
         return await request.body()

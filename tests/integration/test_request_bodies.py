@@ -3,6 +3,8 @@ one a typed error that leaves no job behind."""
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from tandem.settings import Settings
 from tests.support import b64, encode, metric, solid
 
 PNG = encode(solid((0, 0, 255)), "PNG")
+JSON = "application/json"
 # A form whose field `image` is text, not a file: the shape `curl -F "image=<photo.jpg"` sends.
 TEXT_ONLY = b'--zz\r\nContent-Disposition: form-data; name="image"\r\n\r\nnot a file\r\n--zz--\r\n'
 
@@ -98,3 +101,27 @@ def test_a_bad_form_gets_a_typed_error_and_costs_no_job(
         assert error["details"]["problems"][0]["loc"] == ["body", "image"]
     assert _queued(client) == 0
     assert client.post("/predict", files={"image": ("a.png", PNG)}).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["raw", "json", "form"])
+def test_a_compressed_body_gets_415_not_a_guess(client: TestClient, kind: str) -> None:
+    """Content-Encoding was ignored: a gzipped PNG was read as a broken image, and a body that
+    only claimed to be gzipped was classified as it stood."""
+    sent = {
+        "raw": _raw(gzip.compress(PNG), "image/png"),
+        "json": _raw(gzip.compress(json.dumps({"image_data": b64(PNG)}).encode()), JSON),
+        "form": {"files": {"image": ("a.png", PNG)}},
+    }[kind]
+    headers = {**sent.pop("headers", {}), "content-encoding": "gzip"}
+    response = client.post("/predict", headers=headers, **sent)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["details"]) == (
+        "unsupported_media_type",
+        {"content_encoding": "gzip"},
+    )
+    assert _queued(client) == 0
+    identity = client.post(
+        "/predict", files={"image": ("a.png", PNG)}, headers={"content-encoding": "identity"}
+    )
+    assert identity.status_code == 200
