@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -18,6 +16,7 @@ from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
+from tandem.api.page import web_page
 from tandem.api.params import idempotency_key, openapi_parameters, query_params
 from tandem.api.schemas import (
     ErrorBody,
@@ -106,13 +105,9 @@ async def _predict(
 
 
 @router.get("/", include_in_schema=False)
-async def web_page() -> HTMLResponse:
-    return HTMLResponse(web_page_html())
-
-
-@functools.cache
-def web_page_html() -> str:
-    return (resources.files("tandem") / "web" / "index.html").read_text(encoding="utf-8")
+async def page() -> HTMLResponse:
+    served = web_page()
+    return HTMLResponse(served.html, headers=served.headers)
 
 
 @router.get(

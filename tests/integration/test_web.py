@@ -34,16 +34,61 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+def refusals(page: Page) -> list[str]:
+    """What the page's Content-Security-Policy refused, as Chromium reports it."""
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            refused.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    return refused
+
+
 @pytest.fixture
 def page(browser: Browser, real_server: ServerProcess) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    refused = refusals(page)
     page.goto(real_server.url + "/")
     yield page
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
+    assert not refused, f"the page's own policy refused: {refused}"
+
+
+def test_the_page_refuses_script_that_was_not_shipped_with_it(
+    browser: Browser, real_server: ServerProcess
+) -> None:
+    """Its inline script and style are allowed by hash, and nothing else inline: markup a
+    label or a message managed to inject could not run."""
+    context = browser.new_context()
+    page = context.new_page()
+    refused = refusals(page)
+    response = page.goto(real_server.url + "/")
+    assert response is not None
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy
+    assert "'unsafe-inline'" not in policy
+    expect(page.locator("#health")).to_contain_text("queue")  # its own script ran
+    injected = page.evaluate(
+        """() => {
+            const node = document.createElement("script");
+            node.textContent = "window.injected = true";
+            document.body.append(node);
+            const image = document.createElement("img");
+            image.setAttribute("onerror", "window.injected = true");
+            image.src = "no-such-image";
+            document.body.append(image);
+            return new Promise((done) => setTimeout(() => done(window.injected === true), 300));
+        }"""
+    )
+    context.close()
+    assert injected is False
+    assert refused  # Chromium said why
 
 
 def screenshot(page: Page, name: str) -> None:
