@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,7 +166,16 @@ def _progress(line: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tandem.api.app import create_app
+    from tandem.api.app import begin_shutdown, create_app
+
+    class Server(uvicorn.Server):
+        """uvicorn's, telling the app when shutdown begins: its graceful wait (for responses
+        under way) would otherwise be spent holding streams and long-polls open, and end in
+        cancelling them."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            begin_shutdown(app)
+            await super().shutdown(sockets)
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -182,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # AccessMiddleware logs each request, inside its request id
         timeout_graceful_shutdown=30,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
     return 0
 
 

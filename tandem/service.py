@@ -119,6 +119,9 @@ class TandemService:
         self.sample_prediction: Prediction | None = None
         # Why the embedded worker stopped, if it died: liveness fails, so that it is restarted.
         self.worker_failure: str | None = None
+        # Set when the server begins to shut down: streams and long-polls end (see drain).
+        self.draining = False
+        self._watches: set[Watch] = set()
         # Fast answers added to their jobs after the response went out (see _attach_later).
         self._answers = _AnswerWrites(self._attach_fast, ANSWER_WRITE_AFTER_S)
 
@@ -348,12 +351,12 @@ class TandemService:
         return _found(await self.store.get(job_id), job_id)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
-        """The job once it is finished, or as it is when `timeout_s` runs out."""
+        """The job once it is finished, or as it is when `timeout_s` runs out or the server
+        begins to shut down."""
         deadline = time.monotonic() + timeout_s
-        self._check_watches()
-        async with self.store.watch(parse_job_id(job_id)) as watch:
+        async with self._watching(job_id) as watch:
             job = await self.job(job_id)
-            while not job.status.terminal and (left := deadline - time.monotonic()) > 0:
+            while self._waits_on(job) and (left := deadline - time.monotonic()) > 0:
                 await watch.wait(left)
                 job = await self.job(job_id)
             return job
@@ -362,9 +365,8 @@ class TandemService:
     async def follow(self, job_id: str, keepalive_s: float) -> AsyncIterator[AsyncIterator[Job]]:
         """Watch a job: JobNotFound at once if there is none, else an iterator over its states:
         the current one, then the one after each wake-up (a change, or `keepalive_s` without
-        one), until a terminal state."""
-        self._check_watches()
-        async with self.store.watch(parse_job_id(job_id)) as watch:
+        one), until a terminal state, or until the server begins to shut down."""
+        async with self._watching(job_id) as watch:
             first = await self.job(job_id)
             yield self._states(job_id, first, watch, keepalive_s)
 
@@ -372,30 +374,50 @@ class TandemService:
         self, job_id: str, job: Job, watch: Watch, keepalive_s: float
     ) -> AsyncIterator[Job]:
         yield job
-        while not job.status.terminal:
+        while self._waits_on(job):
             await watch.wait(keepalive_s)
             latest = await self._get_through_outage(job_id)
             if latest is None:
-                return  # expired meanwhile
+                return  # expired meanwhile, or shutting down
             job = latest
             yield job
 
     async def _get_through_outage(self, job_id: str) -> Job | None:
         """A stream outlives a store outage: it reads again until the store is back (its
-        watch is woken then too), and ends only when the client leaves."""
-        while True:
+        watch is woken then too), and ends only when the client leaves or shutdown begins."""
+        while not self.draining:
             try:
                 return await self.store.get(job_id)
             except QueueUnavailable:
                 await asyncio.sleep(OUTAGE_RETRY_S)
+        return None
 
-    def _check_watches(self) -> None:
-        """Open streams and long-polls hold a connection each: bound them like requests."""
+    def _waits_on(self, job: Job) -> bool:
+        return not job.status.terminal and not self.draining
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, job_id: str) -> AsyncIterator[Watch]:
+        """A watch on the job, bounded like requests (each holds a connection), and woken
+        when shutdown begins."""
         if self.store.watchers >= self.max_watches:
             raise Overloaded(
                 f"{self.max_watches} streams and long-polls are open, this server's limit",
                 retry_after=self.retry_after_s,
             )
+        async with self.store.watch(parse_job_id(job_id)) as watch:
+            self._watches.add(watch)
+            try:
+                yield watch
+            finally:
+                self._watches.discard(watch)
+
+    def drain(self) -> None:
+        """Shutdown has begun: end every stream and long-poll now, with the job as it is, so
+        that the server's graceful wait is not spent holding them open (clients reconnect,
+        to another proxy). Requests still being answered finish as usual."""
+        self.draining = True
+        for watch in self._watches:
+            watch.wake()
 
     async def flush_stats(self) -> None:
         """Write the requests counted since the last flush to the store."""

@@ -177,6 +177,15 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(RequestIdMiddleware)
 
 
+def begin_shutdown(app: FastAPI) -> None:
+    """The server has stopped accepting connections: streams and long-polls end now (see
+    TandemService.drain), not when the server's graceful wait runs out. Before the lifespan
+    has started a service, there are none."""
+    service: TandemService | None = getattr(app.state, "service", None)
+    if service is not None:
+        service.drain()
+
+
 def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     """Build the ASGI app. `store` replaces the one the settings describe (tests)."""
 

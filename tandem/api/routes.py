@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -268,22 +269,29 @@ async def _server_sent_events(
 ) -> AsyncIterator[bytes]:
     async with stack:  # a client that goes away cancels this; the watch is dropped at once
         try:
-            async for frame in _job_frames(states):
+            async for frame in _job_frames(states, KEEPALIVE_S):
                 yield frame
         except Exception as exc:  # the 200 went out: the error is the stream's last event
             body = json.dumps(error_body(reported(exc), request_id), separators=(",", ":"))
             yield f"event: error\ndata: {body}\n\n".encode()
 
 
-async def _job_frames(states: AsyncIterator[Job]) -> AsyncIterator[bytes]:
+async def _job_frames(states: AsyncIterator[Job], keepalive_s: float) -> AsyncIterator[bytes]:
+    """An event per new state; a comment when the stream has been quiet for about
+    `keepalive_s`. Wake-ups come more often than that (SQLite re-reads every 0.5 s for other
+    processes' writes), and the one at `keepalive_s` may come a hair early."""
     sent: tuple[JobStatus, float] | None = None
+    quiet_since = time.monotonic()
     async for job in states:
-        if (job.status, job.updated_at) == sent:
+        if (job.status, job.updated_at) != sent:
+            sent = (job.status, job.updated_at)
+            data = JobResponse.of(job).model_dump_json()
+            yield f"event: {job.status}\ndata: {data}\n\n".encode()
+        elif time.monotonic() - quiet_since >= 0.9 * keepalive_s:
             yield b": keep-alive\n\n"
+        else:
             continue
-        sent = (job.status, job.updated_at)
-        data = JobResponse.of(job).model_dump_json()
-        yield f"event: {job.status}\ndata: {data}\n\n".encode()
+        quiet_since = time.monotonic()
 
 
 @router.delete(

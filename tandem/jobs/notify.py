@@ -19,7 +19,8 @@ class Watch:
         self._event = asyncio.Event()
         self._recheck_s = recheck_s
 
-    def _set(self) -> None:
+    def wake(self) -> None:
+        """Make the current or next `wait` return at once."""
         self._event.set()
 
     async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (waking early is the point)
@@ -52,13 +53,13 @@ class Hub:
 
     def notify(self, job_id: str) -> None:
         for watch in self._watches.get(job_id, ()):
-            watch._set()
+            watch.wake()
 
     def notify_all(self) -> None:
         """After a gap in the feed (a reconnect), anything may have changed."""
         for watchers in self._watches.values():
             for watch in watchers:
-                watch._set()
+                watch.wake()
 
     @property
     def watchers(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from tandem.client import Client
 from tandem.errors import UnreadableJob
 from tests.support import (
     ServerProcess,
+    clean_env,
     encode,
     metric,
     overwrite_meta,
@@ -101,21 +103,26 @@ def test_long_poll_wait_is_bounded(idle: ServerProcess, wait: str) -> None:
     assert response.json()["error"]["code"] == "validation_error"
 
 
+def stream_lines(url: str, job_id: str) -> list[str]:
+    """Every line of the job's event stream, read to its end."""
+    with (
+        httpx.Client(base_url=url, timeout=30) as own,
+        own.stream("GET", f"/job/{job_id}/events") as response,
+    ):
+        return list(response.iter_lines())
+
+
+def event_names(lines: list[str]) -> list[str]:
+    return [line[6:].strip() for line in lines if line.startswith("event:")]
+
+
 def test_an_event_reaches_a_watcher_of_a_cancelled_job(idle: ServerProcess) -> None:
     with idle.client() as client, ThreadPoolExecutor(1) as pool:
         job_id = submit(client)
-
-        def watch() -> list[str]:
-            with (
-                httpx.Client(base_url=idle.url, timeout=30) as own,
-                own.stream("GET", f"/job/{job_id}/events") as response,
-            ):
-                return [name for name, _ in server_sent_events(response)]
-
-        watching = pool.submit(watch)
+        watching = pool.submit(stream_lines, idle.url, job_id)
         time.sleep(0.3)
         assert client.delete(f"/job/{job_id}").status_code == 200
-        assert watching.result(timeout=20) == ["queued", "cancelled"]
+        assert event_names(watching.result(timeout=20)) == ["queued", "cancelled"]
 
 
 def test_a_stream_ends_with_a_typed_error_event_when_its_job_turns_unreadable(
@@ -140,6 +147,65 @@ def test_a_stream_ends_with_a_typed_error_event_when_its_job_turns_unreadable(
     assert raised.value.details == {"job_id": job_id}
     assert raised.value.status == 500
     assert raised.value.request_id is not None
+
+
+def test_a_stream_sends_no_comment_between_states_until_it_has_been_quiet_a_while(
+    idle: ServerProcess,
+) -> None:
+    """SQLite wakes each watch every 0.5 s (other processes may write the file), and each
+    wake-up sent a keep-alive: twice a second per stream, where 15 s was meant."""
+    with idle.client() as client, ThreadPoolExecutor(1) as pool:
+        job_id = submit(client)
+        streaming = pool.submit(stream_lines, idle.url, job_id)
+        time.sleep(2.0)  # four wake-ups
+        assert client.delete(f"/job/{job_id}").status_code == 200
+        lines = streaming.result(timeout=20)
+    assert [line for line in lines if line.startswith((":", "event:"))] == [
+        "event: queued",
+        "event: cancelled",
+    ]
+
+
+def test_shutdown_ends_streams_and_long_polls_at_once_not_after_the_grace_period(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """uvicorn's graceful wait (30 s) was spent holding them open, then cancelled them with
+    a traceback, and the clients saw a cut connection."""
+    env = clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(tmp_path),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+    )
+    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
+    try:
+        with server.client() as client:
+            job_id = submit(client)
+        with ThreadPoolExecutor(2) as pool:
+
+            def long_poll() -> httpx.Response:
+                with httpx.Client(base_url=server.url, timeout=30) as own:
+                    return own.get(f"/job/{job_id}", params={"wait": "30"})
+
+            streamed = pool.submit(stream_lines, server.url, job_id)
+            polled = pool.submit(long_poll)
+            time.sleep(1.0)  # both are waiting on the job
+            assert server.process is not None
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught.
+            assert server.wait_exit(timeout=20) in (0, -signal.SIGTERM)
+            took = time.monotonic() - started
+            assert event_names(streamed.result(timeout=5)) == ["queued"]  # ended, not cut
+            answer = polled.result(timeout=5)
+        assert answer.status_code == 200
+        assert answer.json()["status"] == "queued"
+        assert took < 10, f"shutdown took {took:.1f} s"
+        log = server.log()
+        assert "Traceback" not in log
+        assert "timeout graceful shutdown exceeded" not in log
+    finally:
+        server.stop()
 
 
 def _watchers_and_tasks(client: httpx.Client) -> tuple[float, float]:

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tandem.api import routes
 from tandem.api.bodies import decode_base64
 from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
+from tandem.jobs.records import Job, JobStatus
 from tandem.runtime.assets import imagenet_labels
 from tandem.runtime.manifest import model_name, read_manifest, resolve_manifest_path
 from tests.support import TinySpec, tiny_model
@@ -65,3 +69,31 @@ def test_the_bundled_labels_are_imagenet_1k() -> None:
     labels = imagenet_labels()
     assert len(labels) == 1000
     assert (labels[0], labels[281], labels[967]) == ("tench", "tabby", "espresso")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_an_event_stream_keeps_alive_only_after_a_quiet_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wake-ups every 0.5 s (SQLite's re-reads) each sent a comment; 15 s was meant."""
+    clock = _Clock()
+    monkeypatch.setattr(routes, "time", clock)
+    queued = Job(id="a" * 32, status=JobStatus.QUEUED, created_at=0.0, updated_at=0.0)
+
+    async def states() -> AsyncIterator[Job]:
+        yield queued
+        for _ in range(100):  # 50 s of unchanged wake-ups
+            clock.now += 0.5
+            yield queued
+        yield replace(queued, status=JobStatus.CANCELLED, updated_at=clock.now)
+
+    frames = [frame async for frame in routes._job_frames(states(), keepalive_s=15.0)]
+    kinds = [frame.split(b"\n", 1)[0] for frame in frames]
+    assert kinds == [b"event: queued"] + [b": keep-alive"] * 3 + [b"event: cancelled"]
