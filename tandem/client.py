@@ -12,6 +12,7 @@ back with `queued` false and the reason in `not_queued`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import mimetypes
@@ -30,6 +31,9 @@ from tandem.predictions import Prediction
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The server caps one long-poll below its request deadline; longer waits take several.
 _POLL_S = 20.0
+# An event stream that ends before its job is finished (its proxy shutting down, a dropped
+# connection) is opened again after these pauses, in turn; more failures in a row raise.
+_RECONNECT_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 Image = bytes | str | Path
 
@@ -160,6 +164,33 @@ class EventParser:
         return None
 
 
+class _Following:
+    """What `events` has seen of a job across its streams: the last state (each stream
+    starts with the current one, which is not given twice) and the failures in a row."""
+
+    def __init__(self) -> None:
+        self.last: JobResult | None = None
+        self._failures = 0
+
+    def fresh(self, state: JobResult) -> bool:
+        if state == self.last:
+            return False
+        self.last, self._failures = state, 0
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.finished
+
+    def pause(self, error: ServerUnreachable | None) -> float:
+        """Seconds to wait before the next stream. Raises once the pauses are spent, or at
+        once if no stream ever began: then the server is not there to come back."""
+        if self.last is None or self._failures == len(_RECONNECT_S):
+            raise error or ServerUnreachable("the job's event stream kept ending unfinished")
+        self._failures += 1
+        return _RECONNECT_S[self._failures - 1]
+
+
 def _predict_request(
     image: Image, policy: str | None, threshold: float | None, idempotency_key: str | None
 ) -> dict[str, Any]:
@@ -231,7 +262,22 @@ class Client:
         return job
 
     def events(self, job_id: str) -> Iterator[JobResult]:
-        """Each state of the job as the server pushes it, until it is finished."""
+        """Each state of the job as the server pushes it, until it is finished. A stream that
+        ends first (its proxy shut down, the connection dropped) is opened again."""
+        following = _Following()
+        while True:
+            error = None
+            try:
+                for state in self._stream(job_id):
+                    if following.fresh(state):
+                        yield state
+            except ServerUnreachable as exc:
+                error = exc
+            if following.finished:
+                return
+            time.sleep(following.pause(error))
+
+    def _stream(self, job_id: str) -> Iterator[JobResult]:
         with (
             _answered(self._http.base_url),
             self._http.stream("GET", f"/job/{job_id}/events", timeout=None) as response,
@@ -306,6 +352,20 @@ class AsyncClient:
         return job
 
     async def events(self, job_id: str) -> AsyncIterator[JobResult]:
+        following = _Following()
+        while True:
+            error = None
+            try:
+                async for state in self._stream(job_id):
+                    if following.fresh(state):
+                        yield state
+            except ServerUnreachable as exc:
+                error = exc
+            if following.finished:
+                return
+            await asyncio.sleep(following.pause(error))
+
+    async def _stream(self, job_id: str) -> AsyncIterator[JobResult]:
         parser = EventParser()
         with _answered(self._http.base_url):
             async with self._http.stream("GET", f"/job/{job_id}/events", timeout=None) as response:

@@ -87,6 +87,12 @@ def idle(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 
 @pytest.fixture
+def own_idle(tiny_dir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    """An `idle` server of the test's own, which it may stop and start again."""
+    yield from _tiny_server(tiny_dir, tmp_path, "--no-worker")
+
+
+@pytest.fixture
 def open_app() -> Iterator[Callable[[Settings], TestClient]]:
     """Start apps in-process, lifespan included (models, embedded worker); stopped after."""
     clients: list[TestClient] = []

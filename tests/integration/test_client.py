@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -160,3 +163,29 @@ def test_cli_progress_bar_when_asked(working: ServerProcess, image: Path) -> Non
     shown = tandem_predict(str(image), str(image), str(image), "--progress", url=working.url)
     assert shown.returncode == 0
     assert "3/3" in shown.stderr
+
+
+def test_events_follow_a_job_across_a_restart_of_its_proxy(own_idle: ServerProcess) -> None:
+    """A proxy shutting down ends its streams (a rolling restart, a scale-in): both clients
+    open the stream again and go on, without the state they had seen given twice."""
+    with Client(own_idle.url) as client:
+        job_id = client.predict(PNG).job_id or ""
+
+    def follow() -> list[JobStatus]:
+        with Client(own_idle.url) as client:
+            return [state.status for state in client.events(job_id)]
+
+    async def follow_async() -> list[JobStatus]:
+        async with AsyncClient(own_idle.url) as client:
+            return [state.status async for state in client.events(job_id)]
+
+    with ThreadPoolExecutor(2) as pool:
+        followed = pool.submit(follow)
+        followed_async = pool.submit(asyncio.run, follow_async())
+        time.sleep(1.0)  # both have the queued state
+        own_idle.stop()
+        own_idle.start()  # the same port and store
+        with Client(own_idle.url) as client:
+            client.cancel(job_id)
+        assert followed.result(timeout=30) == [JobStatus.QUEUED, JobStatus.CANCELLED]
+        assert followed_async.result(timeout=30) == [JobStatus.QUEUED, JobStatus.CANCELLED]

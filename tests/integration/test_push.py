@@ -18,7 +18,6 @@ from tandem.client import Client
 from tandem.errors import UnreadableJob
 from tests.support import (
     ServerProcess,
-    clean_env,
     encode,
     metric,
     overwrite_meta,
@@ -167,45 +166,34 @@ def test_a_stream_sends_no_comment_between_states_until_it_has_been_quiet_a_whil
 
 
 def test_shutdown_ends_streams_and_long_polls_at_once_not_after_the_grace_period(
-    tiny_dir: Path, tmp_path: Path
+    own_idle: ServerProcess,
 ) -> None:
     """uvicorn's graceful wait (30 s) was spent holding them open, then cancelled them with
     a traceback, and the clients saw a cut connection."""
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp_path),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-    )
-    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
-    try:
-        with server.client() as client:
-            job_id = submit(client)
-        with ThreadPoolExecutor(2) as pool:
+    with own_idle.client() as client:
+        job_id = submit(client)
 
-            def long_poll() -> httpx.Response:
-                with httpx.Client(base_url=server.url, timeout=30) as own:
-                    return own.get(f"/job/{job_id}", params={"wait": "30"})
+    def long_poll() -> httpx.Response:
+        with httpx.Client(base_url=own_idle.url, timeout=30) as own:
+            return own.get(f"/job/{job_id}", params={"wait": "30"})
 
-            streamed = pool.submit(stream_lines, server.url, job_id)
-            polled = pool.submit(long_poll)
-            time.sleep(1.0)  # both are waiting on the job
-            assert server.process is not None
-            started = time.monotonic()
-            server.process.send_signal(signal.SIGTERM)
-            # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught.
-            assert server.wait_exit(timeout=20) in (0, -signal.SIGTERM)
-            took = time.monotonic() - started
-            assert event_names(streamed.result(timeout=5)) == ["queued"]  # ended, not cut
-            answer = polled.result(timeout=5)
-        assert answer.status_code == 200
-        assert answer.json()["status"] == "queued"
-        assert took < 10, f"shutdown took {took:.1f} s"
-        log = server.log()
-        assert "Traceback" not in log
-        assert "timeout graceful shutdown exceeded" not in log
-    finally:
-        server.stop()
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream_lines, own_idle.url, job_id)
+        polled = pool.submit(long_poll)
+        time.sleep(1.0)  # both are waiting on the job
+        assert own_idle.process is not None
+        started = time.monotonic()
+        own_idle.process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught.
+        assert own_idle.wait_exit(timeout=20) in (0, -signal.SIGTERM)
+        took = time.monotonic() - started
+        assert event_names(streamed.result(timeout=5)) == ["queued"]  # ended, not cut
+        answer = polled.result(timeout=5)
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "queued"
+    assert took < 10, f"shutdown took {took:.1f} s"
+    assert "Traceback" not in own_idle.log()
+    assert "timeout graceful shutdown exceeded" not in own_idle.log()
 
 
 def _watchers_and_tasks(client: httpx.Client) -> tuple[float, float]:
