@@ -3,6 +3,7 @@ the real models: what a person would see. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,18 +47,26 @@ def refusals(page: Page) -> list[str]:
     return refused
 
 
-@pytest.fixture
-def page(browser: Browser, real_server: ServerProcess) -> Iterator[Page]:
+@contextlib.contextmanager
+def browsing(browser: Browser, url: str) -> Iterator[Page]:
+    """The page at `url`, in a fresh context; fails on a JavaScript error, and on anything
+    the page's own policy refused."""
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     refused = refusals(page)
-    page.goto(real_server.url + "/")
+    page.goto(url + "/")
     yield page
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
     assert not refused, f"the page's own policy refused: {refused}"
+
+
+@pytest.fixture
+def page(browser: Browser, real_server: ServerProcess) -> Iterator[Page]:
+    with browsing(browser, real_server.url) as page:
+        yield page
 
 
 def test_the_page_refuses_script_that_was_not_shipped_with_it(
@@ -172,11 +181,11 @@ def keyed_server(
 def test_a_server_with_api_keys_gets_one_from_the_page_then_answers(
     browser: Browser, keyed_server: ServerProcess
 ) -> None:
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(keyed_server.url + "/")
+    with browsing(browser, keyed_server.url) as page:
+        _get_a_key_then_answer(page)
+
+
+def _get_a_key_then_answer(page: Page) -> None:
     expect(page.locator("#key-form")).to_be_visible()  # /stats was refused: the page asks
     page.set_input_files("#file", str(COFFEE))
     expect(page.locator("#status")).to_contain_text("Refused (unauthorized)")
@@ -194,5 +203,29 @@ def test_a_server_with_api_keys_gets_one_from_the_page_then_answers(
     expect(page.locator("#chart rect.agree").first).to_be_attached(timeout=10_000)
     expect(page.locator("#key-form")).to_be_hidden()
     screenshot(page, "web-api-key")
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["stream", "long-poll"])
+def test_the_page_follows_its_job_across_a_restart_of_the_proxy(
+    browser: Browser, own_idle: ServerProcess, keyed: bool
+) -> None:
+    """The proxy ends its streams when it shuts down; the page's long-poll took over, met
+    the proxy down, and stopped following (an unhandled rejection)."""
+    if keyed:  # long-polls from the start: an EventSource cannot carry the key
+        own_idle.stop()
+        own_idle.env["TANDEM_API_KEYS"] = KEY
+        own_idle.start()
+    with browsing(browser, own_idle.url) as page:
+        if keyed:
+            page.evaluate(f"sessionStorage.setItem('tandem.key', '{KEY}')")
+        page.set_input_files("#file", str(COFFEE))
+        expect(page.locator("#accurate-answer .pending")).to_contain_text("job queued")
+        own_idle.stop()
+        own_idle.start()  # the same port and store
+        job_id = page.locator("#recent li").first.get_attribute("data-job")
+        with own_idle.client() as client:
+            headers = {"Authorization": f"Bearer {KEY}"} if keyed else {}
+            assert client.delete(f"/job/{job_id}", headers=headers).status_code == 200
+        expect(page.locator("#accurate-answer .pending")).to_have_text(
+            "The job cancelled.", timeout=30_000
+        )
