@@ -15,32 +15,27 @@ from collections.abc import AsyncIterator
 class Watch:
     """One watcher of one job."""
 
-    def __init__(self, recheck_s: float | None) -> None:
+    def __init__(self) -> None:
         self._event = asyncio.Event()
-        self._recheck_s = recheck_s
 
     def wake(self) -> None:
         """Make the current or next `wait` return at once."""
         self._event.set()
 
     async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (waking early is the point)
-        """Return when the job may have changed, or after `timeout`. A store that cannot see
-        every writer (SQLite beside other processes) also returns every `recheck_s`."""
-        if self._recheck_s is not None:
-            timeout = min(timeout, self._recheck_s)
+        """Return when the job may have changed, or after `timeout`."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
         self._event.clear()
 
 
 class Hub:
-    def __init__(self, recheck_s: float | None = None) -> None:
-        self._recheck_s = recheck_s
+    def __init__(self) -> None:
         self._watches: dict[str, set[Watch]] = {}
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[Watch]:
-        watch = Watch(self._recheck_s)
+        watch = Watch()
         self._watches.setdefault(job_id, set()).add(watch)
         try:
             yield watch
@@ -56,7 +51,8 @@ class Hub:
             watch.wake()
 
     def notify_all(self) -> None:
-        """After a gap in the feed (a reconnect), anything may have changed."""
+        """After a gap in the feed (a reconnect), or a write the store cannot place (another
+        process's, on SQLite), anything may have changed."""
         for watchers in self._watches.values():
             for watch in watchers:
                 watch.wake()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -133,12 +133,12 @@ class SQLiteJobStore:
         self.policy = policy or StorePolicy()
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
-        self._lazy: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-sqlite")
         # Wakes an in-process worker as soon as a job is enqueued instead of at its next poll.
         self._enqueued = asyncio.Event()
         # Watchers hear of this process's writes at once; other processes' within RECHECK_S.
-        self._hub = Hub(recheck_s=RECHECK_S)
+        self._hub = Hub()
+        self._others = _OtherWriters(lambda: self._run(_data_version), self._hub)
         self._checkpointer = _Checkpointer(path, CHECKPOINT_EVERY_S)
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
@@ -155,15 +155,17 @@ class SQLiteJobStore:
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, lazy: bool = False) -> T:
-        """Run on the store's thread, on the durable connection or, with `lazy`, on the one
-        whose commits skip the fsync (for writes a crash may lose)."""
+        """Run on the store's thread and connection; with `lazy`, its commit skips the fsync
+        (for writes a crash may lose): it reaches the disk with the next durable commit or
+        checkpoint."""
 
         def call() -> T:
-            conn = self._lazy if lazy else self._conn
+            conn = self._conn
             if conn is None:
                 raise QueueUnavailable("the job store is closed")
             try:
-                return fn(conn)
+                with _synchronous(conn, "NORMAL" if lazy else None):
+                    return fn(conn)
             except sqlite3.OperationalError as exc:
                 raise QueueUnavailable(f"the job store failed: {exc}") from exc
 
@@ -180,25 +182,21 @@ class SQLiteJobStore:
         _migrate(conn)
         conn.executescript(UNFINISHED_COUNT)
         self._conn = conn
-        # synchronous is per connection: this one's commits reach the disk with the next
-        # durable commit or checkpoint, not before they return.
-        lazy = _connection(self.path)
-        lazy.execute("PRAGMA synchronous=NORMAL")
-        self._lazy = lazy
 
     async def open(self) -> None:
         if self._conn is None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
             await self._checkpointer.start()
+            self._others.start()
 
     async def close(self) -> None:
+        await self._others.stop()
         await self._checkpointer.stop()
 
         def shut() -> None:
-            for conn in (self._conn, self._lazy):
-                if conn is not None:
-                    conn.close()
-            self._conn = self._lazy = None
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
 
         await asyncio.get_running_loop().run_in_executor(self._thread, shut)
         self._thread.shutdown(wait=True)
@@ -519,6 +517,54 @@ def _connection(path: Path) -> sqlite3.Connection:
     # enqueue of a 136 KB photo) waited some 20 ms for it, and set the 1-client p99.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
+
+
+@contextlib.contextmanager
+def _synchronous(conn: sqlite3.Connection, level: str | None) -> Iterator[None]:
+    """Commits at `level` meanwhile (None: as they are, FULL). One connection makes every
+    write of this process, lazy or not, so that none of them moves its data_version."""
+    if level is None:
+        yield
+        return
+    conn.execute(f"PRAGMA synchronous={level}")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+
+
+def _data_version(c: sqlite3.Connection) -> int:
+    return int(c.execute("PRAGMA data_version").fetchone()[0])
+
+
+class _OtherWriters:
+    """Tells watchers of other processes' commits to the file (a worker beside the proxy):
+    those move the connection's data_version, its own commits do not. One look every
+    RECHECK_S wakes every watcher when it moved; a job nobody else wrote costs no re-reads."""
+
+    def __init__(self, look: Callable[[], Awaitable[int]], hub: Hub) -> None:
+        self._look, self._hub = look, hub
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._every_while(), name="tandem-other-writers")
+
+    async def _every_while(self) -> None:
+        seen: int | None = None
+        while True:
+            version: int | None
+            try:
+                version = await self._look()
+            except QueueUnavailable:  # the next look tries again
+                version = seen
+            if seen is not None and version != seen:
+                self._hub.notify_all()
+            seen = version
+            await asyncio.sleep(RECHECK_S)
+
+    async def stop(self) -> None:
+        await stop(self._task)
+        self._task = None
 
 
 class _Checkpointer:

@@ -527,6 +527,19 @@ async def test_a_watch_wakes_on_a_change_made_by_another_process(
     assert (await store.get(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
 
 
+async def test_a_watch_sleeps_out_its_timeout_while_nothing_changes(store: JobStore) -> None:
+    """SQLite woke every watch every 0.5 s to look for other processes' writes: a store read
+    per open stream twice a second, with nothing to find."""
+    job = await store.enqueue(spec())
+    await store.attach_fast(job.id, answer("fast"))  # this process's own writes, lazy or not
+    await store.enqueue(spec())
+    async with store.watch(job.id) as watch:
+        await watch.wait(timeout=0.5)  # Redis wakes a new subscriber once: it may have missed some
+        started = time.monotonic()
+        await watch.wait(timeout=1.6)
+        assert time.monotonic() - started >= 1.5
+
+
 async def test_oldest_unfinished_is_the_first_queued_until_it_finishes(store: JobStore) -> None:
     assert await store.oldest_unfinished_at() is None
     before = time.time()
