@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from tandem import __version__, heap
 from tandem.api.direct import DirectRoute
@@ -199,11 +200,15 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
         finally:
             await _shutdown(running)
 
-    app = FastAPI(
+    # /docs with its scripts served from here: FastAPI's takes them from a CDN, which a server
+    # on a private network, or a browser offline, does not reach. No /redoc: its page still
+    # fetches a logo from its CDN.
+    app = FastAPIOffline(
         title="Tandem",
         version=__version__,
         summary="A fast answer now, an accurate answer later.",
         lifespan=lifespan,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from bench.cascade import photo_dir
 from tests.support import ServerProcess, clean_env
@@ -229,3 +229,27 @@ def test_the_page_follows_its_job_across_a_restart_of_the_proxy(
         expect(page.locator("#accurate-answer .pending")).to_have_text(
             "The job cancelled.", timeout=30_000
         )
+
+
+def test_the_api_docs_render_from_the_server_alone(
+    browser: Browser, real_server: ServerProcess
+) -> None:
+    """FastAPI's pages took their scripts from a CDN: blank on a private network or offline."""
+    context = browser.new_context()
+    page = context.new_page()
+    elsewhere: list[str] = []
+
+    def only_the_server(route: Route) -> None:
+        if route.request.url.startswith(real_server.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_server)
+    page.goto(real_server.url + "/docs")
+    operations = page.locator(".opblock-summary-path")
+    expect(operations.filter(has_text="/predict").first).to_be_visible(timeout=20_000)
+    screenshot(page, "api-docs")
+    context.close()
+    assert elsewhere == []
