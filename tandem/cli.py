@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, ServerUnreachable
+from tandem.files import private_dir
 from tandem.logs import configure_logging
 from tandem.runtime.manifest import resolve_manifest_path, verified_model
 from tandem.settings import Settings, load_settings
@@ -135,7 +136,7 @@ def _ensure_data_dir(settings: Settings) -> None:
         return
     directory = settings.data_dir
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
     except OSError as exc:
         raise ConfigurationError(f"the data directory {directory} cannot be made: {exc}") from exc
     if not os.access(directory, os.W_OK | os.X_OK):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from tandem.errors import ConfigurationError
+from tandem.files import PRIVATE_UMASK, private_dir
 from tandem.settings import Settings
 
 POLL_S = 0.2
@@ -47,8 +48,7 @@ class Topology:
                 "redis-server is not installed; install it or pass --redis URL"
             )
         port = _free_port()
-        directory = self.settings.data_dir / "redis"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_dir(self.settings.data_dir / "redis")
         # appendfsync always: a job id given out survives a crash of Redis as well.
         command = [
             binary,
@@ -65,7 +65,7 @@ class Topology:
             "--save",
             "",
         ]
-        self._spawn("redis", command)
+        self._spawn("redis", command, umask=PRIVATE_UMASK)  # its files hold the images
         _wait_for_port(port)
         return f"redis://127.0.0.1:{port}/0"
 
@@ -96,9 +96,11 @@ class Topology:
         lanes = max(1, self.settings.worker_lane_count // self.workers)
         return os.environ | {"TANDEM_WORKER_LANES": str(lanes)}
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, name: str, command: list[str], env: dict[str, str] | None = None, umask: int = -1
+    ) -> None:
         # Children ignore the terminal's Ctrl-C (own session); this process stops them in order.
-        process = subprocess.Popen(command, start_new_session=True, env=env)
+        process = subprocess.Popen(command, start_new_session=True, env=env, umask=umask)
         self.children.append((name, process))
         print(f"tandem up: started {name} (pid {process.pid})", file=sys.stderr)
 

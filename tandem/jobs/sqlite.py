@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tandem.errors import ConfigurationError, QueueFull, QueueUnavailable, UnreadableJob
+from tandem.files import private_dir, private_file
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
@@ -172,8 +173,9 @@ class SQLiteJobStore:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         check_database(self.path)
+        private_file(self.path)
         conn = _connection(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before enqueue returns, so a job id given out survives a crash.

@@ -449,7 +449,11 @@ def test_tandem_up_runs_the_topology_and_ctrl_c_stops_it(model_dir: Path, tmp_pa
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert (tmp_path / "redis").is_dir()
+    # Redis's files hold the queued images: this user's alone.
+    assert (tmp_path / "redis").stat().st_mode & 0o777 == 0o700
+    kept = [path for path in (tmp_path / "redis").rglob("*")]
+    assert kept
+    assert {path.stat().st_mode & 0o077 for path in kept} == {0}
 
 
 def test_sigterm_lets_the_proxy_finish_requests_in_flight(cluster: Cluster) -> None:

@@ -201,3 +201,21 @@ async def test_a_file_that_is_no_database_is_refused_at_open_saying_so(tmp_path:
     with pytest.raises(ConfigurationError, match="cannot be opened: file is not a database"):
         await store.open()
     await store.close()
+
+
+async def test_the_stored_images_are_readable_by_this_user_alone(tmp_path: Path) -> None:
+    """Made with the usual umask, the database and its WAL, which hold the photos people
+    sent, were readable by every user of the machine."""
+    previous = os.umask(0o022)
+    try:
+        store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
+        await store.open()
+        await store.enqueue(JobSpec(id=new_job_id(), image=os.urandom(10_000)))
+        modes = {
+            path.name: path.stat().st_mode & 0o777
+            for path in [tmp_path / "data", *sorted((tmp_path / "data").iterdir())]
+        }
+        await store.close()
+    finally:
+        os.umask(previous)
+    assert modes == {"data": 0o700, "jobs.db": 0o600, "jobs.db-shm": 0o600, "jobs.db-wal": 0o600}

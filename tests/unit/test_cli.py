@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tandem.cli import EXIT_CONFIG, main
+from tandem.cli import EXIT_CONFIG, _ensure_data_dir, main
+from tandem.settings import Settings
 from tests.support import TinySpec, clean_env, tiny_model
 
 
@@ -124,3 +126,14 @@ def test_serving_code_never_imports_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_data_directory_serve_makes_is_this_users_alone(tmp_path: Path) -> None:
+    """It holds the queued photos; made with the usual umask, any user could list and read it."""
+    data = tmp_path / "made" / "data"
+    previous = os.umask(0o022)
+    try:
+        _ensure_data_dir(Settings(data_dir=data, model_dir=tmp_path / "models"))
+    finally:
+        os.umask(previous)
+    assert data.stat().st_mode & 0o777 == 0o700
