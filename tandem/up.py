@@ -71,7 +71,10 @@ class Topology:
 
     def _start_tandem(self, url: str) -> None:
         tandem = [sys.executable, "-m", "tandem"]
-        common = ["--redis", url, "--model-dir", str(self.settings.model_dir)]
+        common = ["--model-dir", str(self.settings.model_dir)]
+        # The URL goes in the environment: a command line is readable by every user, and
+        # the URL may carry Redis's password.
+        env = os.environ | {"TANDEM_REDIS_URL": url}
         self._spawn(
             "proxy",
             [
@@ -83,18 +86,19 @@ class Topology:
                 "--port",
                 str(self.settings.port),
             ],
+            env,
         )
-        worker_env = self._worker_env()
+        worker_env = env | self._worker_lanes()
         for index in range(self.workers):
             self._spawn(f"worker{index + 1}", [*tandem, "worker", *common], worker_env)
 
-    def _worker_env(self) -> dict[str, str] | None:
+    def _worker_lanes(self) -> dict[str, str]:
         """Workers on one machine share its CPUs: unless lanes were set, each runs lanes for
         its share (at least one), rather than every worker a lane per CPU."""
         if self.settings.worker_lanes:
-            return None
+            return {}
         lanes = max(1, self.settings.worker_lane_count // self.workers)
-        return os.environ | {"TANDEM_WORKER_LANES": str(lanes)}
+        return {"TANDEM_WORKER_LANES": str(lanes)}
 
     def _spawn(
         self, name: str, command: list[str], env: dict[str, str] | None = None, umask: int = -1

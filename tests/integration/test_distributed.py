@@ -437,6 +437,9 @@ def test_tandem_up_runs_the_topology_and_ctrl_c_stops_it(model_dir: Path, tmp_pa
             int(pid) for pid in re.findall(r"\(pid (\d+)\)", (tmp_path / "up.log").read_text())
         ]
         assert len(children) == 4  # redis, proxy, two workers
+        # The Redis URL (it may carry a password) is in no command line, which any user reads.
+        for pid in children:
+            assert b"redis://" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         # The two workers share the machine's CPUs rather than each taking a lane per CPU.
         lanes = max(1, len(os.sched_getaffinity(0)) // 2)
         started = re.findall(
