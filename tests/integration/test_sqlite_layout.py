@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -219,3 +220,18 @@ async def test_the_stored_images_are_readable_by_this_user_alone(tmp_path: Path)
     finally:
         os.umask(previous)
     assert modes == {"data": 0o700, "jobs.db": 0o600, "jobs.db-shm": 0o600, "jobs.db-wal": 0o600}
+
+
+async def test_a_database_others_may_read_is_kept_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jobs.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o644)  # as an earlier version made it
+    store = SQLiteJobStore(path)
+    with caplog.at_level(logging.WARNING, logger="tandem.files"):
+        await store.open()
+    await store.close()
+    assert path.stat().st_mode & 0o777 == 0o644  # the operator's to change
+    (record,) = caplog.records
+    assert "(mode 644): chmod 600 it" in record.getMessage()
