@@ -54,6 +54,12 @@ ScriptArg = str | bytes | int | float
 GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
+# A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
+# (stopped, or across a partition that drops packets) held every request that stored a job,
+# past its deadline, until TCP gave up: many minutes.
+REPLY_TIMEOUT_S = 5.0
+# A claim's blocking read ends well within that; an idle worker then simply asks again.
+LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
 # KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
 # job key prefix, whether there is an idempotency key.
@@ -295,7 +301,7 @@ class RedisJobStore:
         self._redis = aioredis.from_url(
             self.url,
             socket_connect_timeout=2.0,
-            socket_timeout=None,
+            socket_timeout=REPLY_TIMEOUT_S,  # a pub/sub subscription's reads still block
             health_check_interval=10,
             client_name=connection_name(),
         )
@@ -376,7 +382,8 @@ class RedisJobStore:
     async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
         entries = await self._call(lambda: self._take_over(worker_id, limit))
         if len(entries) < limit:
-            block_ms = max(1, int(wait_s * 1000)) if wait_s > 0 and not entries else None
+            block_s = min(wait_s, LONGEST_BLOCK_S)
+            block_ms = max(1, int(block_s * 1000)) if wait_s > 0 and not entries else None
             entries += await self._call(
                 lambda: self._read_new(worker_id, limit - len(entries), block_ms)
             )

@@ -369,6 +369,37 @@ def test_redis_down_gives_the_fast_answer_and_says_so(cluster: Cluster) -> None:
     assert health.json()["efficientnet_lite0"] == "ok"
 
 
+def test_a_hung_redis_gives_the_fast_answer_within_seconds_and_all_recovers(
+    cluster: Cluster,
+) -> None:
+    """Stopped, Redis accepts connections and answers nothing, as across a partition. A
+    request then waited past its deadline for as long as TCP kept the connection (minutes),
+    and got a plain-text 500."""
+    proxy = cluster.proxy()
+    cluster.worker()
+    with proxy.client() as client:
+        assert client.post("/predict", json=BODY).status_code == 200
+        cluster.redis.pause()
+        try:
+            started = time.monotonic()
+            response = client.post("/predict", json=BODY)
+            took = time.monotonic() - started
+            health = client.get("/health/all")
+        finally:
+            cluster.redis.resume()
+        after = client.post("/predict", json=BODY)
+        assert after.status_code == 200, after.text
+        done = wait_for_job(client, after.json()["job_id"])
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["error"]["code"] == "queue_unavailable"
+    assert body["efficientnet_lite0"]  # the fast answer, whatever the queue
+    assert took < 15, f"answered after {took:.1f} s"
+    assert health.status_code == 503
+    assert health.json()["queue"] != "ok"
+    assert done["status"] == "done"  # the worker came through the hang
+
+
 def test_sigterm_lets_a_worker_finish_and_exit(cluster: Cluster) -> None:
     proxy = cluster.proxy()
     leaving = cluster.worker()
