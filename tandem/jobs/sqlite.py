@@ -165,7 +165,9 @@ class SQLiteJobStore:
             if conn is None:
                 raise QueueUnavailable("the job store is closed")
             try:
-                with _synchronous(conn, "NORMAL" if lazy else None):
+                if not lazy:
+                    return fn(conn)
+                with _lazily(conn):
                     return fn(conn)
             except sqlite3.OperationalError as exc:
                 raise QueueUnavailable(f"the job store failed: {exc}") from exc
@@ -522,13 +524,10 @@ def _connection(path: Path) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def _synchronous(conn: sqlite3.Connection, level: str | None) -> Iterator[None]:
-    """Commits at `level` meanwhile (None: as they are, FULL). One connection makes every
-    write of this process, lazy or not, so that none of them moves its data_version."""
-    if level is None:
-        yield
-        return
-    conn.execute(f"PRAGMA synchronous={level}")
+def _lazily(conn: sqlite3.Connection) -> Iterator[None]:
+    """Commits skip their fsync meanwhile. The setting is per connection, and one connection
+    makes every write of this process, lazy or not, so that none moves its data_version."""
+    conn.execute("PRAGMA synchronous=NORMAL")
     try:
         yield
     finally:

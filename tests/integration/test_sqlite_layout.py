@@ -235,3 +235,18 @@ async def test_a_database_others_may_read_is_kept_and_said_so(
     assert path.stat().st_mode & 0o777 == 0o644  # the operator's to change
     (record,) = caplog.records
     assert "(mode 644): chmod 600 it" in record.getMessage()
+
+
+async def test_a_lazy_write_leaves_the_connection_durable(tmp_path: Path) -> None:
+    """The fast answer's write skips its fsync on the one connection every write shares:
+    the job written next must be durable again (synchronous FULL, 2)."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        job = await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        await store.attach_fast(job.id, ANSWER)
+        conn = store._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        await store.close()
