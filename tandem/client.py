@@ -34,6 +34,9 @@ _POLL_S = 20.0
 # An event stream that ends before its job is finished (its proxy shutting down, a dropped
 # connection) is opened again after these pauses, in turn; more failures in a row raise.
 _RECONNECT_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# A long-poll that got no answer (its proxy restarting) is sent again after this, while the
+# wait lasts.
+_RETRY_S = 0.5
 
 Image = bytes | str | Path
 
@@ -191,6 +194,33 @@ class _Following:
         return _RECONNECT_S[self._failures - 1]
 
 
+class _Polling:
+    """What `result` has of a job across its long-polls: the last answer, and the error of the
+    last one if it got none."""
+
+    def __init__(self) -> None:
+        self._job: JobResult | None = None
+        self._error: ServerUnreachable | None = None
+
+    def answered(self, job: JobResult) -> bool:
+        """Keep the answer; whether the job is finished."""
+        self._job, self._error = job, None
+        return job.finished
+
+    def failed(self, error: ServerUnreachable) -> None:
+        """Asked again while the wait lasts; raised at once if no poll was ever answered:
+        then the server is not there to come back."""
+        if self._job is None:
+            raise error
+        self._error = error
+
+    def outcome(self) -> JobResult:
+        if self._error is not None:
+            raise self._error
+        assert self._job is not None  # the first poll answered, or raised
+        return self._job
+
+
 def _predict_request(
     image: Image, policy: str | None, threshold: float | None, idempotency_key: str | None
 ) -> dict[str, Any]:
@@ -254,12 +284,18 @@ class Client:
         return JobResult.from_wire(_checked(self._send("GET", f"/job/{job_id}", params=params)))
 
     def result(self, job_id: str, wait: float | None = None) -> JobResult:
-        """The job now, or, with `wait`, once finished or when `wait` seconds have passed."""
+        """The job now, or, with `wait`, once finished or when `wait` seconds have passed. A
+        server that stops answering meanwhile (a proxy restarting) is asked again while the
+        wait lasts."""
+        polling = _Polling()
         for step in _wait_steps(wait):
-            job = self.job(job_id, step)
-            if job.finished:
-                break
-        return job
+            try:
+                if polling.answered(self.job(job_id, step)):
+                    break
+            except ServerUnreachable as exc:
+                polling.failed(exc)
+                time.sleep(_RETRY_S)
+        return polling.outcome()
 
     def events(self, job_id: str) -> Iterator[JobResult]:
         """Each state of the job as the server pushes it, until it is finished. A stream that
@@ -345,11 +381,15 @@ class AsyncClient:
         return JobResult.from_wire(_checked(response))
 
     async def result(self, job_id: str, wait: float | None = None) -> JobResult:
+        polling = _Polling()
         for step in _wait_steps(wait):
-            job = await self.job(job_id, step)
-            if job.finished:
-                break
-        return job
+            try:
+                if polling.answered(await self.job(job_id, step)):
+                    break
+            except ServerUnreachable as exc:
+                polling.failed(exc)
+                await asyncio.sleep(_RETRY_S)
+        return polling.outcome()
 
     async def events(self, job_id: str) -> AsyncIterator[JobResult]:
         following = _Following()

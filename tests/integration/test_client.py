@@ -84,13 +84,25 @@ def test_server_errors_arrive_typed(working: ServerProcess) -> None:
             list(client.events("0" * 32))
 
 
-async def test_no_server_is_server_unreachable() -> None:
+async def test_no_server_is_server_unreachable_at_once_even_with_a_wait() -> None:
+    """A wait or a stream is taken up again only after the server has answered once."""
     url = f"http://127.0.0.1:{free_port()}"
-    with Client(url) as client, pytest.raises(ServerUnreachable):
-        client.predict(PNG)
+    started = time.monotonic()
+    with Client(url) as client:
+        with pytest.raises(ServerUnreachable):
+            client.predict(PNG)
+        with pytest.raises(ServerUnreachable):
+            client.result("0" * 32, wait=30)
+        with pytest.raises(ServerUnreachable):
+            list(client.events("0" * 32))
     async with AsyncClient(url) as client:
         with pytest.raises(ServerUnreachable):
             await client.predict(PNG)
+        with pytest.raises(ServerUnreachable):
+            await client.result("0" * 32, wait=30)
+        with pytest.raises(ServerUnreachable):
+            [state async for state in client.events("0" * 32)]
+    assert time.monotonic() - started < 10  # not one wait of 30 s
 
 
 def test_a_wait_that_runs_out_returns_the_unfinished_job(idle: ServerProcess) -> None:
@@ -165,9 +177,10 @@ def test_cli_progress_bar_when_asked(working: ServerProcess, image: Path) -> Non
     assert "3/3" in shown.stderr
 
 
-def test_events_follow_a_job_across_a_restart_of_its_proxy(own_idle: ServerProcess) -> None:
-    """A proxy shutting down ends its streams (a rolling restart, a scale-in): both clients
-    open the stream again and go on, without the state they had seen given twice."""
+def test_a_job_is_followed_across_a_restart_of_its_proxy(own_idle: ServerProcess) -> None:
+    """A proxy shutting down ends its streams and long-polls (a rolling restart, a scale-in),
+    and is unreachable for a while: events() opens the stream again, without the state it
+    had seen given twice, and result() polls again while its wait lasts; sync and async."""
     with Client(own_idle.url) as client:
         job_id = client.predict(PNG).job_id or ""
 
@@ -179,13 +192,25 @@ def test_events_follow_a_job_across_a_restart_of_its_proxy(own_idle: ServerProce
         async with AsyncClient(own_idle.url) as client:
             return [state.status async for state in client.events(job_id)]
 
-    with ThreadPoolExecutor(2) as pool:
+    def wait() -> JobStatus:
+        with Client(own_idle.url) as client:
+            return client.result(job_id, wait=60).status
+
+    async def wait_async() -> JobStatus:
+        async with AsyncClient(own_idle.url) as client:
+            return (await client.result(job_id, wait=60)).status
+
+    with ThreadPoolExecutor(4) as pool:
         followed = pool.submit(follow)
         followed_async = pool.submit(asyncio.run, follow_async())
-        time.sleep(1.0)  # both have the queued state
+        waited = pool.submit(wait)
+        waited_async = pool.submit(asyncio.run, wait_async())
+        time.sleep(1.0)  # all four are waiting on the queued job
         own_idle.stop()
         own_idle.start()  # the same port and store
         with Client(own_idle.url) as client:
             client.cancel(job_id)
         assert followed.result(timeout=30) == [JobStatus.QUEUED, JobStatus.CANCELLED]
         assert followed_async.result(timeout=30) == [JobStatus.QUEUED, JobStatus.CANCELLED]
+        assert waited.result(timeout=30) is JobStatus.CANCELLED
+        assert waited_async.result(timeout=30) is JobStatus.CANCELLED
