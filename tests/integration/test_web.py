@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from bench.cascade import photo_dir
-from tests.support import ServerProcess, clean_env
+from tests.support import ServerProcess, clean_env, overwrite_meta
 
 pytestmark = pytest.mark.slow
 
@@ -253,3 +253,21 @@ def test_the_api_docs_render_from_the_server_alone(
     screenshot(page, "api-docs")
     context.close()
     assert elsewhere == []
+
+
+def test_a_job_that_cannot_be_read_any_more_is_explained_not_retried(
+    browser: Browser, own_idle: ServerProcess
+) -> None:
+    """A newer Tandem rewrote the record: its stream ends with an error event, and the
+    long-poll that takes over gets a 500 that no retry mends. The page retried it as if the
+    proxy were restarting, then said the server had stopped answering."""
+    with browsing(browser, own_idle.url) as page:
+        page.set_input_files("#file", str(COFFEE))
+        expect(page.locator("#accurate-answer .pending")).to_contain_text("job queued")
+        job_id = page.locator("#recent li").first.get_attribute("data-job")
+        db = Path(own_idle.env["TANDEM_DATA_DIR"]) / "tandem.db"
+        overwrite_meta(db, '{"v": 2}', job_id)
+        expect(page.locator("#status")).to_contain_text(
+            "The job can no longer be followed: job", timeout=10_000
+        )
+        expect(page.locator("#status")).to_contain_text("(unreadable_job)")
