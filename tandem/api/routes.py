@@ -278,8 +278,8 @@ async def _server_sent_events(
 
 async def _job_frames(states: AsyncIterator[Job], keepalive_s: float) -> AsyncIterator[bytes]:
     """An event per new state; a comment when the stream has been quiet for about
-    `keepalive_s`. Wake-ups come more often than that (SQLite re-reads every 0.5 s for other
-    processes' writes), and the one at `keepalive_s` may come a hair early."""
+    `keepalive_s`. Wake-ups come more often than that (on SQLite another process's write
+    to the file wakes every watcher), and the one at `keepalive_s` may come a hair early."""
     sent: tuple[JobStatus, float] | None = None
     quiet_since = time.monotonic()
     async for job in states:

@@ -1,7 +1,8 @@
 """Change notification: "job X changed" fanned out to whoever in this process watches X.
 
 Each store feeds its hub from where its writes become visible: the SQLite store after its own
-commits, the Redis store from one pub/sub subscription per process. Watchers then re-read the
+commits (and, for other processes', when the file's data_version moves), the Redis store from
+one pub/sub subscription per process. Watchers then re-read the
 job, so a notification carries no state and a spurious one costs one read.
 """
 

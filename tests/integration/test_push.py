@@ -151,7 +151,7 @@ def test_a_stream_ends_with_a_typed_error_event_when_its_job_turns_unreadable(
 def test_a_stream_sends_no_comment_between_states_until_it_has_been_quiet_a_while(
     idle: ServerProcess,
 ) -> None:
-    """SQLite wakes each watch every 0.5 s (other processes may write the file), and each
+    """SQLite woke each watch every 0.5 s (other processes may write the file), and each
     wake-up sent a keep-alive: twice a second per stream, where 15 s was meant."""
     with idle.client() as client, ThreadPoolExecutor(1) as pool:
         job_id = submit(client)
