@@ -18,10 +18,11 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from tandem import heap
+from tandem import heap, tasks
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import QueueUnavailable, TandemError, UnreadableJob
 from tandem.jobs.factory import make_store
+from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction
@@ -87,6 +88,7 @@ class Worker:
         # Embedded beside the fast model: each step waits for it, and it preempts each run.
         self._give_way = give_way
         self.id = new_worker_id()
+        self._leases = Leases(store, self.id)
         # A thread per lane, for its batch's preparing and model run: the loop stays free.
         self._executor = pool("tandem-worker", config.lanes, config.nice)
         self._preparers = (
@@ -112,6 +114,7 @@ class Worker:
         # A pipeline: while the model runs on a batch in each lane, the next one is claimed and
         # earlier answers are stored. On stop, what is held is finished and stored.
         in_hand: set[asyncio.Task[None]] = set()
+        keeper = asyncio.create_task(self._leases.keep(), name="tandem-leases")
         try:
             while not stop.is_set():
                 await self._housekeeping()
@@ -123,6 +126,7 @@ class Worker:
             await _finish(in_hand)
             if self._storing is not None:
                 await self._storing
+            await tasks.stop(keeper)
             with contextlib.suppress(QueueUnavailable):
                 await self._flush_counts()
             await self._webhooks.close()
@@ -153,15 +157,20 @@ class Worker:
             raise
 
     async def _process_or_leave(self, claims: list[Claim]) -> None:
-        await self._or_leave(self.process(claims), len(claims))
+        try:
+            await self._or_leave(self.process(claims), len(claims))
+        finally:
+            self._leases.release(claim.id for claim in claims)
 
     async def _claim(self) -> list[Claim]:
         try:
-            return await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
+            claims = await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
         except QueueUnavailable as exc:
             log.warning("queue unavailable, retrying: %s", exc.message)
             await asyncio.sleep(self.config.poll_s)
             return []
+        self._leases.hold(claim.id for claim in claims)  # let go once their batch is done
+        return claims
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -306,8 +315,14 @@ class Worker:
         # Another lane may start its store while this one waits: wait until none is running.
         while self._storing is not None and not self._storing.done():
             await self._storing
-        storing = self._store(claims, predictions)
-        self._storing = asyncio.create_task(self._or_leave(storing, len(claims)))
+        self._leases.hold(claim.id for claim in claims)  # until stored, past their batch's end
+        self._storing = asyncio.create_task(self._store_and_release(claims, predictions))
+
+    async def _store_and_release(self, claims: list[Claim], predictions: list[Prediction]) -> None:
+        try:
+            await self._or_leave(self._store(claims, predictions), len(claims))
+        finally:
+            self._leases.release(claim.id for claim in claims)
 
     async def _or_leave(self, storing: Awaitable[None], jobs: int) -> None:
         try:

@@ -165,6 +165,24 @@ return image
 """
 )
 
+# Renew a worker's leases: reset the idle time of each running job's entry it still holds.
+# KEYS: queue, then the jobs. ARGV: group, worker. Returns the positions (from 1) of the jobs
+# renewed.
+_EXTEND = """
+local renewed = {}
+for i = 2, #KEYS do
+  local entry = redis.call('HGET', KEYS[i], 'entry')
+  if entry and redis.call('HGET', KEYS[i], 'status') == 'running' then
+    local held = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1, ARGV[2])
+    if #held == 1 then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+      renewed[#renewed + 1] = i - 1
+    end
+  end
+end
+return renewed
+"""
+
 # A worker's run failed. KEYS: job, queue, counters.
 # ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
 # A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
@@ -308,6 +326,7 @@ class RedisJobStore:
         self._enqueue = self._redis.register_script(_ENQUEUE)
         self._finish = self._redis.register_script(_FINISH)
         self._lease = self._redis.register_script(_LEASE)
+        self._extend = self._redis.register_script(_EXTEND)
         self._fail = self._redis.register_script(_FAIL)
         self._cancel = self._redis.register_script(_CANCEL)
         self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
@@ -393,6 +412,15 @@ class RedisJobStore:
             if claim is not None:
                 claims.append(claim)
         return claims
+
+    async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
+        if not job_ids:
+            return frozenset()
+        keys = [self._queue, *(self._job_key(job_id) for job_id in job_ids)]
+        renewed: list[Any] = await self._call(
+            lambda: self._extend(keys=keys, args=[GROUP, worker_id])
+        )
+        return frozenset(job_ids[int(position) - 1] for position in renewed)
 
     async def _take_over(self, worker_id: str, limit: int) -> list[tuple[str, str]]:
         idle_ms = int(self.policy.visibility_timeout_s * 1000)

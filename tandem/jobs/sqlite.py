@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     expires_at  REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    webhook     TEXT
+    webhook     TEXT,
+    worker      TEXT  -- who holds the lease of a running job
 );
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (status, created_at);
 -- Images apart from their jobs: SQLite rewrites a whole row on every update, and reads through
@@ -303,9 +304,9 @@ class SQLiteJobStore:
             self._finish(c, job_id, JobStatus.FAILED, now, error=MISSING_IMAGE)
             return None
         c.execute(
-            "UPDATE jobs SET status = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?"
-            " WHERE id = ?",
-            (JobStatus.RUNNING, now + self.policy.visibility_timeout_s, now, job_id),
+            "UPDATE jobs SET status = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?,"
+            " worker = ? WHERE id = ?",
+            (JobStatus.RUNNING, now + self.policy.visibility_timeout_s, now, worker_id, job_id),
         )
         try:
             job = _select_job(c, job_id)
@@ -314,6 +315,23 @@ class SQLiteJobStore:
             return None
         assert job is not None
         return Claim(job, bytes(image[0]), worker_id)
+
+    async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
+        if not job_ids:
+            return frozenset()
+        until = self._clock() + self.policy.visibility_timeout_s
+        marks = ", ".join("?" * len(job_ids))
+        sql = (
+            "UPDATE jobs SET lease_until = ?"  # noqa: S608 (placeholders only)
+            f" WHERE status = ? AND worker = ? AND id IN ({marks}) RETURNING id"
+        )
+
+        def renew(c: sqlite3.Connection) -> frozenset[str]:
+            rows = c.execute(sql, (until, JobStatus.RUNNING, worker_id, *job_ids)).fetchall()
+            return frozenset(str(job_id) for (job_id,) in rows)
+
+        # Lazily: a renewal lost in a crash only leaves the earlier, shorter lease.
+        return await self._run(renew, lazy=True)
 
     async def complete(self, job_id: str, result: Prediction) -> bool:
         return job_id in (await self.complete_many({job_id: result})).stored
@@ -609,6 +627,8 @@ def _migrate(c: sqlite3.Connection) -> None:
     columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
     if "webhook" not in columns:
         c.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+    if "worker" not in columns:
+        c.execute("ALTER TABLE jobs ADD COLUMN worker TEXT")
     if "image" in columns:  # images lived in the jobs table before they had their own
         _in_transaction(c, lambda: _move_images(c))
 

@@ -6,6 +6,8 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 - `enqueue` returns only once the job is durable; enqueueing the same id twice keeps one job.
 - `claim` leases a job to one worker for `visibility_timeout_s`; a lease that runs out makes the
   job claimable again, and a job claimed `max_attempts` times without finishing is failed.
+- `extend` renews a worker's own leases: a job held longer than the timeout by a worker that is
+  alive is not handed to a second one.
 - `complete` and `fail` are idempotent: the first terminal write wins, later ones are ignored.
 - `enqueue` refuses (QueueFull) when `max_queue_length` jobs are unfinished; nothing is stored.
 - finished jobs disappear `result_ttl_s` after they finish; queued jobs never expire.
@@ -87,6 +89,11 @@ class JobStore(Protocol):
 
     async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
         """Lease up to `limit` jobs, waiting up to `wait_s` for the first one."""
+
+    async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
+        """Renew for another `visibility_timeout_s` the leases `worker_id` holds on these jobs;
+        returns the ids renewed. A job finished, gone, or taken over by another worker after
+        this one's lease ran out is left alone."""
 
     async def complete(self, job_id: str, result: Prediction) -> bool:
         """Mark done with its result (cancelled, if that was asked meanwhile); False if the job

@@ -17,7 +17,7 @@ from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import StorePolicy
 from tandem.predictions import Prediction, Scored
 
-# The jobs table as earlier versions made it: the image inline, in the row.
+# The jobs table as earlier versions made it: the image inline, in the row; no lease owner.
 EARLIER_JOBS = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL,
@@ -52,7 +52,7 @@ async def test_an_image_is_kept_apart_and_dropped_once_its_job_is_final(tmp_path
         await store.close()
 
 
-async def test_a_file_from_before_images_had_a_table_keeps_its_queued_jobs(
+async def test_a_file_from_an_earlier_version_keeps_its_queued_jobs(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
@@ -70,6 +70,7 @@ async def test_a_file_from_before_images_had_a_table_keeps_its_queued_jobs(
         assert await store.queue_depth() == 1  # counted when the count was first made
         [claim] = await store.claim("w", 1, 0)
         assert claim.image == spec.image
+        assert await store.extend("w", [spec.id]) == {spec.id}  # its lease has an owner now
         with sqlite3.connect(path) as c:
             assert "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
     finally:

@@ -30,6 +30,8 @@ from tests.support import RedisServer, overwrite_meta
 LONG = StorePolicy(result_ttl_s=600.0, visibility_timeout_s=600.0, max_attempts=2)
 SHORT = StorePolicy(result_ttl_s=0.3, visibility_timeout_s=0.3, max_attempts=2)
 PAUSE = 0.5  # longer than every SHORT time
+# For a lease that must still hold after a pause: each step's margin is 0.6 s.
+RENEWABLE = StorePolicy(result_ttl_s=600.0, visibility_timeout_s=1.5, max_attempts=2)
 
 StoreFactory = Callable[[StorePolicy], JobStore]
 _prefixes = itertools.count()
@@ -174,6 +176,46 @@ async def test_an_expired_lease_is_claimed_again(short: JobStore) -> None:
     (claim,) = await short.claim("w2", 1, 0)
     assert claim.id == s.id
     assert claim.job.attempts == 2
+
+
+async def test_a_renewed_lease_outlasts_the_visibility_timeout(factory: StoreFactory) -> None:
+    store = await _opened(factory, RENEWABLE)
+    try:
+        s = spec()
+        await store.enqueue(s)
+        await store.claim("w", 1, 0)
+        await asyncio.sleep(0.9)
+        assert await store.extend("w", [s.id]) == {s.id}
+        await asyncio.sleep(0.9)  # past the claim's own lease, within the renewed one
+        assert await store.claim("w2", 1, 0) == []
+        await asyncio.sleep(1.6)  # the worker stopped renewing
+        (claim,) = await store.claim("w2", 1, 0)
+        assert claim.job.attempts == 2
+    finally:
+        await store.close()
+
+
+async def test_extend_renews_only_the_workers_own_running_jobs(store: JobStore) -> None:
+    mine, finished, queued = spec(), spec(), spec()
+    for s in (mine, finished):
+        await store.enqueue(s)
+    assert len(await store.claim("w", 2, 0)) == 2
+    await store.complete(finished.id, answer())
+    await store.enqueue(queued)
+    asked = [mine.id, finished.id, queued.id, new_job_id()]
+    assert await store.extend("w", asked) == {mine.id}
+    assert await store.extend("another worker", asked) == frozenset()
+    assert await store.extend("w", []) == frozenset()
+
+
+async def test_a_lease_taken_over_is_renewed_by_its_new_worker_only(short: JobStore) -> None:
+    s = spec()
+    await short.enqueue(s)
+    await short.claim("stalled worker", 1, 0)
+    await asyncio.sleep(PAUSE)
+    assert len(await short.claim("w2", 1, 0)) == 1
+    assert await short.extend("stalled worker", [s.id]) == frozenset()
+    assert await short.extend("w2", [s.id]) == {s.id}
 
 
 async def test_a_job_whose_workers_keep_dying_is_failed(short: JobStore) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,13 +16,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tandem.errors import QueueUnavailable
 from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id
+from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.store import Completed, JobStore, StorePolicy
 from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.webhooks import WebhookPolicy
 from tandem.worker import Worker, WorkerConfig
-from tests.support import encode, overwrite_meta, solid
+from tests.support import RedisServer, encode, overwrite_meta, solid
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -76,16 +81,23 @@ async def test_a_batch_prepared_on_several_threads_keeps_each_answer_with_its_jo
         await store.close()
 
 
-class Meeting:
+class Wrapped:
+    """The accurate model, with what a subclass defines changed."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        self._classifier = classifier
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._classifier, name)
+
+
+class Meeting(Wrapped):
     """The accurate model, but a run starts only once another lane's run is starting too: with
     lanes that run one after another, the first would wait out the barrier and fail."""
 
     def __init__(self, classifier: Classifier, lanes: int) -> None:
-        self._classifier = classifier
+        super().__init__(classifier)
         self.barrier = threading.Barrier(lanes, timeout=10)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._classifier, name)
 
     def predict_tensors(
         self, batch: npt.NDArray[np.float32], k: int, **options: Any
@@ -130,14 +142,8 @@ async def test_a_job_the_worker_cannot_read_fails_and_the_queue_goes_on(
     assert (await store.counts())["jobs_failed"] == 1
 
 
-class FaultyOnBlue:
+class FaultyOnBlue(Wrapped):
     """The accurate model, whose preparing fails as a decoder's bug would, on blue images."""
-
-    def __init__(self, classifier: Classifier) -> None:
-        self._classifier = classifier
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._classifier, name)
 
     def tensor(self, image: Any) -> npt.NDArray[np.float32]:
         if image.getpixel((0, 0)) == (0, 0, 255):
@@ -161,14 +167,12 @@ async def test_a_fault_preparing_one_image_fails_that_job_and_not_its_batch(
     assert done.status is JobStatus.DONE
 
 
-class RewritingMidRun:
+class RewritingMidRun(Wrapped):
     """The accurate model, while a newer proxy rewrites every job's record."""
 
     def __init__(self, classifier: Classifier, store: SQLiteJobStore) -> None:
-        self._classifier, self._store = classifier, store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._classifier, name)
+        super().__init__(classifier)
+        self._store = store
 
     def predict_tensors(
         self, batch: npt.NDArray[np.float32], k: int, **options: Any
@@ -192,6 +196,83 @@ async def test_a_job_rewritten_by_a_newer_version_mid_run_keeps_its_answer(
         await _done_jobs(store, 2)
 
 
+class Slow(Wrapped):
+    """The accurate model, taking `seconds` longer over each run."""
+
+    def __init__(self, classifier: Classifier, seconds: float) -> None:
+        super().__init__(classifier)
+        self._seconds = seconds
+
+    def predict_tensors(
+        self, batch: npt.NDArray[np.float32], k: int, **options: Any
+    ) -> list[Prediction]:
+        time.sleep(self._seconds)
+        return self._classifier.predict_tensors(batch, k, **options)
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def leasing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    """A store on either backend whose leases run out after 1 s."""
+    policy = StorePolicy(visibility_timeout_s=1.0)
+    store: JobStore
+    if request.param == "sqlite":
+        store = SQLiteJobStore(tmp_path / "jobs.db", policy)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisJobStore(server.url, policy, prefix=f"leasing{next(_prefixes)}")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_a_run_longer_than_its_lease_is_not_handed_to_a_second_worker(
+    tiny_dir: Path, leasing: JobStore
+) -> None:
+    """The worker renews the leases of the jobs it holds. Before, a job whose run outlasted the
+    visibility timeout was claimed by the next worker to ask, and run a second time."""
+    accurate = cast(Classifier, Slow(load_classifier("tiny_accurate", tiny_dir), 2.5))
+    worker = Worker(leasing, accurate, WorkerConfig(poll_s=0.05))
+    job_id = new_job_id()
+    await leasing.enqueue(JobSpec(id=job_id, image=RED))
+    taken_over = []
+    async with running(worker), asyncio.timeout(10):
+        await _job_where(leasing, job_id, lambda job: job.status is not JobStatus.QUEUED)
+        while not (job := await _job_where(leasing, job_id, lambda _: True)).status.terminal:
+            taken_over += await leasing.claim("another worker", 1, 0)
+            await asyncio.sleep(0.1)
+    assert taken_over == []
+    assert job.status is JobStatus.DONE
+    assert job.attempts == 1
+
+
+class LosingAnswers(SQLiteJobStore):
+    """A store that cannot take answers, as when its disk is full."""
+
+    async def complete_many(self, *args: Any, **kwargs: Any) -> Completed:
+        raise QueueUnavailable("the job store failed: database or disk is full")
+
+
+async def test_a_job_whose_answer_could_not_be_stored_comes_back_by_its_lease(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The worker lets go of what it could not store: renewing it still would have held the job
+    as running for as long as the worker lived."""
+    store = LosingAnswers(tmp_path / "jobs.db", StorePolicy(visibility_timeout_s=1.0))
+    await store.open()
+    worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=0.05))
+    job_id = new_job_id()
+    await store.enqueue(JobSpec(id=job_id, image=RED))
+    try:
+        async with running(worker):
+            # Claimed again (by this worker, the only one) once the first lease ran out.
+            await _job_where(store, job_id, lambda job: job.attempts >= 2)
+    finally:
+        await store.close()
+
+
 async def _done_jobs(store: SQLiteJobStore, n: int, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while True:
@@ -200,10 +281,17 @@ async def _done_jobs(store: SQLiteJobStore, n: int, timeout_s: float = 10.0) -> 
             await asyncio.sleep(0.01)
 
 
-async def _finished(store: SQLiteJobStore, job_id: str, timeout_s: float = 10.0) -> Job:
+async def _finished(store: JobStore, job_id: str, timeout_s: float = 10.0) -> Job:
+    return await _job_where(store, job_id, lambda job: job.status.terminal, timeout_s)
+
+
+async def _job_where(
+    store: JobStore, job_id: str, holds: Callable[[Job], bool], timeout_s: float = 10.0
+) -> Job:
+    """The job, once `holds` is true of it."""
     async with asyncio.timeout(timeout_s):
         while True:
             job = await store.get(job_id)
-            if job is not None and job.status.terminal:
+            if job is not None and holds(job):
                 return job
             await asyncio.sleep(0.01)
