@@ -8,6 +8,7 @@ Layout, under a key prefix (default "tandem"):
 - `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement).
 - `{p}:changes`   a pub/sub channel: the id of each job whose state changed, for watchers.
 - `{p}:workers`    a sorted set of worker ids by last heartbeat; `{p}:models` maps them to models.
+- `{p}:ping`       written by health checks: a Redis may answer but refuse writes.
 
 Reliable delivery is Redis's own: XREADGROUP hands an entry to one consumer, it stays pending
 until acknowledged, and XAUTOCLAIM takes over entries idle longer than the visibility timeout
@@ -27,7 +28,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any, TypeVar
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    ExecAbortError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
 from tandem.jobs.notify import Hub, Watch
@@ -54,6 +61,11 @@ ScriptArg = str | bytes | int | float
 GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
+# Errors of a Redis that is up but takes no writes for now: at its memory limit, a replica
+# (after a failover), unable to persist, short of replicas, busy with a script. The queue is
+# unavailable, as when Redis is down; none of them is a fault of the request or of Tandem.
+_REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError)
+_REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN")
 # A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
 # (stopped, or across a partition that drops packets) held every request that stored a job,
 # past its deadline, until TCP gave up: many minutes.
@@ -300,6 +312,17 @@ class RedisJobStore:
         return self._redis
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`; a Redis that is down, hung or refusing writes is QueueUnavailable."""
+        try:
+            return await self._with_group(operation)
+        except ResponseError as exc:
+            if refuses_writes(exc):
+                raise QueueUnavailable(f"Redis refused: {exc}") from exc
+            raise
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    async def _with_group(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
         except ResponseError as exc:
@@ -308,8 +331,6 @@ class RedisJobStore:
             # Redis restarted without the group (no persistence): make it again, then retry.
             await self._ensure_group()
             return await operation()
-        except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -350,7 +371,8 @@ class RedisJobStore:
             self._redis = None
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        # A write: a Redis that answers PING may still refuse every job (see _REFUSALS).
+        await self._call(lambda: self._client.set(f"{self._prefix}:ping", "1", px=60_000))
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -628,6 +650,11 @@ def connection_name(pid: int | None = None) -> str:
     """What this process's connections are called, so that `CLIENT LIST` tells who holds them."""
     host = re.sub(r"[^\w.-]", "_", socket.gethostname())
     return f"tandem-{host}-{pid if pid is not None else os.getpid()}"
+
+
+def refuses_writes(exc: ResponseError) -> bool:
+    """Whether Redis refused for a state of its own that passes (see _REFUSALS)."""
+    return isinstance(exc, _REFUSALS) or str(exc).startswith(_REFUSAL_CODES)
 
 
 def _text(value: bytes | str) -> str:

@@ -71,7 +71,8 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise QueueUnavailable if the backend cannot be reached."""
+        """Raise QueueUnavailable if the backend cannot be reached, or says it takes no
+        writes for now (Redis at its memory limit, or a replica)."""
 
     async def enqueue(self, spec: JobSpec) -> Job:
         """Store a new queued job durably and return it; an existing id, or an idempotency key

@@ -4,12 +4,16 @@ write to. The behaviour every store shares is in test_store_contract.py."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from redis import asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ResponseError
 
+from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
-from tandem.jobs.redis import RedisJobStore
-from tests.support import RedisServer
+from tandem.jobs.redis import RedisJobStore, refuses_writes
+from tests.support import RedisServer, free_port
 
 
 @pytest.fixture
@@ -28,3 +32,48 @@ async def test_a_stream_entry_naming_no_job_is_dropped_not_fatal(store: RedisJob
     await store.enqueue(good)
     assert [claim.id for claim in await store.claim("w", 10, 0)] == [good.id]
     assert await store.queue_depth() == 1  # the foreign entry is gone; the good one is running
+
+
+async def test_a_replica_refuses_as_unavailable_and_takes_jobs_once_promoted(
+    tmp_path: Path,
+) -> None:
+    """After a failover the old primary may come back as a replica, which answers writes with
+    READONLY: that was a 500 without the fast answer for a client, and it stopped a worker."""
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    store = RedisJobStore(server.url, prefix="replica")
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        await store.open()
+        await admin.replicaof("127.0.0.1", str(free_port()))  # a primary that never answers
+        job = JobSpec(id=new_job_id(), image=b"\xff\xd8 image")
+        with pytest.raises(QueueUnavailable, match="read only replica"):
+            await store.enqueue(job)
+        with pytest.raises(QueueUnavailable, match="read only replica"):
+            await store.ping()  # a PING alone said the queue was fine
+        with pytest.raises(QueueUnavailable, match="read only replica"):
+            await store.beat("w", "model")
+        await admin.replicaof("NO", "ONE")
+        await store.ping()
+        assert (await store.enqueue(job)).id == job.id
+    finally:
+        await store.close()
+        await admin.aclose()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
+        (ResponseError("MISCONF Redis is configured to save RDB snapshots, but ..."), True),
+        (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (ResponseError("BUSY Redis is busy running a script."), True),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        (ResponseError("ERR user_script:3: Script attempted to access nonexistent key"), False),
+    ],
+)
+def test_which_replies_are_a_redis_refusing_writes_for_now(
+    error: ResponseError, refused: bool
+) -> None:
+    """Those are QueueUnavailable (503, with the fast answer); any other is a fault to see."""
+    assert refuses_writes(error) is refused
