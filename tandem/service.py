@@ -330,6 +330,15 @@ class TandemService:
         except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
             exc.details.setdefault("retry_after", self.retry_after_s)
             return None, exc
+        except TandemError:  # says what went wrong already
+            raise
+        except Exception:
+            # A fault the store did not foresee (a bug, a damaged file) must not cost the client
+            # the fast answer: it is told, as for any queue that cannot take the job.
+            log.exception("storing job %s failed", spec.id)
+            unstored = QueueUnavailable("the job could not be stored; see the server log")
+            unstored.details["retry_after"] = self.retry_after_s
+            return None, unstored
         if job.fingerprint is not None and job.fingerprint != spec.fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was sent before with another image or callback_url",

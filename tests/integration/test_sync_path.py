@@ -4,6 +4,7 @@ write, and the client's own reads still see that write."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -41,6 +42,13 @@ class _HeldFastAnswers(SQLiteJobStore):
         reported = await super().attach_fast(job_id, fast)
         self.attached.append(job_id)
         return reported
+
+
+class _DamagedFile(SQLiteJobStore):
+    """A store whose file went bad: each enqueue fails as SQLite does on a damaged page."""
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        raise sqlite3.DatabaseError("database disk image is malformed")
 
 
 def _settings(tiny_dir: Path, tmp_path: Path) -> Settings:
@@ -283,3 +291,26 @@ def test_the_request_counts_reach_the_store_after_a_failed_flush(
         time.sleep(0.02)
     assert failures  # the first flush failed, and a later one wrote the same counts
     assert seen_in_store() == 1
+
+
+@pytest.mark.parametrize("beside_another", [False, True])
+def test_a_fault_storing_the_job_still_gives_the_fast_answer(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, beside_another: bool
+) -> None:
+    """An error the store did not foresee (here a damaged file) was a 500 that threw the fast
+    answer away. It is a 503 like any queue that cannot take the job, with the fast answer;
+    the traceback goes to the log. Both paths: stored while the model runs (a request alone)
+    and after it (beside another call)."""
+    store = _DamagedFile(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        service_calls = client.app.state.service.calls  # type: ignore[attr-defined]
+        with fast_call_in_flight(service_calls) if beside_another else contextlib.nullcontext():
+            response = client.post("/predict", content=RED, headers={"Content-Type": "image/png"})
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["job_id"] is None
+    assert body["tiny_fast"] == "class 1"
+    assert body["error"]["code"] == "queue_unavailable"
+    assert body["error"]["message"] == "the job could not be stored; see the server log"
+    assert response.headers["Retry-After"] == "5"
+    assert "database disk image is malformed" in caplog.text
