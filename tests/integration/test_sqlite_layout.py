@@ -107,6 +107,45 @@ async def test_the_kept_count_of_unfinished_jobs_agrees_with_the_table(tmp_path:
         await store.close()
 
 
+async def test_a_big_purge_lets_enqueues_in_between_its_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One DELETE of a day's finished jobs (after a worker was down) held the store's one
+    thread, and every enqueue of the proxy behind it, for seconds: 60,000 rows took 0.38 s."""
+    monkeypatch.setattr(sqlite_store, "PURGE_BATCH", 10)
+    now = [1000.0]
+    store = SQLiteJobStore(tmp_path / "jobs.db", StorePolicy(result_ttl_s=60), lambda: now[0])
+    await store.open()
+    try:
+        keyed = [
+            JobSpec(id=new_job_id(), image=b"image", idempotency_key=f"k{i}") for i in range(25)
+        ]
+        for spec in [*keyed, *(JobSpec(id=new_job_id(), image=b"image") for _ in range(25))]:
+            await store.enqueue(spec)
+        claims = await store.claim("w", 50, 0)
+        await store.complete_many({claim.id: ANSWER for claim in claims})
+        now[0] += 120
+        finished: list[str] = []
+
+        async def purge() -> int:
+            purged = await store.purge_expired()
+            finished.append("purge")
+            return purged
+
+        async def enqueue() -> None:
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+            finished.append("enqueue")
+
+        purged, _ = await asyncio.gather(purge(), enqueue())
+        assert purged == 50
+        assert finished == ["enqueue", "purge"]
+        with sqlite3.connect(store.path) as c:
+            assert c.execute("SELECT COUNT(*) FROM idempotency").fetchone() == (0,)
+        assert await store.queue_depth() == 1
+    finally:
+        await store.close()
+
+
 async def _enqueue_megabytes(store: SQLiteJobStore, megabytes: int) -> None:
     for _ in range(megabytes * 10):
         await store.enqueue(JobSpec(id=new_job_id(), image=os.urandom(100_000)))
