@@ -59,6 +59,9 @@ class Leases:
         except QueueUnavailable as exc:  # the next round tries again, within the timeout
             log.warning("leases of %d jobs not renewed: %s", len(held), exc.message)
             return
+        except Exception:  # nobody awaits the keeper: said here, and the next round tries again
+            log.exception("renewing the leases of %d jobs failed", len(held))
+            return
         if len(renewed) < len(held):
             # Finished meanwhile, or taken over after a gap longer than the timeout: the first
             # answer stored wins either way.

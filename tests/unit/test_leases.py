@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import cast
 
 import pytest
 
+from tandem import tasks
 from tandem.errors import QueueUnavailable
 from tandem.jobs.leases import Leases
 from tandem.jobs.store import JobStore, StorePolicy
@@ -20,11 +22,17 @@ class Recording:
     def __init__(self, down: bool = False) -> None:
         self.asked: list[list[str]] = []
         self.down = down
+        self.broken = False
+        self.failed, self.renewed = asyncio.Event(), asyncio.Event()
 
     async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
         if self.down:
             raise QueueUnavailable("Redis is unavailable")
+        if self.broken:
+            self.failed.set()
+            raise RuntimeError("a bug")
         self.asked.append(list(job_ids))
+        self.renewed.set()
         return frozenset(job_ids)
 
 
@@ -53,3 +61,23 @@ async def test_a_renewal_the_store_refuses_is_tried_again_next_round(
     store.down = False
     await leases.renew()
     assert store.asked == [["a"]]
+
+
+async def test_the_keeper_goes_on_after_a_fault_it_did_not_foresee(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nobody awaits the keeper until the worker stops: a fault that ended it would have
+    stopped every renewal, silently."""
+    store = Recording()
+    store.broken = True
+    leases = Leases(cast(JobStore, store), "w")
+    leases.hold(["a"])
+    keeper = asyncio.create_task(leases.keep())
+    try:
+        async with asyncio.timeout(5):
+            await store.failed.wait()
+            store.broken = False
+            await store.renewed.wait()  # the next round, once the fault passed
+    finally:
+        await tasks.stop(keeper)
+    assert "renewing the leases of 1 jobs failed" in caplog.text
