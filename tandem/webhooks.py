@@ -43,6 +43,8 @@ class WebhookPolicy:
     max_attempts: int = 5
     timeout_s: float = 5.0
     backoff_s: float = 1.0
+    # Posts in flight at once; more wait for a turn, which is not an attempt.
+    concurrency: int = 100
 
     @property
     def enabled(self) -> bool:
@@ -126,7 +128,14 @@ class WebhookSender:
     def __init__(self, store: JobStore, policy: WebhookPolicy) -> None:
         self.store = store
         self.policy = policy
-        self._http = httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False)
+        limits = httpx.Limits(max_connections=policy.concurrency)
+        self._http = httpx.AsyncClient(
+            timeout=policy.timeout_s, follow_redirects=False, limits=limits
+        )
+        # Waiting for one of the client's connections counted against the attempt's timeout:
+        # more finished jobs than connections to a slow receiver failed attempts (PoolTimeout)
+        # that never reached it. A post waits for its turn here instead, outside the timeout.
+        self._turns = asyncio.Semaphore(policy.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def send(self, job: Job) -> None:
@@ -184,6 +193,17 @@ class WebhookSender:
             self.policy.check(url)  # again: the store is not trusted to hold only allowed URLs
         except CallbackNotAllowed as exc:
             raise DeliveryFailed(exc.message, permanent=True) from exc
+        async with self._turns:
+            status = await self._send(url, body)
+        if 200 <= status < 300:
+            return
+        # Redirects are never followed, and a client error will not mend itself by waiting.
+        retryable = status >= 500 or status in (408, 429)
+        raise DeliveryFailed(f"HTTP {status} from the receiver", permanent=not retryable)
+
+    async def _send(self, url: str, body: bytes) -> int:
+        """The receiver's status; signed as it goes out, so a post that waited for its turn
+        does not look stale to the receiver."""
         timestamp = f"{time.time():.0f}"
         headers = {
             "Content-Type": "application/json",
@@ -194,12 +214,7 @@ class WebhookSender:
             response = await self._http.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}", permanent=False) from exc
-        status = response.status_code
-        if 200 <= status < 300:
-            return
-        # Redirects are never followed, and a client error will not mend itself by waiting.
-        retryable = status >= 500 or status in (408, 429)
-        raise DeliveryFailed(f"HTTP {status} from the receiver", permanent=not retryable)
+        return response.status_code
 
     async def _record(
         self, job: Job, state: DeliveryState, attempts: int, error: str | None

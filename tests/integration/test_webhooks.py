@@ -43,6 +43,7 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
+    delay_s: float = 0.0  # before each answer
 
     @property
     def host(self) -> str:
@@ -60,6 +61,7 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(state.delay_s)
             state.received.append((dict(self.headers.items()), body))
             status = state.statuses.pop(0) if state.statuses else 200
             self.send_response(status)
@@ -334,3 +336,47 @@ async def test_a_worker_takes_up_webhooks_no_worker_is_delivering(
         assert (job.webhook.state, job.webhook.attempts) == (DeliveryState.DELIVERED, attempts)
     assert await store.undelivered(time.time() + 60, 10) == []
     await store.close()
+
+
+async def test_more_finished_jobs_than_connections_wait_their_turn_not_fail(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Posts beyond the client's connections waited inside the attempt's timeout: to a
+    receiver slower than the jobs came, they failed (PoolTimeout) without ever reaching it."""
+    receiver.delay_s = 0.3
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    policy = WebhookPolicy(
+        allowed_hosts=frozenset({receiver.host}),
+        secret=SECRET,
+        timeout_s=1.0,
+        max_attempts=1,
+        concurrency=2,
+    )
+    sender = WebhookSender(store, policy)
+    specs = [JobSpec(id=new_job_id(), image=PNG, callback_url=receiver.url()) for _ in range(10)]
+    try:
+        for job_spec in specs:
+            await store.enqueue(job_spec)
+        await store.claim("w", len(specs), 0)
+        await store.complete_many(dict.fromkeys((s.id for s in specs), PREDICTION))
+        for job_spec in specs:
+            job = await store.get(job_spec.id)
+            assert job is not None
+            sender.send(job)
+        deliveries = [await _delivered(store, job_spec.id) for job_spec in specs]
+    finally:
+        await sender.close()
+        await store.close()
+    assert {(d.state, d.attempts) for d in deliveries} == {(DeliveryState.DELIVERED, 1)}
+    assert len(receiver.received) == len(specs)
+
+
+async def _delivered(store: SQLiteJobStore, job_id: str, timeout_s: float = 10.0) -> Delivery:
+    """The job's delivery, once it is final."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            job = await store.get(job_id)
+            if job is not None and job.webhook is not None and job.webhook.state.final:
+                return job.webhook
+            await asyncio.sleep(0.02)
