@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
 from redis.exceptions import (
@@ -55,6 +57,8 @@ from tandem.jobs.records import (
 from tandem.jobs.store import MISSING_IMAGE, Completed, StorePolicy, unreadable_failure
 from tandem.predictions import Prediction
 from tandem.tasks import stop
+
+log = logging.getLogger("tandem.jobs")
 
 T = TypeVar("T")
 ScriptArg = str | bytes | int | float
@@ -355,6 +359,33 @@ class RedisJobStore:
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
             await self._ensure_group()
+            await self._check_keeping()
+
+    async def _check_keeping(self) -> None:
+        """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
+        memory pressure, or keeps no append-only file (see the README's durability note)."""
+        memory: Any = await self._client.info("memory")
+        policy = memory.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            log.warning(
+                "Redis at %s evicts keys (maxmemory-policy %s): at its memory limit it may drop "
+                "queued jobs; set maxmemory-policy noeviction, so that it refuses new ones",
+                self._where,
+                policy,
+            )
+        persistence: Any = await self._client.info("persistence")
+        if not persistence.get("aof_enabled", 1):
+            log.warning(
+                "Redis at %s keeps no append-only file: a restart loses the jobs accepted since "
+                "its last snapshot; run it with appendonly yes and appendfsync always",
+                self._where,
+            )
+
+    @property
+    def _where(self) -> str:
+        """The server, without the password a URL may carry."""
+        parts = urlsplit(self.url)
+        return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
 
     async def _ensure_group(self) -> None:
         try:

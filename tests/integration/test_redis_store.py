@@ -61,6 +61,36 @@ async def test_a_replica_refuses_as_unavailable_and_takes_jobs_once_promoted(
         server.stop()
 
 
+async def test_a_redis_that_may_drop_jobs_is_said_so_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Evicting keys, Redis would drop queued jobs at its memory limit; without an
+    append-only file, a restart drops those since its last snapshot. Both go unnoticed."""
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    admin = aioredis.Redis.from_url(server.url)
+    store = RedisJobStore(server.url, prefix="keeping")
+    try:
+        await admin.config_set("maxmemory-policy", "allkeys-lru")
+        await store.open()
+    finally:
+        await store.close()
+        await admin.aclose()
+        server.stop()
+    assert f"Redis at 127.0.0.1:{server.port} evicts keys (maxmemory-policy allkeys-lru)" in (
+        caplog.text
+    )
+    assert "keeps no append-only file" in caplog.text
+
+
+async def test_a_redis_that_keeps_its_jobs_opens_without_a_word(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisJobStore(redis_server.url, prefix=f"quiet-{new_job_id()[:8]}")
+    await store.open()
+    await store.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "tandem.jobs"] == []
+
+
 @pytest.mark.parametrize(
     ("error", "refused"),
     [
