@@ -8,6 +8,8 @@ Layout, under a key prefix (default "tandem"):
 - `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement).
 - `{p}:changes`   a pub/sub channel: the id of each job whose state changed, for watchers.
 - `{p}:workers`    a sorted set of worker ids by last heartbeat; `{p}:models` maps them to models.
+                   A worker gone for an hour is forgotten, and so is its consumer in the group
+                   once it holds no entry.
 - `{p}:ping`       written by health checks: a Redis may answer but refuse writes.
 
 Reliable delivery is Redis's own: XREADGROUP hands an entry to one consumer, it stays pending
@@ -54,7 +56,13 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import MISSING_IMAGE, Completed, StorePolicy, unreadable_failure
+from tandem.jobs.store import (
+    MISSING_IMAGE,
+    WORKER_FORGOTTEN_S,
+    Completed,
+    StorePolicy,
+    unreadable_failure,
+)
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 
@@ -253,6 +261,15 @@ if ARGV[2] == '1' then redis.call('ZREM', KEYS[2], KEYS[1]) end
 return 0
 """
 
+# Delete a consumer of the group if it holds no entry: the entries of one that holds some
+# await XAUTOCLAIM, and deleting it would drop them from the group. KEYS: queue.
+# ARGV: group, consumer. Returns 1 if deleted.
+_FORGET_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # Replace a job's metadata if it is still what was read; returns the result stored before,
 # if any. KEYS: job. ARGV: read, new.
 _ATTACH = """
@@ -356,6 +373,7 @@ class RedisJobStore:
         self._cancel = self._redis.register_script(_CANCEL)
         self._record_delivery = self._redis.register_script(_RECORD_DELIVERY)
         self._attach = self._redis.register_script(_ATTACH)
+        self._forget_consumer = self._redis.register_script(_FORGET_CONSUMER)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
             await self._ensure_group()
@@ -627,7 +645,25 @@ class RedisJobStore:
         return int(_text(first[0][0]).split("-")[0]) / 1000.0
 
     async def purge_expired(self) -> int:
+        await self._call(self._forget_gone_workers)
         return 0  # Redis expires finished jobs by itself (PEXPIRE in the finishing script).
+
+    async def _forget_gone_workers(self) -> None:
+        workers, models = f"{self._prefix}:workers", f"{self._prefix}:models"
+        before = time.time() - WORKER_FORGOTTEN_S
+        gone: list[Any] = await self._client.zrangebyscore(workers, "-inf", f"({before!r}")
+        if gone:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(workers, *gone)
+                pipe.hdel(models, *gone)
+                await pipe.execute()
+        seen: list[Any] = await self._client.zrange(workers, 0, -1)
+        live = {_text(worker) for worker in seen}
+        consumers: list[dict[str, Any]] = await self._client.xinfo_consumers(self._queue, GROUP)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name not in live and consumer["pending"] == 0:
+                await self._forget_consumer(keys=[self._queue], args=[GROUP, name])
 
     async def add_counts(self, counts: Mapping[str, int]) -> None:
         async def add() -> None:

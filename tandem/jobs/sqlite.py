@@ -38,7 +38,13 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
-from tandem.jobs.store import MISSING_IMAGE, Completed, StorePolicy, unreadable_failure
+from tandem.jobs.store import (
+    MISSING_IMAGE,
+    WORKER_FORGOTTEN_S,
+    Completed,
+    StorePolicy,
+    unreadable_failure,
+)
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 from tandem.threads import pool
@@ -486,6 +492,8 @@ class SQLiteJobStore:
         seconds: 60,000 rows took 0.38 s."""
         now = self._clock()
         await self._purge_all(PURGE_IDEMPOTENCY, now)
+        forget = "DELETE FROM workers WHERE seen_at < ?"
+        await self._run(lambda c: c.execute(forget, (now - WORKER_FORGOTTEN_S,)), lazy=True)
         return await self._purge_all(PURGE_JOBS, now)
 
     async def _purge_all(self, sql: str, now: float) -> int:
@@ -521,7 +529,6 @@ class SQLiteJobStore:
         since = self._clock() - within_s
 
         def select(c: sqlite3.Connection) -> set[str]:
-            c.execute("DELETE FROM workers WHERE seen_at < ?", (since - 3600,))
             rows = c.execute("SELECT DISTINCT model FROM workers WHERE seen_at >= ?", (since,))
             return {model for (model,) in rows}
 

@@ -132,7 +132,8 @@ class JobStore(Protocol):
         A job put back for a retry counts from when it was put back on Redis."""
 
     async def purge_expired(self) -> int:
-        """Delete finished jobs past their TTL; returns how many."""
+        """Delete finished jobs past their TTL, and forget workers not heard from for
+        WORKER_FORGOTTEN_S; returns how many jobs."""
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
         """Watch one job: `Watch.wait` returns when it may have changed. Enter before reading
@@ -154,6 +155,11 @@ class JobStore(Protocol):
     async def live_models(self, within_s: float) -> set[str]:
         """Models served by workers that beat within the last `within_s` seconds."""
 
+
+# A worker not heard from for this long is forgotten by the purge: its record, and on Redis its
+# consumer in the group once it holds no job. Workers that restart (deploys, autoscaling) each
+# come back under a new id, and the old ones would pile up for good.
+WORKER_FORGOTTEN_S = 3600.0
 
 # The error of a job whose image a claim cannot find (a damaged store): failed, not handed out.
 MISSING_IMAGE = "the job's image is missing from the store"

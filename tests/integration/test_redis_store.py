@@ -34,6 +34,22 @@ async def test_a_stream_entry_naming_no_job_is_dropped_not_fatal(store: RedisJob
     assert await store.queue_depth() == 1  # the foreign entry is gone; the good one is running
 
 
+async def test_a_purge_forgets_the_consumers_of_gone_workers_that_hold_nothing(
+    store: RedisJobStore,
+) -> None:
+    """A consumer in the group per worker id, for good: a deployment that restarts workers
+    piled them up. One that still holds an entry keeps it, for XAUTOCLAIM to take over."""
+    held = JobSpec(id=new_job_id(), image=b"\xff\xd8 image")
+    await store.enqueue(held)
+    assert len(await store.claim("gone, holding a job", 1, 0)) == 1
+    await store._client.xgroup_createconsumer(store._queue, "workers", "gone")
+    await store.beat("live", "model")
+    await store._client.xgroup_createconsumer(store._queue, "workers", "live")
+    await store.purge_expired()
+    consumers = await store._client.xinfo_consumers(store._queue, "workers")
+    assert sorted(c["name"] for c in consumers) == [b"gone, holding a job", b"live"]
+
+
 async def test_a_replica_refuses_as_unavailable_and_takes_jobs_once_promoted(
     tmp_path: Path,
 ) -> None:

@@ -71,6 +71,21 @@ async def _redis_drop_image(store: JobStore, job_id: str) -> None:
     await store._client.hdel(store._job_key(job_id), "image")
 
 
+async def _sqlite_old_worker(store: JobStore, worker_id: str, model: str, seen_at: float) -> None:
+    assert isinstance(store, SQLiteJobStore)
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("INSERT INTO workers VALUES (?, ?, ?)", (worker_id, model, seen_at))
+
+
+async def _redis_old_worker(store: JobStore, worker_id: str, model: str, seen_at: float) -> None:
+    assert isinstance(store, RedisJobStore)
+    await store._client.zadd(f"{store._prefix}:workers", {worker_id: seen_at})
+    await store._client.hset(f"{store._prefix}:models", worker_id, model)
+
+
+# A worker's heartbeat from long ago, written as the backend keeps it.
+OLD_WORKER = {SQLiteJobStore: _sqlite_old_worker, RedisJobStore: _redis_old_worker}
+
 # How each backend's stored job is damaged behind its back: its metadata overwritten, as by
 # a newer version, or its image lost.
 OVERWRITE_META = {SQLiteJobStore: _sqlite_meta, RedisJobStore: _redis_meta}
@@ -369,6 +384,16 @@ async def test_heartbeats_tell_which_models_are_served(store: JobStore) -> None:
     assert await store.live_models(60.0) == {"accurate"}
     await asyncio.sleep(PAUSE)
     assert await store.live_models(PAUSE / 2) == set()
+
+
+async def test_a_purge_forgets_workers_gone_for_an_hour(store: JobStore) -> None:
+    """Each restart brings a worker back under a new id; the old ones piled up on Redis."""
+    await OLD_WORKER[type(store)](store, "gone", "old model", time.time() - 2 * 3600)
+    await OLD_WORKER[type(store)](store, "quiet", "model", time.time() - 1800)
+    await store.beat("w", "model")
+    assert await store.live_models(3 * 3600) == {"old model", "model"}
+    await store.purge_expired()
+    assert await store.live_models(3 * 3600) == {"model"}
 
 
 async def test_ping_succeeds_on_an_open_store(store: JobStore) -> None:
