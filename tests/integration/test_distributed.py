@@ -203,6 +203,13 @@ def held_by(cluster: Cluster, worker: WorkerProcess) -> list[str]:
     return [fields[b"id"].decode() for found in entries for _, fields in found]
 
 
+def _until_holding(cluster: Cluster, worker: WorkerProcess, timeout: float = 30.0) -> None:
+    """Wait until the worker holds jobs (a batch in hand), or the timeout: the caller checks."""
+    deadline = time.monotonic() + timeout
+    while not held_by(cluster, worker) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def gone_for_redis(cluster: Cluster, process: WorkerProcess, timeout: float = 10.0) -> None:
     assert process.process is not None
     name = connection_name(process.process.pid)
@@ -285,9 +292,7 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(cluster: Cluster) -> None:
     proxy = cluster.proxy()
     doomed = cluster.worker()
     ledger = cluster.submit(proxy, 80)
-    deadline = time.monotonic() + 30
-    while not held_by(cluster, doomed) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _until_holding(cluster, doomed)
     doomed.kill()  # mid-batch
     # Redis still runs what the worker sent just before it died; once Redis has closed its
     # connections, what it holds is exact: delivered to the dead worker, never acknowledged.
@@ -303,6 +308,38 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(cluster: Cluster) -> None:
     # (Not checked through `attempts`: a kill between delivery and lease leaves it unbumped.)
     answered_by_survivor = set(DONE_LINE.findall(survivor.log_path.read_text()))
     assert set(held) <= answered_by_survivor, set(held) - answered_by_survivor
+
+
+def test_a_worker_frozen_mid_batch_is_taken_over_and_its_late_answers_dropped(
+    cluster: Cluster,
+) -> None:
+    """Workers renew the leases of what they hold; a frozen one (SIGSTOP: a paused VM, a
+    process stuck in the kernel) renews nothing, so its jobs go to another worker once the
+    timeout (3 s here) runs out. Woken, it finishes its batch, and the answers already stored
+    stand: nothing is answered twice."""
+    cluster.env["TANDEM_WORKER_BATCH_SIZE"] = "8"
+    proxy = cluster.proxy()
+    frozen = cluster.worker()
+    ledger = cluster.submit(proxy, 80)
+    _until_holding(cluster, frozen)
+    frozen.signal(signal.SIGSTOP)  # mid-batch
+    try:
+        held = held_by(cluster, frozen)
+        assert held, "the worker froze holding nothing; the test proved nothing"
+        survivor = cluster.worker()
+        cluster.settle(proxy, ledger)
+    finally:
+        frozen.signal(signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while "was already finished; result dropped" not in frozen.log_path.read_text():
+        assert time.monotonic() < deadline, frozen.log()
+        time.sleep(0.05)
+    counts = cluster.settle(proxy, ledger)
+    assert counts["accepted"] == 80
+    assert_every_accepted_job_answered_once(counts)
+    answered_by_survivor = set(DONE_LINE.findall(survivor.log_path.read_text()))
+    assert set(held) <= answered_by_survivor, set(held) - answered_by_survivor
+    assert "Traceback" not in frozen.log_path.read_text()
 
 
 def test_redis_restarts_while_jobs_flow(cluster: Cluster) -> None:
