@@ -33,11 +33,13 @@ from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
 from redis.exceptions import (
+    ClusterDownError,
     ExecAbortError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 
 from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
@@ -74,10 +76,13 @@ GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
 # Errors of a Redis that is up but takes no writes for now: at its memory limit, a replica
-# (after a failover), unable to persist, short of replicas, busy with a script. The queue is
-# unavailable, as when Redis is down; none of them is a fault of the request or of Tandem.
-_REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError)
-_REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN")
+# (after a failover, or cut off from its primary: MASTERDOWN), unable to persist, short of
+# replicas, busy with a script. The queue is unavailable, as when Redis is down; none of them
+# is a fault of the request or of Tandem. redis-py gives some codes a class of their own
+# (MasterDownError is a ClusterDownError) and strips the code from their message; the others
+# keep it.
+_REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError, TryAgainError, ClusterDownError)
+_REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
 # A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
 # (stopped, or across a partition that drops packets) held every request that stored a job,
 # past its deadline, until TCP gave up: many minutes.

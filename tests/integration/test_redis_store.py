@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from redis import asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
@@ -114,6 +114,8 @@ async def test_a_redis_that_keeps_its_jobs_opens_without_a_word(
         (ResponseError("MISCONF Redis is configured to save RDB snapshots, but ..."), True),
         (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
         (ResponseError("BUSY Redis is busy running a script."), True),
+        (MasterDownError("Link with MASTER is down and replica-serve-stale-data is 'no'."), True),
+        (ResponseError("BUSYGROUP Consumer Group name already exists"), False),
         (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
         (ResponseError("ERR user_script:3: Script attempted to access nonexistent key"), False),
     ],
