@@ -62,7 +62,13 @@ class Leases:
         except Exception:  # nobody awaits the keeper: said here, and the next round tries again
             log.exception("renewing the leases of %d jobs failed", len(held))
             return
-        if len(renewed) < len(held):
-            # Finished meanwhile, or taken over after a gap longer than the timeout: the first
-            # answer stored wins either way.
-            log.debug("%d held jobs are no longer leased to this worker", len(held) - len(renewed))
+        # Those still held but not renewed were taken over: this worker went longer than the
+        # timeout without renewing (a stall, or the store out of reach). Whichever answer is
+        # stored first stands. Those let go during the call were finished meanwhile.
+        lost = [job_id for job_id in held if job_id not in renewed and job_id in self._holds]
+        if lost:
+            log.warning(
+                "%d held jobs were taken over by another worker: this one went longer than the "
+                "visibility timeout without renewing their leases",
+                len(lost),
+            )

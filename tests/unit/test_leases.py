@@ -24,8 +24,10 @@ class Recording:
         self.down = down
         self.broken = False
         self.failed, self.renewed = asyncio.Event(), asyncio.Event()
+        self.taken_over: frozenset[str] = frozenset()
 
     async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
+        await asyncio.sleep(0)  # a round trip: the worker may let go of a job meanwhile
         if self.down:
             raise QueueUnavailable("Redis is unavailable")
         if self.broken:
@@ -33,7 +35,7 @@ class Recording:
             raise RuntimeError("a bug")
         self.asked.append(list(job_ids))
         self.renewed.set()
-        return frozenset(job_ids)
+        return frozenset(job_ids) - self.taken_over
 
 
 async def test_a_job_is_renewed_while_any_hold_on_it_lasts() -> None:
@@ -81,3 +83,17 @@ async def test_the_keeper_goes_on_after_a_fault_it_did_not_foresee(
     finally:
         await tasks.stop(keeper)
     assert "renewing the leases of 1 jobs failed" in caplog.text
+
+
+async def test_a_lease_taken_over_is_reported_and_one_let_go_meanwhile_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = Recording()
+    store.taken_over = frozenset({"a", "b"})  # "b" is finished by this worker meanwhile
+    leases = Leases(cast(JobStore, store), "w")
+    leases.hold(["a", "b", "c"])
+    renewing = asyncio.create_task(leases.renew())
+    await asyncio.sleep(0)  # the renewal is under way
+    leases.release(["b"])
+    await renewing
+    assert "1 held jobs were taken over by another worker" in caplog.text
