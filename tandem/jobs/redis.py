@@ -387,8 +387,8 @@ class RedisJobStore:
     async def _check_keeping(self) -> None:
         """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
         memory pressure, or keeps no append-only file (see the README's durability note)."""
-        memory: Any = await self._client.info("memory")
-        policy = memory.get("maxmemory_policy", "noeviction")
+        info: Any = await self._client.info()  # its default sections: memory, persistence...
+        policy = info.get("maxmemory_policy", "noeviction")
         if policy != "noeviction":
             log.warning(
                 "Redis at %s evicts keys (maxmemory-policy %s): at its memory limit it may drop "
@@ -396,8 +396,7 @@ class RedisJobStore:
                 self._where,
                 policy,
             )
-        persistence: Any = await self._client.info("persistence")
-        if not persistence.get("aof_enabled", 1):
+        if not info.get("aof_enabled", 1):
             log.warning(
                 "Redis at %s keeps no append-only file: a restart loses the jobs accepted since "
                 "its last snapshot; run it with appendonly yes and appendfsync always",
@@ -656,14 +655,14 @@ class RedisJobStore:
     async def _forget_gone_workers(self) -> None:
         workers, models = f"{self._prefix}:workers", f"{self._prefix}:models"
         before = time.time() - WORKER_FORGOTTEN_S
-        gone: list[Any] = await self._client.zrangebyscore(workers, "-inf", f"({before!r}")
+        seen: list[Any] = await self._client.zrange(workers, 0, -1, withscores=True)
+        gone = [worker for worker, at in seen if at < before]
+        live = {_text(worker) for worker, at in seen if at >= before}
         if gone:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zrem(workers, *gone)
                 pipe.hdel(models, *gone)
                 await pipe.execute()
-        seen: list[Any] = await self._client.zrange(workers, 0, -1)
-        live = {_text(worker) for worker in seen}
         consumers: list[dict[str, Any]] = await self._client.xinfo_consumers(self._queue, GROUP)
         for consumer in consumers:
             name = _text(consumer["name"])
