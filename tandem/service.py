@@ -336,9 +336,8 @@ class TandemService:
             # A fault the store did not foresee (a bug, a damaged file) must not cost the client
             # the fast answer: it is told, as for any queue that cannot take the job.
             log.exception("storing job %s failed", spec.id)
-            unstored = QueueUnavailable("the job could not be stored; see the server log")
-            unstored.details["retry_after"] = self.retry_after_s
-            return None, unstored
+            unstored = "the job could not be stored; see the server log"
+            return None, QueueUnavailable(unstored, retry_after=self.retry_after_s)
         if job.fingerprint is not None and job.fingerprint != spec.fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was sent before with another image or callback_url",
