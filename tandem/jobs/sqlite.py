@@ -492,8 +492,8 @@ class SQLiteJobStore:
         rows (after a worker was down) took 0.38 s."""
         now = self._clock()
         await self._purge_all(PURGE_IDEMPOTENCY, now)
-        forget = "DELETE FROM workers WHERE seen_at < ?"
-        await self._run(lambda c: c.execute(forget, (now - WORKER_FORGOTTEN_S,)), lazy=True)
+        forgotten = now - WORKER_FORGOTTEN_S
+        await self._run(lambda c: c.execute(FORGET_WORKERS, (forgotten,)), lazy=True)
         return await self._purge_all(PURGE_JOBS, now)
 
     async def _purge_all(self, sql: str, now: float) -> int:
@@ -688,6 +688,11 @@ CLAIMABLE_QUEUED = (
     "SELECT id, attempts, cancel_requested, created_at FROM jobs"
     " WHERE status = ? ORDER BY created_at LIMIT ?"
 )
+CLAIMABLE_EXPIRED = (
+    "SELECT id, attempts, cancel_requested, created_at FROM jobs"
+    " WHERE status = ? AND lease_until <= ? ORDER BY created_at LIMIT ?"
+)
+
 # Rows deleted per call of a purge: about 5 ms of the store's thread.
 PURGE_BATCH = 500
 PURGE_JOBS = (
@@ -698,11 +703,7 @@ PURGE_IDEMPOTENCY = (
     "DELETE FROM idempotency WHERE key IN"
     " (SELECT key FROM idempotency WHERE expires_at <= ? LIMIT ?)"
 )
-
-CLAIMABLE_EXPIRED = (
-    "SELECT id, attempts, cancel_requested, created_at FROM jobs"
-    " WHERE status = ? AND lease_until <= ? ORDER BY created_at LIMIT ?"
-)
+FORGET_WORKERS = "DELETE FROM workers WHERE seen_at < ?"
 
 
 def _claimable(c: sqlite3.Connection, now: float, limit: int) -> list[tuple[str, int, int]]:
