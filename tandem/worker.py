@@ -121,7 +121,7 @@ class Worker:
                 claims = await self._claim()
                 await self._free_lane(in_hand)
                 if claims:
-                    in_hand.add(asyncio.create_task(self._process_or_leave(claims)))
+                    in_hand.add(asyncio.create_task(self._or_leave(self.process(claims), claims)))
         finally:
             await _finish(in_hand)
             if self._storing is not None:
@@ -155,12 +155,6 @@ class Worker:
         except QueueUnavailable:
             self._counts.update(counts)
             raise
-
-    async def _process_or_leave(self, claims: list[Claim]) -> None:
-        try:
-            await self._or_leave(self.process(claims), len(claims))
-        finally:
-            self._leases.release(claim.id for claim in claims)
 
     async def _claim(self) -> list[Claim]:
         try:
@@ -316,20 +310,19 @@ class Worker:
         while self._storing is not None and not self._storing.done():
             await self._storing
         self._leases.hold(claim.id for claim in claims)  # until stored, past their batch's end
-        self._storing = asyncio.create_task(self._store_and_release(claims, predictions))
+        storing = self._store(claims, predictions)
+        self._storing = asyncio.create_task(self._or_leave(storing, claims))
 
-    async def _store_and_release(self, claims: list[Claim], predictions: list[Prediction]) -> None:
+    async def _or_leave(self, work: Awaitable[None], claims: list[Claim]) -> None:
+        """Do `work` on these claims (their batch, or the storing of its answers), then let go
+        of the hold it had on them."""
         try:
-            await self._or_leave(self._store(claims, predictions), len(claims))
-        finally:
-            self._leases.release(claim.id for claim in claims)
-
-    async def _or_leave(self, storing: Awaitable[None], jobs: int) -> None:
-        try:
-            await storing
+            await work
         except QueueUnavailable as exc:
             # The results could not be stored; the leases run out and the jobs come back.
-            log.warning("queue unavailable while finishing %d jobs: %s", jobs, exc.message)
+            log.warning("queue unavailable while finishing %d jobs: %s", len(claims), exc.message)
+        finally:
+            self._leases.release(claim.id for claim in claims)
 
     async def _store(self, claims: list[Claim], predictions: list[Prediction]) -> None:
         answers = {claim.id: answer for claim, answer in zip(claims, predictions, strict=True)}
