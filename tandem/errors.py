@@ -141,6 +141,13 @@ class QueueFull(ServiceUnavailable):
     code = "queue_full"
 
 
+class DiskLow(QueueFull):
+    """The embedded store's disk is below its free-space floor: no new job, but workers go on
+    finishing queued ones, which frees room."""
+
+    code = "disk_low"
+
+
 class UnreadableJob(TandemError):
     """A stored job this version of Tandem cannot read: written by a newer one, or damaged."""
 

@@ -20,6 +20,7 @@ from tandem.errors import (
     JobFinished,
     JobNotFound,
     Overloaded,
+    QueueFull,
     QueueUnavailable,
     ServiceUnavailable,
     TandemError,
@@ -452,7 +453,7 @@ class TandemService:
         """Each model and the queue: "ok" or why not."""
         report = {self.fast.name: OK, self.accurate_model: OK, "queue": OK}
         try:
-            await self.store.ping()
+            report["queue"] = await self._queue_health()
             live = await self.store.live_models(WORKER_ALIVE_S)
         except QueueUnavailable as exc:
             report["queue"] = exc.message
@@ -463,6 +464,13 @@ class TandemService:
         elif self.accurate_model not in live:
             report[self.accurate_model] = "no live worker serves this model"
         return report
+
+    async def _queue_health(self) -> str:
+        try:
+            await self.store.ping()
+        except QueueFull as exc:  # it takes no new job (a disk low), yet its workers go on
+            return exc.message
+        return OK
 
 
 EnqueueResult = tuple[tuple[Job | None, ServiceUnavailable | None], float]

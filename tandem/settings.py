@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Jobs waiting or running beyond which new ones are refused; 0 = no limit.",
     )
+    min_free_disk_mb: int = Field(
+        128,
+        ge=0,
+        description="SQLite: while the data directory's disk has less free (in MiB), new jobs "
+        "are refused (503 `disk_low`) and /health/all says so; 0 = no floor.",
+    )
     retry_after_s: int = Field(5, ge=1, description="What a refused client is told to wait.")
     result_ttl_s: float = Field(24 * 3600.0, gt=0, description="How long finished jobs are kept.")
     visibility_timeout_s: float = Field(

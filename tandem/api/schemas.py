@@ -129,7 +129,7 @@ class PredictResponse(BaseModel):
     null, with status 200, and `cascade.reason` says why.
 
     With status 503 the fast answer is still here, but `job_id` and `job` are null and `error`
-    says why the job was not queued (`queue_full`, `queue_unavailable`): retry after
+    says why the job was not queued (`queue_full`, `disk_low`, `queue_unavailable`): retry after
     `Retry-After` seconds, with the same `Idempotency-Key` if you sent one.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tandem.jobs.redis import RedisJobStore
-from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
 from tandem.settings import Settings
 
@@ -30,4 +30,8 @@ def make_store(settings: Settings) -> JobStore:
         return RedisJobStore(
             settings.redis_url, policy_from(settings), prefix=settings.redis_prefix
         )
-    return SQLiteJobStore(sqlite_path(settings), policy_from(settings))
+    return SQLiteJobStore(
+        sqlite_path(settings),
+        policy_from(settings),
+        min_free_bytes=settings.min_free_disk_mb * MIB,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,7 +19,13 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
-from tandem.errors import ConfigurationError, QueueFull, QueueUnavailable, UnreadableJob
+from tandem.errors import (
+    ConfigurationError,
+    DiskLow,
+    QueueFull,
+    QueueUnavailable,
+    UnreadableJob,
+)
 from tandem.files import private_dir, private_file
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
@@ -90,6 +97,11 @@ CREATE TABLE IF NOT EXISTS workers (
     model   TEXT NOT NULL,
     seen_at REAL NOT NULL
 );
+-- What a health check writes: reads go on where writes fail (a full disk, a read-only remount).
+CREATE TABLE IF NOT EXISTS pings (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    at  REAL NOT NULL
+);
 """
 
 # The number of unfinished jobs, kept by triggers: every enqueue checks it against the queue's
@@ -126,6 +138,7 @@ RECHECK_S = 0.5
 CHECKPOINT_EVERY_S = 1.0
 # The checkpoint copies megabytes a second beside the fast model: it gets the cores last.
 CHECKPOINT_NICE = 19
+MIB = 1024 * 1024
 
 
 class SQLiteJobStore:
@@ -136,10 +149,14 @@ class SQLiteJobStore:
         path: Path,
         policy: StorePolicy | None = None,
         clock: Callable[[], float] = time.time,
+        min_free_bytes: int = 0,
     ) -> None:
         self.path = path
         self.policy = policy or StorePolicy()
         self._clock = clock
+        # Kept free for the workers: finishing a job writes before it frees the image's pages,
+        # and a checkpoint grows the file, so a disk filled by new jobs would hold them all.
+        self.min_free_bytes = min_free_bytes
         self._conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-sqlite")
         # Wakes an in-process worker as soon as a job is enqueued instead of at its next poll.
@@ -213,7 +230,30 @@ class SQLiteJobStore:
         self._thread.shutdown(wait=True)
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        """A write, as on Redis: a file that no longer takes writes still answers reads."""
+
+        def touch(c: sqlite3.Connection) -> None:
+            self._check_room(c)
+            c.execute("INSERT OR REPLACE INTO pings (one, at) VALUES (1, ?)", (self._clock(),))
+
+        await self._run(touch, lazy=True)
+
+    def _check_room(self, c: sqlite3.Connection) -> None:
+        """DiskLow under the free-space floor. Pages that finished jobs freed in the file
+        count as free: new jobs reuse them, though the file system never sees them again."""
+        if not self.min_free_bytes:
+            return
+        space = os.statvfs(self.path.parent)
+        free = space.f_bavail * space.f_frsize
+        if free < self.min_free_bytes:
+            free += _free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
+        if free < self.min_free_bytes:
+            raise DiskLow(
+                f"the job store has {free // MIB} MiB free on its disk and in its file,"
+                f" under its floor of {self.min_free_bytes // MIB} MiB",
+                free_bytes=free,
+                min_free_bytes=self.min_free_bytes,
+            )
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -230,6 +270,7 @@ class SQLiteJobStore:
         limit = self.policy.max_queue_length
         if limit and _unfinished(c) >= limit:
             raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+        self._check_room(c)
         c.execute(
             "INSERT INTO jobs (id, status, created_at, updated_at, meta) VALUES (?, ?, ?, ?, ?)",
             (spec.id, JobStatus.QUEUED, now, now, dump_meta(spec)),
@@ -565,6 +606,11 @@ def _lazily(conn: sqlite3.Connection) -> Iterator[None]:
         yield
     finally:
         conn.execute("PRAGMA synchronous=FULL")
+
+
+def _free_pages_bytes(c: sqlite3.Connection) -> int:
+    pages = c.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages) * int(c.execute("PRAGMA page_size").fetchone()[0])
 
 
 def _data_version(c: sqlite3.Connection) -> int:

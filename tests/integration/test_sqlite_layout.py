@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tandem.errors import ConfigurationError, QueueUnavailable
+from tandem.errors import ConfigurationError, DiskLow, QueueUnavailable
 from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
-from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import StorePolicy
 from tandem.predictions import Prediction, Scored
 
@@ -231,6 +232,79 @@ async def test_a_full_disk_refuses_the_job_saying_so_and_the_store_recovers(
         assert await store.queue_depth() == 0
         conn.execute("PRAGMA max_page_count = 1073741823")  # room again
         assert (await store.enqueue(big)).status is JobStatus.QUEUED
+    finally:
+        await store.close()
+
+
+async def test_under_its_disk_floor_the_store_takes_no_new_job_but_finishes_queued_ones(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    queued = JobSpec(id=new_job_id(), image=b"queued before", idempotency_key="k1")
+    roomy = SQLiteJobStore(path, min_free_bytes=1)  # any disk has a byte free
+    await roomy.open()
+    await roomy.enqueue(queued)
+    await roomy.ping()
+    await roomy.close()
+    floor = shutil.disk_usage(tmp_path).free + 1024 * MIB
+    store = SQLiteJobStore(path, min_free_bytes=floor)
+    await store.open()
+    try:
+        with pytest.raises(DiskLow, match=f"under its floor of {floor // MIB} MiB") as refused:
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"new"))
+        assert refused.value.details["min_free_bytes"] == floor
+        assert 0 <= refused.value.details["free_bytes"] < floor
+        assert await store.queue_depth() == 1
+        retried = JobSpec(id=new_job_id(), image=b"queued before", idempotency_key="k1")
+        assert (await store.enqueue(retried)).id == queued.id  # a retry writes nothing
+        [claim] = await store.claim("w", 4, 0)
+        assert await store.complete(claim.job.id, ANSWER)
+        with pytest.raises(DiskLow):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_room_that_finished_jobs_freed_in_the_file_counts_under_the_floor(
+    tmp_path: Path,
+) -> None:
+    """The file never shrinks: judged by the file system alone, a store that once came near
+    its floor refused every job after, though finished jobs had freed their images' pages."""
+    path = tmp_path / "jobs.db"
+    done = SQLiteJobStore(path)
+    await done.open()
+    big = JobSpec(id=new_job_id(), image=os.urandom(8 * MIB))
+    await done.enqueue(big)
+    await done.claim("w", 1, 0)
+    await done.complete(big.id, ANSWER)
+    await done.close()  # its WAL checkpointed: the file system's free space stays put
+    free = shutil.disk_usage(tmp_path).free
+    store = SQLiteJobStore(path, min_free_bytes=free + 4 * MIB)
+    await store.open()
+    try:
+        small = JobSpec(id=new_job_id(), image=b"small")
+        assert (await store.enqueue(small)).status is JobStatus.QUEUED
+        store.min_free_bytes = free + 12 * MIB
+        with pytest.raises(DiskLow):
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_takes_no_writes_fails_its_ping(tmp_path: Path) -> None:
+    """The ping was a read: a file that no longer took writes (a full disk, a file system
+    remounted read-only) passed it while every enqueue failed."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await store.ping()
+        conn = store._conn
+        assert conn is not None
+        conn.execute("PRAGMA query_only = ON")  # SQLite's own read-only state
+        with pytest.raises(QueueUnavailable, match="readonly database"):
+            await store.ping()
+        conn.execute("PRAGMA query_only = OFF")
+        await store.ping()
     finally:
         await store.close()
 

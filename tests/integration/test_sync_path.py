@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -21,7 +22,7 @@ from tandem import service
 from tandem.api import app as app_module
 from tandem.api.app import create_app
 from tandem.jobs.records import Job, JobSpec, load_meta
-from tandem.jobs.sqlite import SQLiteJobStore
+from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.settings import Settings
 from tests.support import encode, fast_call_in_flight, overwrite_meta, solid
@@ -314,3 +315,30 @@ def test_a_fault_storing_the_job_still_gives_the_fast_answer(
     assert body["error"]["message"] == "the job could not be stored; see the server log"
     assert response.headers["Retry-After"] == "5"
     assert "database disk image is malformed" in caplog.text
+
+
+def test_a_disk_under_its_floor_refuses_new_jobs_with_the_fast_answer_and_readiness_fails(
+    tiny_dir: Path, tmp_path: Path, open_app: Callable[[Settings], TestClient]
+) -> None:
+    """On a 3 MB file system filled by new jobs, every write failed, the worker's too, so
+    nothing finished until space was freed, and /health/all said ok throughout. The store
+    keeps a floor free for its workers, and readiness says why no job is taken."""
+    free_mib = shutil.disk_usage(tmp_path).free // MIB
+    floor = {"min_free_disk_mb": free_mib + 1024, "embedded_worker": True}
+    client = open_app(Settings(**_settings(tiny_dir, tmp_path).model_dump() | floor))
+    response = client.post("/predict", content=RED, headers={"Content-Type": "image/png"})
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert (body["job_id"], body["tiny_fast"]) == (None, "class 1")
+    assert body["error"]["code"] == "disk_low"
+    assert body["error"]["details"]["min_free_bytes"] == (free_mib + 1024) * MIB
+    assert response.headers["Retry-After"] == "5"
+
+    def ready() -> dict[str, str]:
+        health = client.get("/health/all")
+        assert health.status_code == 503
+        report: dict[str, str] = health.json()
+        return report
+
+    assert _wait_for(lambda: ready()["tiny_accurate"] == "ok")  # its worker goes on
+    assert f"under its floor of {free_mib + 1024} MiB" in ready()["queue"]
