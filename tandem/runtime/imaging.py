@@ -112,13 +112,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is laid over white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = _to_8bit_gray(image)
-    if image.mode == "P":
+    if image.mode in ("P", "LA", "PA", "RGBa", "La"):
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode == "RGBA":
+        return _over_white(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """The same pixels as alpha_composite over white, converted to RGB, with one buffer the
+    image's size beside it instead of three: 280 MB against 760 for a 40 MP PNG."""
+    canvas = Image.new("RGB", image.size, (255, 255, 255))
+    canvas.paste(image, mask=image)
+    return canvas
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
