@@ -412,7 +412,7 @@ async def run_worker_process(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        with heap.frozen():
+        with heap.serving():
             await Worker(store, classifier, config_from(settings)).run(stop)
     finally:
         await store.close()

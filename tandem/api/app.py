@@ -195,7 +195,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
         running = _Running(store=store or make_store(settings))
         try:
             app.state.service = await _startup(settings, running)
-            with heap.frozen():
+            with heap.serving():
                 yield
         finally:
             await _shutdown(running)
