@@ -168,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tandem.api.app import begin_shutdown, create_app
+    from tandem.api.protocol import protocol_class
 
     class Server(uvicorn.Server):
         """uvicorn's, telling the app when shutdown begins: its graceful wait (for responses
@@ -191,6 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=None,  # ours, set above; uvicorn's loggers propagate to it
         access_log=False,  # AccessMiddleware logs each request, inside its request id
+        http=protocol_class(),
         timeout_graceful_shutdown=30,
     )
     Server(config).run()

@@ -1,0 +1,83 @@
+"""Requests uvicorn cannot parse are answered in the one error shape, not in plain text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from tandem.api.protocol import H11, protocol_class
+from tests.support import ServerProcess, free_port
+
+UNPARSEABLE = {
+    "no request line": b"BLAH\r\n\r\n",
+    "a bad content length": b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "a header without a colon": b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+}
+
+
+def _exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes after its 400
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+def _assert_shaped(status: str, headers: dict[str, str], body: bytes) -> None:
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"] == "Invalid HTTP request received."
+    assert error["request_id"] == headers["x-request-id"]
+
+
+async def _app(scope: dict[str, object], receive: object, send: object) -> None:
+    raise AssertionError("an unparsed request reached the app")
+
+
+@pytest.fixture(params=["auto", "h11"])
+def uvicorn_port(request: pytest.FixtureRequest) -> Iterator[int]:
+    """uvicorn with Tandem's protocol (as `tandem serve` picks it, and h11), on a thread."""
+    cls = protocol_class() if request.param == "auto" else H11
+    port = free_port()
+    config = uvicorn.Config(_app, port=port, http=cls, lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("raw", UNPARSEABLE.values(), ids=UNPARSEABLE.keys())
+def test_each_protocol_answers_an_unparseable_request_in_the_error_shape(
+    uvicorn_port: int, raw: bytes
+) -> None:
+    _assert_shaped(*_exchange(uvicorn_port, raw))
+
+
+def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
+    real_server: ServerProcess,
+) -> None:
+    """uvicorn's own answer was `Invalid HTTP request received.` in plain text."""
+    request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
+    _assert_shaped(*_exchange(real_server.port, overrun))
+    assert "unparsed request 400" in real_server.log()
