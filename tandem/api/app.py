@@ -215,6 +215,6 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     # Added first, so innermost: POST /predict meets every guard before DirectRoute serves it.
     app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     _add_guards(app, settings)
-    install_error_handlers(app)
+    install_error_handlers(app, [*app.router.routes, *router.routes])
     app.include_router(router)
     return app

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from tandem.api.middleware import request_id_of
 from tandem.errors import (
@@ -23,6 +24,8 @@ from tandem.errors import (
 )
 
 log = logging.getLogger("tandem.api")
+
+ExceptionHandler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 
 
 def error_body(error: TandemError, request_id: str | None) -> dict[str, Any]:
@@ -83,35 +86,40 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, ValidationFailed(summary, problems=problems))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    error: TandemError
-    if exc.status_code == 404:
-        error = NotFound("no such route")
-    elif exc.status_code == 405:
-        error = MethodNotAllowed(f"{request.method} is not allowed here")
-    else:
-        error = InvalidRequest(str(exc.detail), http_status=exc.status_code)
-    response = error_response(request, error)
-    # Keep what the framework says about the failure, such as 405's required Allow header,
-    # which must name the methods of every route on this path, not only the first one's.
-    response.headers.update(exc.headers or {})
-    if exc.status_code == 405:
-        response.headers["Allow"] = ", ".join(sorted(_methods_on_path(request)))
-    return response
+def _http_error(routes: Sequence[BaseRoute]) -> ExceptionHandler:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        error: TandemError
+        if exc.status_code == 404:
+            error = NotFound("no such route")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed here")
+        else:
+            error = InvalidRequest(str(exc.detail), http_status=exc.status_code)
+        response = error_response(request, error)
+        # Keep what the framework says about the failure, such as 405's required Allow header,
+        # which must name the methods of every route on this path, not only the first one's.
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(sorted(_methods_on_path(request, routes)))
+        return response
+
+    return handle
 
 
-def _methods_on_path(request: Request) -> set[str]:
+def _methods_on_path(request: Request, routes: Sequence[BaseRoute]) -> set[str]:
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in routes:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return methods
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
+    """`routes`: every route one by one, for the Allow header of a 405 (FastAPI holds an
+    included router's routes behind one entry of its own)."""
     app.add_exception_handler(TandemError, _reported)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(HTTPException, _http_error(routes))
     app.add_exception_handler(Exception, _reported)

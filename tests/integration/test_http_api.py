@@ -207,6 +207,22 @@ def test_every_error_has_the_same_shape(real_server: ServerProcess) -> None:
         assert set(response.json()["error"]) == {"code", "message", "request_id", "details"}
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [("/job/0123", "DELETE, GET"), ("/health", "GET"), ("/predict", "POST"), ("/docs", "GET")],
+)
+def test_a_405_names_every_method_the_path_allows(
+    real_server: ServerProcess, path: str, allowed: str
+) -> None:
+    """With routes included from a router, FastAPI 0.165 holds them behind one entry of its
+    own: the Allow header, as each 405 must carry it (RFC 9110), came out empty."""
+    with real_server.client() as client:
+        response = client.put(path)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == allowed
+
+
 def test_a_request_id_from_the_client_is_kept(real_server: ServerProcess) -> None:
     with real_server.client() as client:
         response = client.get("/job/nope", headers={"x-request-id": "trace-123"})
