@@ -193,6 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,  # ours, set above; uvicorn's loggers propagate to it
         access_log=False,  # AccessMiddleware logs each request, inside its request id
         http=protocol_class(),
+        ws="none",  # see tandem.api.protocol
         timeout_graceful_shutdown=30,
     )
     Server(config).run()

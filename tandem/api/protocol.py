@@ -3,6 +3,10 @@
 Such a request (broken framing, a bad header line, a body longer than its Content-Length)
 never reaches the app: uvicorn answers it itself, in plain text, and closes the connection.
 This answers it as the app answers every other error, then closes as uvicorn does.
+
+Tandem speaks no WebSocket (`tandem serve` runs uvicorn with `ws="none"`): a request to
+upgrade is served as plain HTTP, where with a WebSocket library uvicorn had answered 403
+with an empty body for want of a WebSocket route.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class _ShapedBadRequest:
     def send_400_response(self, msg: str) -> None:
         self.transport.write(bad_request(msg, self.server_state.default_headers))
         self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn's own warns, and tells the operator to install a WebSocket library.
+        access_log.debug("an upgrade request, served as plain HTTP")
 
 
 class H11(_ShapedBadRequest, H11Protocol):

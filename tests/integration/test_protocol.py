@@ -23,14 +23,17 @@ UNPARSEABLE = {
 
 
 def _exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The first response to `raw`, read up to its Content-Length."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(raw)
         data = b""
-        while chunk := sock.recv(65536):  # the server closes after its 400
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536)
     return status, headers, body
 
 
@@ -81,3 +84,15 @@ def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
     overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
     _assert_shaped(*_exchange(real_server.port, overrun))
     assert "unparsed request 400" in real_server.log()
+
+
+def test_a_websocket_handshake_is_served_as_plain_http(real_server: ServerProcess) -> None:
+    """It was 403 with an empty body: no route takes a WebSocket."""
+    handshake = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    status, _, body = _exchange(real_server.port, handshake)
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body) == {"health": "ok"}
+    assert "WebSocket library" not in real_server.log()
