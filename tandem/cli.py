@@ -169,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tandem.api.app import begin_shutdown, create_app
     from tandem.api.protocol import protocol_class
+    from tandem.limits import open_files_for
 
     class Server(uvicorn.Server):
         """uvicorn's, telling the app when shutdown begins: its graceful wait (for responses
@@ -181,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings)
+    open_files_for(settings.max_watches + settings.max_in_flight)
     _ensure_data_dir(settings)
     roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
     _ensure_models(settings, roles)

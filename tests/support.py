@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +165,7 @@ class ServerProcess:
         self.env = env
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
+        self.preexec: Callable[[], None] | None = None  # run in the child before it starts
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "tandem", "serve", "--port", str(self.port), *self.args]
@@ -178,7 +179,11 @@ class ServerProcess:
     def start(self, timeout: float = 90.0) -> Self:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT
+            self.command(),
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec,  # noqa: PLW1509 (setrlimit only, before exec)
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
