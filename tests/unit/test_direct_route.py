@@ -29,7 +29,7 @@ def _app() -> tuple[FastAPI, list[str]]:
     async def hot_get() -> dict[str, str]:
         return {"via": "fastapi"}
 
-    install_error_handlers(app)
+    install_error_handlers(app, app.router.routes)
     route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is hot)
     app.add_middleware(DirectRoute, route=route, handlers=app.exception_handlers)
     return app, served
