@@ -159,6 +159,18 @@ class UnreadableJob(TandemError):
         self.reason = reason
 
 
+class InvalidModelOutput(TandemError):
+    """A model gave scores that are not finite (NaN or infinity): a fault of the model, not of
+    the image, which no retry mends."""
+
+    code = "invalid_model_output"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"the model {model} gave scores that are not finite (NaN or infinity)", model=model
+        )
+
+
 class ConfigurationError(TandemError):
     """Settings or model files are wrong; raised at start-up, never per request."""
 

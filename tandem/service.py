@@ -16,7 +16,9 @@ from PIL import Image
 
 from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
+    ConfigurationError,
     IdempotencyKeyReused,
+    InvalidModelOutput,
     JobFinished,
     JobNotFound,
     Overloaded,
@@ -127,11 +129,15 @@ class TandemService:
         self._answers = _AnswerWrites(self._attach_fast, ANSWER_WRITE_AFTER_S)
 
     async def warm_up(self) -> None:
-        """Run the sample photo once: the first ONNX call is slow, and /metadata shows it."""
+        """Run the sample photo once: the first ONNX call is slow, and /metadata shows it. A
+        model that cannot classify it is refused at start-up."""
         loop = asyncio.get_running_loop()
-        prediction, _ = await loop.run_in_executor(
-            self._executor, self._classify, sample_image_bytes(), RunAbort()
-        )
+        try:
+            prediction, _ = await loop.run_in_executor(
+                self._executor, self._classify, sample_image_bytes(), RunAbort()
+            )
+        except InvalidModelOutput as exc:
+            raise ConfigurationError(f"{exc.message} on the bundled sample photo") from exc
         self.sample_prediction = prediction
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from tandem import heap, tasks
 from tandem.cascade import judged_counts, late_judgement
-from tandem.errors import QueueUnavailable, TandemError, UnreadableJob
+from tandem.errors import InvalidModelOutput, QueueUnavailable, TandemError, UnreadableJob
 from tandem.jobs.factory import make_store
 from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
@@ -37,6 +37,7 @@ from tandem.webhooks import WebhookPolicy, WebhookSender
 log = logging.getLogger("tandem.worker")
 
 Tensor = npt.NDArray[np.float32]  # one image, prepared as the model's input
+Answer = Prediction | InvalidModelOutput  # an image's accurate answer, or why it has none
 
 HEARTBEAT_S = 5.0
 PURGE_EVERY_S = 60.0
@@ -251,7 +252,7 @@ class Worker:
         runs = RunAbort()
         call = loop.run_in_executor(self._executor, self._infer, tensors, runs)
         try:
-            predictions, inference_s = await asyncio.wait_for(call, self.config.job_timeout_s)
+            answers, inference_s = await asyncio.wait_for(call, self.config.job_timeout_s)
         except TimeoutError:
             runs.abort()  # the lane's thread comes back once the run in progress stops
             reason = f"the accurate model did not finish within {self.config.job_timeout_s} s"
@@ -264,40 +265,60 @@ class Worker:
         self._counts.update(
             accurate_images=len(ready), accurate_inference_us=int(inference_s * 1e6)
         )
-        claims = [claim for claim, _ in ready]
-        await self._store_while_next_runs(claims, predictions)
+        answered = await self._fail_invalid(ready, answers)
+        if answered:
+            claims, predictions = zip(*answered, strict=True)
+            await self._store_while_next_runs(list(claims), list(predictions))
 
-    def _infer(self, tensors: list[Tensor], runs: RunAbort) -> tuple[list[Prediction], float]:
+    async def _fail_invalid(
+        self, ready: list[tuple[Claim, Tensor]], answers: list[Answer]
+    ) -> list[tuple[Claim, Prediction]]:
+        """Fail the jobs whose scores were not finite, for good; return the others."""
+        answered = []
+        for (claim, _), answer in zip(ready, answers, strict=True):
+            if isinstance(answer, Prediction):
+                answered.append((claim, answer))
+                continue
+            log.error("job %s: %s", claim.id, answer.message, extra={"job_id": claim.id})
+            await self._fail(claim, answer.message, retry=False)
+        return answered
+
+    def _infer(self, tensors: list[Tensor], runs: RunAbort) -> tuple[list[Answer], float]:
         """The batch's answers and the seconds the model ran. On one thread a batch is no
         faster per image, so a lane runs image by image (Lite2 on one thread: 68 images/s at
         batch 1, 67 at 4, 56 at 16, in the bench's scan); giving way, each run is preemptible,
         and a preempted run loses one image."""
         if self._give_way is not None:
             steps = (functools.partial(self._one, tensor, runs) for tensor in tensors)
-            predictions = [self._give_way.run(step) for step in steps]
+            answers = [self._give_way.run(step) for step in steps]
         elif self.config.one_run_per_image:
-            predictions = [self._one(tensor, runs, None) for tensor in tensors]
+            answers = [self._one(tensor, runs, None) for tensor in tensors]
         else:
-            with runs.watching() as options:
-                batch = np.stack(tensors)
-                predictions = self.classifier.predict_tensors(
-                    batch, self.config.top_k, run_options=options
-                )
-            return predictions, predictions[0].inference_ms / 1000.0  # one run for the batch
-        return predictions, sum(p.inference_ms for p in predictions) / 1000.0
+            try:
+                with runs.watching() as options:
+                    batch = np.stack(tensors)
+                    predictions = self.classifier.predict_tensors(
+                        batch, self.config.top_k, run_options=options
+                    )
+                return list(predictions), predictions[0].inference_ms / 1000.0  # one run
+            except InvalidModelOutput:  # which images: each alone
+                answers = [self._one(tensor, runs, None) for tensor in tensors]
+        ran_ms = sum(a.inference_ms for a in answers if isinstance(a, Prediction))
+        return answers, ran_ms / 1000.0
 
-    def _one(
-        self, tensor: Tensor, runs: RunAbort, preemptible: ort.RunOptions | None
-    ) -> Prediction:
+    def _one(self, tensor: Tensor, runs: RunAbort, preemptible: ort.RunOptions | None) -> Answer:
         """A preemptible run has the cores to itself until a fast call stops it; one that
         waited out its patience runs beside the fast model, on one thread."""
         with runs.watching(preemptible) as options:
-            predictions = self.classifier.predict_tensors(
-                tensor[np.newaxis],
-                self.config.top_k,
-                solo=preemptible is not None,
-                run_options=options,
-            )
+            try:
+                predictions = self.classifier.predict_tensors(
+                    tensor[np.newaxis],
+                    self.config.top_k,
+                    solo=preemptible is not None,
+                    run_options=options,
+                )
+            except InvalidModelOutput as exc:
+                return exc
         return predictions[0]
 
     async def _store_while_next_runs(

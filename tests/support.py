@@ -75,6 +75,8 @@ class TinySpec:
     votes: tuple[int, int, int] = (1, 2, 3)
     background_index: int | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
+    # Scores of NaN for an image with more blue than red, as a broken model's might be.
+    nan_when_blue: bool = False
 
 
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
@@ -92,16 +94,29 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
     bias = np.zeros(spec.classes, dtype=np.float32)
     if spec.background_index is not None:
         bias[spec.background_index] = 1000.0
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["pooled"], axes=axes, keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["biased" if spec.nan_when_blue else "logits"]),
+    ]
+    initializers = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")]
+    if spec.nan_when_blue:  # + 0 * sqrt(red - blue): NaN where blue wins
+        nodes += [
+            helper.make_node("MatMul", ["pooled", "red_less_blue"], ["margin"]),
+            helper.make_node("Sqrt", ["margin"], ["root"]),
+            helper.make_node("Mul", ["root", "zero"], ["nothing_or_nan"]),
+            helper.make_node("Add", ["biased", "nothing_or_nan"], ["logits"]),
+        ]
+        initializers += [
+            numpy_helper.from_array(np.array([[1], [0], [-1]], np.float32), "red_less_blue"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        ]
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["image"], ["pooled"], axes=axes, keepdims=0),
-            helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
-            helper.make_node("Add", ["scores", "b"], ["logits"]),
-        ],
+        nodes,
         spec.name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, spec.classes])],
-        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

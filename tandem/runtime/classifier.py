@@ -14,7 +14,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from PIL import Image
 
-from tandem.errors import ConfigurationError
+from tandem.errors import ConfigurationError, InvalidModelOutput
 from tandem.predictions import Prediction, Scored
 from tandem.runtime.imaging import to_tensor
 from tandem.runtime.manifest import ModelManifest, resolve_manifest_path, verified_model
@@ -150,7 +150,8 @@ class Classifier:
         run_options: ort.RunOptions | None = None,
     ) -> list[Prediction]:
         """Classify a prepared batch. With `run_options` the run may be preempted (see
-        Occupancy): then it raises Preempted."""
+        Occupancy): then it raises Preempted. InvalidModelOutput if any image's scores are
+        not finite."""
         started = time.perf_counter()
         scores = self.raw_scores(batch, solo=solo, run_options=run_options)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -167,6 +168,8 @@ class Classifier:
         return softmax
 
     def _top_k(self, row: npt.NDArray[np.float32], k: int, elapsed_ms: float) -> Prediction:
+        if not np.isfinite(row).all():  # NaN sorts anywhere, and JSON has no place for it
+            raise InvalidModelOutput(self.name)
         best = np.argsort(-row, kind="stable")[:k]
         labels = self.manifest.labels
         top = tuple(Scored(int(self._keep[i]), labels[self._keep[i]], float(row[i])) for i in best)

@@ -21,11 +21,19 @@ from starlette.testclient import TestClient
 from tandem import service
 from tandem.api import app as app_module
 from tandem.api.app import create_app
+from tandem.errors import ConfigurationError
 from tandem.jobs.records import Job, JobSpec, load_meta
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.settings import Settings
-from tests.support import encode, fast_call_in_flight, overwrite_meta, solid
+from tests.support import (
+    TinySpec,
+    encode,
+    fast_call_in_flight,
+    overwrite_meta,
+    solid,
+    tiny_model,
+)
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -342,3 +350,33 @@ def test_a_disk_under_its_floor_refuses_new_jobs_with_the_fast_answer_and_readin
 
     assert _wait_for(lambda: ready()["tiny_accurate"] == "ok")  # its worker goes on
     assert f"under its floor of {free_mib + 1024} MiB" in ready()["queue"]
+
+
+def test_a_fast_model_whose_scores_are_not_finite_gets_a_typed_500_and_leaves_no_job(
+    tiny_dir: Path, tmp_path: Path, open_app: Callable[[Settings], TestClient]
+) -> None:
+    """It was a 500 internal_error from deep in the cascade's statistics, which took NaN
+    for a confidence."""
+    nan = tiny_model(tmp_path / "nan", TinySpec(name="nan", size=32, nan_when_blue=True))
+    told = {"fast_model": str(nan.parent)}
+    client = open_app(Settings(**_settings(tiny_dir, tmp_path).model_dump() | told))
+    blue = encode(solid((0, 0, 255)), "PNG")
+    response = client.post("/predict", content=blue, headers={"Content-Type": "image/png"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert (error["code"], error["details"]) == ("invalid_model_output", {"model": "nan"})
+    assert _post(client)  # a red image's scores are finite
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    assert client.portal.call(store.queue_depth) == 1  # the red one's: none for the blue one
+
+
+def test_a_fast_model_that_cannot_classify_the_sample_photo_is_refused_at_start_up(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    always = {"mean": (1000.0, 0.0, 0.0)}  # red far under blue, whatever the image
+    spec = TinySpec(name="nan", size=32, nan_when_blue=True, preprocess=always)
+    nan = tiny_model(tmp_path / "nan", spec)
+    told = {"fast_model": str(nan.parent)}
+    app = create_app(Settings(**_settings(tiny_dir, tmp_path).model_dump() | told))
+    with pytest.raises(ConfigurationError, match=r"not finite .* on the bundled sample photo"):
+        TestClient(app).__enter__()

@@ -25,7 +25,7 @@ from tandem.predictions import Prediction
 from tandem.runtime.classifier import Classifier, load_classifier
 from tandem.webhooks import WebhookPolicy
 from tandem.worker import Worker, WorkerConfig
-from tests.support import RedisServer, encode, overwrite_meta, solid
+from tests.support import RedisServer, TinySpec, encode, overwrite_meta, solid, tiny_model
 
 RED = encode(solid((255, 0, 0)), "PNG")
 
@@ -179,6 +179,30 @@ class RewritingMidRun(Wrapped):
     ) -> list[Prediction]:
         overwrite_meta(self._store.path, '{"v": 2}')
         return self._classifier.predict_tensors(batch, k, **options)
+
+
+@pytest.mark.parametrize("one_run_per_image", [False, True], ids=["one-run", "image-by-image"])
+async def test_scores_that_are_not_finite_fail_their_job_for_good_and_not_its_batch(
+    tmp_path: Path, store: SQLiteJobStore, one_run_per_image: bool
+) -> None:
+    """A model's NaN went into the stored answer: GET /job then failed on it with a 500."""
+    tiny_model(tmp_path / "nan", TinySpec(name="nan", size=40, votes=(4, 5, 6), nan_when_blue=True))
+    accurate = load_classifier("nan", tmp_path)
+    worker = Worker(store, accurate, WorkerConfig(one_run_per_image=one_run_per_image))
+    ids = {"red": new_job_id(), "blue": new_job_id()}
+    try:
+        for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            await store.enqueue(JobSpec(id=ids[name], image=encode(solid(colour), "PNG")))
+        await worker.process(await store.claim(worker.id, 2, 0))
+        await asyncio.sleep(0)
+        red, blue = [await _finished(store, ids[name]) for name in ("red", "blue")]
+        assert red.result is not None
+        assert red.result.label == "class 4"
+        assert blue.status is JobStatus.FAILED
+        assert blue.attempts == 1  # not retried: the same image gives the same scores
+        assert blue.error == "the model nan gave scores that are not finite (NaN or infinity)"
+    finally:
+        await asyncio.to_thread(worker.close)
 
 
 async def test_a_job_rewritten_by_a_newer_version_mid_run_keeps_its_answer(
