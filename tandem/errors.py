@@ -94,6 +94,18 @@ class PayloadTooLarge(TandemError):
     code = "payload_too_large"
 
 
+class HeadTooLarge(TandemError):
+    """A request line and headers longer than the server reads."""
+
+    status = 431
+    code = "headers_too_large"
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            f"the request line and headers are longer than {max_bytes} bytes", max_bytes=max_bytes
+        )
+
+
 class Unauthorized(TandemError):
     status = 401
     code = "unauthorized"

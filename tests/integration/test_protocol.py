@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
-from tandem.api.protocol import H11, protocol_class
+from tandem.api.protocol import H11, MAX_HEAD_BYTES, protocol_class
 from tests.support import ServerProcess, free_port
 
 UNPARSEABLE = {
@@ -37,13 +38,20 @@ def _exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
     return status, headers, body
 
 
-def _assert_shaped(status: str, headers: dict[str, str], body: bytes) -> None:
-    assert status == "HTTP/1.1 400 Bad Request"
+def _assert_shaped(
+    status: str,
+    headers: dict[str, str],
+    body: bytes,
+    line: str = "HTTP/1.1 400 Bad Request",
+    code: str = "invalid_request",
+) -> None:
+    assert status == line
     assert headers["content-type"] == "application/json"
     assert int(headers["content-length"]) == len(body)
     error = json.loads(body)["error"]
-    assert error["code"] == "invalid_request"
-    assert error["message"] == "Invalid HTTP request received."
+    assert error["code"] == code
+    if code == "invalid_request":
+        assert error["message"] == "Invalid HTTP request received."
     assert error["request_id"] == headers["x-request-id"]
 
 
@@ -96,3 +104,31 @@ def test_a_websocket_handshake_is_served_as_plain_http(real_server: ServerProces
     assert status == "HTTP/1.1 200 OK"
     assert json.loads(body) == {"health": "ok"}
     assert "WebSocket library" not in real_server.log()
+
+
+def _with_header_of(size: int) -> bytes:
+    return b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+
+
+def test_a_head_past_its_bound_gets_431_without_being_read_to_its_end(
+    real_server: ServerProcess,
+) -> None:
+    """httptools buffered a header however long: 200 MB of one took a proxy to 0.67 GB."""
+    with socket.create_connection(("127.0.0.1", real_server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        with contextlib.suppress(OSError):  # the server closes once it has refused
+            for _ in range(4096):  # 256 MiB, were it all read
+                sock.sendall(b"a" * 65536)
+        response = sock.recv(65536)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    line = "HTTP/1.1 431 Request Header Fields Too Large"
+    _assert_shaped(status, headers, body, line, "headers_too_large")
+    assert json.loads(body)["error"]["details"] == {"max_bytes": MAX_HEAD_BYTES}
+
+
+def test_a_head_within_its_bound_is_served(real_server: ServerProcess) -> None:
+    status, _, body = _exchange(real_server.port, _with_header_of(MAX_HEAD_BYTES - 1024))
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body) == {"health": "ok"}
