@@ -106,6 +106,18 @@ class HeadTooLarge(TandemError):
         )
 
 
+class ReceiveTimeout(TandemError):
+    """A request's head or body still arriving when its time ran out (a client stalled)."""
+
+    status = 408
+    code = "receive_timeout"
+
+    def __init__(self, part: str, seconds: float) -> None:
+        super().__init__(
+            f"the request's {part} did not arrive within {seconds:g} s", seconds=seconds
+        )
+
+
 class Unauthorized(TandemError):
     status = 401
     code = "unauthorized"

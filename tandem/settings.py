@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     max_watches: int = Field(
         1000, ge=1, description="Open SSE streams and long-polls; beyond, 503 at once."
     )
+    receive_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A request's head, or its body, still arriving after this long (a client "
+        "that stalled): 408 and the connection closed.",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="A request whose response has not begun by then: 504."
     )

@@ -157,7 +157,9 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         retry_after_s=settings.retry_after_s,
         paths=INFERENCE_PATHS,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.receive_timeout_s
+    )
     if settings.api_keys:
         app.add_middleware(ApiKeys, keys=settings.api_keys)
     if settings.cors_origins:

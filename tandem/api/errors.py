@@ -18,6 +18,7 @@ from tandem.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    ReceiveTimeout,
     TandemError,
     Unauthorized,
     ValidationFailed,
@@ -52,6 +53,8 @@ def error_headers(error: TandemError) -> dict[str, str]:
         headers["Retry-After"] = str(retry_after)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="tandem"'
+    if isinstance(error, ReceiveTimeout):  # what is left of the request would be read as the next
+        headers["Connection"] = "close"
     return headers
 
 

@@ -15,7 +15,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.errors import error_json
 from tandem.api.middleware import header
-from tandem.errors import Overloaded, PayloadTooLarge, TandemError, Timeout, Unauthorized
+from tandem.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    ReceiveTimeout,
+    TandemError,
+    Timeout,
+    Unauthorized,
+)
 
 # Where ApiKeys leaves which client sent a request: a digest of its key, never the key.
 API_KEY_ID = "api_key_id"
@@ -30,15 +37,17 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading.
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading; 408
+    for one not all there within `timeout_s`.
 
     The body is read here, in full, before the app sees it: an error raised while a framework
     parses a body would become its own 400. Bodies are bounded, so buffering them is cheap.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s  # for the whole body: a stalled one held its buffer for good
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(
@@ -53,7 +62,12 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _refuse(scope, receive, send, self._error())
             return
-        first = await self._read_body(receive)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                first = await self._read_body(receive)
+        except TimeoutError:
+            await _refuse(scope, receive, send, ReceiveTimeout("body", self.timeout_s))
+            return
         if first is None:
             await _refuse(scope, receive, send, self._error())
             return

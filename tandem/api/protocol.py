@@ -7,7 +7,11 @@ connection. This answers it as the app answers every other error, then closes as
 
 httptools buffers a header until its end, however long: one connection sending a 200 MB
 header took a proxy from 0.27 to 0.67 GB. A head past MAX_HEAD_BYTES gets 431 and the
-connection closed (h11, used where httptools is missing, has its own bound of 16 KiB).
+connection closed. (httptools comes with uvicorn[standard]; uvicorn's other protocol, h11,
+is slower, and Tandem does not use it.) Nor
+did uvicorn bound the time a head takes, or a new connection's wait for its first byte: a
+client that stalled held its connection for good. A head still arriving after the receive
+timeout gets 408; a connection with nothing sent by then is closed.
 
 Tandem speaks no WebSocket (`tandem serve` runs uvicorn with `ws="none"`): a request to
 upgrade is served as plain HTTP, where with a WebSocket library uvicorn had answered 403
@@ -18,17 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import http
-import importlib.util
 import json
 import logging
 import uuid
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.server import ServerState
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tandem.api.errors import error_body
 from tandem.api.middleware import HEADER
-from tandem.errors import HeadTooLarge, InvalidRequest, TandemError
+from tandem.errors import HeadTooLarge, InvalidRequest, ReceiveTimeout, TandemError
 
 access_log = logging.getLogger("tandem.access")
 
@@ -55,54 +57,75 @@ def refusal(error: TandemError, default_headers: list[tuple[bytes, bytes]]) -> b
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-class _Shaped:
-    transport: asyncio.Transport
-    server_state: ServerState
+class HttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering in the error shape, and counting the bytes and
+    the time of each request's head until it ends, and of a new connection's wait for its
+    first request. `receive_timeout_s` is set by protocol_class."""
+
+    receive_timeout_s: float = 60.0
+    _head_bytes: int | None = None  # None: no head under way
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._time_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._untime_head()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._time_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        self._untime_head()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_bytes is None or self.transport.is_closing():
+            return
+        # All of `data` counts, though a head that ended in it stopped the count: a head is
+        # refused at most one read past the bound.
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(HeadTooLarge(MAX_HEAD_BYTES))
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(InvalidRequest(msg))
-
-    def _refuse(self, error: TandemError) -> None:
-        self.transport.write(refusal(error, self.server_state.default_headers))
-        self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
         # uvicorn's own warns, and tells the operator to install a WebSocket library.
         access_log.debug("an upgrade request, served as plain HTTP")
 
+    def _time_head(self) -> None:
+        self._untime_head()
+        self._head_timer = self.loop.call_later(self.receive_timeout_s, self._head_timed_out)
 
-class H11(_Shaped, H11Protocol):
-    """h11's protocol, where httptools is not installed."""
+    def _untime_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes is None:  # nothing sent since the connection was made
+            self.transport.close()
+        else:
+            self._refuse(ReceiveTimeout("head", self.receive_timeout_s))
+
+    def _refuse(self, error: TandemError) -> None:
+        self._head_bytes = None
+        self._untime_head()
+        self.transport.write(refusal(error, self.server_state.default_headers))
+        self.transport.close()
 
 
-def protocol_class() -> type[asyncio.Protocol]:
-    """What uvicorn's "auto" picks (httptools when installed, else h11), shaped."""
-    if importlib.util.find_spec("httptools") is None:
-        return H11
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class HttpTools(_Shaped, HttpToolsProtocol):
-        """httptools' protocol, counting the bytes of each request's head until it ends."""
-
-        _head_bytes: int | None = None  # None: no head under way
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_bytes = 0
-
-        def on_headers_complete(self) -> None:
-            self._head_bytes = None
-            super().on_headers_complete()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._head_bytes is None or self.transport.is_closing():
-                return
-            # All of `data` counts, though a head that ended in it stopped the count: a head
-            # is refused at most one read past the bound.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._head_bytes = None
-                self._refuse(HeadTooLarge(MAX_HEAD_BYTES))
-
-    return HttpTools
+def protocol_class(receive_timeout_s: float) -> type[asyncio.Protocol]:
+    """HttpTools, with a request's head to arrive within `receive_timeout_s`."""
+    return type("HttpTools", (HttpTools,), {"receive_timeout_s": receive_timeout_s})

@@ -9,12 +9,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
 
-from tandem.api.protocol import H11, MAX_HEAD_BYTES, protocol_class
-from tests.support import ServerProcess, free_port
+from tandem.api.protocol import MAX_HEAD_BYTES, protocol_class
+from tests.support import ServerProcess, clean_env, free_port
 
 UNPARSEABLE = {
     "no request line": b"BLAH\r\n\r\n",
@@ -59,12 +60,13 @@ async def _app(scope: dict[str, object], receive: object, send: object) -> None:
     raise AssertionError("an unparsed request reached the app")
 
 
-@pytest.fixture(params=["auto", "h11"])
-def uvicorn_port(request: pytest.FixtureRequest) -> Iterator[int]:
-    """uvicorn with Tandem's protocol (as `tandem serve` picks it, and h11), on a thread."""
-    cls = protocol_class() if request.param == "auto" else H11
+@pytest.fixture
+def uvicorn_port() -> Iterator[int]:
+    """uvicorn with Tandem's protocol, on a thread."""
     port = free_port()
-    config = uvicorn.Config(_app, port=port, http=cls, lifespan="off", log_config=None)
+    config = uvicorn.Config(
+        _app, port=port, http=protocol_class(60.0), lifespan="off", log_config=None
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
@@ -78,7 +80,7 @@ def uvicorn_port(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 @pytest.mark.parametrize("raw", UNPARSEABLE.values(), ids=UNPARSEABLE.keys())
-def test_each_protocol_answers_an_unparseable_request_in_the_error_shape(
+def test_the_protocol_answers_an_unparseable_request_in_the_error_shape(
     uvicorn_port: int, raw: bytes
 ) -> None:
     _assert_shaped(*_exchange(uvicorn_port, raw))
@@ -132,3 +134,75 @@ def test_a_head_within_its_bound_is_served(real_server: ServerProcess) -> None:
     status, _, body = _exchange(real_server.port, _with_header_of(MAX_HEAD_BYTES - 1024))
     assert status == "HTTP/1.1 200 OK"
     assert json.loads(body) == {"health": "ok"}
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`tandem serve` that waits one second for a request's head or body."""
+    data_dir = tmp_path_factory.mktemp("impatient")
+    env = clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(data_dir),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        receive_timeout_s="1",
+    )
+    server = ServerProcess(data_dir / "server.log", env, "--no-worker").start()
+    yield server
+    server.stop()
+
+
+def _stalled(port: int, sent: bytes) -> tuple[bytes, float]:
+    """What the server answers to `sent` and then silence, and after how long it closed."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(sent)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("part", "sent"),
+    [
+        ("head", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half"),
+        (
+            "body",
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n\x89PNG\r\n\x1a\n",
+        ),
+    ],
+)
+def test_a_request_that_stalls_gets_408_and_its_connection_closed(
+    impatient: ServerProcess, part: str, sent: bytes
+) -> None:
+    """Neither uvicorn nor the body's guard bounded the time: a stalled client held its
+    connection, and the part of a body it had sent, for good."""
+    data, waited = _stalled(impatient.port, sent)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "receive_timeout"
+    assert error["message"] == f"the request's {part} did not arrive within 1 s"
+    assert 0.9 < waited < 5
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_receive_timeout(
+    impatient: ServerProcess,
+) -> None:
+    data, waited = _stalled(impatient.port, b"")
+    assert data == b""
+    assert 0.9 < waited < 5
+
+
+def test_a_slow_request_within_the_receive_timeout_is_served(impatient: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as sock:
+        for piece in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.3)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        time.sleep(1.5)  # idle between requests: uvicorn's keep-alive (5 s) judges that
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
