@@ -7,11 +7,11 @@ connection. This answers it as the app answers every other error, then closes as
 
 httptools buffers a header until its end, however long: one connection sending a 200 MB
 header took a proxy from 0.27 to 0.67 GB. A head past MAX_HEAD_BYTES gets 431 and the
-connection closed. (httptools comes with uvicorn[standard]; uvicorn's other protocol, h11,
-is slower, and Tandem does not use it.) Nor
-did uvicorn bound the time a head takes, or a new connection's wait for its first byte: a
-client that stalled held its connection for good. A head still arriving after the receive
-timeout gets 408; a connection with nothing sent by then is closed.
+connection closed. Nor did uvicorn bound the time a head takes, or a new connection's wait
+for its first byte: a client that stalled held its connection for good. A head still
+arriving after the receive timeout gets 408; a connection with nothing sent by then is
+closed. (httptools comes with uvicorn[standard]; uvicorn's other protocol, h11, is slower,
+and Tandem does not use it.)
 
 Tandem speaks no WebSocket (`tandem serve` runs uvicorn with `ws="none"`): a request to
 upgrade is served as plain HTTP, where with a WebSocket library uvicorn had answered 403
