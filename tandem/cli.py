@@ -194,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=None,  # ours, set above; uvicorn's loggers propagate to it
         access_log=False,  # AccessMiddleware logs each request, inside its request id
-        http=protocol_class(settings.receive_timeout_s),
+        http=protocol_class(settings.receive_timeout_s, app.state.metrics.count_unparsed),
         ws="none",  # see tandem.api.protocol
         timeout_graceful_shutdown=30,
     )

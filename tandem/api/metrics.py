@@ -31,6 +31,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 OUTCOMES = ("done", "failed", "cancelled", "retried")
+# The method and route of a request refused before its head was read or parsed.
+UNPARSED = "unparsed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,10 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StoreCollector(self.snapshot))
+
+    def count_unparsed(self, status: int) -> None:
+        """A request the server answered before the app saw it (see tandem.api.protocol)."""
+        self.requests.labels(UNPARSED, UNPARSED, str(status)).inc()
 
     def observe_fast(self, outcome: FastOutcome) -> None:
         prediction = outcome.prediction

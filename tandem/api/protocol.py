@@ -25,6 +25,7 @@ import http
 import json
 import logging
 import uuid
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -63,6 +64,7 @@ class HttpTools(HttpToolsProtocol):
     first request. `receive_timeout_s` is set by protocol_class."""
 
     receive_timeout_s: float = 60.0
+    counted: Callable[[int], None] = staticmethod(lambda status: None)  # each refusal's status
     _head_bytes: int | None = None  # None: no head under way
     _head_timer: asyncio.TimerHandle | None = None
 
@@ -122,10 +124,17 @@ class HttpTools(HttpToolsProtocol):
     def _refuse(self, error: TandemError) -> None:
         self._head_bytes = None
         self._untime_head()
+        self.counted(error.status)
         self.transport.write(refusal(error, self.server_state.default_headers))
         self.transport.close()
 
 
-def protocol_class(receive_timeout_s: float) -> type[asyncio.Protocol]:
-    """HttpTools, with a request's head to arrive within `receive_timeout_s`."""
-    return type("HttpTools", (HttpTools,), {"receive_timeout_s": receive_timeout_s})
+def protocol_class(
+    receive_timeout_s: float, counted: Callable[[int], None] | None = None
+) -> type[asyncio.Protocol]:
+    """HttpTools, with a request's head to arrive within `receive_timeout_s`, telling
+    `counted` the status of each request it refuses itself (for the metrics)."""
+    settings: dict[str, object] = {"receive_timeout_s": receive_timeout_s}
+    if counted is not None:
+        settings["counted"] = staticmethod(counted)
+    return type("HttpTools", (HttpTools,), settings)

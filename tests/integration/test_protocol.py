@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from tandem.api.protocol import MAX_HEAD_BYTES, protocol_class
-from tests.support import ServerProcess, clean_env, free_port
+from tests.support import ServerProcess, clean_env, free_port, metric
 
 UNPARSEABLE = {
     "no request line": b"BLAH\r\n\r\n",
@@ -94,6 +94,10 @@ def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
     overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
     _assert_shaped(*_exchange(real_server.port, overrun))
     assert "unparsed request 400" in real_server.log()
+    with real_server.client() as client:
+        scraped = client.get("/metrics").text
+    unparsed = 'tandem_http_requests_total{method="unparsed",route="unparsed",status="400"}'
+    assert metric(scraped, unparsed) >= 1
 
 
 def test_a_websocket_handshake_is_served_as_plain_http(real_server: ServerProcess) -> None:
