@@ -18,7 +18,7 @@ from tandem.api.direct import DirectRoute
 from tandem.api.errors import install_error_handlers
 from tandem.api.guards import ApiKeys, BodyLimit, Deadline, LoadShedder
 from tandem.api.metrics import AccessMiddleware, Metrics
-from tandem.api.middleware import RequestIdMiddleware
+from tandem.api.middleware import HeadAsGet, RequestIdMiddleware
 from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable
 from tandem.jobs.factory import make_store
@@ -214,7 +214,9 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    # Added first, so innermost: POST /predict meets every guard before DirectRoute serves it.
+    # Added first, so innermost: the guards, the access log and the metrics see HEAD as sent.
+    app.add_middleware(HeadAsGet)
+    # Innermost but for it: POST /predict meets every guard before DirectRoute serves it.
     app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     _add_guards(app, settings)
     install_error_handlers(app, [*app.router.routes, *router.routes])

@@ -116,7 +116,7 @@ def _methods_on_path(request: Request, routes: Sequence[BaseRoute]) -> set[str]:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
-    return methods
+    return methods | {"HEAD"} if "GET" in methods else methods  # see HeadAsGet
 
 
 def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:

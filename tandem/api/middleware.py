@@ -55,3 +55,18 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             current_request_id.reset(token)
+
+
+class HeadAsGet:
+    """HEAD served as GET. Every general-purpose server must support HEAD (RFC 9110), and
+    FastAPI's routes take GET alone: HEAD /health, as uptime checks send it, was a 405. The
+    app answers a GET; uvicorn, which still holds the request as HEAD, sends the response's
+    head and drops its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

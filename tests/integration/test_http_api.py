@@ -209,7 +209,12 @@ def test_every_error_has_the_same_shape(real_server: ServerProcess) -> None:
 
 @pytest.mark.parametrize(
     ("path", "allowed"),
-    [("/job/0123", "DELETE, GET"), ("/health", "GET"), ("/predict", "POST"), ("/docs", "GET")],
+    [
+        ("/job/0123", "DELETE, GET, HEAD"),
+        ("/health", "GET, HEAD"),
+        ("/predict", "POST"),
+        ("/docs", "GET, HEAD"),
+    ],
 )
 def test_a_405_names_every_method_the_path_allows(
     real_server: ServerProcess, path: str, allowed: str
@@ -221,6 +226,17 @@ def test_a_405_names_every_method_the_path_allows(
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/all", "/", "/metadata", "/metrics"])
+def test_head_answers_as_get_would_without_the_body(real_server: ServerProcess, path: str) -> None:
+    """It was 405 on every route but /openapi.json: FastAPI's routes take GET alone."""
+    with real_server.client() as client:
+        got = client.get(path)
+        head = client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
 
 
 def test_a_request_id_from_the_client_is_kept(real_server: ServerProcess) -> None:
