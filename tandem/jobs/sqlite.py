@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -57,6 +58,7 @@ from tandem.tasks import stop
 from tandem.threads import pool
 
 T = TypeVar("T")
+log = logging.getLogger("tandem.jobs")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -631,12 +633,18 @@ class _OtherWriters:
 
     async def _every_while(self) -> None:
         seen: int | None = None
+        failing = False
         while True:
-            version: int | None
+            version: int | None = seen  # unless the look succeeds; the next one tries again
             try:
                 version = await self._look()
-            except QueueUnavailable:  # the next look tries again
-                version = seen
+                failing = False
+            except QueueUnavailable:
+                pass
+            except Exception:  # nobody awaits this task: a fault would end every wake-up
+                if not failing:
+                    log.exception("looking for other processes' writes failed; trying on")
+                failing = True
             if seen is not None and version != seen:
                 self._hub.notify_all()
             seen = version

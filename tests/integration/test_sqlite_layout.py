@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,39 @@ async def test_a_store_that_takes_no_writes_fails_its_ping(tmp_path: Path) -> No
         await store.ping()
     finally:
         await store.close()
+
+
+async def test_watchers_hear_of_another_process_writes_after_a_fault_in_looking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The look for other processes' writes runs in a task nobody awaits: an error it did not
+    foresee (a damaged file) ended it, and watchers heard of no other process again."""
+    path = tmp_path / "jobs.db"
+    proxy, worker = SQLiteJobStore(path), SQLiteJobStore(path)  # two connections, as two processes
+    await proxy.open()
+    await worker.open()
+    try:
+        job = await proxy.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        look, faults = proxy._others._look, [sqlite3.DatabaseError("disk image is malformed")]
+
+        async def faulty() -> int:
+            if faults:
+                raise faults.pop()
+            return await look()
+
+        proxy._others._look = faulty
+        await asyncio.sleep(2 * sqlite_store.RECHECK_S)  # the fault has come and gone
+        assert not faults
+        async with proxy.watch(job.id) as watch:
+            await worker.claim("w", 1, 0)
+            await worker.complete(job.id, ANSWER)
+            started = time.monotonic()
+            await watch.wait(timeout=10)
+            assert time.monotonic() - started < 5 * sqlite_store.RECHECK_S
+        assert "looking for other processes' writes failed" in caplog.text
+    finally:
+        await proxy.close()
+        await worker.close()
 
 
 async def test_a_file_that_is_no_database_is_refused_at_open_saying_so(tmp_path: Path) -> None:
