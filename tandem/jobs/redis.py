@@ -315,15 +315,23 @@ class RedisJobStore:
     async def _listen(self) -> None:
         """Feed the hub from the changes channel: one subscription per process, whatever the
         number of watchers. Reconnects by itself; after a gap every watcher re-reads."""
+        failing = False
         while True:
             try:
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._changes)
                     self._hub.notify_all()
                     async for message in pubsub.listen():
-                        self._hub.notify(_text(message["data"]))
+                        # Any client of the server may publish here: what is no id wakes no one.
+                        self._hub.notify(_text(message["data"], errors="replace"))
+                        failing = False
             except (RedisError, OSError, QueueUnavailable):
-                await asyncio.sleep(RECONNECT_S)
+                pass
+            except Exception:  # nobody awaits this task: a fault would end every wake-up
+                if not failing:
+                    log.exception("listening for job changes failed; subscribing again")
+                failing = True
+            await asyncio.sleep(RECONNECT_S)
 
     async def _publish(self, job_id: str) -> None:
         await self._client.publish(self._changes, job_id)
@@ -728,8 +736,8 @@ def refuses_writes(exc: ResponseError) -> bool:
     return isinstance(exc, _REFUSALS) or str(exc).startswith(_REFUSAL_CODES)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else value
 
 
 def _job_from_fields(job_id: str, fields: dict[str, Any]) -> Job:

@@ -3,6 +3,8 @@ write to. The behaviour every store shares is in test_store_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
 from tandem.jobs.redis import RedisJobStore, refuses_writes
+from tandem.predictions import Prediction, Scored
 from tests.support import RedisServer, free_port
 
 
@@ -125,3 +128,20 @@ def test_which_replies_are_a_redis_refusing_writes_for_now(
 ) -> None:
     """Those are QueueUnavailable (503, with the fast answer); any other is a fault to see."""
     assert refuses_writes(error) is refused
+
+
+async def test_a_message_on_the_changes_channel_that_is_no_job_id_is_not_fatal(
+    store: RedisJobStore,
+) -> None:
+    """Bytes that are not UTF-8, published on the channel by some other client of the server,
+    ended the process's one subscription: no watcher heard of a change again."""
+    job = await store.enqueue(JobSpec(id=new_job_id(), image=b"\xff\xd8 image"))
+    async with store.watch(job.id) as watch:
+        await watch.wait(timeout=0.2)  # the subscription is up: it wakes every watcher
+        await store._client.publish(store._changes, b"\xff\xfe not a job id")
+        await asyncio.sleep(0.2)
+        await store.claim("w", 1, 0)
+        await store.complete(job.id, Prediction("m", (Scored(1, "one", 0.9),), 1.0))
+        started = time.monotonic()
+        await watch.wait(timeout=10)
+        assert time.monotonic() - started < 3
