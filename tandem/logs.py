@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from typing import Literal
@@ -18,6 +19,11 @@ current_request_id: ContextVar[str | None] = ContextVar("tandem_request_id", def
 # Attributes a record may carry through `extra=`, copied into JSON lines.
 CONTEXT_FIELDS = ("request_id", "job_id", "worker_id", "method", "path", "status", "duration_ms")
 LogFormat = Literal["text", "json"]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 class ContextFilter(logging.Filter):
@@ -47,8 +53,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line a record (but for a traceback after it). Control characters in the message
+    are escaped: a path is logged as the client sent it, and `/health%0A...` had written a
+    line of the client's making, `%1b[...` a terminal escape."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from tandem.logs import JsonFormatter, TextFormatter
+
+
+def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord("tandem.access", logging.INFO, __file__, 1, message, args, exc_info)
+
+
+def test_a_text_line_escapes_what_a_client_put_in_a_path() -> None:
+    """`/health%0A...` wrote a second line of the client's making into the log."""
+    path = "/health\n2026-11-26 00:00:00,000 ERROR tandem.api: forged\x1b[31m"
+    line = TextFormatter().format(_record('"GET %s" %d', path, 404))
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert line.endswith(
+        '"GET /health\\n2026-11-26 00:00:00,000 ERROR tandem.api: forged\\x1b[31m" 404'
+    )
+
+
+def test_a_traceback_still_follows_its_line() -> None:
+    text = TextFormatter().format(_record("failed", exc=True))
+    first, *rest = text.splitlines()
+    assert first.endswith("tandem.access: failed")
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: boom"
+
+
+def test_a_json_line_keeps_the_message_as_sent() -> None:
+    line = JsonFormatter().format(_record('"GET %s"', "/a\nb"))
+    assert "\n" not in line
+    assert json.loads(line)["message"] == '"GET /a\nb"'
