@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.logs import current_request_id
 
 HEADER = "x-request-id"
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -28,8 +29,9 @@ def request_id_of(request: Request) -> str | None:
 
 
 class RequestIdMiddleware:
-    """Gives each request an id: the log context and the `X-Request-ID` header. Pure ASGI, so
-    streaming responses pass through untouched."""
+    """Gives each request an id: the log context and the `X-Request-ID` header; and every
+    response `X-Content-Type-Options: nosniff`. Pure ASGI, so streaming responses pass
+    through untouched."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -48,6 +50,8 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((HEADER.encode(), request_id.encode()))
+                if not any(name.lower() == NOSNIFF[0] for name, _ in headers):
+                    headers.append(NOSNIFF)  # a browser takes each body as its type says
                 message["headers"] = headers
             await send(message)
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tandem.api.errors import error_body
-from tandem.api.middleware import HEADER
+from tandem.api.middleware import HEADER, NOSNIFF
 from tandem.errors import HeadTooLarge, InvalidRequest, ReceiveTimeout, TandemError
 
 access_log = logging.getLogger("tandem.access")
@@ -53,6 +53,7 @@ def refusal(error: TandemError, default_headers: list[tuple[bytes, bytes]]) -> b
         b"content-type: application/json",
         b"content-length: " + str(len(body)).encode(),
         HEADER.encode() + b": " + request_id.encode(),
+        b": ".join(NOSNIFF),
         b"connection: close",
     ]
     return b"\r\n".join(head) + b"\r\n\r\n" + body

@@ -239,6 +239,16 @@ def test_head_answers_as_get_would_without_the_body(real_server: ServerProcess, 
     assert head.headers["content-type"] == got.headers["content-type"]
 
 
+@pytest.mark.parametrize("path", ["/health", "/", "/job/nope", "/metrics", "/docs"])
+def test_every_response_forbids_sniffing_its_type_once(
+    real_server: ServerProcess, path: str
+) -> None:
+    """Only the page said so: a browser could take a JSON body for something else."""
+    with real_server.client() as client:
+        response = client.get(path)
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
 def test_a_request_id_from_the_client_is_kept(real_server: ServerProcess) -> None:
     with real_server.client() as client:
         response = client.get("/job/nope", headers={"x-request-id": "trace-123"})

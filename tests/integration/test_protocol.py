@@ -48,6 +48,7 @@ def _assert_shaped(
 ) -> None:
     assert status == line
     assert headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff"
     assert int(headers["content-length"]) == len(body)
     error = json.loads(body)["error"]
     assert error["code"] == code
