@@ -50,8 +50,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((HEADER.encode(), request_id.encode()))
-                if not any(name.lower() == NOSNIFF[0] for name, _ in headers):
-                    headers.append(NOSNIFF)  # a browser takes each body as its type says
+                headers.append(NOSNIFF)  # a browser takes each body as its type says
                 message["headers"] = headers
             await send(message)
 

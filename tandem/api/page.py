@@ -40,8 +40,7 @@ def web_page() -> WebPage:
     )
     headers = {
         "Content-Security-Policy": policy,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "no-referrer",  # nosniff, as on every response: RequestIdMiddleware
     }
     return WebPage(html, headers)
 
