@@ -62,6 +62,13 @@ class ImageTooSmall(TandemError):
     code = "image_too_small"
 
 
+class ImageTooComplex(TandemError):
+    """An image whose decoding would cost far more than its pixels: a progressive JPEG's scans."""
+
+    status = 422
+    code = "image_too_complex"
+
+
 class IdempotencyKeyReused(TandemError):
     """The key came with another image or callback URL: its job is another request's."""
 

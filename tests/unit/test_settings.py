@@ -103,3 +103,9 @@ def test_a_standalone_worker_runs_a_lane_per_cpu_unless_told(tmp_path: Path) -> 
     assert one.accurate_prepare_threads == cpus  # one batch's images side by side
     told = load_settings({"TANDEM_WORKER_LANES": "2", "TANDEM_ACCURATE_THREADS": "3"}, **dirs)
     assert (told.worker_lane_count, told.accurate_lane_threads) == (2, 3)
+
+
+def test_the_image_limits_come_from_the_settings() -> None:
+    env = {"TANDEM_MAX_IMAGE_PIXELS": "1000", "TANDEM_MIN_IMAGE_SIDE": "3"}
+    limits = load_settings({**env, "TANDEM_MAX_JPEG_SCANS": "12"}).image_limits
+    assert (limits.max_pixels, limits.min_side, limits.max_jpeg_scans) == (1000, 3, 12)
