@@ -39,6 +39,12 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "JPEG", **options: Any) -
     return buffer.getvalue()
 
 
+def noise(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """An image of random pixels: one that compresses as little as a photo's detail."""
+    pixels = np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
 def progressive_jpeg(image: Image.Image, extra_scans: int = 0, **options: Any) -> bytes:
     """A progressive JPEG with its last scan written `extra_scans` more times.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from tandem.errors import (
     InvalidImage,
     UnsupportedImageFormat,
 )
+from tandem.runtime.containers import container_parts, jpeg_scans
 from tandem.runtime.manifest import Layout, Preprocess, Resize
 
 _INTERPOLATION = {
@@ -35,12 +35,6 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFE
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 GRAY_BAND_ROWS = 256
 
-# In a JPEG's entropy-coded data 0xFF is followed by a stuffed 0x00, a restart marker or more
-# 0xFF fill; anything else is the next marker.
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn stand alone
-_SOS, _EOI = 0xDA, 0xD9
-
 # Pillow reads an uncompressed TIFF as one tile per strip, each a Python object made at open
 # and a decoder run at load: 12 MB holding 1.5 million strips of one row took 16 s and 580 MB
 # to decode. libtiff, which Pillow uses for every compressed TIFF already, took 0.3 s and
@@ -54,6 +48,9 @@ class ImageLimits:
     min_side: int = 8
     # Encoders write 6 to 18 scans (libjpeg's progression); each costs a pass over the image.
     max_jpeg_scans: int = 100
+    # Far above what any encoder writes (a 16 MB PNG in libpng's 8 KB chunks has 2,000), and
+    # at most about 0.3 s of Pillow's parsing.
+    max_parts: int = 65_536
 
 
 def decode_image(
@@ -83,6 +80,7 @@ def decode_image(
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if not data:
         raise InvalidImage("the image is empty")
+    _check_parts(data, limits.max_parts)  # before Pillow walks them
     try:
         with warnings.catch_warnings():
             # Our own limits are checked next; Pillow's milder guard would only warn here.
@@ -132,6 +130,15 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
+def _check_parts(data: bytes, max_parts: int) -> None:
+    parts = container_parts(data, stop_after=max_parts)
+    if parts is not None and parts.count > max_parts:
+        raise ImageTooComplex(
+            f"the {parts.format} file has more than {max_parts} {parts.what}",
+            max_parts=max_parts,
+        )
+
+
 def _check_scans(data: bytes, max_scans: int) -> None:
     # A progressive scan can cover every block of the image in a few bytes (EOB runs), and
     # the decoder passes over them all for each: 2,000 scans in 354 KB took 80 s at 40 MP.
@@ -141,28 +148,6 @@ def _check_scans(data: bytes, max_scans: int) -> None:
             "each costs the decoder a pass over the whole image",
             max_scans=max_scans,
         )
-
-
-def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """The scans of the first image in a JPEG, counted up to `stop_after + 1`.
-
-    Segments are skipped by their lengths and a scan's coded data to the next marker; a
-    malformed stream ends the count, and the decoder then judges it.
-    """
-    scans, pos = 0, 2  # past SOI
-    while scans <= stop_after and pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == _EOI:
-            break
-        if marker == 0xFF or marker in _NO_LENGTH:
-            pos += 1 if marker == 0xFF else 2
-            continue
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == _SOS:
-            scans += 1
-            found = _NEXT_MARKER.search(data, pos)
-            pos = found.start() if found else len(data)
-    return scans
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

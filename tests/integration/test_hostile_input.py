@@ -48,6 +48,12 @@ def _exif_rotated() -> bytes:
     return encode(_cat().rotate(-90, expand=True), "JPEG", exif=exif)
 
 
+def _tiny_parts() -> bytes:
+    """70,000 empty comment segments before a JPEG's tables: each a turn of Pillow's loop."""
+    data = encode(_cat())
+    return data[:2] + b"\xff\xfe\x00\x02" * 70_000 + data[2:]
+
+
 def _wrong_magic() -> bytes:
     data = bytearray(encode(_cat()))
     data[:4] = b"\x89PNG"  # a JPEG body behind a PNG signature
@@ -74,6 +80,7 @@ CORPUS = {
         422,
         "image_too_complex",
     ),
+    "jpeg of tiny parts": (_tiny_parts(), 422, "image_too_complex"),
     "animated gif": (_animated_gif(), 200, None),
     "cmyk jpeg": (encode(_cat().convert("CMYK"), "JPEG"), 200, None),
     "16-bit png": (

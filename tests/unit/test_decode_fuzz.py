@@ -1,4 +1,4 @@
-"""Fuzzing the image-decoding path with mutated real JPEG and PNG bytes (hypothesis).
+"""Fuzzing the image-decoding path with mutated real images of each format (hypothesis).
 
 Every input gives an RGB image or one of our typed errors, never anything else, and decoding
 stays within its pixel budget, so memory stays bounded whatever the bytes claim.
@@ -17,7 +17,7 @@ from skimage import data as photos
 
 from tandem.errors import TandemError
 from tandem.runtime.imaging import ImageLimits, decode_image
-from tests.support import encode
+from tests.support import encode, progressive_jpeg
 
 LIMITS = ImageLimits(max_pixels=2_000_000, min_side=8)
 SEEDS = [
@@ -25,6 +25,9 @@ SEEDS = [
     encode(photos.coffee()[:100, :100], "PNG"),
     encode(photos.astronaut()[:64, :64], "GIF"),
     encode(photos.rocket()[:64, :64], "WEBP"),
+    encode(photos.camera()[:64, :48], "TIFF"),
+    encode(photos.coffee()[:48, :64], "TIFF", compression="tiff_lzw"),
+    progressive_jpeg(Image.fromarray(photos.chelsea()[:64, :96]), extra_scans=3),
 ]
 
 
@@ -48,7 +51,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 @given(mutated())
 @settings(
-    max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=600, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 def test_mutated_images_decode_or_fail_typed(data: bytes) -> None:
     outcome: Image.Image | TandemError

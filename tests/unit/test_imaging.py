@@ -12,16 +12,9 @@ import pytest
 from PIL import Image
 
 from tandem.errors import ImageTooComplex, ImageTooLarge, InvalidImage
-from tandem.runtime.imaging import (
-    ImageLimits,
-    decode_image,
-    jpeg_scans,
-    resize_for,
-    to_rgb,
-    to_tensor,
-)
+from tandem.runtime.imaging import ImageLimits, decode_image, resize_for, to_rgb, to_tensor
 from tandem.runtime.manifest import Layout, Preprocess, Resize
-from tests.support import encode, progressive_jpeg
+from tests.support import encode, noise, progressive_jpeg
 
 LIMIT = ImageLimits(max_pixels=10_000_000, min_side=1)
 
@@ -205,37 +198,9 @@ def test_pixel_bombs_are_refused_before_decoding(width: int, height: int) -> Non
         decode_image(_png_header_only(width, height), LIMIT)
 
 
-def _noise(width: int, height: int, mode: str = "RGB") -> Image.Image:
-    pixels = np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels).convert(mode)
-
-
-@pytest.mark.parametrize(("mode", "scans"), [("RGB", 10), ("L", 6), ("CMYK", 18)])
-def test_the_scans_of_a_progressive_jpeg_are_counted(mode: str, scans: int) -> None:
-    # libjpeg's progression for each kind of image, as Pillow writes it.
-    assert jpeg_scans(progressive_jpeg(_noise(64, 48, mode)), stop_after=1000) == scans
-    assert jpeg_scans(progressive_jpeg(_noise(64, 48, mode), 7), stop_after=1000) == scans + 7
-    assert jpeg_scans(encode(_noise(64, 48, mode), "JPEG"), stop_after=1000) == 1
-
-
-def test_marker_bytes_inside_a_segment_or_after_the_image_are_not_scans() -> None:
-    comment = b"\xff\xda" * 300
-    data = progressive_jpeg(_noise(64, 48), comment=comment, exif=comment)
-    assert jpeg_scans(data + data, stop_after=1000) == 10
-    assert decode_image(data, LIMIT).size == (64, 48)
-
-
-def test_the_count_stops_after_the_limit_and_at_a_malformed_stream() -> None:
-    data = progressive_jpeg(_noise(64, 48), extra_scans=50)
-    assert jpeg_scans(data, stop_after=20) == 21
-    assert jpeg_scans(data[: len(data) // 2], stop_after=1000) < 60
-    assert jpeg_scans(b"\xff\xd8\xff\xda", stop_after=1000) == 0
-    assert jpeg_scans(b"\xff\xd8" + b"\x00" * 20, stop_after=1000) == 0
-
-
 def test_a_progressive_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
     # 2,000 scans of a few bytes each: decoded, this image takes seconds, and 40 MP a minute.
-    bomb = progressive_jpeg(_noise(1000, 1000), extra_scans=2000)
+    bomb = progressive_jpeg(noise(1000, 1000), extra_scans=2000)
     with pytest.raises(ImageTooComplex) as refused:
         decode_image(bomb, LIMIT)
     assert refused.value.details == {"max_scans": LIMIT.max_jpeg_scans}
@@ -243,9 +208,9 @@ def test_a_progressive_jpeg_with_too_many_scans_is_refused_before_decoding() -> 
 
 def test_a_progressive_jpeg_up_to_the_scan_limit_decodes() -> None:
     limits = ImageLimits(max_pixels=LIMIT.max_pixels, min_side=1, max_jpeg_scans=12)
-    assert decode_image(progressive_jpeg(_noise(64, 48), extra_scans=2), limits).size == (64, 48)
+    assert decode_image(progressive_jpeg(noise(64, 48), extra_scans=2), limits).size == (64, 48)
     with pytest.raises(ImageTooComplex):
-        decode_image(progressive_jpeg(_noise(64, 48), extra_scans=3), limits)
+        decode_image(progressive_jpeg(noise(64, 48), extra_scans=3), limits)
 
 
 def test_short_side_crop_keeps_the_centre() -> None:
