@@ -17,6 +17,7 @@ from PIL import Image
 from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
     ConfigurationError,
+    DiskLow,
     IdempotencyKeyReused,
     InvalidModelOutput,
     JobFinished,
@@ -39,6 +40,7 @@ from tandem.jobs.records import (
     request_fingerprint,
 )
 from tandem.jobs.store import JobStore, QueueStats
+from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
 from tandem.runtime.assets import sample_image_bytes
@@ -127,6 +129,7 @@ class TandemService:
         self._watches: set[Watch] = set()
         # Fast answers added to their jobs after the response went out (see _attach_later).
         self._answers = _AnswerWrites(self._attach_fast, ANSWER_WRITE_AFTER_S)
+        self._storing = Outage(log, "storing new jobs")
 
     async def warm_up(self) -> None:
         """Run the sample photo once: the first ONNX call is slow, and /metadata shows it. A
@@ -335,6 +338,8 @@ class TandemService:
         try:
             job = await self.store.enqueue(spec)
         except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
+            if isinstance(exc, QueueUnavailable | DiskLow):  # a full queue is load, not a fault
+                self._storing.failed(exc.message)
             exc.details.setdefault("retry_after", self.retry_after_s)
             return None, exc
         except TandemError:  # says what went wrong already
@@ -345,6 +350,7 @@ class TandemService:
             log.exception("storing job %s failed", spec.id)
             unstored = "the job could not be stored; see the server log"
             return None, QueueUnavailable(unstored, retry_after=self.retry_after_s)
+        self._storing.ended()
         if job.fingerprint is not None and job.fingerprint != spec.fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was sent before with another image or callback_url",

@@ -25,6 +25,7 @@ from tandem.jobs.factory import make_store
 from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
+from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
 from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
@@ -104,6 +105,8 @@ class Worker:
         self._last_purge = 0.0
         self._last_sweep = 0.0
         self._storing: asyncio.Task[None] | None = None
+        self._claims = Outage(log, "claiming jobs")
+        self._upkeep = Outage(log, "housekeeping")
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
@@ -161,9 +164,10 @@ class Worker:
         try:
             claims = await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
         except QueueUnavailable as exc:
-            log.warning("queue unavailable, retrying: %s", exc.message)
+            self._claims.failed(f"{exc.message}; retrying every {self.config.poll_s:g} s")
             await asyncio.sleep(self.config.poll_s)
             return []
+        self._claims.ended()
         self._leases.hold(claim.id for claim in claims)  # let go once their batch is done
         return claims
 
@@ -186,7 +190,9 @@ class Worker:
                 await self._take_up_deliveries()
                 self._last_sweep = now
         except QueueUnavailable as exc:
-            log.warning("housekeeping skipped: %s", exc.message)
+            self._upkeep.failed(exc.message)
+        else:
+            self._upkeep.ended()
 
     async def _take_up_deliveries(self) -> None:
         """Post the finished jobs no worker is posting: never tried (they ended where no worker

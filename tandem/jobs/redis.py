@@ -65,6 +65,7 @@ from tandem.jobs.store import (
     StorePolicy,
     unreadable_failure,
 )
+from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 
@@ -315,7 +316,7 @@ class RedisJobStore:
     async def _listen(self) -> None:
         """Feed the hub from the changes channel: one subscription per process, whatever the
         number of watchers. Reconnects by itself; after a gap every watcher re-reads."""
-        failing = False
+        faults = Outage(log, "listening for job changes", level=logging.ERROR)
         while True:
             try:
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
@@ -324,13 +325,11 @@ class RedisJobStore:
                     async for message in pubsub.listen():
                         # Any client of the server may publish here: what is no id wakes no one.
                         self._hub.notify(_text(message["data"], errors="replace"))
-                        failing = False
+                        faults.ended()
             except (RedisError, OSError, QueueUnavailable):
-                pass
-            except Exception:  # nobody awaits this task: a fault would end every wake-up
-                if not failing:
-                    log.exception("listening for job changes failed; subscribing again")
-                failing = True
+                pass  # Redis away: those who use it say so
+            except Exception as exc:  # nobody awaits this task: a fault would end every wake-up
+                faults.failed(f"{exc!r}; subscribing again", exc_info=True)
             await asyncio.sleep(RECONNECT_S)
 
     async def _publish(self, job_id: str) -> None:

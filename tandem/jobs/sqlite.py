@@ -53,6 +53,7 @@ from tandem.jobs.store import (
     StorePolicy,
     unreadable_failure,
 )
+from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.tasks import stop
 from tandem.threads import pool
@@ -633,18 +634,16 @@ class _OtherWriters:
 
     async def _every_while(self) -> None:
         seen: int | None = None
-        failing = False
+        faults = Outage(log, "looking for other processes' writes", level=logging.ERROR)
         while True:
             version: int | None = seen  # unless the look succeeds; the next one tries again
             try:
                 version = await self._look()
-                failing = False
+                faults.ended()
             except QueueUnavailable:
                 pass
-            except Exception:  # nobody awaits this task: a fault would end every wake-up
-                if not failing:
-                    log.exception("looking for other processes' writes failed; trying on")
-                failing = True
+            except Exception as exc:  # nobody awaits this task: a fault would end every wake-up
+                faults.failed(f"{exc!r}; trying on", exc_info=True)
             if seen is not None and version != seen:
                 self._hub.notify_all()
             seen = version

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from starlette.testclient import TestClient
 from tandem import service
 from tandem.api import app as app_module
 from tandem.api.app import create_app
-from tandem.errors import ConfigurationError
+from tandem.errors import ConfigurationError, QueueFull, QueueUnavailable, ServiceUnavailable
 from tandem.jobs.records import Job, JobSpec, load_meta
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.predictions import Prediction
@@ -323,6 +324,36 @@ def test_a_fault_storing_the_job_still_gives_the_fast_answer(
     assert body["error"]["message"] == "the job could not be stored; see the server log"
     assert response.headers["Retry-After"] == "5"
     assert "database disk image is malformed" in caplog.text
+
+
+class _Away(SQLiteJobStore):
+    """A queue that refuses new jobs while `away` (Redis down), or answers that it is full."""
+
+    away: type[ServiceUnavailable] | None = QueueUnavailable
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        if self.away is not None:
+            raise self.away("Redis is unavailable: Connection refused")
+        return await super().enqueue(spec)
+
+
+def test_an_unavailable_queue_is_logged_when_it_goes_and_when_it_comes_back(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy whose Redis refused it had said nothing in its log: only /health/all and
+    each client's 503 told. A full queue is load, not a fault, and is not logged."""
+    caplog.set_level(logging.INFO, logger="tandem.service")
+    store = _Away(tmp_path / "jobs.db")
+    with TestClient(create_app(_settings(tiny_dir, tmp_path), store=store)) as client:
+        for away in (QueueUnavailable, QueueUnavailable, QueueUnavailable, None, QueueFull):
+            store.away = away
+            response = client.post("/predict", content=RED, headers={"Content-Type": "image/png"})
+            assert response.status_code == (200 if away is None else 503)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tandem.service"]
+    assert [re.sub(r"\d+ s$", "N s", line) for line in lines] == [
+        "storing new jobs failed: Redis is unavailable: Connection refused",
+        "storing new jobs recovered after N s",
+    ]
 
 
 def test_a_disk_under_its_floor_refuses_new_jobs_with_the_fast_answer_and_readiness_fails(

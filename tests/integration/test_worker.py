@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +19,7 @@ import numpy.typing as npt
 import pytest
 
 from tandem.errors import QueueUnavailable
-from tandem.jobs.records import Job, JobSpec, JobStatus, new_job_id
+from tandem.jobs.records import Claim, Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import Completed, JobStore, StorePolicy
@@ -295,6 +297,53 @@ async def test_a_job_whose_answer_could_not_be_stored_comes_back_by_its_lease(
             await _job_where(store, job_id, lambda job: job.attempts >= 2)
     finally:
         await store.close()
+
+
+class Away(SQLiteJobStore):
+    """A store that refuses claims and heartbeats while `away`, as Redis does when it is down
+    or refuses the password."""
+
+    away = True
+
+    async def claim(self, *args: Any, **kwargs: Any) -> list[Claim]:
+        if self.away:
+            raise QueueUnavailable("Redis is unavailable: invalid username-password pair")
+        return await super().claim(*args, **kwargs)
+
+    async def beat(self, *args: Any, **kwargs: Any) -> None:
+        if self.away:
+            raise QueueUnavailable("Redis is unavailable: invalid username-password pair")
+        await super().beat(*args, **kwargs)
+
+
+async def test_a_queue_that_stays_away_is_logged_once_and_its_return_too(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker retrying every poll had logged two lines each time, for as long as it lasted."""
+    caplog.set_level(logging.INFO, logger="tandem.worker")
+    store = Away(tmp_path / "jobs.db")
+    await store.open()
+    worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=0.01))
+    try:
+        async with running(worker):
+            await asyncio.sleep(0.5)  # about 50 claims refused
+            store.away = False
+            job_id = new_job_id()
+            await store.enqueue(JobSpec(id=job_id, image=RED))
+            await _finished(store, job_id)
+    finally:
+        await store.close()
+    lines = [record.getMessage() for record in caplog.records if record.name == "tandem.worker"]
+    faults = [line for line in lines if " failed: " in line or " recovered after " in line]
+    refused = "Redis is unavailable: invalid username-password pair"
+    assert faults[:2] == [
+        f"housekeeping failed: {refused}",
+        f"claiming jobs failed: {refused}; retrying every 0.01 s",
+    ]
+    assert sorted(re.sub(r"\d+ s$", "N s", line) for line in faults[2:]) == [
+        "claiming jobs recovered after N s",
+        "housekeeping recovered after N s",
+    ]
 
 
 async def _done_jobs(store: SQLiteJobStore, n: int, timeout_s: float = 10.0) -> None:
