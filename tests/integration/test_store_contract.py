@@ -428,6 +428,26 @@ async def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None
     assert await store.queue_depth() == 2
 
 
+async def test_retries_racing_with_one_key_through_two_proxies_get_one_job(
+    factory: StoreFactory,
+) -> None:
+    """A client retrying while its first request is still in flight, through another proxy
+    behind the load balancer: each store's enqueue must be atomic, not read-then-write."""
+    stores = [await _opened(factory, LONG) for _ in range(2)]
+    try:
+        jobs = await asyncio.gather(
+            *(
+                stores[i % 2].enqueue(replace(spec(), id=new_job_id(), idempotency_key="race"))
+                for i in range(20)
+            )
+        )
+        assert len({job.id for job in jobs}) == 1
+        assert await stores[0].queue_depth() == 1
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_an_idempotency_key_counts_within_its_scope(store: JobStore) -> None:
     """Two clients (API keys) may pick the same key: each gets its own job, and its own back."""
     mine = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="a"))
