@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -55,6 +56,17 @@ def progressive_jpeg(image: Image.Image, extra_scans: int = 0, **options: Any) -
     # The last scan runs to EOI, and 0xFFDA never occurs inside coded data.
     last_scan = data[data.rindex(b"\xff\xda") : -2]
     return data[:-2] + last_scan * extra_scans + data[-2:]
+
+
+def rle_bmp(width: int, height: int) -> bytes:
+    """An 8-bit BMP compressed with RLE8 (Pillow writes none): runs of two grey pixels."""
+    row = b"\x02\x80" * (width // 2) + b"\x00\x00"  # end of line
+    pixels = row * height + b"\x00\x01"  # end of bitmap
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 0, 0, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    return header + info + palette + pixels
 
 
 def b64(data: bytes) -> str:

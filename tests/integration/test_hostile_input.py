@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.support import ServerProcess, b64, clean_env, encode, progressive_jpeg
+from tests.support import ServerProcess, b64, clean_env, encode, progressive_jpeg, rle_bmp
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,7 @@ CORPUS = {
         "unsupported_image_format",
     ),
     "unsupported format (PPM)": (encode(_cat(), "PPM"), 415, "unsupported_image_format"),
+    "rle-compressed bmp": (rle_bmp(64, 48), 415, "unsupported_image_format"),
     "progressive jpeg, 2000 scans": (
         progressive_jpeg(Image.new("RGB", (1000, 1000), "teal"), 2000),
         422,

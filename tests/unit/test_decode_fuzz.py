@@ -26,6 +26,7 @@ SEEDS = [
     encode(photos.astronaut()[:64, :64], "GIF"),
     encode(photos.rocket()[:64, :64], "WEBP"),
     encode(photos.camera()[:64, :48], "TIFF"),
+    encode(photos.astronaut()[:40, :40], "BMP"),
     encode(photos.coffee()[:48, :64], "TIFF", compression="tiff_lzw"),
     progressive_jpeg(Image.fromarray(photos.chelsea()[:64, :96]), extra_scans=3),
 ]
