@@ -34,6 +34,9 @@ SIGNATURE_HEADER = "Tandem-Signature"
 TIMESTAMP_HEADER = "Tandem-Timestamp"
 # How long a stopping worker gives deliveries in progress.
 STOP_GRACE_S = 5.0
+# Of a receiver's answer only the status counts. A short body is read, so that its connection
+# serves the next post; a longer one is left, and the connection closed with it.
+READ_AT_MOST = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +213,19 @@ class WebhookSender:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.policy.secret, timestamp, body),
         }
+        status: int | None = None
         try:
-            response = await self._http.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"{type(exc).__name__}: {exc}", permanent=False) from exc
-        return response.status_code
+            # httpx's timeout bounds each read; a receiver sending its answer a byte at a time
+            # had held the post for good.
+            async with asyncio.timeout(self.policy.timeout_s):
+                async with self._http.stream("POST", url, content=body, headers=headers) as answer:
+                    status = answer.status_code
+                    await _read_some(answer, READ_AT_MOST)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            if status is None:  # once the status is in, the body does not matter
+                reason = str(exc) or f"no answer within {self.policy.timeout_s:g} s"
+                raise DeliveryFailed(f"{type(exc).__name__}: {reason}", permanent=False) from exc
+        return status
 
     async def _record(
         self, job: Job, state: DeliveryState, attempts: int, error: str | None
@@ -222,3 +233,13 @@ class WebhookSender:
         delivery = Delivery(state, attempts, error, time.time())
         with contextlib.suppress(QueueUnavailable):  # the delivery matters more than its record
             await self.store.record_delivery(job.id, delivery)
+
+
+async def _read_some(answer: httpx.Response, limit: int) -> None:
+    """Read the answer's body up to `limit` bytes: one that streamed without end had been read
+    whole, into memory."""
+    read = 0
+    async for chunk in answer.aiter_raw():
+        read += len(chunk)
+        if read > limit:
+            return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -44,6 +45,8 @@ class Receiver:
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
     delay_s: float = 0.0  # before each answer
+    # "endless": a 200 whose body never ends; "trickle": a head sent a byte at a time.
+    answer: str = "plain"
 
     @property
     def host(self) -> str:
@@ -63,11 +66,27 @@ def receiver() -> Iterator[Receiver]:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             time.sleep(state.delay_s)
             state.received.append((dict(self.headers.items()), body))
+            if state.answer != "plain":
+                self._stream(state.answer)
+                return
             status = state.statuses.pop(0) if state.statuses else 200
             self.send_response(status)
             if 300 <= status < 400:
                 self.send_header("Location", "http://elsewhere.invalid/")
             self.end_headers()
+
+        def _stream(self, answer: str) -> None:
+            """Write until the client hangs up, or for 20 s at most."""
+            head, part = (b"HTTP/1.1 200 OK\r\n\r\n", b"x" * 65536)
+            if answer == "trickle":
+                head, part = (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"x")
+            deadline = time.monotonic() + 20
+            with contextlib.suppress(OSError):
+                self.wfile.write(head)
+                while time.monotonic() < deadline:
+                    self.wfile.write(part)
+                    self.wfile.flush()
+                    time.sleep(0.2 if answer == "trickle" else 0.001)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -370,6 +389,40 @@ async def test_more_finished_jobs_than_connections_wait_their_turn_not_fail(
         await store.close()
     assert {(d.state, d.attempts) for d in deliveries} == {(DeliveryState.DELIVERED, 1)}
     assert len(receiver.received) == len(specs)
+
+
+@pytest.mark.parametrize(
+    ("answer", "state", "error"),
+    [
+        ("endless", DeliveryState.DELIVERED, None),
+        ("trickle", DeliveryState.FAILED, "TimeoutError: no answer within 1 s"),
+    ],
+)
+async def test_a_receiver_that_never_finishes_its_answer_costs_one_timeout(
+    tmp_path: Path, receiver: Receiver, answer: str, state: DeliveryState, error: str | None
+) -> None:
+    """httpx's timeout bounds each read, not the post: a receiver sending its head a byte at a
+    time held the delivery for good, and a body without end was read into memory."""
+    receiver.answer = answer
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    policy = WebhookPolicy(
+        allowed_hosts=frozenset({receiver.host}), secret=SECRET, timeout_s=1.0, max_attempts=1
+    )
+    sender = WebhookSender(store, policy)
+    job_spec = JobSpec(id=new_job_id(), image=PNG, callback_url=receiver.url())
+    try:
+        await store.enqueue(job_spec)
+        await store.claim("w", 1, 0)
+        await store.complete_many({job_spec.id: PREDICTION})
+        job = await store.get(job_spec.id)
+        assert job is not None
+        sender.send(job)
+        delivery = await _delivered(store, job_spec.id, timeout_s=5.0)
+    finally:
+        await sender.close()
+        await store.close()
+    assert (delivery.state, delivery.attempts, delivery.last_error) == (state, 1, error)
 
 
 async def _delivered(store: SQLiteJobStore, job_id: str, timeout_s: float = 10.0) -> Delivery:
