@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import logging
 import uuid
 from collections.abc import Callable
 
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tandem.api.errors import error_body
@@ -45,7 +45,7 @@ def refusal(error: TandemError, default_headers: list[tuple[bytes, bytes]]) -> b
     access_log.info(
         "unparsed request %d; %s", error.status, error.message, extra={"request_id": request_id}
     )
-    body = json.dumps(error_body(error, request_id)).encode()
+    body = JSONResponse(error_body(error, request_id)).body  # as the app's own errors render
     status = http.HTTPStatus(error.status)
     head = [
         f"HTTP/1.1 {status.value} {status.phrase}".encode(),

@@ -51,6 +51,8 @@ def _assert_shaped(
     assert headers["x-content-type-options"] == "nosniff"
     assert int(headers["content-length"]) == len(body)
     error = json.loads(body)["error"]
+    # Byte for byte as the app renders its errors: compact, as one JSON shape should read.
+    assert body == json.dumps(json.loads(body), separators=(",", ":")).encode()
     assert error["code"] == code
     if code == "invalid_request":
         assert error["message"] == "Invalid HTTP request received."
