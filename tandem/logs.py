@@ -81,3 +81,6 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Warnings too, such as Pillow's on a client's corrupt EXIF: printed raw, they broke the
+    # one JSON object a line. Each still comes once a place, as Python's filters have it.
+    logging.captureWarnings(True)

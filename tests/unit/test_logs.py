@@ -3,8 +3,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 
-from tandem.logs import JsonFormatter, TextFormatter
+import pytest
+
+from tandem.logs import JsonFormatter, TextFormatter, configure_logging
 
 
 def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -40,3 +43,23 @@ def test_a_json_line_keeps_the_message_as_sent() -> None:
     line = JsonFormatter().format(_record('"GET %s"', "/a\nb"))
     assert "\n" not in line
     assert json.loads(line)["message"] == '"GET /a\nb"'
+
+
+def test_warnings_come_out_in_the_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """Pillow's warning on a client's corrupt EXIF was printed raw, two lines amid JSON."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info", "json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Corrupt EXIF data.", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "warning"
+    assert "UserWarning: Corrupt EXIF data." in record["message"]
