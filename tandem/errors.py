@@ -63,7 +63,8 @@ class ImageTooSmall(TandemError):
 
 
 class ImageTooComplex(TandemError):
-    """An image whose decoding would cost far more than its pixels: a progressive JPEG's scans."""
+    """An image whose structure would cost the decoder far more than its pixels: too many
+    scans in a progressive JPEG, or too many parts in a JPEG, PNG or GIF container."""
 
     status = 422
     code = "image_too_complex"
