@@ -49,6 +49,9 @@ def test_warnings_come_out_in_the_log_format(capsys: pytest.CaptureFixture[str])
     """Pillow's warning on a client's corrupt EXIF was printed raw, two lines amid JSON."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    # Another test's configure_logging leaves logging believing it captures warnings, while
+    # pytest has put its own showwarning back: capturing again would then do nothing.
+    logging.captureWarnings(False)
     try:
         configure_logging("info", "json")
         with warnings.catch_warnings():
