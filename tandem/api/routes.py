@@ -227,6 +227,7 @@ async def get_job(
         Query(
             ge=0,
             le=MAX_WAIT_S,
+            allow_inf_nan=False,
             description="Long-poll: answer as soon as the job is finished, or after this many "
             "seconds (capped just below the request deadline).",
         ),

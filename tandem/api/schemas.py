@@ -25,7 +25,8 @@ class PredictRequest(BaseModel):
 class GateParams(BaseModel):
     """The query parameters that override the server's cascade gate for one request."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # `nan` had been refused as "less than or equal to 1": say what is wrong with it.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     policy: Policy | None = Field(
         None, description="Cascade policy for this request (default: the server's)."

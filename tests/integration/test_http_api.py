@@ -167,6 +167,25 @@ def test_bad_requests_get_typed_errors_and_cost_no_job(
 
 
 @pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/job/0123456789abcdef0123456789abcdef?wait=nan", "query.wait"),
+        ("/job/0123456789abcdef0123456789abcdef?wait=inf", "query.wait"),
+        ("/predict/test?threshold=nan", "query.threshold"),
+        ("/predict/test?margin=-inf", "query.margin"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_named_as_such(
+    real_server: ServerProcess, path: str, field: str
+) -> None:
+    """`wait=nan` had been answered "Input should be less than or equal to 60"."""
+    with real_server.client() as client:
+        response = client.get(path)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"] == f"{field}: Input should be a finite number"
+
+
+@pytest.mark.parametrize(
     ("case", "image", "status", "code"),
     [
         ("truncated jpeg", _truncated_jpeg(), 422, "invalid_image"),
