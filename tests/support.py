@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,17 @@ def progressive_jpeg(image: Image.Image, extra_scans: int = 0, **options: Any) -
     # The last scan runs to EOI, and 0xFFDA never occurs inside coded data.
     last_scan = data[data.rindex(b"\xff\xda") : -2]
     return data[:-2] + last_scan * extra_scans + data[-2:]
+
+
+def png_chunk(kind: bytes, body: bytes = b"") -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width`x`height` RGB pixels and holds none: a pixel bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND")
 
 
 def rle_bmp(width: int, height: int) -> bytes:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import collections
 import io
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,22 +15,21 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.support import ServerProcess, b64, clean_env, encode, progressive_jpeg, rle_bmp
+from tests.support import (
+    ServerProcess,
+    b64,
+    clean_env,
+    encode,
+    png_header_only,
+    progressive_jpeg,
+    rle_bmp,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def _cat() -> Image.Image:
     return Image.fromarray(photos.chelsea())
-
-
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def _animated_gif() -> bytes:
@@ -66,7 +63,7 @@ CORPUS = {
     "truncated jpeg": (encode(_cat())[:4000], 422, "invalid_image"),
     "wrong magic": (_wrong_magic(), 422, "invalid_image"),
     "random bytes": (np.random.default_rng(7).bytes(5000), 422, "invalid_image"),
-    "pixel bomb 30000x30000": (_png_header(30000, 30000), 413, "image_too_large"),
+    "pixel bomb 30000x30000": (png_header_only(30000, 30000), 413, "image_too_large"),
     "1x1": (encode(Image.new("RGB", (1, 1)), "PNG"), 422, "image_too_small"),
     "20000x1": (encode(Image.new("L", (20000, 1)), "PNG"), 422, "image_too_small"),
     "unsupported format (ICO)": (

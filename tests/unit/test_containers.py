@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import pytest
 from PIL import Image
 
 from tandem.errors import ImageTooComplex
 from tandem.runtime.containers import PNG_SIGNATURE, container_parts, jpeg_scans
 from tandem.runtime.imaging import ImageLimits, decode_image
-from tests.support import encode, noise, progressive_jpeg
+from tests.support import encode, noise, png_chunk, progressive_jpeg
 
 LIMIT = ImageLimits(max_pixels=10_000_000, min_side=1)
 MANY = LIMIT.max_parts + 1000
@@ -40,10 +37,6 @@ def test_the_count_stops_after_the_limit_and_at_a_malformed_stream() -> None:
     assert jpeg_scans(b"\xff\xd8" + b"\x00" * 20, stop_after=1000) == 0
 
 
-def _png_chunk(kind: bytes, body: bytes = b"") -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     chunks, pos = [], len(PNG_SIGNATURE)
     while pos < len(data):
@@ -68,10 +61,10 @@ def _png_with(ancillary: int = 0, idat_size: int | None = None, side: int = 64) 
     size = idat_size or len(data)
     return (
         PNG_SIGNATURE
-        + _png_chunk(b"IHDR", chunks[0][1])
-        + _png_chunk(b"teSt") * ancillary
-        + b"".join(_png_chunk(b"IDAT", data[at : at + size]) for at in range(0, len(data), size))
-        + _png_chunk(b"IEND")
+        + png_chunk(b"IHDR", chunks[0][1])
+        + png_chunk(b"teSt") * ancillary
+        + b"".join(png_chunk(b"IDAT", data[at : at + size]) for at in range(0, len(data), size))
+        + png_chunk(b"IEND")
     )
 
 

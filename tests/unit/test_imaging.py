@@ -19,7 +19,7 @@ from tandem.errors import (
 )
 from tandem.runtime.imaging import ImageLimits, decode_image, resize_for, to_rgb, to_tensor
 from tandem.runtime.manifest import Layout, Preprocess, Resize
-from tests.support import encode, noise, progressive_jpeg, rle_bmp
+from tests.support import encode, noise, png_chunk, png_header_only, progressive_jpeg, rle_bmp
 
 LIMIT = ImageLimits(max_pixels=10_000_000, min_side=1)
 
@@ -63,11 +63,12 @@ def _png(width: int, height: int, pixel: bytes, colour_type: int, depth: int = 8
     row = b"\x00" + pixel * width  # filter type 0
     data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND")
-
-
-def _chunk(kind: bytes, body: bytes = b"") -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", data)
+        + png_chunk(b"IEND")
+    )
 
 
 PEAK_OF_A_DECODE = """
@@ -192,15 +193,10 @@ def test_a_truncated_jpeg_is_invalid() -> None:
         decode_image(data[: len(data) // 3], LIMIT)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND")
-
-
 @pytest.mark.parametrize(("width", "height"), [(5000, 5000), (30000, 30000)])
 def test_pixel_bombs_are_refused_before_decoding(width: int, height: int) -> None:
     with pytest.raises(ImageTooLarge):
-        decode_image(_png_header_only(width, height), LIMIT)
+        decode_image(png_header_only(width, height), LIMIT)
 
 
 def test_a_progressive_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
