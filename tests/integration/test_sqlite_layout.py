@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -157,6 +160,14 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+async def _grown(path: Path, size: int) -> None:
+    for _ in range(200):  # the file grows on another thread: looked at, not awaited
+        if _size(path) > size:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} stayed at {_size(path)} bytes")
+
+
 async def test_commits_leave_the_wal_to_the_checkpointer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,14 +194,136 @@ async def test_the_checkpointer_moves_the_wal_into_the_database(
     await store.open()
     try:
         await _enqueue_megabytes(store, 6)
-        for _ in range(200):  # the file grows on another thread: looked at, not awaited
-            if _size(store.path) > 6_000_000:
-                break
-            await asyncio.sleep(0.05)
-        assert _size(store.path) > 6_000_000
+        await _grown(store.path, 6_000_000)
         assert len(await store.claim("w", 100, 0)) == 60  # every job still there
     finally:
         await store.close()
+
+
+async def test_the_wal_is_cut_back_after_a_busy_spell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(sqlite_store, "WAL_KEPT_BYTES", MIB)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await _enqueue_megabytes(store, 6)  # all in one WAL, faster than its checkpoints
+        await _grown(store.path, 6_000_000)
+        await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))  # starts it over
+        assert _size(tmp_path / "jobs.db-wal") <= MIB
+    finally:
+        await store.close()
+
+
+async def _finished_megabytes(store: SQLiteJobStore, megabytes: int) -> None:
+    """Jobs whose images, `megabytes` of them, are dropped: their pages are free."""
+    await _enqueue_megabytes(store, megabytes)
+    claims = await store.claim("w", megabytes * 10, 0)
+    await store.complete_many({claim.id: ANSWER for claim in claims})
+
+
+def _free_pages(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        return int(c.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+async def test_a_purge_gives_back_the_pages_of_finished_jobs_beyond_a_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_store, "KEEP_FREE_BYTES", 2 * MIB)
+    monkeypatch.setattr(sqlite_store, "RECLAIM_STEP_PAGES", 64)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await _finished_megabytes(store, 12)
+        await store.enqueue(JobSpec(id=new_job_id(), image=os.urandom(100_000)))  # kept
+        with caplog.at_level(logging.INFO, logger="tandem.jobs"):
+            assert await store.purge_expired() == 0  # nothing expired; the pages count
+        assert 2 * MIB - 4096 <= _free_pages(store.path) * 4096 <= 2 * MIB
+        assert re.search(r"gave \d+ MiB back to the file system", caplog.text)
+    finally:
+        await store.close()
+    assert _size(store.path) < 4 * MIB  # not the 12 MB the images took
+    store = SQLiteJobStore(store.path)
+    await store.open()
+    try:
+        assert len(await store.claim("w", 10, 0)) == 1  # the job moved, whole
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def freed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SQLiteJobStore]:
+    """A store with 2 MB of pages that finished jobs freed, all to give back, 16 a step."""
+    monkeypatch.setattr(sqlite_store, "KEEP_FREE_BYTES", 0)
+    monkeypatch.setattr(sqlite_store, "RECLAIM_STEP_PAGES", 16)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        await _finished_megabytes(store, 2)
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_giving_pages_back_lets_enqueues_in_between_its_steps(
+    freed: SQLiteJobStore,
+) -> None:
+    finished: list[str] = []
+
+    async def purge() -> None:
+        await freed.purge_expired()
+        finished.append("purge")
+
+    async def enqueue() -> None:
+        await freed.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        finished.append("enqueue")
+
+    await asyncio.gather(purge(), enqueue())
+    assert finished == ["enqueue", "purge"]
+    assert _free_pages(freed.path) == 0
+
+
+async def test_giving_pages_back_stops_after_its_time_and_goes_on_at_the_next_purge(
+    freed: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = _free_pages(freed.path)
+    monkeypatch.setattr(sqlite_store, "RECLAIM_FOR_S", 0.0)  # one step, then stop
+    await freed.purge_expired()
+    assert _free_pages(freed.path) == free - 16
+    monkeypatch.setattr(sqlite_store, "RECLAIM_FOR_S", 60.0)
+    await freed.purge_expired()
+    assert _free_pages(freed.path) == 0
+
+
+async def test_a_file_of_an_earlier_version_is_kept_and_says_how_to_make_it_shrink(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jobs.db"
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        c.executescript(sqlite_store.SCHEMA)  # made with auto_vacuum off, as before
+    store = SQLiteJobStore(path)
+    with caplog.at_level(logging.INFO, logger="tandem.jobs"):
+        await store.open()
+    try:
+        assert "does not shrink" in caplog.text
+        assert 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;"' in caplog.text
+        await _finished_megabytes(store, 1)
+        free = _free_pages(path)
+        await store.purge_expired()  # nothing to give back, and no fault
+        assert _free_pages(path) == free > 0
+    finally:
+        await store.close()
+    # As the log line says, the file can be converted while nothing has it open.
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        c.executescript("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")
+    caplog.clear()
+    store = SQLiteJobStore(path)
+    with caplog.at_level(logging.INFO, logger="tandem.jobs"):
+        await store.open()
+    await store.close()
+    assert "does not shrink" not in caplog.text
 
 
 @pytest.mark.parametrize(
