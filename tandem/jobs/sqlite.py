@@ -150,10 +150,14 @@ KEEP_FREE_BYTES = 64 * MIB
 # truncates: 1.6 ms (p99 3.3) for 1 MiB of scattered pages, where an enqueue takes 0.9.
 RECLAIM_STEP_PAGES = 256
 RECLAIM_FOR_S = 1.0
-# A WAL is reused from its start once checkpointed, but keeps the size its busiest spell gave
-# it (a 470 MB backlog written in 4 s left 1 GB); beyond this it is cut back. The write that
-# does it waits for the file system to free the rest: 50 to 250 ms here, once a spell.
-WAL_KEPT_BYTES = 64 * MIB
+# The WAL is started over past this, and its file cut back to it: the file keeps the size
+# its busiest spell gave it (1 GB after a backlog of 470 MB). Starting over costs the store's
+# thread 35 to 40 ms (see _start_wal_over); at 64 MiB, that raised the 16-client p99 by 7 and
+# 17 % in an A/B, at 256 MiB by nothing that A/B runs could tell from noise.
+WAL_KEPT_BYTES = 256 * MIB
+WAL_FRAME_HEADER_BYTES = 24
+START_OVER_WAIT_MS = 50
+BUSY_TIMEOUT_MS = 10_000
 
 
 class SQLiteJobStore:
@@ -180,7 +184,9 @@ class SQLiteJobStore:
         # Watchers hear of this process's writes at once; other processes' within RECHECK_S.
         self._hub = Hub()
         self._others = _OtherWriters(lambda: self._run(_data_version), self._hub)
-        self._checkpointer = _Checkpointer(path, CHECKPOINT_EVERY_S)
+        self._checkpointer = _Checkpointer(
+            path, CHECKPOINT_EVERY_S, start_over=lambda: self._run(_start_wal_over)
+        )
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
         return self._hub.watch(job_id)
@@ -628,12 +634,27 @@ def check_database(path: Path) -> None:
 
 def _connection(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     # No checkpoint inside a commit: the one that crossed 1000 pages of WAL (about every 26th
     # enqueue of a 136 KB photo) waited some 20 ms for it, and set the 1-client p99.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
     return conn
+
+
+def _start_wal_over(c: sqlite3.Connection) -> None:
+    """A RESTART checkpoint, after which the next commit writes the WAL from its start (and cuts
+    it back to WAL_KEPT_BYTES). It holds the write lock while it copies what the last PASSIVE
+    one left, syncs the database file (35 to 40 ms here while the file grew, however little
+    was left) and waits for readers to leave the WAL: on the store's thread, since at
+    CHECKPOINT_NICE it would hold the lock while waiting for the cores, and for
+    START_OVER_WAIT_MS at most, since a reader such as a backup may take minutes (the next
+    round tries again)."""
+    c.execute(f"PRAGMA busy_timeout={START_OVER_WAIT_MS}")
+    try:
+        c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    finally:
+        c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def _shrinks(c: sqlite3.Connection, path: Path) -> bool:
@@ -721,10 +742,16 @@ class _OtherWriters:
 
 class _Checkpointer:
     """Moves the WAL into the database file every `every_s`, on a thread and connection of
-    its own. A PASSIVE checkpoint waits for no reader or writer: commits go on meanwhile."""
+    its own. A PASSIVE checkpoint waits for no reader or writer: commits go on meanwhile.
 
-    def __init__(self, path: Path, every_s: float) -> None:
-        self._path, self._every_s = path, every_s
+    The next commit after a checkpoint that copied the whole WAL writes it from its start.
+    Under commits that never pause, none does, and the WAL grew for as long as they came (11 MB
+    a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, `start_over` is called."""
+
+    def __init__(
+        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[object]]
+    ) -> None:
+        self._path, self._every_s, self._start_over = path, every_s, start_over
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -738,12 +765,16 @@ class _Checkpointer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._every_s)
-            with contextlib.suppress(sqlite3.Error):  # the next round tries again
-                await loop.run_in_executor(self._thread, self._checkpoint)
+            with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
+                wal_bytes = await loop.run_in_executor(self._thread, self._checkpoint)
+                if wal_bytes > WAL_KEPT_BYTES:
+                    await self._start_over()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> int:
+        """A PASSIVE checkpoint; the bytes in the WAL it found."""
         assert self._conn is not None
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return max(int(frames), 0) * (_page_size(self._conn) + WAL_FRAME_HEADER_BYTES)
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself)."""
