@@ -352,6 +352,18 @@ async def test_giving_pages_back_stops_after_its_time_and_goes_on_at_the_next_pu
     assert _free_pages(freed.path) == 0
 
 
+async def test_a_purge_that_cannot_give_pages_back_still_purges(
+    freed: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full(c: sqlite3.Connection) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sqlite_store, "_reclaim_step", full)
+    with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
+        assert await freed.purge_expired() == 0
+    assert "database or disk is full, giving pages back" in caplog.text
+
+
 async def test_a_file_of_an_earlier_version_is_kept_and_says_how_to_make_it_shrink(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
