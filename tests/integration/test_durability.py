@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,3 +131,72 @@ def test_the_queue_holds_the_exact_bytes_the_client_sent(model_dir: Path, tmp_pa
         return claimed.image
 
     assert asyncio.run(claim()) == sent
+
+
+# Fills a store with images, finishes 9 jobs in 10 (scattered free pages), writes the hashes
+# of the queued images and the free pages, then gives pages back, a small step a purge, saying
+# so after each, until killed.
+RECLAIMING = textwrap.dedent(
+    """
+    import asyncio, hashlib, json, os, sys
+    from pathlib import Path
+    from tandem.jobs import sqlite as s
+    from tandem.jobs.records import JobSpec, new_job_id
+    from tandem.predictions import Prediction, Scored
+
+    async def main(path, kept):
+        s.KEEP_FREE_BYTES, s.RECLAIM_STEP_PAGES, s.RECLAIM_FOR_S = 0, 8, 0.0
+        store = s.SQLiteJobStore(path)
+        await store.open()
+        specs = [JobSpec(id=new_job_id(), image=os.urandom(60_000)) for _ in range(300)]
+        for spec in specs:
+            await store.enqueue(spec)
+        claims = await store.claim("w", len(specs), 0)
+        answer = Prediction("m", (Scored(1, "one", 0.9),), 1.0)
+        await store.complete_many({c.id: answer for n, c in enumerate(claims) if n % 10})
+        for claim in claims[::10]:
+            await store.fail(claim.id, "again", retry=True)  # queued again
+        free = await store._run(s._free_pages_bytes)
+        images = {c.id: hashlib.sha256(c.image).hexdigest() for c in claims[::10]}
+        kept.write_text(json.dumps({"images": images, "free": free}))
+        while True:
+            await store.purge_expired()
+            print("step", flush=True)
+
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    """
+)
+
+
+def _kill_while_reclaiming(path: Path, kept: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", RECLAIMING, str(path), str(kept)],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        for _ in range(20):  # 20 steps in, some 500 to go
+            assert child.stdout.readline().strip() == "step"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+async def test_a_sigkill_while_pages_move_loses_no_queued_image(tmp_path: Path) -> None:
+    """Giving pages back moves the pages of queued images: a crash among its steps keeps them."""
+    path, kept = tmp_path / DB_NAME, tmp_path / "kept.json"
+    _kill_while_reclaiming(path, kept)
+    before = json.loads(kept.read_text())
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        free = c.execute("PRAGMA freelist_count").fetchone()[0] * 4096
+        assert 0 < free <= before["free"] - 20 * 8 * 4096  # stopped midway
+    store = SQLiteJobStore(path)
+    await store.open()
+    try:
+        claims = await store.claim("w", 1000, 0)
+        assert {c.id: hashlib.sha256(c.image).hexdigest() for c in claims} == before["images"]
+    finally:
+        await store.close()
