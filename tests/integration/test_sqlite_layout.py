@@ -352,7 +352,7 @@ async def test_giving_pages_back_stops_after_its_time_and_goes_on_at_the_next_pu
     assert _free_pages(freed.path) == 0
 
 
-async def test_a_purge_that_cannot_give_pages_back_still_purges(
+async def test_a_purge_that_cannot_give_pages_back_says_so_and_does_not_fail(
     freed: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def full(c: sqlite3.Connection) -> int:
