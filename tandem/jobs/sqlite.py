@@ -4,7 +4,7 @@ sqlite3 blocks, so every call runs on one dedicated thread that owns the connect
 serialises this process's writes. Other processes on the same file are kept apart by SQLite's
 own locking (`BEGIN IMMEDIATE` and a busy timeout). The WAL is moved into the database file
 by a thread and connection of their own (`_Checkpointer`), never inside a commit. The pages
-that finished jobs free go back to the file system in purges (`_reclaim`).
+that finished jobs free go back to the file system after purges (`_give_back`).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class SQLiteJobStore:
         check_database(self.path)
         private_file(self.path)
         conn = _connection(self.path)
-        # Only a file with no tables yet takes it: lets purges give freed pages back (_reclaim).
+        # Only a file with no tables yet takes it: lets freed pages be given back (_give_back).
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before enqueue returns, so a job id given out survives a crash.
