@@ -11,7 +11,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -161,12 +161,18 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-async def _grown(path: Path, size: int) -> None:
-    for _ in range(200):  # the file grows on another thread: looked at, not awaited
-        if _size(path) > size:
+async def _eventually(holds: Callable[[], bool], failure: Callable[[], str]) -> None:
+    """Wait up to 10 s for `holds`: what it looks at changes on another thread or in a task,
+    looked at, not awaited."""
+    for _ in range(200):
+        if holds():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} stayed at {_size(path)} bytes")
+    raise AssertionError(failure())
+
+
+async def _grown(path: Path, size: int) -> None:
+    await _eventually(lambda: _size(path) > size, lambda: f"{path} stayed at {_size(path)} bytes")
 
 
 async def test_commits_leave_the_wal_to_the_checkpointer(
@@ -285,19 +291,16 @@ def _free_pages(path: Path) -> int:
 
 
 async def _logged(caplog: pytest.LogCaptureFixture, pattern: str) -> None:
-    for _ in range(200):  # logged by a task in the background
-        if re.search(pattern, caplog.text):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"nothing logged matched {pattern!r}: {caplog.text}")
+    await _eventually(
+        lambda: re.search(pattern, caplog.text) is not None,
+        lambda: f"nothing logged matched {pattern!r}: {caplog.text}",
+    )
 
 
 async def _free_at_most(path: Path, pages: int) -> None:
-    for _ in range(200):  # given back in the background: looked at, not awaited
-        if _free_pages(path) <= pages:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} kept {_free_pages(path)} free pages")
+    await _eventually(
+        lambda: _free_pages(path) <= pages, lambda: f"{path} kept {_free_pages(path)} free pages"
+    )
 
 
 async def test_a_purge_gives_back_the_pages_of_finished_jobs_beyond_a_reserve(
