@@ -696,8 +696,7 @@ def _shrinks(c: sqlite3.Connection, path: Path) -> bool:
 
 def _reclaim_step(c: sqlite3.Connection) -> int:
     """Give back up to RECLAIM_STEP_PAGES free pages beyond KEEP_FREE_BYTES; how many."""
-    keep = KEEP_FREE_BYTES // _page_size(c)
-    pages = min(int(c.execute("PRAGMA freelist_count").fetchone()[0]) - keep, RECLAIM_STEP_PAGES)
+    pages = min((_free_pages_bytes(c) - KEEP_FREE_BYTES) // _page_size(c), RECLAIM_STEP_PAGES)
     if pages <= 0:
         return 0
     # executescript steps the pragma to its end: execute stops after its first page.

@@ -134,7 +134,7 @@ class JobStore(Protocol):
     async def purge_expired(self) -> int:
         """Delete finished jobs past their TTL, and forget workers not heard from for
         WORKER_FORGOTTEN_S; returns how many jobs. A backend whose storage keeps the room that
-        deleted data held (a SQLite file) gives some of it back here."""
+        deleted data held (a SQLite file) starts giving it back here, in the background."""
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
         """Watch one job: `Watch.wait` returns when it may have changed. Enter before reading
