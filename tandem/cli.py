@@ -122,7 +122,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
+    from tandem.runtime.libtiff import route_to_logging
+
     configure_logging(settings.log_level, settings.log_format)
+    route_to_logging()
 
 
 def _ensure_data_dir(settings: Settings) -> None:

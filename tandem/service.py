@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -322,7 +323,8 @@ class TandemService:
         run stopped, so that it does not hold one of the pool's few threads."""
         loop = asyncio.get_running_loop()
         runs = RunAbort()
-        call = loop.run_in_executor(self._executor, fn, arg, runs)
+        # In the request's context, so that what the step logs carries its request id.
+        call = loop.run_in_executor(self._executor, contextvars.copy_context().run, fn, arg, runs)
         try:
             return await asyncio.wait_for(call, self.fast_timeout_s)
         except TimeoutError as exc:

@@ -81,6 +81,12 @@ def rle_bmp(width: int, height: int) -> bytes:
     return header + info + palette + pixels
 
 
+def cut_tiff() -> bytes:
+    """A TIFF that ends 40 bytes into its directory (written last, as Pillow writes it):
+    Pillow reads the tags it can, and libtiff, reading the file again, reports it broken."""
+    return encode(noise(64, 48), "TIFF", compression="tiff_lzw")[:-40]
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tests.support import (
     ServerProcess,
     b64,
     clean_env,
+    cut_tiff,
     encode,
     png_header_only,
     progressive_jpeg,
@@ -91,6 +93,7 @@ CORPUS = {
     "webp": (encode(_cat(), "WEBP"), 200, None),
     "bmp": (encode(_cat(), "BMP"), 200, None),
     "tiff": (encode(_cat(), "TIFF"), 200, None),
+    "cut tiff": (cut_tiff(), 422, "invalid_image"),
 }
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "lynx"}
 
@@ -130,6 +133,28 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(real_server: ServerProce
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
         assert client.get("/health").status_code == 200
+
+
+def test_what_libtiff_says_of_a_broken_tiff_is_logged_as_json(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """libtiff had written its errors to stderr raw: no JSON, and no request id."""
+    env = clean_env(model_dir=str(model_dir), data_dir=str(tmp_path), log_format="json")
+    server = ServerProcess(tmp_path / "json.log", env, "--no-worker").start()
+    try:
+        with server.client() as client:
+            response = client.post(
+                "/predict",
+                content=cut_tiff(),
+                headers={"content-type": "image/tiff", "x-request-id": "broken-tiff-1"},
+            )
+        assert response.status_code == 422
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    libtiff = [line for line in lines if line["logger"] == "tandem.libtiff"]
+    assert {line["request_id"] for line in libtiff} == {"broken-tiff-1"}
+    assert any("Can not read TIFF directory" in line["message"] for line in libtiff)
 
 
 # The stated bound for the flood test: with at most 4 inference requests in flight, one that is
