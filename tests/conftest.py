@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,18 @@ from tandem.api.app import create_app
 from tandem.runtime.build import BUILTIN_MODELS, build_model
 from tandem.settings import Settings
 from tests.support import RedisServer, ServerProcess, TinySpec, clean_env, tiny_model
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """The root logger as it was, after a test that runs configure_logging: its handler
+    writes to the stderr that pytest swapped in for the test, and closes after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from tandem.cli import EXIT_CONFIG, _ensure_data_dir, main
 from tandem.settings import Settings
 from tests.support import TinySpec, clean_env, tiny_model
 
+pytestmark = pytest.mark.usefixtures("restored_logging")
+
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

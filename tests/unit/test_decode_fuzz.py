@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -50,6 +51,9 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+# Mutated files make Pillow warn (corrupt EXIF, a truncated read): what they are for. The
+# service logs such warnings (test_logs); here they were dozens of lines of pytest's summary.
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")
 @given(mutated())
 @settings(
     max_examples=600, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]

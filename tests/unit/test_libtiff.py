@@ -12,6 +12,8 @@ from tandem.runtime.imaging import decode_image
 from tandem.runtime.libtiff import route_to_logging
 from tests.support import cut_tiff
 
+pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")  # Pillow's
+
 
 def test_libtiff_reports_a_broken_tiff_through_logging(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture

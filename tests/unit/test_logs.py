@@ -45,22 +45,16 @@ def test_a_json_line_keeps_the_message_as_sent() -> None:
     assert json.loads(line)["message"] == '"GET /a\nb"'
 
 
+@pytest.mark.usefixtures("restored_logging")
 def test_warnings_come_out_in_the_log_format(capsys: pytest.CaptureFixture[str]) -> None:
     """Pillow's warning on a client's corrupt EXIF was printed raw, two lines amid JSON."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
     # Another test's configure_logging leaves logging believing it captures warnings, while
     # pytest has put its own showwarning back: capturing again would then do nothing.
     logging.captureWarnings(False)
-    try:
-        configure_logging("info", "json")
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.warn("Corrupt EXIF data.", UserWarning, stacklevel=1)
-    finally:
-        logging.captureWarnings(False)
-        root.handlers[:], level = saved
-        root.setLevel(level)
+    configure_logging("info", "json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Corrupt EXIF data.", UserWarning, stacklevel=1)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
