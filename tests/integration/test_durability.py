@@ -140,13 +140,13 @@ RECLAIMING = textwrap.dedent(
     """
     import asyncio, hashlib, json, os, sys
     from pathlib import Path
-    from tandem.jobs import sqlite as s
+    from tandem.jobs.sqlite import SQLiteJobStore, upkeep
     from tandem.jobs.records import JobSpec, new_job_id
     from tandem.predictions import Prediction, Scored
 
     async def main(path, kept):
-        s.KEEP_FREE_BYTES, s.RECLAIM_STEP_PAGES = 0, 8
-        store = s.SQLiteJobStore(path)
+        upkeep.KEEP_FREE_BYTES, upkeep.RECLAIM_STEP_PAGES = 0, 8
+        store = SQLiteJobStore(path)
         await store.open()
         specs = [JobSpec(id=new_job_id(), image=os.urandom(60_000)) for _ in range(300)]
         for spec in specs:
@@ -156,12 +156,12 @@ RECLAIMING = textwrap.dedent(
         await store.complete_many({c.id: answer for n, c in enumerate(claims) if n % 10})
         for claim in claims[::10]:
             await store.fail(claim.id, "again", retry=True)  # queued again
-        free = await store._run(s._free_pages_bytes)
+        free = await store._run(upkeep.free_pages_bytes)
         images = {c.id: hashlib.sha256(c.image).hexdigest() for c in claims[::10]}
         kept.write_text(json.dumps({"images": images, "free": free}))
         await store.purge_expired()
         while True:
-            now = await store._run(s._free_pages_bytes)
+            now = await store._run(upkeep.free_pages_bytes)
             if now < free:
                 print("step", flush=True)
                 free = now

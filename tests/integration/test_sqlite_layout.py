@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import ConfigurationError, DiskLow, QueueUnavailable
-from tandem.jobs import sqlite as sqlite_store
 from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
-from tandem.jobs.sqlite import MIB, SQLiteJobStore
+from tandem.jobs.sqlite import MIB, SQLiteJobStore, schema, upkeep
+from tandem.jobs.sqlite import store as sqlite_store
 from tandem.jobs.store import StorePolicy
 from tandem.predictions import Prediction, Scored
 
@@ -178,7 +178,7 @@ async def _grown(path: Path, size: int) -> None:
 async def test_commits_leave_the_wal_to_the_checkpointer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 3600.0)  # not within this test
+    monkeypatch.setattr(upkeep, "CHECKPOINT_EVERY_S", 3600.0)  # not within this test
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
@@ -196,7 +196,7 @@ async def test_commits_leave_the_wal_to_the_checkpointer(
 async def test_the_checkpointer_moves_the_wal_into_the_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(upkeep, "CHECKPOINT_EVERY_S", 0.05)
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
@@ -212,8 +212,8 @@ async def small_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[SQLiteJobStore]:
     """A store checkpointing every 50 ms, its WAL kept to 1 MiB."""
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
-    monkeypatch.setattr(sqlite_store, "WAL_KEPT_BYTES", MIB)
+    monkeypatch.setattr(upkeep, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(upkeep, "WAL_KEPT_BYTES", MIB)
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
@@ -306,7 +306,7 @@ async def _free_at_most(path: Path, pages: int) -> None:
 async def test_a_purge_gives_back_the_pages_of_finished_jobs_beyond_a_reserve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "KEEP_FREE_BYTES", 2 * MIB)
+    monkeypatch.setattr(upkeep, "KEEP_FREE_BYTES", 2 * MIB)
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
@@ -330,8 +330,8 @@ async def test_a_purge_gives_back_the_pages_of_finished_jobs_beyond_a_reserve(
 @pytest.fixture
 async def freed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SQLiteJobStore]:
     """A store with 2 MB of pages that finished jobs freed, all to give back, 16 a step."""
-    monkeypatch.setattr(sqlite_store, "KEEP_FREE_BYTES", 0)
-    monkeypatch.setattr(sqlite_store, "RECLAIM_STEP_PAGES", 16)
+    monkeypatch.setattr(upkeep, "KEEP_FREE_BYTES", 0)
+    monkeypatch.setattr(upkeep, "RECLAIM_STEP_PAGES", 16)
     store = SQLiteJobStore(tmp_path / "jobs.db")
     await store.open()
     try:
@@ -357,7 +357,7 @@ async def test_giving_pages_back_leaves_the_store_s_thread_alone_most_of_the_tim
     freed: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps: list[tuple[float, float]] = []
-    step = sqlite_store._reclaim_step
+    step = upkeep.reclaim_step
 
     def timed(c: sqlite3.Connection) -> int:
         started = time.monotonic()
@@ -366,8 +366,8 @@ async def test_giving_pages_back_leaves_the_store_s_thread_alone_most_of_the_tim
         finally:
             steps.append((started, time.monotonic()))
 
-    monkeypatch.setattr(sqlite_store, "_reclaim_step", timed)
-    monkeypatch.setattr(sqlite_store, "RECLAIM_PAUSE_RATIO", 3.0)
+    monkeypatch.setattr(upkeep, "reclaim_step", timed)
+    monkeypatch.setattr(upkeep, "RECLAIM_PAUSE_RATIO", 3.0)
     await freed.purge_expired()
     await _free_at_most(freed.path, 0)
     assert len(steps) > 20
@@ -391,7 +391,7 @@ async def test_a_purge_that_cannot_give_pages_back_says_so_and_does_not_fail(
     def full(c: sqlite3.Connection) -> int:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(sqlite_store, "_reclaim_step", full)
+    monkeypatch.setattr(upkeep, "reclaim_step", full)
     with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
         assert await freed.purge_expired() == 0
         await _logged(caplog, "database or disk is full, giving pages back")
@@ -402,7 +402,7 @@ async def test_a_file_of_an_earlier_version_is_kept_and_says_how_to_make_it_shri
 ) -> None:
     path = tmp_path / "jobs.db"
     with contextlib.closing(sqlite3.connect(path)) as c:
-        c.executescript(sqlite_store.SCHEMA)  # made with auto_vacuum off, as before
+        c.executescript(schema.SCHEMA)  # made with auto_vacuum off, as before
     store = SQLiteJobStore(path)
     with caplog.at_level(logging.INFO, logger="tandem.jobs"):
         await store.open()

@@ -1,10 +1,9 @@
-"""The embedded job store: one SQLite file in WAL mode, durable on every commit.
+"""The SQLite JobStore: the jobs' life, from enqueue to purge, in one file.
 
 sqlite3 blocks, so every call runs on one dedicated thread that owns the connection; that also
 serialises this process's writes. Other processes on the same file are kept apart by SQLite's
-own locking (`BEGIN IMMEDIATE` and a busy timeout). The WAL is moved into the database file
-by a thread and connection of their own (`_Checkpointer`), never inside a commit. The pages
-that finished jobs free go back to the file system after purges (`_give_back`).
+own locking (`BEGIN IMMEDIATE` and a busy timeout). What keeps the file within bounds, its WAL
+and its free pages, is in `upkeep`.
 """
 
 from __future__ import annotations
@@ -15,14 +14,13 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
 from tandem.errors import (
-    ConfigurationError,
     DiskLow,
     QueueFull,
     QueueUnavailable,
@@ -47,6 +45,8 @@ from tandem.jobs.records import (
     load_prediction,
     meta_with_fast,
 )
+from tandem.jobs.sqlite import schema, upkeep
+from tandem.jobs.sqlite.schema import check_database, in_transaction
 from tandem.jobs.store import (
     MISSING_IMAGE,
     WORKER_FORGOTTEN_S,
@@ -57,110 +57,16 @@ from tandem.jobs.store import (
 from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.tasks import stop
-from tandem.threads import pool
 
 T = TypeVar("T")
 log = logging.getLogger("tandem.jobs")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id          TEXT PRIMARY KEY,
-    status      TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    lease_until REAL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    meta        TEXT NOT NULL,
-    result      TEXT,
-    error       TEXT,
-    finished_at REAL,
-    expires_at  REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    webhook     TEXT,
-    worker      TEXT  -- who holds the lease of a running job
-);
-CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (status, created_at);
--- Images apart from their jobs: SQLite rewrites a whole row on every update, and reads through
--- a blob's overflow pages to the columns after it; a job's row changes several times.
-CREATE TABLE IF NOT EXISTS images (
-    job_id TEXT PRIMARY KEY,
-    data   BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS idempotency (
-    key        TEXT PRIMARY KEY,
-    job_id     TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS workers (
-    id      TEXT PRIMARY KEY,
-    model   TEXT NOT NULL,
-    seen_at REAL NOT NULL
-);
--- What a health check writes: reads go on where writes fail (a full disk, a read-only remount).
-CREATE TABLE IF NOT EXISTS pings (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    at  REAL NOT NULL
-);
-"""
-
-# The number of unfinished jobs, kept by triggers: every enqueue checks it against the queue's
-# limit beside the fast model, and COUNT(*) over the status index took 0.3 ms at 2,000 queued
-# jobs and 1 ms at 10,000. Created and first counted in one transaction, so no job is missed.
-_UNFINISHED = "(" + ", ".join(f"'{s}'" for s in JobStatus if not s.terminal) + ")"
-UNFINISHED_COUNT = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS unfinished (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    n   INTEGER NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS unfinished_insert AFTER INSERT ON jobs
-WHEN new.status IN {_UNFINISHED}
-BEGIN UPDATE unfinished SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS unfinished_delete AFTER DELETE ON jobs
-WHEN old.status IN {_UNFINISHED}
-BEGIN UPDATE unfinished SET n = n - 1; END;
-CREATE TRIGGER IF NOT EXISTS unfinished_update AFTER UPDATE OF status ON jobs
-WHEN (old.status IN {_UNFINISHED}) <> (new.status IN {_UNFINISHED})
-BEGIN UPDATE unfinished SET n = n + CASE WHEN new.status IN {_UNFINISHED} THEN 1 ELSE -1 END; END;
-INSERT OR IGNORE INTO unfinished (one, n)
-SELECT 1, COUNT(*) FROM jobs WHERE status IN {_UNFINISHED};
-COMMIT;
-"""  # noqa: S608 (built from JobStatus, not from input)
-
-# In the order of records.STORED_FIELDS, after the id.
 _JOB_COLUMNS = (
     "id, status, created_at, updated_at, attempts, meta, result, error, finished_at,"
     " cancel_requested, webhook"
 )
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECHECK_S = 0.5
-CHECKPOINT_EVERY_S = 1.0
-# The checkpoint copies megabytes a second beside the fast model: it gets the cores last.
-CHECKPOINT_NICE = 19
-MIB = 1024 * 1024
-INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental vacuum
-# Free pages kept for new jobs to reuse, so that a steady flow of jobs moves no pages.
-KEEP_FREE_BYTES = 64 * MIB
-# A step moves pages in use at the end of the file to free ones nearer its start, then
-# truncates. Taking each free page off SQLite's free list searches it: after a backlog of
-# 10,000 photos drained, 32 pages took 2 ms (58 us a page), in a test's file 6 us a page.
-# An enqueue waits for at most one step; after each, the store's thread is left alone three
-# times as long, so that giving back takes at most a quarter of it.
-RECLAIM_STEP_PAGES = 32
-RECLAIM_PAUSE_RATIO = 3.0
-# The WAL is started over past this, and its file cut back to it: the file keeps the size
-# its busiest spell gave it (1 GB after a backlog of 470 MB). Starting over costs the store's
-# thread 35 to 40 ms (see _start_wal_over); at 64 MiB, that raised the 16-client p99 by 7 and
-# 17 % in an A/B, at 256 MiB by nothing that A/B runs could tell from noise.
-WAL_KEPT_BYTES = 256 * MIB
-WAL_FRAME_HEADER_BYTES = 24
-START_OVER_WAIT_MS = 50
-BUSY_TIMEOUT_MS = 10_000
 
 
 class SQLiteJobStore:
@@ -190,8 +96,8 @@ class SQLiteJobStore:
         # Watchers hear of this process's writes at once; other processes' within RECHECK_S.
         self._hub = Hub()
         self._others = _OtherWriters(lambda: self._run(_data_version), self._hub)
-        self._checkpointer = _Checkpointer(
-            path, CHECKPOINT_EVERY_S, start_over=lambda: self._run(_start_wal_over)
+        self._checkpointer = upkeep.Checkpointer(
+            path, upkeep.CHECKPOINT_EVERY_S, start_over=lambda: self._run(upkeep.start_wal_over)
         )
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
@@ -219,7 +125,7 @@ class SQLiteJobStore:
             try:
                 if not lazy:
                     return fn(conn)
-                with _lazily(conn):
+                with upkeep.lazily(conn):
                     return fn(conn)
             except sqlite3.OperationalError as exc:
                 raise QueueUnavailable(f"the job store failed: {exc}") from exc
@@ -230,17 +136,15 @@ class SQLiteJobStore:
         private_dir(self.path.parent)
         check_database(self.path)
         private_file(self.path)
-        conn = _connection(self.path)
-        # Only a file with no tables yet takes it: lets freed pages be given back (_give_back).
+        conn = upkeep.connection(self.path)
+        # Only a file with no tables yet takes it: freed pages can go back (upkeep.give_back).
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before enqueue returns, so a job id given out survives a crash.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-        _migrate(conn)
-        conn.executescript(UNFINISHED_COUNT)
-        self._shrinks = _shrinks(conn, self.path)
-        self._page_bytes = _page_size(conn)
+        schema.create(conn)
+        self._shrinks = upkeep.shrinks(conn, self.path)
+        self._page_bytes = upkeep.page_size(conn)
         self._conn = conn
 
     async def open(self) -> None:
@@ -282,11 +186,11 @@ class SQLiteJobStore:
         space = os.statvfs(self.path.parent)
         free = space.f_bavail * space.f_frsize
         if free < self.min_free_bytes:
-            free += _free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
+            free += upkeep.free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
         if free < self.min_free_bytes:
             raise DiskLow(
-                f"the job store has {free // MIB} MiB free on its disk and in its file,"
-                f" under its floor of {self.min_free_bytes // MIB} MiB",
+                f"the job store has {free // upkeep.MIB} MiB free on its disk and in its file,"
+                f" under its floor of {self.min_free_bytes // upkeep.MIB} MiB",
                 free_bytes=free,
                 min_free_bytes=self.min_free_bytes,
             )
@@ -295,7 +199,7 @@ class SQLiteJobStore:
 
     async def enqueue(self, spec: JobSpec) -> Job:
         now = self._clock()
-        job = await self._run(lambda c: _in_transaction(c, lambda: self._insert(c, spec, now)))
+        job = await self._run(lambda c: in_transaction(c, lambda: self._insert(c, spec, now)))
         self._enqueued.set()
         return job
 
@@ -370,7 +274,7 @@ class SQLiteJobStore:
         def lease_all() -> list[Claim | None]:
             return [self._lease(c, row, now, worker_id) for row in _claimable(c, now, limit)]
 
-        return [claim for claim in _in_transaction(c, lease_all) if claim is not None]
+        return [claim for claim in in_transaction(c, lease_all) if claim is not None]
 
     def _lease(
         self, c: sqlite3.Connection, row: tuple[str, int, int], now: float, worker_id: str
@@ -442,7 +346,7 @@ class SQLiteJobStore:
             )
             return Completed(stored, untallied)
 
-        completed = await self._run(lambda c: _in_transaction(c, lambda: finish_all(c)))
+        completed = await self._run(lambda c: in_transaction(c, lambda: finish_all(c)))
         self._changed(completed.stored)
         return completed
 
@@ -466,7 +370,7 @@ class SQLiteJobStore:
                 self._finish(c, job_id, JobStatus.FAILED, now, error=error)
             return _select_job(c, job_id)
 
-        job = await self._run(lambda c: _in_transaction(c, lambda: record(c)))
+        job = await self._run(lambda c: in_transaction(c, lambda: record(c)))
         self._changed([job_id])
         return job
 
@@ -520,7 +424,7 @@ class SQLiteJobStore:
             )
             return _select_job(c, job_id, alive_at=now)
 
-        job = await self._run(lambda c: _in_transaction(c, lambda: cancel(c)))
+        job = await self._run(lambda c: in_transaction(c, lambda: cancel(c)))
         self._changed([job_id])
         return job
 
@@ -589,34 +493,13 @@ class SQLiteJobStore:
         jobs free their images' pages, and without this a backlog's peak held its disk for good.
         Not within the purge: the worker's loop that calls it claims no job meanwhile."""
         if self._shrinks and (self._giving_back is None or self._giving_back.done()):
-            self._giving_back = asyncio.create_task(self._give_back(), name="tandem-give-back")
-
-    async def _give_back(self) -> None:
-        """Give the file system the free pages beyond KEEP_FREE_BYTES, a step at a time, each
-        followed by a pause (see RECLAIM_PAUSE_RATIO)."""
-        pages, started = 0, time.monotonic()
-        try:
-            while True:
-                step_started = time.monotonic()
-                step = await self._run(_reclaim_step, lazy=True)  # a crash undoes one step
-                pages += step
-                if step < RECLAIM_STEP_PAGES:
-                    break
-                await asyncio.sleep((time.monotonic() - step_started) * RECLAIM_PAUSE_RATIO)
-        except QueueUnavailable as exc:  # moving pages writes: a disk near full may refuse it
-            log.warning("%s, giving pages back; the next purge tries again", exc.message)
-        finally:
-            if pages:
-                log.info(
-                    "the job store gave %d MiB back to the file system in %.0f s",
-                    pages * self._page_bytes // MIB,
-                    time.monotonic() - started,
-                )
+            giving = upkeep.give_back(lambda step: self._run(step, lazy=True), self._page_bytes)
+            self._giving_back = asyncio.create_task(giving, name="tandem-give-back")
 
     async def add_counts(self, counts: Mapping[str, int]) -> None:
         if not counts:
             return
-        await self._run(lambda c: _in_transaction(c, lambda: _bump(c, counts.items())))
+        await self._run(lambda c: in_transaction(c, lambda: _bump(c, counts.items())))
 
     async def counts(self) -> dict[str, int]:
         rows = await self._run(lambda c: c.execute("SELECT name, value FROM counters").fetchall())
@@ -641,87 +524,6 @@ class SQLiteJobStore:
             return {model for (model,) in rows}
 
         return await self._run(select)
-
-
-def check_database(path: Path) -> None:
-    """ConfigurationError, saying why, if `path` exists and SQLite cannot read it (another
-    kind of file, or a damaged one): a reason at start-up, not a failure at each request."""
-    if not path.exists():
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.DatabaseError as exc:  # OperationalError included: unreadable, locked
-        raise ConfigurationError(f"the job store {path} cannot be opened: {exc}") from exc
-
-
-def _connection(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    # No checkpoint inside a commit: the one that crossed 1000 pages of WAL (about every 26th
-    # enqueue of a 136 KB photo) waited some 20 ms for it, and set the 1-client p99.
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
-    return conn
-
-
-def _start_wal_over(c: sqlite3.Connection) -> None:
-    """A RESTART checkpoint, after which the next commit writes the WAL from its start (and cuts
-    it back to WAL_KEPT_BYTES). It holds the write lock while it copies what the last PASSIVE
-    one left, syncs the database file (35 to 40 ms here while the file grew, however little
-    was left) and waits for readers to leave the WAL: on the store's thread, since at
-    CHECKPOINT_NICE it would hold the lock while waiting for the cores, and for
-    START_OVER_WAIT_MS at most, since a reader such as a backup may take minutes (the next
-    round tries again)."""
-    c.execute(f"PRAGMA busy_timeout={START_OVER_WAIT_MS}")
-    try:
-        c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-    finally:
-        c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-
-
-def _shrinks(c: sqlite3.Connection, path: Path) -> bool:
-    """Whether the file gives freed pages back; says how to make one of an earlier version do."""
-    if int(c.execute("PRAGMA auto_vacuum").fetchone()[0]) == INCREMENTAL:
-        return True
-    log.info(
-        "the job store %s was made by an earlier version and does not shrink: the pages that"
-        " finished jobs free are reused, not given back. To change that, while nothing has it"
-        ' open: sqlite3 %s "PRAGMA auto_vacuum=INCREMENTAL; VACUUM;"',
-        path,
-        path,
-    )
-    return False
-
-
-def _reclaim_step(c: sqlite3.Connection) -> int:
-    """Give back up to RECLAIM_STEP_PAGES free pages beyond KEEP_FREE_BYTES; how many."""
-    pages = min((_free_pages_bytes(c) - KEEP_FREE_BYTES) // _page_size(c), RECLAIM_STEP_PAGES)
-    if pages <= 0:
-        return 0
-    # executescript steps the pragma to its end: execute stops after its first page.
-    c.executescript(f"PRAGMA incremental_vacuum({pages})")
-    return pages
-
-
-def _page_size(c: sqlite3.Connection) -> int:
-    return int(c.execute("PRAGMA page_size").fetchone()[0])
-
-
-@contextlib.contextmanager
-def _lazily(conn: sqlite3.Connection) -> Iterator[None]:
-    """Commits skip their fsync meanwhile. The setting is per connection, and one connection
-    makes every write of this process, lazy or not, so that none moves its data_version."""
-    conn.execute("PRAGMA synchronous=NORMAL")
-    try:
-        yield
-    finally:
-        conn.execute("PRAGMA synchronous=FULL")
-
-
-def _free_pages_bytes(c: sqlite3.Connection) -> int:
-    pages = c.execute("PRAGMA freelist_count").fetchone()[0]
-    return int(pages) * _page_size(c)
 
 
 def _data_version(c: sqlite3.Connection) -> int:
@@ -760,88 +562,6 @@ class _OtherWriters:
     async def stop(self) -> None:
         await stop(self._task)
         self._task = None
-
-
-class _Checkpointer:
-    """Moves the WAL into the database file every `every_s`, on a thread and connection of
-    its own. A PASSIVE checkpoint waits for no reader or writer: commits go on meanwhile.
-
-    The next commit after a checkpoint that copied the whole WAL writes it from its start.
-    Under commits that never pause, none does, and the WAL grew for as long as they came (11 MB
-    a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, `start_over` is called."""
-
-    def __init__(
-        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[object]]
-    ) -> None:
-        self._path, self._every_s, self._start_over = path, every_s, start_over
-        self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
-        self._conn: sqlite3.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._thread, _connection, self._path)
-        self._task = asyncio.create_task(self._every_while(), name="tandem-checkpoint")
-
-    async def _every_while(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._every_s)
-            with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
-                wal_bytes = await loop.run_in_executor(self._thread, self._checkpoint)
-                if wal_bytes > WAL_KEPT_BYTES:
-                    await self._start_over()
-
-    def _checkpoint(self) -> int:
-        """A PASSIVE checkpoint; the bytes in the WAL it found."""
-        assert self._conn is not None
-        [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        return max(int(frames), 0) * (_page_size(self._conn) + WAL_FRAME_HEADER_BYTES)
-
-    async def stop(self) -> None:
-        """The last connection to close checkpoints what is left (SQLite does that itself)."""
-        await stop(self._task)
-        self._task = None
-        if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
-            self._conn = None
-        self._thread.shutdown(wait=True)
-
-
-def _migrate(c: sqlite3.Connection) -> None:
-    """Bring a job file an earlier version made to this version's layout."""
-    columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
-    if "webhook" not in columns:
-        c.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
-    if "worker" not in columns:
-        c.execute("ALTER TABLE jobs ADD COLUMN worker TEXT")
-    if "image" in columns:  # images lived in the jobs table before they had their own
-        _in_transaction(c, lambda: _move_images(c))
-
-
-def _move_images(c: sqlite3.Connection) -> None:
-    if "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}:
-        return  # another process opening the same file moved them first
-    c.execute(
-        "INSERT OR IGNORE INTO images (job_id, data)"
-        " SELECT id, image FROM jobs WHERE image IS NOT NULL"
-    )
-    c.execute("ALTER TABLE jobs DROP COLUMN image")
-
-
-def _in_transaction(c: sqlite3.Connection, body: Callable[[], T]) -> T:
-    """Run `body` holding SQLite's write lock, so check-then-write steps are atomic."""
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        result = body()
-    except BaseException:
-        # Some errors (a full disk, an I/O error) have rolled it back already: a second
-        # ROLLBACK would raise, and hide the error that says what went wrong.
-        if c.in_transaction:
-            c.execute("ROLLBACK")
-        raise
-    c.execute("COMMIT")
-    return result
 
 
 def _bump(c: sqlite3.Connection, counts: Iterable[str] | Iterable[tuple[str, int]]) -> None:

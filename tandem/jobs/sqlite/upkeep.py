@@ -1,0 +1,195 @@
+"""How the job file is kept: its connections' settings, the WAL moved into the database file
+and started over, and the pages that finished jobs free given back to the file system."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+from tandem.errors import QueueUnavailable
+from tandem.tasks import stop
+from tandem.threads import pool
+
+log = logging.getLogger("tandem.jobs")
+
+MIB = 1024 * 1024
+BUSY_TIMEOUT_MS = 10_000
+
+CHECKPOINT_EVERY_S = 1.0
+# The checkpoint copies megabytes a second beside the fast model: it gets the cores last.
+CHECKPOINT_NICE = 19
+# The WAL is started over past this, and its file cut back to it: the file keeps the size
+# its busiest spell gave it (1 GB after a backlog of 470 MB). Starting over costs the store's
+# thread 35 to 40 ms (see start_wal_over); at 64 MiB, that raised the 16-client p99 by 7 and
+# 17 % in an A/B, at 256 MiB by nothing that A/B runs could tell from noise.
+WAL_KEPT_BYTES = 256 * MIB
+WAL_FRAME_HEADER_BYTES = 24
+START_OVER_WAIT_MS = 50
+
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental vacuum
+# Free pages kept for new jobs to reuse, so that a steady flow of jobs moves no pages.
+KEEP_FREE_BYTES = 64 * MIB
+# A step moves pages in use at the end of the file to free ones nearer its start, then
+# truncates. Taking each free page off SQLite's free list searches it: after a backlog of
+# 10,000 photos drained, 32 pages took 2 ms (58 us a page), in a test's file 6 us a page.
+# An enqueue waits for at most one step; after each, the store's thread is left alone three
+# times as long, so that giving back takes at most a quarter of it.
+RECLAIM_STEP_PAGES = 32
+RECLAIM_PAUSE_RATIO = 3.0
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+def connection(path: Path) -> sqlite3.Connection:
+    """A connection with the settings each of the store's takes, its checkpointer's too."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    # No checkpoint inside a commit: the one that crossed 1000 pages of WAL (about every 26th
+    # enqueue of a 136 KB photo) waited some 20 ms for it, and set the 1-client p99.
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
+    return conn
+
+
+@contextlib.contextmanager
+def lazily(conn: sqlite3.Connection) -> Iterator[None]:
+    """Commits skip their fsync meanwhile. The setting is per connection, and one connection
+    makes every write of this process, lazy or not, so that none moves its data_version."""
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+
+
+# -- the WAL ----------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Moves the WAL into the database file every `every_s`, on a thread and connection of
+    its own. A PASSIVE checkpoint waits for no reader or writer: commits go on meanwhile.
+
+    The next commit after a checkpoint that copied the whole WAL writes it from its start.
+    Under commits that never pause, none does, and the WAL grew for as long as they came (11 MB
+    a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, `start_over` is called."""
+
+    def __init__(
+        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[object]]
+    ) -> None:
+        self._path, self._every_s, self._start_over = path, every_s, start_over
+        self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._thread, connection, self._path)
+        self._task = asyncio.create_task(self._every_while(), name="tandem-checkpoint")
+
+    async def _every_while(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._every_s)
+            with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
+                wal_bytes = await loop.run_in_executor(self._thread, self._checkpoint)
+                if wal_bytes > WAL_KEPT_BYTES:
+                    await self._start_over()
+
+    def _checkpoint(self) -> int:
+        """A PASSIVE checkpoint; the bytes in the WAL it found."""
+        assert self._conn is not None
+        [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return max(int(frames), 0) * (page_size(self._conn) + WAL_FRAME_HEADER_BYTES)
+
+    async def stop(self) -> None:
+        """The last connection to close checkpoints what is left (SQLite does that itself)."""
+        await stop(self._task)
+        self._task = None
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=True)
+
+
+def start_wal_over(c: sqlite3.Connection) -> None:
+    """A RESTART checkpoint, after which the next commit writes the WAL from its start (and cuts
+    it back to WAL_KEPT_BYTES). It holds the write lock while it copies what the last PASSIVE
+    one left, syncs the database file (35 to 40 ms here while the file grew, however little
+    was left) and waits for readers to leave the WAL: on the store's thread, since at
+    CHECKPOINT_NICE it would hold the lock while waiting for the cores, and for
+    START_OVER_WAIT_MS at most, since a reader such as a backup may take minutes (the next
+    round tries again)."""
+    c.execute(f"PRAGMA busy_timeout={START_OVER_WAIT_MS}")
+    try:
+        c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    finally:
+        c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
+# -- free pages -------------------------------------------------------------------------------
+
+
+def shrinks(c: sqlite3.Connection, path: Path) -> bool:
+    """Whether the file gives freed pages back; says how to make one of an earlier version do."""
+    if int(c.execute("PRAGMA auto_vacuum").fetchone()[0]) == INCREMENTAL:
+        return True
+    log.info(
+        "the job store %s was made by an earlier version and does not shrink: the pages that"
+        " finished jobs free are reused, not given back. To change that, while nothing has it"
+        ' open: sqlite3 %s "PRAGMA auto_vacuum=INCREMENTAL; VACUUM;"',
+        path,
+        path,
+    )
+    return False
+
+
+def page_size(c: sqlite3.Connection) -> int:
+    return int(c.execute("PRAGMA page_size").fetchone()[0])
+
+
+def free_pages_bytes(c: sqlite3.Connection) -> int:
+    pages = c.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages) * page_size(c)
+
+
+def reclaim_step(c: sqlite3.Connection) -> int:
+    """Give back up to RECLAIM_STEP_PAGES free pages beyond KEEP_FREE_BYTES; how many."""
+    pages = min((free_pages_bytes(c) - KEEP_FREE_BYTES) // page_size(c), RECLAIM_STEP_PAGES)
+    if pages <= 0:
+        return 0
+    # executescript steps the pragma to its end: execute stops after its first page.
+    c.executescript(f"PRAGMA incremental_vacuum({pages})")
+    return pages
+
+
+Step = Callable[[sqlite3.Connection], int]
+
+
+async def give_back(run: Callable[[Step], Awaitable[int]], page_bytes: int) -> None:
+    """Give the file system the free pages beyond KEEP_FREE_BYTES, a step at a time, each
+    run by `run` (on the store's thread, without an fsync: a crash undoes one step) and
+    followed by a pause (see RECLAIM_PAUSE_RATIO)."""
+    pages, started = 0, time.monotonic()
+    try:
+        while True:
+            step_started = time.monotonic()
+            step = await run(reclaim_step)
+            pages += step
+            if step < RECLAIM_STEP_PAGES:
+                break
+            await asyncio.sleep((time.monotonic() - step_started) * RECLAIM_PAUSE_RATIO)
+    except QueueUnavailable as exc:  # moving pages writes: a disk near full may refuse it
+        log.warning("%s, giving pages back; the next purge tries again", exc.message)
+    finally:
+        if pages:
+            log.info(
+                "the job store gave %d MiB back to the file system in %.0f s",
+                pages * page_bytes // MIB,
+                time.monotonic() - started,
+            )
