@@ -1,0 +1,10 @@
+"""The distributed job store, on Redis Streams.
+
+- `store`: the JobStore: its keys, its connection, its handling of a Redis that is away or
+  refuses writes;
+- `scripts`: the Lua scripts, one for each change of a job's state.
+"""
+
+from tandem.jobs.redis.store import RedisJobStore, connection_name, refuses_writes
+
+__all__ = ["RedisJobStore", "connection_name", "refuses_writes"]

@@ -1,0 +1,198 @@
+"""The Lua scripts of the Redis store. Each state change of a job is one script, so it is
+atomic, and those that finish a job act only on an unfinished one, so that a job delivered
+twice is answered once. Each names its KEYS and ARGV, in the order the store passes them."""
+
+# KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
+# job key prefix, whether there is an idempotency key.
+# Returns {id, 1} for a job it stored, {id, 0} for the earlier job that stands for this
+# request, or false when the queue is full.
+ENQUEUE = """
+if ARGV[8] == '1' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return {earlier, 0} end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
+local limit = tonumber(ARGV[5])
+if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return false end
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[2], 'updated_at', ARGV[2],
+           'attempts', 0, 'meta', ARGV[3], 'image', ARGV[4], 'entry', entry)
+if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
+return {ARGV[1], 1}
+"""
+
+# Finish an unfinished job and count it; one with a callback URL joins the deliveries set.
+# KEYS: job, queue, counters, deliveries.
+# ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
+FINISH_BODY = """
+-- A job's metadata as a table; empty if it is not JSON (a damaged record still finishes).
+local function decoded_meta(job)
+  local ok, meta = pcall(cjson.decode, redis.call('HGET', job, 'meta') or '')
+  if ok and type(meta) == 'table' then return meta end
+  return {}
+end
+local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally,
+                      deliveries)
+  local current = redis.call('HGET', job, 'status')
+  if current ~= 'queued' and current ~= 'running' then return 0 end
+  local entry = redis.call('HGET', job, 'entry')
+  -- A run that ends after a cancel request keeps its result or error, but the job says
+  -- cancelled.
+  if redis.call('HGET', job, 'cancel') == '1' then status = 'cancelled' end
+  redis.call('HSET', job, 'status', status, 'updated_at', now, 'finished_at', now)
+  if result ~= '' then redis.call('HSET', job, 'result', result) end
+  if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
+  redis.call('HDEL', job, 'image')
+  redis.call('PEXPIRE', job, ttl_ms)
+  if entry then
+    redis.call('XACK', queue, group, entry)
+    redis.call('XDEL', queue, entry)
+  end
+  redis.call('HINCRBY', counters, 'jobs_' .. status, 1)
+  for name in string.gmatch(tally, '[^,]+') do redis.call('HINCRBY', counters, name, 1) end
+  if type(decoded_meta(job)['callback_url']) == 'string' then
+    redis.call('ZADD', deliveries, now, job)
+  end
+  return 1
+end
+"""
+# Returns 0 if the job was already final; 1 if stored; 2 if stored with a result and no tally
+# while the job has its fast answer (it arrived after the worker read the job: see Completed).
+FINISH = (
+    FINISH_BODY
+    + """
+local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+                      KEYS[3], ARGV[7], KEYS[4])
+if stored == 1 and ARGV[4] ~= '' and ARGV[7] == '' then
+  if type(decoded_meta(KEYS[1])['fast']) == 'table' then return 2 end
+end
+return stored
+"""
+)
+
+# Lease a delivered entry. KEYS: job, queue, counters.
+# ARGV: entry, now, max_attempts, ttl_ms, lost, group, missing (the error for a job without
+# its image).
+# Returns the image, or false when the entry is stale (job gone, finished, cancelled, out of
+# attempts, or without its image).
+LEASE = (
+    FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HGET', KEYS[1], 'entry')
+if (status ~= 'queued' and status ~= 'running') or current ~= ARGV[1] then
+  redis.call('XACK', KEYS[2], ARGV[6], ARGV[1])
+  redis.call('XDEL', KEYS[2], ARGV[1])
+  return false
+end
+-- Its worker stopped after the client cancelled it: not run again.
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '', KEYS[4])
+  return false
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+if attempts >= tonumber(ARGV[3]) then
+  local reason = string.format(ARGV[5], attempts)
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '', KEYS[4])
+  return false
+end
+local image = redis.call('HGET', KEYS[1], 'image')
+if not image then
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', ARGV[7], ARGV[6], KEYS[3], '', KEYS[4])
+  return false
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2], 'attempts', attempts + 1)
+return image
+"""
+)
+
+# Renew a worker's leases: reset the idle time of each running job's entry it still holds.
+# KEYS: queue, then the jobs. ARGV: group, worker. Returns the positions (from 1) of the jobs
+# renewed.
+EXTEND = """
+local renewed = {}
+for i = 2, #KEYS do
+  local entry = redis.call('HGET', KEYS[i], 'entry')
+  if entry and redis.call('HGET', KEYS[i], 'status') == 'running' then
+    local held = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1, ARGV[2])
+    if #held == 1 then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+      renewed[#renewed + 1] = i - 1
+    end
+  end
+end
+return renewed
+"""
+
+# A worker's run failed. KEYS: job, queue, counters.
+# ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
+# A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
+# (returns 1); with retry, a job that is not running is not this worker's and is left alone.
+# Any other job finishes.
+FAIL = (
+    FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
+local cancelled = redis.call('HGET', KEYS[1], 'cancel') == '1'
+if ARGV[5] == '1' and attempts < tonumber(ARGV[6]) and not cancelled then
+  if status ~= 'running' then return 0 end
+  local old = redis.call('HGET', KEYS[1], 'entry')
+  local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[1], 'error', ARGV[2],
+             'entry', entry)
+  if old then
+    redis.call('XACK', KEYS[2], ARGV[3], old)
+    redis.call('XDEL', KEYS[2], old)
+  end
+  redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
+  return 1
+end
+finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '', KEYS[4])
+return 0
+"""
+)
+
+# Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters.
+# ARGV: now, ttl ms, group.
+CANCEL = (
+    FINISH_BODY
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  return finish(KEYS[1], KEYS[2], 'cancelled', ARGV[1], ARGV[2], '', '', ARGV[3], KEYS[3], '',
+                KEYS[4])
+elseif status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', ARGV[1])
+end
+return 0
+"""
+)
+
+# Set a job's webhook state, unless the job has expired; a final one leaves the deliveries
+# set. KEYS: job, deliveries. ARGV: the state as JSON, whether it is final (1 or 0).
+RECORD_DELIVERY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[1]) end
+if ARGV[2] == '1' then redis.call('ZREM', KEYS[2], KEYS[1]) end
+return 0
+"""
+
+# Delete a consumer of the group if it holds no entry: the entries of one that holds some
+# await XAUTOCLAIM, and deleting it would drop them from the group. KEYS: queue.
+# ARGV: group, consumer. Returns 1 if deleted.
+FORGET_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Replace a job's metadata if it is still what was read; returns the result stored before,
+# if any. KEYS: job. ARGV: read, new.
+ATTACH = """
+if redis.call('HGET', KEYS[1], 'meta') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'meta', ARGV[2])
+  return redis.call('HGET', KEYS[1], 'result')
+end
+return false
+"""
