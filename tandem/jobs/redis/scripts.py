@@ -70,7 +70,7 @@ return stored
 """
 )
 
-# Lease a delivered entry. KEYS: job, queue, counters.
+# Lease a delivered entry. KEYS: job, queue, counters, deliveries.
 # ARGV: entry, now, max_attempts, ttl_ms, lost, group, missing (the error for a job without
 # its image).
 # Returns the image, or false when the entry is stale (job gone, finished, cancelled, out of
@@ -124,7 +124,7 @@ end
 return renewed
 """
 
-# A worker's run failed. KEYS: job, queue, counters.
+# A worker's run failed. KEYS: job, queue, counters, deliveries.
 # ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
 # A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
 # (returns 1); with retry, a job that is not running is not this worker's and is left alone.
@@ -154,7 +154,8 @@ return 0
 """
 )
 
-# Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters.
+# Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters,
+# deliveries.
 # ARGV: now, ttl ms, group.
 CANCEL = (
     FINISH_BODY
