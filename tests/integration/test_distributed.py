@@ -396,12 +396,29 @@ def test_a_full_queue_refuses_with_the_fast_answer_and_recovers(cluster: Cluster
     assert len(later.accepted) == 3
 
 
+def test_a_proxy_without_workers_stays_ready_and_queues_for_them(cluster: Cluster) -> None:
+    """/health/all fails with no worker, at every proxy at once: the readiness probe is
+    /health, which holds while the proxy gives fast answers and takes jobs for later."""
+    proxy = cluster.proxy()
+    with proxy.client() as client:
+        response = client.post("/predict", json=BODY)
+        ready = client.get("/health")
+        health = client.get("/health/all")
+    assert response.status_code == 200
+    assert response.json()["job"]["status"] == "queued"
+    assert ready.status_code == 200
+    assert health.status_code == 503
+    assert health.json()["efficientnet_lite2"] == "no live worker serves this model"
+
+
 def test_redis_down_gives_the_fast_answer_and_says_so(cluster: Cluster) -> None:
     proxy = cluster.proxy()
     cluster.redis.kill()
     with proxy.client() as client:
         response = client.post("/predict", json=BODY)
         health = client.get("/health/all")
+        ready = client.get("/health")
+    assert ready.status_code == 200  # the readiness probe: fast answers still come
     assert response.status_code == 503
     body = response.json()
     assert body["job_id"] is None
