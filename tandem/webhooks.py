@@ -32,6 +32,12 @@ log = logging.getLogger("tandem.webhooks")
 
 SIGNATURE_HEADER = "Tandem-Signature"
 TIMESTAMP_HEADER = "Tandem-Timestamp"
+# The store's counters of delivery outcomes, shared by every worker (tandem_webhooks_total).
+COUNTERS = {
+    DeliveryState.DELIVERED: "webhooks_delivered",
+    DeliveryState.FAILED: "webhooks_failed",
+    DeliveryState.PENDING: "webhooks_retried",
+}
 # How long a stopping worker gives deliveries in progress.
 STOP_GRACE_S = 5.0
 # Of a receiver's answer only the status counts. A short body is read, so that its connection
@@ -230,8 +236,11 @@ class WebhookSender:
     async def _record(
         self, job: Job, state: DeliveryState, attempts: int, error: str | None
     ) -> None:
+        """Count the delivery's state (pending again: an attempt failed and another follows),
+        then store it on its job: whoever sees the state sees it counted."""
         delivery = Delivery(state, attempts, error, time.time())
         with contextlib.suppress(QueueUnavailable):  # the delivery matters more than its record
+            await self.store.add_counts({COUNTERS[state]: 1})
             await self.store.record_delivery(job.id, delivery)
 
 

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.cascade import Agreement
 from tandem.jobs.store import QueueStats
 from tandem.service import FastOutcome, TandemService
+from tandem.webhooks import COUNTERS as WEBHOOK_COUNTERS
 
 access_log = logging.getLogger("tandem.access")
 # Where a route leaves what its request's access line should add (see annotate_access).
@@ -75,6 +76,15 @@ class _StoreCollector(Collector):
         for outcome in OUTCOMES:
             jobs.add_metric([outcome], counts.get(f"jobs_{outcome}", 0))
         yield jobs
+        webhooks = CounterMetricFamily(
+            "tandem_webhooks",
+            "Webhook deliveries by outcome, from every worker; retried: an attempt failed and"
+            " another follows.",
+            labels=["outcome"],
+        )
+        for counter in WEBHOOK_COUNTERS.values():
+            webhooks.add_metric([counter.removeprefix("webhooks_")], counts.get(counter, 0))
+        yield webhooks
         yield CounterMetricFamily(
             "tandem_accurate_inference_seconds",
             "Accurate-model inference time summed over every worker's batches.",

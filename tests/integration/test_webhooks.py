@@ -30,7 +30,7 @@ from tandem.webhooks import (
     verify,
 )
 from tandem.worker import Worker, WorkerConfig
-from tests.support import encode, solid
+from tests.support import encode, metric, solid
 
 SECRET = "a-secret-of-at-least-16-chars"  # noqa: S105 (a test key)
 PNG = encode(solid((30, 30, 200)), "PNG")
@@ -167,6 +167,7 @@ def test_failures_are_retried_with_backoff(make_client: Any, receiver: Receiver)
     assert job["webhook"]["state"] == "delivered"
     assert job["webhook"]["attempts"] == 3
     assert len(receiver.received) == 3
+    assert _webhooks_total(client) == {"delivered": 1, "failed": 0, "retried": 2}
 
 
 def test_it_gives_up_after_the_last_attempt(make_client: Any, receiver: Receiver) -> None:
@@ -177,6 +178,16 @@ def test_it_gives_up_after_the_last_attempt(make_client: Any, receiver: Receiver
     assert job["webhook"]["attempts"] == 3
     assert job["webhook"]["last_error"] == "HTTP 500 from the receiver"
     assert job["status"] == "done"  # the job itself is fine
+    assert _webhooks_total(client) == {"delivered": 0, "failed": 1, "retried": 2}
+
+
+def _webhooks_total(client: TestClient) -> dict[str, int]:
+    """Deliveries by outcome, as /metrics shows them: nothing said a receiver was failing."""
+    text = client.get("/metrics").text
+    return {
+        outcome: int(metric(text, f'tandem_webhooks_total{{outcome="{outcome}"}}'))
+        for outcome in ("delivered", "failed", "retried")
+    }
 
 
 @pytest.mark.parametrize("status", [410, 302])
