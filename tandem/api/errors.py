@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
-from tandem.api.middleware import request_id_of
+from tandem.api.middleware import GET_WITH_EFFECTS, request_id_of
 from tandem.errors import (
     InvalidJSON,
     InvalidRequest,
@@ -116,7 +116,9 @@ def _methods_on_path(request: Request, routes: Sequence[BaseRoute]) -> set[str]:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
-    return methods | {"HEAD"} if "GET" in methods else methods  # see HeadAsGet
+    if "GET" in methods and request.scope["path"] not in GET_WITH_EFFECTS:  # see HeadAsGet
+        methods.add("HEAD")
+    return methods
 
 
 def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:

@@ -60,16 +60,25 @@ class RequestIdMiddleware:
             current_request_id.reset(token)
 
 
+# GET routes that make something: GET /predict/test queues a job, as the original's did. HEAD
+# is safe (RFC 9110): there it is a 405, not a GET whose answer is dropped.
+GET_WITH_EFFECTS = frozenset({"/predict/test"})
+
+
 class HeadAsGet:
     """HEAD served as GET. Every general-purpose server must support HEAD (RFC 9110), and
     FastAPI's routes take GET alone: HEAD /health, as uptime checks send it, was a 405. The
     app answers a GET; uvicorn, which still holds the request as HEAD, sends the response's
-    head and drops its body."""
+    head and drops its body. Not on GET_WITH_EFFECTS: HEAD /predict/test had queued a job."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "HEAD"
+            and scope["path"] not in GET_WITH_EFFECTS
+        ):
             scope = {**scope, "method": "GET"}
         await self.app(scope, receive, send)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.support import ServerProcess, b64, encode, wait_for_job
+from tests.support import ServerProcess, b64, clean_env, encode, metric, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -233,6 +234,7 @@ def test_every_error_has_the_same_shape(real_server: ServerProcess) -> None:
         ("/health", "GET, HEAD"),
         ("/predict", "POST"),
         ("/docs", "GET, HEAD"),
+        ("/predict/test", "GET"),
     ],
 )
 def test_a_405_names_every_method_the_path_allows(
@@ -256,6 +258,25 @@ def test_head_answers_as_get_would_without_the_body(real_server: ServerProcess, 
     assert head.status_code == got.status_code == 200
     assert head.content == b""
     assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_makes_no_job_where_get_does(model_dir: Path, tmp_path: Path) -> None:
+    """HEAD is safe (RFC 9110). Served as GET, HEAD /predict/test had queued a job, its
+    answer dropped: for each uptime check or link checker that sent it."""
+    env = clean_env(model_dir=str(model_dir), data_dir=str(tmp_path))
+    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()  # jobs stay
+    try:
+        with server.client() as client:
+            head = client.head("/predict/test")
+            queued_after_head = metric(client.get("/metrics").text, "tandem_queue_length")
+            assert client.get("/predict/test").status_code == 200
+            queued_after_get = metric(client.get("/metrics").text, "tandem_queue_length")
+    finally:
+        server.stop()
+    assert head.status_code == 405
+    assert head.headers["allow"] == "GET"
+    assert head.content == b""
+    assert (queued_after_head, queued_after_get) == (0, 1)
 
 
 @pytest.mark.parametrize("path", ["/health", "/", "/job/nope", "/metrics", "/docs"])
