@@ -6,6 +6,7 @@ stops them all on Ctrl-C or SIGTERM, or as soon as any of them dies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tandem.errors import ConfigurationError
 from tandem.files import PRIVATE_UMASK, private_dir
@@ -64,6 +66,10 @@ class Topology:
             "always",
             "--save",
             "",
+            "--maxmemory",
+            str(_memory_for_redis()),
+            "--maxmemory-policy",
+            "noeviction",
         ]
         self._spawn("redis", command, umask=PRIVATE_UMASK)  # its files hold the images
         _wait_for_port(port)
@@ -139,6 +145,17 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
             print(f"tandem up: {name} did not stop in time; killing it", file=sys.stderr)
             process.kill()
             process.wait()
+
+
+def _memory_for_redis(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+    """Half the memory of this machine, or of its container: a backlog of images then meets
+    Redis's limit, where new jobs are refused (503, with the fast answer) while the workers
+    drain the queue, before the system's OOM killer. Half, since rewriting the append-only
+    file forks Redis, and the copy may grow as large as what it copies."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 file, or "max": no limit
+        total = min(total, int(cgroup.read_text()))
+    return total // 2
 
 
 def _free_port() -> int:

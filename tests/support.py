@@ -339,6 +339,8 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--appendfsync",
             "always",
+            "--maxmemory",  # as production's should be: Tandem warns of a Redis without
+            "1gb",
         ]
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

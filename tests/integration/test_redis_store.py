@@ -85,20 +85,33 @@ async def test_a_redis_that_may_drop_jobs_is_said_so_at_open(
 ) -> None:
     """Evicting keys, Redis would drop queued jobs at its memory limit; without an
     append-only file, a restart drops those since its last snapshot. Both go unnoticed."""
-    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    where = await _opened_beside(tmp_path, {"maxmemory-policy": "allkeys-lru"}, appendonly=False)
+    assert f"Redis at {where} evicts keys (maxmemory-policy allkeys-lru)" in caplog.text
+    assert "keeps no append-only file" in caplog.text
+
+
+async def test_a_redis_without_a_memory_limit_is_said_so_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis's default: a backlog of images grew it until the system killed it."""
+    where = await _opened_beside(tmp_path, {"maxmemory": "0"})
+    assert f"Redis at {where} has no memory limit (maxmemory 0)" in caplog.text
+
+
+async def _opened_beside(tmp_path: Path, config: dict[str, str], appendonly: bool = True) -> str:
+    """Open and close a store on a redis-server of its own, configured so; its address."""
+    server = RedisServer(tmp_path / "redis", appendonly=appendonly).start()
     admin = aioredis.Redis.from_url(server.url)
     store = RedisJobStore(server.url, prefix="keeping")
     try:
-        await admin.config_set("maxmemory-policy", "allkeys-lru")
+        for name, value in config.items():
+            await admin.config_set(name, value)
         await store.open()
     finally:
         await store.close()
         await admin.aclose()
         server.stop()
-    assert f"Redis at 127.0.0.1:{server.port} evicts keys (maxmemory-policy allkeys-lru)" in (
-        caplog.text
-    )
-    assert "keeps no append-only file" in caplog.text
+    return f"127.0.0.1:{server.port}"
 
 
 async def test_a_redis_that_keeps_its_jobs_opens_without_a_word(

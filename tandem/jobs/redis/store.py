@@ -199,8 +199,16 @@ class RedisJobStore:
 
     async def _check_keeping(self) -> None:
         """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
-        memory pressure, or keeps no append-only file (see the README's durability note)."""
+        memory pressure, or keeps no append-only file, or, with no memory limit, grows with a
+        backlog until the system kills it (see the README's durability note)."""
         info: Any = await self._client.info()  # its default sections: memory, persistence...
+        if not info.get("maxmemory", 1):
+            log.warning(
+                "Redis at %s has no memory limit (maxmemory 0): a backlog of images grows it"
+                " until the system kills it; set maxmemory, and at it Redis refuses new jobs"
+                " (503, with the fast answer) while the workers drain the queue",
+                self._where,
+            )
         policy = info.get("maxmemory_policy", "noeviction")
         if policy != "noeviction":
             log.warning(
