@@ -5,7 +5,8 @@ Layout, under a key prefix (default "tandem"):
                    unfinished, and `entry`, the id of its stream entry.
 - `{p}:queue`      a stream with one entry per unfinished job; consumer group `workers`.
                    Finished jobs' entries are acknowledged and deleted, so XLEN is the depth.
-- `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement).
+- `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement,
+                   webhook deliveries).
 - `{p}:changes`   a pub/sub channel: the id of each job whose state changed, for watchers.
 - `{p}:workers`    a sorted set of worker ids by last heartbeat; `{p}:models` maps them to models.
                    A worker gone for an hour is forgotten, and so is its consumer in the group
@@ -14,8 +15,8 @@ Layout, under a key prefix (default "tandem"):
 
 Reliable delivery is Redis's own: XREADGROUP hands an entry to one consumer, it stays pending
 until acknowledged, and XAUTOCLAIM takes over entries idle longer than the visibility timeout
-(their worker died). Each state change is one Lua script, so it is atomic, and the terminal
-ones only act on unfinished jobs, so a job delivered twice is answered once.
+(their worker died). Each state change is one Lua script (`scripts`), so it is atomic, and
+the terminal ones only act on unfinished jobs, so a job delivered twice is answered once.
 """
 
 from __future__ import annotations
