@@ -14,7 +14,7 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
-from tandem.jobs.redis import RedisJobStore, refuses_writes
+from tandem.jobs.redis import RedisJobStore, refuses_writes, scripts
 from tandem.predictions import Prediction, Scored
 from tests.support import RedisServer, free_port
 
@@ -158,3 +158,61 @@ async def test_a_message_on_the_changes_channel_that_is_no_job_id_is_not_fatal(
         started = time.monotonic()
         await watch.wait(timeout=10)
         assert time.monotonic() - started < 3
+
+
+ANSWER = Prediction("accurate", (Scored(1, "one", 0.9),), 1.0)
+
+
+@pytest.fixture
+async def full_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisJobStore, list[str]]]:
+    """A store on a Redis of its own, filled with small images to its memory limit (a MB over
+    what it held), and the ids of the jobs it took before it refused the next one."""
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisJobStore(server.url, prefix="full")
+    await store.open()
+    used = (await store._client.info("memory"))["used_memory"]
+    await store._client.config_set("maxmemory", used + 1024 * 1024)
+    queued: list[str] = []
+    with pytest.raises(QueueUnavailable, match="maxmemory"):
+        await _enqueue_until_refused(store, queued)
+    yield store, queued
+    await store.close()
+    server.stop()
+
+
+async def _enqueue_until_refused(store: RedisJobStore, queued: list[str]) -> None:
+    for _ in range(10_000):
+        queued.append((await store.enqueue(JobSpec(id=new_job_id(), image=b"x" * 4000))).id)
+
+
+async def test_workers_drain_a_queue_that_filled_redis_to_its_limit(
+    full_redis: tuple[RedisJobStore, list[str]],
+) -> None:
+    """At its limit Redis refuses a script's first write that adds data: every lease was
+    refused, and a queue of small images that had filled Redis never drained."""
+    store, queued = full_redis
+    assert len(queued) > 100
+    claims = await store.claim("w", len(queued), 0)
+    assert sorted(claim.id for claim in claims) == sorted(queued)
+    completed = await store.complete_many({claim.id: ANSWER for claim in claims})
+    assert completed.stored == set(queued)
+    assert await store.queue_depth() == 0
+    # Their images gone, there is room for new jobs again.
+    await store.enqueue(JobSpec(id=new_job_id(), image=b"x" * 4000))
+
+
+async def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis 6 cannot compile the flag line: there, as Redis 7 does with a line it cannot
+    compile after it, the store runs its scripts without it, and says what that costs."""
+    monkeypatch.setattr(scripts, "ALLOW_OOM", scripts.ALLOW_OOM + "no Lua can start so\n")
+    store = RedisJobStore(redis_server.url, prefix=f"unflagged-{new_job_id()[:8]}")
+    await store.open()
+    try:
+        job = await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        [claim] = await store.claim("w", 1, 0)
+        assert (await store.complete_many({claim.id: ANSWER})).stored == {job.id}
+    finally:
+        await store.close()
+    assert "reads no script flags (before 7.0)" in caplog.text

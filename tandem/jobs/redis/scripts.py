@@ -2,6 +2,14 @@
 atomic, and those that finish a job act only on an unfinished one, so that a job delivered
 twice is answered once. Each names its KEYS and ARGV, in the order the store passes them."""
 
+# The scripts that move an accepted job on (a lease, its end, a cancel, its webhook's state,
+# its fast answer) run with this line, so that Redis at its memory limit still takes them:
+# there it refuses a plain script's first write that may add data, and with it every lease,
+# so that a queue of small images that had filled Redis never drained. A finished job gives
+# its image back. ENQUEUE runs without it: at the limit, new jobs are refused. Redis 7 reads
+# the flag; Redis 6 cannot compile the line, and the store then runs the scripts without it.
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+
 # KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
 # job key prefix, whether there is an idempotency key.
 # Returns {id, 1} for a job it stored, {id, 0} for the earlier job that stands for this

@@ -163,13 +163,22 @@ class RedisJobStore:
             raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
 
     async def _with_group(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`, once more after mending what it met: a Redis that restarted
+        without the group (no persistence), or one before 7.0 (see scripts.ALLOW_OOM)."""
         try:
             return await operation()
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if "NOGROUP" in str(exc):
+                await self._ensure_group()
+            elif self._allow_oom and "Error compiling script" in str(exc):
+                log.warning(
+                    "Redis at %s reads no script flags (before 7.0): at its memory limit it"
+                    " will refuse the workers' writes too, and a full queue will not drain",
+                    self._where,
+                )
+                self._register_scripts(allow_oom=False)
+            else:
                 raise
-            # Redis restarted without the group (no persistence): make it again, then retry.
-            await self._ensure_group()
             return await operation()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -184,19 +193,25 @@ class RedisJobStore:
             health_check_interval=10,
             client_name=connection_name(),
         )
-        self._enqueue = self._redis.register_script(scripts.ENQUEUE)
-        self._finish = self._redis.register_script(scripts.FINISH)
-        self._lease = self._redis.register_script(scripts.LEASE)
-        self._extend = self._redis.register_script(scripts.EXTEND)
-        self._fail = self._redis.register_script(scripts.FAIL)
-        self._cancel = self._redis.register_script(scripts.CANCEL)
-        self._record_delivery = self._redis.register_script(scripts.RECORD_DELIVERY)
-        self._attach = self._redis.register_script(scripts.ATTACH)
-        self._forget_consumer = self._redis.register_script(scripts.FORGET_CONSUMER)
+        self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
             await self._ensure_group()
             await self._check_keeping()
+
+    def _register_scripts(self, allow_oom: bool) -> None:
+        register = self._client.register_script
+        flag = scripts.ALLOW_OOM if allow_oom else ""
+        self._allow_oom = allow_oom
+        self._enqueue = register(scripts.ENQUEUE)
+        self._extend = register(scripts.EXTEND)  # neither writes what the limit refuses
+        self._forget_consumer = register(scripts.FORGET_CONSUMER)
+        self._lease = register(flag + scripts.LEASE)
+        self._finish = register(flag + scripts.FINISH)
+        self._fail = register(flag + scripts.FAIL)
+        self._cancel = register(flag + scripts.CANCEL)
+        self._record_delivery = register(flag + scripts.RECORD_DELIVERY)
+        self._attach = register(flag + scripts.ATTACH)
 
     async def _check_keeping(self) -> None:
         """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
