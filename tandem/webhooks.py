@@ -237,10 +237,13 @@ class WebhookSender:
         self, job: Job, state: DeliveryState, attempts: int, error: str | None
     ) -> None:
         """Count the delivery's state (pending again: an attempt failed and another follows),
-        then store it on its job: whoever sees the state sees it counted."""
+        then store it on its job: whoever sees the state sees it counted. Each is tried
+        whatever became of the other: a state not stored has the delivery made again."""
         delivery = Delivery(state, attempts, error, time.time())
-        with contextlib.suppress(QueueUnavailable):  # the delivery matters more than its record
+        # The delivery matters more than its record, and the record more than its count.
+        with contextlib.suppress(QueueUnavailable):
             await self.store.add_counts({COUNTERS[state]: 1})
+        with contextlib.suppress(QueueUnavailable):
             await self.store.record_delivery(job.id, delivery)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from tandem.errors import CallbackNotAllowed, ConfigurationError
+from tandem.errors import CallbackNotAllowed, ConfigurationError, QueueUnavailable
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.predictions import Prediction, Scored
@@ -291,6 +291,25 @@ def test_a_delivery_that_fails_unexpectedly_is_recorded_as_failed(
     assert job["webhook"]["state"] == "failed"
     assert job["webhook"]["last_error"] == "RuntimeError: a bug in the sender"
     assert receiver.received == []
+
+
+def test_a_count_the_store_refuses_leaves_the_delivery_recorded(
+    make_client: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At Redis's memory limit a counter's write is refused where the delivery's state, in
+    a script that runs there, is not: left pending, the post would be made again."""
+    add_counts = SQLiteJobStore.add_counts
+
+    async def refusing(self: SQLiteJobStore, counts: dict[str, int]) -> None:
+        if any(name.startswith("webhooks_") for name in counts):
+            raise QueueUnavailable("Redis refused: command not allowed (OOM)")
+        await add_counts(self, counts)
+
+    monkeypatch.setattr(SQLiteJobStore, "add_counts", refusing)
+    client = make_client(receiver)
+    job = settled(client, predict(client, receiver.url()).json()["job_id"])
+    assert job["webhook"]["state"] == "delivered"
+    assert len(receiver.received) == 1
 
 
 def test_webhooks_are_off_without_an_allowlist(
