@@ -216,3 +216,13 @@ async def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them(
     finally:
         await store.close()
     assert "reads no script flags (before 7.0)" in caplog.text
+
+
+async def test_a_worker_s_heartbeat_goes_in_at_redis_s_limit(
+    full_redis: tuple[RedisJobStore, list[str]],
+) -> None:
+    """Refused there, it had left /health/all saying no worker served the model while the
+    worker drained the queue: an alert to restart workers that were at work."""
+    store, _ = full_redis
+    await store.beat("draining", "accurate")
+    assert await store.live_models(60) == {"accurate"}

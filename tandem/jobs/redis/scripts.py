@@ -3,11 +3,12 @@ atomic, and those that finish a job act only on an unfinished one, so that a job
 twice is answered once. Each names its KEYS and ARGV, in the order the store passes them."""
 
 # The scripts that move an accepted job on (a lease, its end, a cancel, its webhook's state,
-# its fast answer) run with this line, so that Redis at its memory limit still takes them:
-# there it refuses a plain script's first write that may add data, and with it every lease,
-# so that a queue of small images that had filled Redis never drained. A finished job gives
-# its image back. ENQUEUE runs without it: at the limit, new jobs are refused. Redis 7 reads
-# the flag; Redis 6 cannot compile the line, and the store then runs the scripts without it.
+# its fast answer), and a worker's heartbeat, run with this line, so that Redis at its memory
+# limit still takes them: there it refuses a plain script's first write that may add data,
+# and with it every lease, so that a queue of small images that had filled Redis never
+# drained. A finished job gives its image back. ENQUEUE runs without it: at the limit, new
+# jobs are refused. Redis 7 reads the flag; Redis 6 cannot compile the line, and the store
+# then runs the scripts without it.
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
 # KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
@@ -185,6 +186,14 @@ RECORD_DELIVERY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[1]) end
 if ARGV[2] == '1' then redis.call('ZREM', KEYS[2], KEYS[1]) end
 return 0
+"""
+
+# A worker's heartbeat, run at Redis's memory limit as well: refused there, it had left
+# /health/all saying that no worker served the model while the workers drained the queue.
+# KEYS: workers, models. ARGV: worker, now, model.
+BEAT = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 """
 
 # Delete a consumer of the group if it holds no entry: the entries of one that holds some

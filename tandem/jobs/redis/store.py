@@ -212,6 +212,7 @@ class RedisJobStore:
         self._cancel = register(flag + scripts.CANCEL)
         self._record_delivery = register(flag + scripts.RECORD_DELIVERY)
         self._attach = register(flag + scripts.ATTACH)
+        self._beat = register(flag + scripts.BEAT)
 
     async def _check_keeping(self) -> None:
         """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
@@ -521,13 +522,8 @@ class RedisJobStore:
         return {_text(name): int(value) for name, value in raw.items()}
 
     async def beat(self, worker_id: str, model: str) -> None:
-        async def record() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zadd(f"{self._prefix}:workers", {worker_id: time.time()})
-                pipe.hset(f"{self._prefix}:models", worker_id, model)
-                await pipe.execute()
-
-        await self._call(record)
+        keys = [f"{self._prefix}:workers", f"{self._prefix}:models"]
+        await self._call(lambda: self._beat(keys=keys, args=[worker_id, time.time(), model]))
 
     async def live_models(self, within_s: float) -> set[str]:
         since = time.time() - within_s
