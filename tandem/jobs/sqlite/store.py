@@ -87,7 +87,6 @@ class SQLiteJobStore:
         self.min_free_bytes = min_free_bytes
         self._conn: sqlite3.Connection | None = None
         self._shrinks = False
-        self._page_bytes = 4096
         self._giving_back: asyncio.Task[None] | None = None
         self._closed = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-sqlite")
@@ -144,7 +143,6 @@ class SQLiteJobStore:
         conn.execute("PRAGMA synchronous=FULL")
         schema.create(conn)
         self._shrinks = upkeep.shrinks(conn, self.path)
-        self._page_bytes = upkeep.page_size(conn)
         self._conn = conn
 
     async def open(self) -> None:
@@ -493,7 +491,7 @@ class SQLiteJobStore:
         jobs free their images' pages, and without this a backlog's peak held its disk for good.
         Not within the purge: the worker's loop that calls it claims no job meanwhile."""
         if self._shrinks and (self._giving_back is None or self._giving_back.done()):
-            giving = upkeep.give_back(lambda step: self._run(step, lazy=True), self._page_bytes)
+            giving = upkeep.give_back(lambda step: self._run(step, lazy=True))
             self._giving_back = asyncio.create_task(giving, name="tandem-give-back")
 
     async def add_counts(self, counts: Mapping[str, int]) -> None:

@@ -171,12 +171,13 @@ def reclaim_step(c: sqlite3.Connection) -> int:
 Step = Callable[[sqlite3.Connection], int]
 
 
-async def give_back(run: Callable[[Step], Awaitable[int]], page_bytes: int) -> None:
+async def give_back(run: Callable[[Step], Awaitable[int]]) -> None:
     """Give the file system the free pages beyond KEEP_FREE_BYTES, a step at a time, each
     run by `run` (on the store's thread, without an fsync: a crash undoes one step) and
     followed by a pause (see RECLAIM_PAUSE_RATIO)."""
-    pages, started = 0, time.monotonic()
+    pages, page_bytes, started = 0, 0, time.monotonic()
     try:
+        page_bytes = await run(page_size)
         while True:
             step_started = time.monotonic()
             step = await run(reclaim_step)
