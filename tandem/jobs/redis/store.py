@@ -105,6 +105,8 @@ class RedisJobStore:
         self._counters = f"{prefix}:counters"
         self._changes = f"{prefix}:changes"
         self._deliveries = f"{prefix}:deliveries"
+        self._workers = f"{prefix}:workers"
+        self._models = f"{prefix}:models"
         self._redis: aioredis.Redis | None = None
         self._hub = Hub()
         self._listener: asyncio.Task[None] | None = None
@@ -491,15 +493,14 @@ class RedisJobStore:
         return 0  # Redis expires finished jobs by itself (PEXPIRE in the finishing script).
 
     async def _forget_gone_workers(self) -> None:
-        workers, models = f"{self._prefix}:workers", f"{self._prefix}:models"
         before = time.time() - WORKER_FORGOTTEN_S
-        seen: list[Any] = await self._client.zrange(workers, 0, -1, withscores=True)
+        seen: list[Any] = await self._client.zrange(self._workers, 0, -1, withscores=True)
         gone = [worker for worker, at in seen if at < before]
         live = {_text(worker) for worker, at in seen if at >= before}
         if gone:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zrem(workers, *gone)
-                pipe.hdel(models, *gone)
+                pipe.zrem(self._workers, *gone)
+                pipe.hdel(self._models, *gone)
                 await pipe.execute()
         consumers: list[dict[str, Any]] = await self._client.xinfo_consumers(self._queue, GROUP)
         for consumer in consumers:
@@ -522,16 +523,17 @@ class RedisJobStore:
         return {_text(name): int(value) for name, value in raw.items()}
 
     async def beat(self, worker_id: str, model: str) -> None:
-        keys = [f"{self._prefix}:workers", f"{self._prefix}:models"]
+        keys = [self._workers, self._models]
         await self._call(lambda: self._beat(keys=keys, args=[worker_id, time.time(), model]))
 
     async def live_models(self, within_s: float) -> set[str]:
         since = time.time() - within_s
-        workers = f"{self._prefix}:workers"
-        ids: Any = await self._call(lambda: self._client.zrangebyscore(workers, since, "+inf"))
+        ids: Any = await self._call(
+            lambda: self._client.zrangebyscore(self._workers, since, "+inf")
+        )
         if not ids:
             return set()
-        models = await self._call(lambda: self._client.hmget(f"{self._prefix}:models", ids))
+        models = await self._call(lambda: self._client.hmget(self._models, ids))
         return {_text(m) for m in models if m is not None}
 
 
