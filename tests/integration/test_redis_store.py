@@ -226,3 +226,14 @@ async def test_a_worker_s_heartbeat_goes_in_at_redis_s_limit(
     store, _ = full_redis
     await store.beat("draining", "accurate")
     assert await store.live_models(60) == {"accurate"}
+
+
+async def test_counts_go_in_at_redis_s_limit(
+    full_redis: tuple[RedisJobStore, list[str]],
+) -> None:
+    """Refused there, a webhook's delivery was recorded but never counted, and a worker's
+    counts of agreement waited, re-sent every heartbeat, until the queue had drained."""
+    store, _ = full_redis
+    await store.add_counts({"webhooks_delivered": 1, "judged": 2})
+    await store.add_counts({"judged": 1})
+    assert await store.counts() == {"webhooks_delivered": 1, "judged": 3}

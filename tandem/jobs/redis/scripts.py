@@ -3,12 +3,12 @@ atomic, and those that finish a job act only on an unfinished one, so that a job
 twice is answered once. Each names its KEYS and ARGV, in the order the store passes them."""
 
 # The scripts that move an accepted job on (a lease, its end, a cancel, its webhook's state,
-# its fast answer), and a worker's heartbeat, run with this line, so that Redis at its memory
-# limit still takes them: there it refuses a plain script's first write that may add data,
-# and with it every lease, so that a queue of small images that had filled Redis never
-# drained. A finished job gives its image back. ENQUEUE runs without it: at the limit, new
-# jobs are refused. Redis 7 reads the flag; Redis 6 cannot compile the line, and the store
-# then runs the scripts without it.
+# its fast answer), a worker's heartbeat and the counters run with this line, so that Redis
+# at its memory limit still takes them: there it refuses a plain script's first write that
+# may add data, and with it every lease, so that a queue of small images that had filled
+# Redis never drained. A finished job gives its image back. ENQUEUE runs without it: at the
+# limit, new jobs are refused. Redis 7 reads the flag; Redis 6 cannot compile the line, and
+# the store then runs the scripts without it.
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
 # KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
@@ -194,6 +194,12 @@ return 0
 BEAT = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+"""
+
+# Add to counters; they are a fixed few, so at the memory limit they grow nothing worth
+# refusing. KEYS: counters. ARGV: name, amount, name, amount...
+ADD_COUNTS = """
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 """
 
 # Delete a consumer of the group if it holds no entry: the entries of one that holds some

@@ -215,6 +215,7 @@ class RedisJobStore:
         self._record_delivery = register(flag + scripts.RECORD_DELIVERY)
         self._attach = register(flag + scripts.ATTACH)
         self._beat = register(flag + scripts.BEAT)
+        self._add_counts = register(flag + scripts.ADD_COUNTS)
 
     async def _check_keeping(self) -> None:
         """Warn of a Redis that may lose accepted jobs on its own: one that evicts keys under
@@ -509,14 +510,9 @@ class RedisJobStore:
                 await self._forget_consumer(keys=[self._queue], args=[GROUP, name])
 
     async def add_counts(self, counts: Mapping[str, int]) -> None:
-        async def add() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                for name, n in counts.items():
-                    pipe.hincrby(self._counters, name, n)
-                await pipe.execute()
-
-        if counts:
-            await self._call(add)
+        args: list[ScriptArg] = [part for pair in counts.items() for part in pair]
+        if args:
+            await self._call(lambda: self._add_counts(keys=[self._counters], args=args))
 
     async def counts(self) -> dict[str, int]:
         raw: Any = await self._call(lambda: self._client.hgetall(self._counters))
