@@ -147,14 +147,22 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
             process.wait()
 
 
-def _memory_for_redis(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+# cgroup v2's limit, then v1's: v1 writes a number near 2**63 for no limit, v2 "max".
+CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+
+
+def _memory_for_redis(cgroup_limits: tuple[Path, ...] = CGROUP_LIMITS) -> int:
     """Half the memory of this machine, or of its container: a backlog of images then meets
     Redis's limit, where new jobs are refused (503, with the fast answer) while the workers
     drain the queue, before the system's OOM killer. Half, since rewriting the append-only
     file forks Redis, and the copy may grow as large as what it copies."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 file, or "max": no limit
-        total = min(total, int(cgroup.read_text()))
+    for limit in cgroup_limits:
+        with contextlib.suppress(OSError, ValueError):  # no such file, or "max": no limit
+            total = min(total, int(limit.read_text()))
     return total // 2
 
 
