@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from tandem.errors import InvalidRequest
 
@@ -28,8 +29,20 @@ def query_params(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
-        errors = [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
+        known = ", ".join(model.model_fields)
+        errors = [
+            {
+                **error,
+                "loc": ("query", *error["loc"]),
+                **({"msg": f"unknown parameter; known: {known}"} if _unknown(error) else {}),
+            }
+            for error in exc.errors()
+        ]
         raise RequestValidationError(errors) from exc
+
+
+def _unknown(error: ErrorDetails) -> bool:
+    return error["type"] == "extra_forbidden"
 
 
 def idempotency_key(request: Request) -> str | None:

@@ -25,8 +25,10 @@ class PredictRequest(BaseModel):
 class GateParams(BaseModel):
     """The query parameters that override the server's cascade gate for one request."""
 
-    # `nan` had been refused as "less than or equal to 1": say what is wrong with it.
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    # `nan` had been refused as "less than or equal to 1": say what is wrong with it. A
+    # misspelt parameter (`treshold`) had been ignored, and the request run on the server's
+    # gate: POST is never cached, so no cache-buster needs letting through either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     policy: Policy | None = Field(
         None, description="Cascade policy for this request (default: the server's)."

@@ -109,7 +109,13 @@ def test_the_server_wide_policy_applies_and_a_request_overrides_it(make_client: 
 
 @pytest.mark.parametrize(
     "params",
-    [{"policy": "sometimes"}, {"threshold": "1.5"}, {"threshold": "high"}, {"margin": "-0.1"}],
+    [
+        {"policy": "sometimes"},
+        {"threshold": "1.5"},
+        {"threshold": "high"},
+        {"margin": "-0.1"},
+        {"treshold": "0.9"},  # had been ignored, and the request run on the server's gate
+    ],
 )
 def test_bad_policy_parameters_are_422_and_cost_nothing(
     make_client: Any, params: dict[str, str]
@@ -124,6 +130,14 @@ def test_bad_policy_parameters_are_422_and_cost_nothing(
     # Named as FastAPI names a bad query parameter, though /predict parses its own.
     assert [problem["loc"] for problem in error["details"]["problems"]] == [["query", *params]]
     assert client.get("/stats").json()["requests"] == 0
+
+
+def test_an_unknown_parameter_is_named_with_those_known(make_client: Any) -> None:
+    response = make_client().get("/predict/test", params={"polcy": "never"})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == (
+        "query.polcy: unknown parameter; known: policy, threshold, margin"
+    )
 
 
 def test_stats_count_agreement_by_bucket_and_survive_a_restart(make_client: Any) -> None:
