@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tandem import __version__, client_cli
-from tandem.errors import ConfigurationError, ServerUnreachable
+from tandem.errors import BackupFailed, ConfigurationError, ServerUnreachable
 from tandem.files import private_dir
 from tandem.logs import configure_logging
 from tandem.runtime.manifest import resolve_manifest_path, verified_model
 from tandem.settings import Settings, load_settings
 
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 
@@ -96,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="port the proxy binds (default 8000)")
     up.add_argument("--data-dir", type=Path, help="where redis-server keeps its files")
     up.set_defaults(handler=_up)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the SQLite job store, while it serves",
+        description="Copy the job store (tandem.db in the data directory) to DEST, a new file: "
+        "the store as one moment left it, queued jobs with their images included. Writes go on "
+        "meanwhile. A Redis store is backed up from Redis's own files (see the README).",
+    )
+    backup.add_argument("dest", type=Path, help="the copy: a file that does not exist yet")
+    backup.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    backup.add_argument("--data-dir", type=Path, help="where the store is (TANDEM_DATA_DIR)")
+    backup.set_defaults(handler=_backup)
 
     models = commands.add_parser("models", help="build or list the ONNX models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -229,6 +242,21 @@ def _up(args: argparse.Namespace) -> int:
     return Topology(settings, args.workers, redis_url=args.redis_url).run()
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from tandem.jobs.factory import sqlite_path
+    from tandem.jobs.sqlite import MIB
+    from tandem.jobs.sqlite.backup import back_up
+
+    settings = _settings(args)
+    if settings.redis_url:
+        raise ConfigurationError(
+            "the jobs are in Redis (TANDEM_REDIS_URL): copy its append-only files instead"
+        )
+    size = back_up(sqlite_path(settings), args.dest)
+    print(f"copied {sqlite_path(settings)} to {args.dest} ({size / MIB:.1f} MiB)")
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
 
@@ -262,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerUnreachable as exc:
         print(f"tandem: {exc.message}", file=sys.stderr)
         return client_cli.EXIT_SERVER
+    except BackupFailed as exc:
+        print(f"tandem: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     return code

@@ -213,6 +213,12 @@ class ModelNotFound(ConfigurationError):
     code = "model_not_found"
 
 
+class BackupFailed(TandemError):
+    """`tandem backup` could not copy the job store; a command's error, never a request's."""
+
+    code = "backup_failed"
+
+
 class ServerUnreachable(TandemError):
     """Raised by the client when no HTTP answer came back at all."""
 
