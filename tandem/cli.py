@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -15,6 +17,8 @@ from tandem.files import private_dir
 from tandem.logs import configure_logging
 from tandem.runtime.manifest import resolve_manifest_path, verified_model
 from tandem.settings import Settings, load_settings
+
+log = logging.getLogger("tandem.cli")
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -198,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings)
+    _warn_if_unguarded(settings)
     open_files_for(settings.max_watches + settings.max_in_flight)
     _ensure_data_dir(settings)
     roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
@@ -216,6 +221,26 @@ def _serve(args: argparse.Namespace) -> int:
     )
     Server(config).run()
     return 0
+
+
+def _warn_if_unguarded(settings: Settings) -> None:
+    """A server other machines reach with no API keys serves whoever reaches it: their images
+    go to the models, and every job's answer is theirs to read."""
+    if settings.api_keys or _is_loopback(settings.host):
+        return
+    log.warning(
+        "listening on %s with no API keys: anyone who reaches port %d may classify images and "
+        "read or cancel any job; set TANDEM_API_KEYS, or listen on 127.0.0.1 behind a proxy",
+        settings.host,
+        settings.port,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.cli import EXIT_CONFIG, _ensure_data_dir, main
+from tandem.cli import EXIT_CONFIG, _ensure_data_dir, _warn_if_unguarded, main
 from tandem.settings import Settings
 from tests.support import TinySpec, clean_env, tiny_model
 
@@ -139,3 +139,24 @@ def test_the_data_directory_serve_makes_is_this_users_alone(tmp_path: Path) -> N
     finally:
         os.umask(previous)
     assert data.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", (), True),
+        ("::", (), True),
+        ("10.1.2.3", (), True),
+        ("0.0.0.0", ("k" * 32,), False),
+        ("127.0.0.1", (), False),
+        ("::1", (), False),
+        ("localhost", (), False),
+    ],
+)
+def test_a_server_others_reach_without_api_keys_is_warned_of(
+    host: str, keys: tuple[str, ...], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    _warn_if_unguarded(
+        Settings(data_dir=Path("/d"), model_dir=Path("/m"), host=host, api_keys=keys)
+    )
+    assert ("with no API keys" in caplog.text) is warned
