@@ -277,7 +277,7 @@ def _backup(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "the jobs are in Redis (TANDEM_REDIS_URL): copy its append-only files instead"
         )
-    size = back_up(sqlite_path(settings), args.dest)
+    size = back_up(sqlite_path(settings), args.dest, settings.min_free_disk_mb * MIB)
     print(f"copied {sqlite_path(settings)} to {args.dest} ({size / MIB:.1f} MiB)")
     return 0
 

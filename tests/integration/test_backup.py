@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +15,7 @@ from tandem.cli import EXIT_CONFIG, EXIT_FAILED, main
 from tandem.errors import BackupFailed
 from tandem.jobs.factory import DB_NAME
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
-from tandem.jobs.sqlite import SQLiteJobStore, upkeep
+from tandem.jobs.sqlite import MIB, SQLiteJobStore, upkeep
 from tandem.jobs.sqlite.backup import back_up
 from tandem.predictions import Prediction, Scored
 
@@ -33,6 +35,15 @@ async def _store_with_jobs(
     await store.complete_many({claim.id: ANSWER for claim in claims})
     done = {claim.id for claim in claims}
     return store, {k: v for k, v in images.items() if k not in done}, done
+
+
+def _closed_store(path: Path) -> Path:
+    async def make() -> None:
+        store, _, _ = await _store_with_jobs(path)
+        await store.close()
+
+    asyncio.run(make())
+    return path
 
 
 async def test_a_copy_taken_while_jobs_are_stored_holds_the_store_as_it_was(
@@ -83,14 +94,27 @@ async def test_a_copy_taken_while_jobs_are_stored_holds_the_store_as_it_was(
         assert c.execute("PRAGMA auto_vacuum").fetchone() == (upkeep.INCREMENTAL,)
 
 
-async def test_a_copy_never_replaces_a_file(tmp_path: Path) -> None:
-    store, _, _ = await _store_with_jobs(tmp_path / DB_NAME)
-    await store.close()
+def test_a_copy_never_replaces_a_file(tmp_path: Path) -> None:
+    store = _closed_store(tmp_path / DB_NAME)
     dest = tmp_path / "kept.db"
     dest.write_bytes(b"an earlier copy")
     with pytest.raises(BackupFailed, match="exists already"):
-        back_up(store.path, dest)
+        back_up(store, dest)
     assert dest.read_bytes() == b"an earlier copy"
+
+
+def test_a_copy_that_may_not_fit_is_refused_before_it_begins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filling the store's disk would stop its writes, the workers' included."""
+    store = _closed_store(tmp_path / DB_NAME)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(BackupFailed, match="above TANDEM_MIN_FREE_DISK_MB"):
+        back_up(store, tmp_path / "copy.db", keep_free_bytes=free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(free=MIB))
+    with pytest.raises(BackupFailed, match=r"needs up to 1 MiB, and .* has 1 MiB free$"):
+        back_up(store, tmp_path / "copy.db")
+    assert not list(tmp_path.glob("*copy*"))
 
 
 def test_a_copy_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -104,12 +128,11 @@ def test_a_copy_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
-async def test_the_command_copies_the_configured_store(
+def test_the_command_copies_the_configured_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("TANDEM_REDIS_URL", raising=False)
-    store, _, _ = await _store_with_jobs(tmp_path / DB_NAME)
-    await store.close()
+    _closed_store(tmp_path / DB_NAME)
     copy = tmp_path / "copy.db"
     assert main(["backup", "--data-dir", str(tmp_path), str(copy)]) == 0
     assert f"to {copy}" in capsys.readouterr().out
