@@ -268,6 +268,32 @@ async def test_a_reader_that_holds_the_wal_does_not_hold_up_writes(
     assert time.monotonic() - started < 5.0
 
 
+async def test_a_reader_that_holds_the_wal_is_waited_for_less_and_less_often(
+    small_wal: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try to start the WAL over holds the store's thread up for up to 50 ms: a backup
+    reading for minutes had cost it 50 ms a second."""
+    tries: list[bool] = []
+    start_over = upkeep.start_wal_over
+
+    def counted(c: sqlite3.Connection) -> bool:
+        tries.append(start_over(c))
+        return tries[-1]
+
+    monkeypatch.setattr(upkeep, "start_wal_over", counted)
+    await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+    with contextlib.closing(sqlite3.connect(small_wal.path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a snapshot, held
+        await _write_without_pause(small_wal, 2.0)  # some 40 checkpoints, each past 1 MiB
+        reader.execute("COMMIT")
+    held_off = len(tries)
+    assert not any(tries)
+    assert 2 <= held_off <= 8  # waits of 0.05, 0.1, 0.2, 0.4 and 0.8 s between them
+    await _write_without_pause(small_wal, 3.0)
+    assert any(tries[held_off:])  # the reader gone, the next try starts it over
+
+
 async def _slowest_enqueue(store: SQLiteJobStore, n: int) -> float:
     slowest = 0.0
     for _ in range(n):

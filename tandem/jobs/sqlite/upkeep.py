@@ -30,6 +30,9 @@ CHECKPOINT_NICE = 19
 WAL_KEPT_BYTES = 256 * MIB
 WAL_FRAME_HEADER_BYTES = 24
 START_OVER_WAIT_MS = 50
+# A try that a reader held off (a backup, say) is tried again after twice the wait before it,
+# up to this: each holds the store's thread up for START_OVER_WAIT_MS.
+START_OVER_BACKOFF_MAX_S = 30.0
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental vacuum
 # Free pages kept for new jobs to reuse, so that a steady flow of jobs moves no pages.
@@ -80,12 +83,13 @@ class Checkpointer:
     a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, `start_over` is called."""
 
     def __init__(
-        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[object]]
+        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[bool]]
     ) -> None:
         self._path, self._every_s, self._start_over = path, every_s, start_over
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._backoff_s, self._start_over_at = 0.0, 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -98,8 +102,17 @@ class Checkpointer:
             await asyncio.sleep(self._every_s)
             with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
                 wal_bytes = await loop.run_in_executor(self._thread, self._checkpoint)
-                if wal_bytes > WAL_KEPT_BYTES:
-                    await self._start_over()
+                if wal_bytes > WAL_KEPT_BYTES and time.monotonic() >= self._start_over_at:
+                    self._tried_start_over(await self._start_over())
+
+    def _tried_start_over(self, done: bool) -> None:
+        """Set when to try next: at once after a try that worked, else after twice the wait
+        before it. A backup reading for minutes had cost the store's thread 50 ms a second."""
+        if done:
+            self._backoff_s = 0.0
+        else:
+            self._backoff_s = min(max(2 * self._backoff_s, self._every_s), START_OVER_BACKOFF_MAX_S)
+        self._start_over_at = time.monotonic() + self._backoff_s
 
     def _checkpoint(self) -> int:
         """A PASSIVE checkpoint; the bytes in the WAL it found."""
@@ -117,17 +130,18 @@ class Checkpointer:
         self._thread.shutdown(wait=True)
 
 
-def start_wal_over(c: sqlite3.Connection) -> None:
+def start_wal_over(c: sqlite3.Connection) -> bool:
     """A RESTART checkpoint, after which the next commit writes the WAL from its start (and cuts
     it back to WAL_KEPT_BYTES). It holds the write lock while it copies what the last PASSIVE
     one left, syncs the database file (35 to 40 ms here while the file grew, however little
     was left) and waits for readers to leave the WAL: on the store's thread, since at
     CHECKPOINT_NICE it would hold the lock while waiting for the cores, and for
     START_OVER_WAIT_MS at most, since a reader such as a backup may take minutes (the next
-    round tries again)."""
+    round tries again). Whether it did: not while a reader held the WAL."""
     c.execute(f"PRAGMA busy_timeout={START_OVER_WAIT_MS}")
     try:
-        c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        [(busy, _, _)] = c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        return not busy
     finally:
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
