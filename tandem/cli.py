@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the SQLite job store, while it serves",
         description="Copy the job store (tandem.db in the data directory) to DEST, a new file: "
         "the store as one moment left it, queued jobs with their images included. Writes go on "
-        "meanwhile. A Redis store is backed up from Redis's own files (see the README).",
+        "meanwhile. A Redis store is backed up with Redis's own tools (see the README).",
     )
     backup.add_argument("dest", type=Path, help="the copy: a file that does not exist yet")
     backup.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
@@ -275,7 +275,8 @@ def _backup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.redis_url:
         raise ConfigurationError(
-            "the jobs are in Redis (TANDEM_REDIS_URL): copy its append-only files instead"
+            "the jobs are in Redis (TANDEM_REDIS_URL): back it up with Redis's own tools"
+            " (BGSAVE; see the README)"
         )
     size = back_up(sqlite_path(settings), args.dest, settings.min_free_disk_mb * MIB)
     print(f"copied {sqlite_path(settings)} to {args.dest} ({size / MIB:.1f} MiB)")

@@ -140,9 +140,9 @@ def test_the_command_copies_the_configured_store(
     assert "exists already" in capsys.readouterr().err
 
 
-def test_the_command_sends_a_redis_user_to_redis_s_files(
+def test_the_command_sends_a_redis_user_to_redis_s_tools(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv("TANDEM_REDIS_URL", "redis://127.0.0.1:1/0")
     assert main(["backup", str(tmp_path / "copy.db")]) == EXIT_CONFIG
-    assert "append-only files" in capsys.readouterr().err
+    assert "Redis's own tools" in capsys.readouterr().err

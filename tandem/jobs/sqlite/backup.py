@@ -65,7 +65,7 @@ def _check_room(path: Path, dest: Path, keep_free_bytes: int) -> None:
 
 
 def _vacuum_into(path: Path, target: Path) -> None:
-    # Read-only: a copy taken must never change the store, not even the mode of its journal.
+    # Read-only: taking a copy must never write to the store.
     with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as c:
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
