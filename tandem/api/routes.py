@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
+from tandem import __version__
 from tandem.api.bodies import JSON, REQUEST_BODY, image_bytes
 from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of
@@ -147,9 +148,11 @@ async def metadata(request: Request) -> dict[str, Any]:
         "prediction_type": "float32",
         "prediction_structure": f"(1,{len(manifest.labels)})",
         "prediction_sample": str([round(s.probability, 8) for s in sample.top_k] if sample else []),
+        "version": __version__,  # which release this proxy runs, say during a rolling update
         "models": {
             "fast": {
                 "name": manifest.name,
+                "sha256": manifest.sha256,  # the same model file behind every proxy?
                 "input_size": manifest.preprocess.size,
                 "layout": manifest.preprocess.layout,
                 "classes": len(manifest.labels),

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
+from tandem import __version__
+from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
 from tests.support import ServerProcess, b64, clean_env, encode, metric, wait_for_job
 
 pytestmark = pytest.mark.slow
@@ -37,7 +39,7 @@ def test_health(real_server: ServerProcess) -> None:
     }
 
 
-def test_metadata_describes_the_models(real_server: ServerProcess) -> None:
+def test_metadata_describes_the_models(real_server: ServerProcess, model_dir: Path) -> None:
     with real_server.client() as client:
         body = client.get("/metadata").json()
     assert body["data_type"] == "str"
@@ -45,6 +47,9 @@ def test_metadata_describes_the_models(real_server: ServerProcess) -> None:
     assert body["models"]["fast"]["name"] == "efficientnet_lite0"
     assert body["models"]["fast"]["input_size"] == 224
     assert body["models"]["accurate"]["name"] == "efficientnet_lite2"
+    assert body["version"] == __version__
+    manifest = read_manifest(model_dir / "efficientnet_lite0" / MANIFEST_NAME)
+    assert body["models"]["fast"]["sha256"] == manifest.sha256
 
 
 def test_predict_test_answers_with_the_bundled_cat(real_server: ServerProcess) -> None:
