@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import pybase64
@@ -13,7 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from tandem.api.schemas import PredictRequest
+from tandem.api.schemas import PredictParams, PredictRequest
 from tandem.errors import InvalidBase64, InvalidMultipart, UnsupportedMediaType
 
 JSON = "application/json"
@@ -24,6 +25,10 @@ IMAGE_FIELD = "image"
 # refused before it is parsed further: each part costs the parser Python calls.
 MAX_FORM_FILES = 4
 MAX_FORM_FIELDS = 16
+
+# /predict's options go in its query string; sent as body fields they had been ignored, and a
+# callback never called.
+OPTIONS = frozenset(PredictParams.model_fields)
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _BINARY = {"type": "string", "format": "binary"}
@@ -72,12 +77,14 @@ async def image_bytes(request: Request) -> bytes:
         payload = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(), body=body) from exc
+    _refuse_options(payload.model_extra or {})
     return decode_base64(payload.image_data)
 
 
 async def _form_image(request: Request) -> bytes:
     try:
         async with request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS) as form:
+            _refuse_options(form.keys())
             return await _image_file(form).read()
     except HTTPException as exc:  # how Starlette reports a form it could not parse
         raise InvalidMultipart(f"the multipart body could not be read: {exc.detail}") from exc
@@ -101,6 +108,21 @@ def _image_file(form: FormData) -> UploadFile:
             }
         ]
     )
+
+
+def _refuse_options(fields: Iterable[str]) -> None:
+    misplaced = sorted(OPTIONS.intersection(fields))
+    if misplaced:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", name),
+                    "msg": f"a query parameter, not a body field: POST /predict?{name}=...",
+                    "type": "query_parameter",
+                }
+                for name in misplaced
+            ]
+        )
 
 
 def decode_base64(text: str) -> bytes:

@@ -14,6 +14,9 @@ from tandem.service import FastOutcome, Stats
 
 
 class PredictRequest(BaseModel):
+    # Other fields are ignored, but kept so that /predict can refuse its options sent here.
+    model_config = ConfigDict(extra="allow")
+
     image_data: str = Field(
         description="The image file (JPEG, PNG, ...), base64-encoded; a data: URL is accepted too.",
         examples=[

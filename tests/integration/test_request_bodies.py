@@ -60,6 +60,35 @@ def test_the_field_named_image_is_the_one_taken(client: TestClient) -> None:
     assert both["fast"]["top_k"] == only_red["fast"]["top_k"]
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {"json": {"image_data": b64(PNG), "callback_url": "http://example.com/hook"}},
+        {"files": {"image": ("a.png", PNG)}, "data": {"policy": "never"}},
+    ],
+    ids=["json", "form"],
+)
+def test_an_option_sent_in_the_body_is_refused_with_where_it_goes(
+    client: TestClient, sent: dict[str, Any]
+) -> None:
+    """The options are query parameters: in the body they had been ignored, and a callback that
+    the client waited for was never called."""
+    response = client.post("/predict", **sent)
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["error"]["details"]["problems"]
+    name = problem["loc"][1]
+    assert problem["loc"] == ["body", name]
+    assert f"POST /predict?{name}=" in problem["msg"]
+    assert _queued(client) == 0
+
+
+def test_other_fields_beside_the_image_are_ignored(client: TestClient) -> None:
+    sent = client.post("/predict", json={"image_data": b64(PNG), "filename": "a.png"})
+    assert sent.status_code == 200, sent.text
+    form = client.post("/predict", files={"image": ("a.png", PNG)}, data={"note": "hi"})
+    assert form.status_code == 200, form.text
+
+
 def _raw(body: bytes, content_type: str) -> dict[str, Any]:
     return {"content": body, "headers": {"content-type": content_type}}
 
