@@ -217,6 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # AccessMiddleware logs each request, inside its request id
         http=protocol_class(settings.receive_timeout_s, app.state.metrics.count_unparsed),
         ws="none",  # see tandem.api.protocol
+        server_header=False,  # which server and version answer is nobody's business
         timeout_graceful_shutdown=30,
     )
     Server(config).run()

@@ -292,6 +292,7 @@ def test_every_response_forbids_sniffing_its_type_once(
     with real_server.client() as client:
         response = client.get(path)
     assert response.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert "server" not in response.headers  # `uvicorn` had told scanners what to try
 
 
 def test_a_request_id_from_the_client_is_kept(real_server: ServerProcess) -> None:

@@ -95,7 +95,9 @@ def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
     """uvicorn's own answer was `Invalid HTTP request received.` in plain text."""
     request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
     overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
-    _assert_shaped(*_exchange(real_server.port, overrun))
+    status, headers, body = _exchange(real_server.port, overrun)
+    _assert_shaped(status, headers, body)
+    assert "server" not in headers  # nor the protocol's own answers
     assert "unparsed request 400" in real_server.log()
     with real_server.client() as client:
         scraped = client.get("/metrics").text
