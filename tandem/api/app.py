@@ -202,14 +202,16 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
         finally:
             await _shutdown(running)
 
-    # /docs with its scripts served from here: FastAPI's takes them from a CDN, which a server
-    # on a private network, or a browser offline, does not reach. No /redoc: its page still
-    # fetches a logo from its CDN.
+    # Swagger UI's files served from here (fastapi-offline mounts them): FastAPI's /docs takes
+    # them from a CDN, which a server on a private network, or a browser offline, does not
+    # reach. The /docs page is ours (see api/page.py), for its headers. No /redoc: its page
+    # still fetches a logo from its CDN.
     app = FastAPIOffline(
         title="Tandem",
         version=__version__,
         summary="A fast answer now, an accurate answer later.",
         lifespan=lifespan,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.settings = settings

@@ -1,8 +1,10 @@
-"""The web page at `/`, served with headers that lock it down.
+"""The web page at `/` and the API docs at `/docs`, served with headers that lock them down.
 
-Its script and style are inline, so that the page is one file. The Content-Security-Policy
-allows exactly those two blocks, by hash, and nothing else inline: HTML that a model's label or
-an error message managed to inject could not run. The page talks only to its own origin.
+The page's script and style are inline, so that the page is one file. Its
+Content-Security-Policy allows exactly those two blocks, by hash, and nothing else inline:
+HTML that a model's label or an error message managed to inject could not run. The docs run
+Swagger UI from files served here (fastapi-offline's) and one inline script, allowed by hash
+too. Both talk only to their own origin.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from fastapi.openapi.docs import get_swagger_ui_html
+
 _BLOCK = r"<{tag}>(.*?)</{tag}>"
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts Swagger UI's files
+# Nothing framed, no base to redirect relative URLs, nowhere to post a form.
+_LOCKED = ["base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +40,7 @@ def web_page() -> WebPage:
             f"style-src {_hashes(html, 'style')}",
             "img-src 'self' blob:",  # the preview of the chosen file
             "connect-src 'self'",
-            "base-uri 'none'",
-            "form-action 'none'",
-            "frame-ancestors 'none'",
+            *_LOCKED,
         ]
     )
     headers = {
@@ -43,6 +48,31 @@ def web_page() -> WebPage:
         "Referrer-Policy": "no-referrer",  # nosniff, as on every response: RequestIdMiddleware
     }
     return WebPage(html, headers)
+
+
+@functools.cache
+def docs_page() -> WebPage:
+    html = bytes(
+        get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Tandem - Swagger UI",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        ).body
+    ).decode()
+    policy = "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src 'self' {_hashes(html, 'script')}",
+            # Swagger UI sets style attributes as it renders, which no hash can allow.
+            "style-src 'self' 'unsafe-inline'",
+            "img-src 'self' data:",  # its icons
+            "connect-src 'self'",  # the schema, and "Try it out"
+            *_LOCKED,
+        ]
+    )
+    return WebPage(html, {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"})
 
 
 def _hashes(html: str, tag: str) -> str:

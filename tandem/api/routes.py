@@ -18,7 +18,7 @@ from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
-from tandem.api.page import web_page
+from tandem.api.page import docs_page, web_page
 from tandem.api.params import idempotency_key, openapi_parameters, query_params
 from tandem.api.schemas import (
     ErrorBody,
@@ -109,6 +109,12 @@ async def _predict(
 @router.get("/", include_in_schema=False)
 async def page() -> HTMLResponse:
     served = web_page()
+    return HTMLResponse(served.html, headers=served.headers)
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    served = docs_page()
     return HTMLResponse(served.html, headers=served.headers)
 
 
