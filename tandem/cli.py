@@ -203,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings)
     _warn_if_unguarded(settings)
+    _ensure_port_free(settings.host, settings.port)
     open_files_for(settings.max_watches + settings.max_in_flight)
     _ensure_data_dir(settings)
     roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
@@ -235,6 +236,24 @@ def _warn_if_unguarded(settings: Settings) -> None:
         settings.host,
         settings.port,
     )
+
+
+def _ensure_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, a port another process listens on: found by uvicorn, it came after
+    the models had loaded and the worker started, as exit status 3. A race with another
+    process remains uvicorn's to report."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return  # uvicorn says what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _is_loopback(host: str) -> bool:

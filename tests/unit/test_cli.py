@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_a_data_directory_the_store_cannot_use_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"tandem: the data directory {tmp_path / 'a-file' / 'data'} cannot")
     assert "Not a directory" in err
+    assert not (tmp_path / "models").exists()  # refused before building any model
+
+
+def test_a_port_another_process_listens_on_is_refused_before_the_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn found it only once the models had loaded and the worker had started."""
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "data"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"tandem: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
