@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 _BLOCK = r"<{tag}>(.*?)</{tag}>"
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts Swagger UI's files
@@ -28,6 +29,9 @@ _LOCKED = ["base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'"]
 class WebPage:
     html: str
     headers: dict[str, str]
+
+    def response(self) -> HTMLResponse:
+        return HTMLResponse(self.html, headers=self.headers)
 
 
 @functools.cache

@@ -108,14 +108,12 @@ async def _predict(
 
 @router.get("/", include_in_schema=False)
 async def page() -> HTMLResponse:
-    served = web_page()
-    return HTMLResponse(served.html, headers=served.headers)
+    return web_page().response()
 
 
 @router.get("/docs", include_in_schema=False)
 async def docs() -> HTMLResponse:
-    served = docs_page()
-    return HTMLResponse(served.html, headers=served.headers)
+    return docs_page().response()
 
 
 @router.get(
