@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tandem import __version__, client_cli
-from tandem.errors import BackupFailed, ConfigurationError, ServerUnreachable
+from tandem.errors import BackupFailed, ConfigurationError, ServerUnreachable, TandemError
 from tandem.files import private_dir
 from tandem.logs import configure_logging
 from tandem.runtime.manifest import resolve_manifest_path, verified_model
@@ -298,8 +298,9 @@ def _backup(args: argparse.Namespace) -> int:
             "the jobs are in Redis (TANDEM_REDIS_URL): back it up with Redis's own tools"
             " (BGSAVE; see the README)"
         )
-    size = back_up(sqlite_path(settings), args.dest, settings.min_free_disk_mb * MIB)
-    print(f"copied {sqlite_path(settings)} to {args.dest} ({size / MIB:.1f} MiB)")
+    store = sqlite_path(settings)
+    size = back_up(store, args.dest, settings.min_free_disk_mb * MIB)
+    print(f"copied {store} to {args.dest} ({size / MIB:.1f} MiB)")
     return 0
 
 
@@ -326,19 +327,21 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+# The errors a command reports in one line, not a traceback, and the exit status of each.
+EXIT_STATUS: dict[type[TandemError], int] = {
+    ConfigurationError: EXIT_CONFIG,
+    ServerUnreachable: client_cli.EXIT_SERVER,
+    BackupFailed: EXIT_FAILED,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
-    except ConfigurationError as exc:
+    except tuple(EXIT_STATUS) as exc:
         print(f"tandem: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ServerUnreachable as exc:
-        print(f"tandem: {exc.message}", file=sys.stderr)
-        return client_cli.EXIT_SERVER
-    except BackupFailed as exc:
-        print(f"tandem: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+        return next(code for kind, code in EXIT_STATUS.items() if isinstance(exc, kind))
     except KeyboardInterrupt:
         return 130
     return code
