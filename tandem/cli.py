@@ -8,11 +8,11 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tandem import __version__, client_cli
-from tandem.errors import BackupFailed, ConfigurationError, ServerUnreachable, TandemError
+from tandem.errors import ConfigurationError, CopyFailed, ServerUnreachable, TandemError
 from tandem.files import private_dir
 from tandem.logs import configure_logging
 from tandem.runtime.manifest import resolve_manifest_path, verified_model
@@ -102,17 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, help="where redis-server keeps its files")
     up.set_defaults(handler=_up)
 
-    backup = commands.add_parser(
-        "backup",
-        help="copy the SQLite job store, while it serves",
-        description="Copy the job store (tandem.db in the data directory) to DEST, a new file: "
-        "the store as one moment left it, queued jobs with their images included. Writes go on "
-        "meanwhile. A Redis store is backed up with Redis's own tools (see the README).",
+    _store_command(
+        commands.add_parser(
+            "backup",
+            help="copy the SQLite job store, while it serves",
+            description="Copy the job store (tandem.db in the data directory) to DEST, a new "
+            "file: the store as one moment left it, queued jobs with their images included. "
+            "Writes go on meanwhile. A Redis store is backed up with Redis's own tools (see the "
+            "README).",
+        ),
+        ("dest", "the copy: a file that does not exist yet"),
+        _backup,
     )
-    backup.add_argument("dest", type=Path, help="the copy: a file that does not exist yet")
-    backup.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
-    backup.add_argument("--data-dir", type=Path, help="where the store is (TANDEM_DATA_DIR)")
-    backup.set_defaults(handler=_backup)
+    _store_command(
+        commands.add_parser(
+            "restore",
+            help="put a copy that tandem backup made in place as the SQLite job store",
+            description="Put SRC, a copy that tandem backup made, in place as the job store "
+            "(tandem.db in the data directory). Refused while any process has the store open: "
+            "stop Tandem first. The store it replaces is kept beside it as "
+            "tandem.db.replaced-<UTC time>.",
+        ),
+        ("src", "the copy to put in place"),
+        _restore,
+    )
 
     models = commands.add_parser("models", help="build or list the ONNX models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -130,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_list)
     client_cli.add_parser(commands, dict(os.environ))
     return parser
+
+
+def _store_command(
+    command: argparse.ArgumentParser,
+    copy: tuple[str, str],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    """`backup` or `restore`: a copy's path (its name and help), and where the store is."""
+    command.add_argument(copy[0], type=Path, help=copy[1])
+    command.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    command.add_argument("--data-dir", type=Path, help="where the store is (TANDEM_DATA_DIR)")
+    command.set_defaults(handler=handler)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -288,20 +313,36 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from tandem.jobs.factory import sqlite_path
     from tandem.jobs.sqlite import MIB
     from tandem.jobs.sqlite.backup import back_up
 
     settings = _settings(args)
-    if settings.redis_url:
-        raise ConfigurationError(
-            "the jobs are in Redis (TANDEM_REDIS_URL): back it up with Redis's own tools"
-            " (BGSAVE; see the README)"
-        )
-    store = sqlite_path(settings)
+    store = _sqlite_store(settings, "back it up with Redis's own tools (BGSAVE; see the README)")
     size = back_up(store, args.dest, settings.min_free_disk_mb * MIB)
     print(f"copied {store} to {args.dest} ({size / MIB:.1f} MiB)")
     return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from tandem.jobs.sqlite import MIB
+    from tandem.jobs.sqlite.backup import restore
+
+    settings = _settings(args)
+    store = _sqlite_store(settings, "restore it from Redis's own files (see the README)")
+    restored = restore(args.src, store, settings.min_free_disk_mb * MIB)
+    print(f"restored {store} from {args.src} ({restored.size / MIB:.1f} MiB)")
+    if restored.replaced is not None:
+        print(f"the store it replaced is kept as {restored.replaced}; delete it once not needed")
+    return 0
+
+
+def _sqlite_store(settings: Settings, redis_instead: str) -> Path:
+    """The SQLite store's path; a configuration error, saying `redis_instead`, on Redis."""
+    from tandem.jobs.factory import sqlite_path
+
+    if settings.redis_url:
+        raise ConfigurationError(f"the jobs are in Redis (TANDEM_REDIS_URL): {redis_instead}")
+    return sqlite_path(settings)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -331,7 +372,7 @@ def _list(args: argparse.Namespace) -> int:
 EXIT_STATUS: dict[type[TandemError], int] = {
     ConfigurationError: EXIT_CONFIG,
     ServerUnreachable: client_cli.EXIT_SERVER,
-    BackupFailed: EXIT_FAILED,
+    CopyFailed: EXIT_FAILED,
 }
 
 

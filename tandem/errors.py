@@ -213,10 +213,11 @@ class ModelNotFound(ConfigurationError):
     code = "model_not_found"
 
 
-class BackupFailed(TandemError):
-    """`tandem backup` could not copy the job store; a command's error, never a request's."""
+class CopyFailed(TandemError):
+    """`tandem backup` or `tandem restore` could not copy the job store; a command's error,
+    never a request's."""
 
-    code = "backup_failed"
+    code = "copy_failed"
 
 
 class ServerUnreachable(TandemError):
