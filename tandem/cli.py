@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         _restore,
     )
 
+    config = commands.add_parser(
+        "config",
+        help="check the settings, and show each one's value and where it came from",
+        description="Load the settings as tandem serve and tandem worker would, from TANDEM_* "
+        "variables and the config file, without their command-line options; print each with "
+        "its origin (secrets only as set or unset), then what the automatic ones resolve to "
+        "on this machine. Invalid settings: every problem, and exit status 2.",
+    )
+    config.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    config.set_defaults(handler=_config)
+
     models = commands.add_parser("models", help="build or list the ONNX models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     build = model_commands.add_parser(
@@ -343,6 +354,46 @@ def _sqlite_store(settings: Settings, redis_instead: str) -> Path:
     if settings.redis_url:
         raise ConfigurationError(f"the jobs are in Redis (TANDEM_REDIS_URL): {redis_instead}")
     return sqlite_path(settings)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from tandem.settings import describe
+
+    settings = _settings(args)
+    described = describe(settings, os.environ, args.config)
+    name_width = max(len(row.variable) for row in described)
+    value_width = max(len(row.value) for row in described)
+    for row in described:
+        print(f"{row.variable:<{name_width}}  {row.value:<{value_width}}  {row.origin}")
+    print("\nOn this machine:")
+    for label, value in _resolved(settings):
+        print(f"  {label:<18} {value}")
+    return 0
+
+
+def _resolved(settings: Settings) -> list[tuple[str, str]]:
+    """What the settings that adapt to the machine come to here."""
+    from tandem.jobs.factory import sqlite_path
+    from tandem.settings import redacted_url, usable_cpus
+
+    store = f"Redis at {redacted_url(settings.redis_url)}" if settings.redis_url else "SQLite"
+    if not settings.redis_url:
+        store += f" at {sqlite_path(settings)}"
+    return [
+        ("job store", store),
+        ("embedded worker", "yes" if settings.runs_worker else "no"),
+        ("usable CPUs", str(usable_cpus())),
+        (
+            "fast model",
+            f"{settings.fast_solo_threads} thread(s) for a call alone, "
+            f"{settings.fast_call_threads} each for up to {settings.fast_concurrency} at once",
+        ),
+        (
+            "tandem worker",
+            f"{settings.worker_lane_count} lane(s), "
+            f"{settings.accurate_lane_threads} thread(s) per model run",
+        ),
+    ]
 
 
 def _build(args: argparse.Namespace) -> int:

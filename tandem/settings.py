@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -333,6 +336,12 @@ def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
+def _config_path(env: Mapping[str, str], config_file: Path | None) -> Path | None:
+    if config_file is None and env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return config_file
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,
@@ -340,8 +349,7 @@ def load_settings(
 ) -> Settings:
     """Build and validate settings; raise ConfigurationError with every problem at once."""
     env: Mapping[str, str] = {} if environ is None else environ
-    if config_file is None and env.get(CONFIG_ENV):
-        config_file = Path(env[CONFIG_ENV])
+    config_file = _config_path(env, config_file)
     unknown = _unknown_env_keys(env)
     if unknown:
         raise ConfigurationError(f"unknown settings in the environment: {', '.join(unknown)}")
@@ -358,8 +366,90 @@ def load_settings(
     try:
         bound = _Bound(**values)
     except ValidationError as exc:
-        raise ConfigurationError(f"invalid settings: {exc}") from exc
+        raise ConfigurationError(f"invalid settings: {_problems(exc)}") from exc
     return Settings.model_construct(**bound.model_dump())
+
+
+def _problems(exc: ValidationError) -> str:
+    """Each problem on a line of its own, named by its setting and variable, with what was
+    given unless it is a secret: pydantic's own text names a class and links to its docs."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        if not error["loc"]:  # a check across settings
+            lines.append(f"\n  {error['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(error["loc"][0])
+        given = "" if name in SECRETS | {"redis_url"} else f" (given: {error['input']!r})"
+        lines.append(f"\n  {name} ({ENV_PREFIX}{name.upper()}): {error['msg']}{given}")
+    return "".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """One setting as `tandem config` shows it."""
+
+    variable: str  # TANDEM_...
+    value: str  # secrets hidden
+    origin: str  # "default", the config file's path, or "environment"
+
+
+# Shown only as whether they are set: a printed configuration ends up in tickets and logs.
+SECRETS = frozenset({"api_keys", "webhook_secret"})
+
+
+def describe(
+    settings: Settings, environ: Mapping[str, str], config_file: Path | None = None
+) -> list[Described]:
+    """Each setting's value, with where it came from (given the environment and config file
+    `settings` was loaded from, and no keyword overrides)."""
+    config_file = _config_path(environ, config_file)
+    from_file = _read_config_file(config_file) if config_file else {}
+    from_env = _MappingSource(Settings, environ)()
+    described = []
+    for name in Settings.model_fields:
+        origin = "default"
+        if name in from_env:
+            origin = "environment"
+        elif name in from_file:
+            origin = str(config_file)
+        value = _shown(name, getattr(settings, name))
+        described.append(Described(ENV_PREFIX + name.upper(), value, origin))
+    return described
+
+
+def _shown(name: str, value: object) -> str:
+    if name in SECRETS:
+        return _secret(value)
+    if name == "redis_url" and isinstance(value, str):
+        return redacted_url(value)
+    return _plain(value)
+
+
+def _secret(value: object) -> str:
+    if not value:
+        return "unset"
+    return f"({len(value)} set)" if isinstance(value, tuple) else "(set)"
+
+
+def _plain(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value) or "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password, if any, replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def usable_cpus() -> int:

@@ -44,6 +44,26 @@ def test_bad_settings_exit_with_a_message_not_a_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_config_shows_each_setting_and_what_the_automatic_ones_come_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "tandem.toml"
+    config.write_text("[tandem]\nport = 7000\n")
+    for key in [key for key in os.environ if key.startswith("TANDEM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["config", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["TANDEM_PORT", "7000", str(config)]
+    assert f"  job store          SQLite at {tmp_path / 'data' / 'tandem.db'}" in lines
+    assert "  embedded worker    yes" in lines
+    monkeypatch.setenv("TANDEM_TOP_K", "0")
+    assert main(["config"]) == EXIT_CONFIG
+    assert "top_k (TANDEM_TOP_K): Input should be greater than or equal to 1" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_data_directory_the_store_cannot_use_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from tandem.errors import ConfigurationError
 from tandem.runtime.classifier import Spin, ThreadPlan
-from tandem.settings import Settings, load_settings
+from tandem.settings import Described, Settings, describe, load_settings
 
 
 def test_defaults_live_under_the_users_home() -> None:
@@ -54,6 +54,60 @@ def test_the_config_file_can_be_named_in_the_environment(tmp_path: Path) -> None
 def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         load_settings(env)
+
+
+def test_each_problem_is_named_by_its_variable_and_a_secret_is_never_repeated() -> None:
+    env = {
+        "TANDEM_PORT": "eighty",
+        "TANDEM_WEBHOOK_SECRET": "too-short",
+        "TANDEM_REDIS_URL": "redis://:hunter2@h:1/0",
+        "TANDEM_REDIS_PREFIX": "no spaces",
+    }
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(env)
+    lines = caught.value.message.splitlines()
+    assert lines[0] == "invalid settings: "
+    assert lines[1].startswith("  port (TANDEM_PORT): Input should be a valid integer")
+    assert lines[1].endswith("(given: 'eighty')")
+    assert lines[2] == "  redis_prefix (TANDEM_REDIS_PREFIX): String should match pattern " + (
+        "'^[A-Za-z0-9_.:-]{1,64}$' (given: 'no spaces')"
+    )
+    assert lines[3] == (
+        "  webhook_secret (TANDEM_WEBHOOK_SECRET): String should have at least 16 characters"
+    )
+    assert "too-short" not in caught.value.message
+    with pytest.raises(ConfigurationError, match=r"^invalid settings: \n  webhook_hosts needs"):
+        load_settings({"TANDEM_WEBHOOK_HOSTS": "example.com"})
+
+
+def test_each_setting_is_described_with_where_it_came_from(tmp_path: Path) -> None:
+    config = tmp_path / "tandem.toml"
+    config.write_text('[tandem]\nport = 7000\ntop_k = 3\nhost = "0.0.0.0"\n')
+    env = {
+        "TANDEM_CONFIG": str(config),
+        "TANDEM_TOP_K": "4",
+        "TANDEM_API_KEYS": "key-one,key-two",
+        "TANDEM_WEBHOOK_HOSTS": "hooks.example.com",
+        "TANDEM_WEBHOOK_SECRET": "a-secret-of-16-chars",
+        "TANDEM_REDIS_URL": "redis://tandem:hunter2@redis.internal:6380/1",
+    }
+    described = {row.variable: row for row in describe(load_settings(env), env)}
+    assert set(described) == {"TANDEM_" + name.upper() for name in Settings.model_fields}
+    assert described["TANDEM_PORT"] == Described("TANDEM_PORT", "7000", str(config))
+    assert described["TANDEM_TOP_K"] == Described("TANDEM_TOP_K", "4", "environment")
+    assert described["TANDEM_LOG_LEVEL"] == Described("TANDEM_LOG_LEVEL", "info", "default")
+    assert described["TANDEM_FAST_PIN"].value == "true"
+    assert described["TANDEM_CASCADE_POLICY"].value == "always"
+    assert described["TANDEM_CASCADE_MARGIN"].value == "unset"
+    assert described["TANDEM_CORS_ORIGINS"].value == "none"
+    assert described["TANDEM_WEBHOOK_HOSTS"].value == "hooks.example.com"
+    # Secrets only as set: a printed configuration ends up in tickets.
+    assert described["TANDEM_API_KEYS"].value == "(2 set)"
+    assert described["TANDEM_WEBHOOK_SECRET"].value == "(set)"
+    assert described["TANDEM_REDIS_URL"].value == "redis://tandem:***@redis.internal:6380/1"
+    shown = " ".join(row.value for row in described.values())
+    for secret in ("key-one", "key-two", "a-secret-of-16-chars", "hunter2"):
+        assert secret not in shown
 
 
 def test_giving_way_may_outlast_a_lease_which_its_worker_renews() -> None:
