@@ -27,8 +27,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from tandem.predictions import Prediction, Scored
 from tandem.runtime.manifest import ModelManifest, Output, Preprocess, sha256_of
 from tandem.runtime.priority import Occupancy
+
+# A model's answer, for tests that store one and care only that it is there.
+ANSWER = Prediction("m", (Scored(1, "one", 0.9),), 1.0)
 
 # -- images ------------------------------------------------------------------------------------
 

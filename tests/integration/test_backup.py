@@ -22,9 +22,7 @@ from tandem.jobs.factory import DB_NAME
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import MIB, SQLiteJobStore, upkeep
 from tandem.jobs.sqlite.backup import back_up, restore
-from tandem.predictions import Prediction, Scored
-
-ANSWER = Prediction("m", (Scored(1, "one", 0.9),), 1.0)
+from tests.support import ANSWER
 
 
 async def _store_with_jobs(

@@ -21,7 +21,7 @@ from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import MIB, SQLiteJobStore, schema, upkeep
 from tandem.jobs.sqlite import store as sqlite_store
 from tandem.jobs.store import StorePolicy
-from tandem.predictions import Prediction, Scored
+from tests.support import ANSWER
 
 # The jobs table as earlier versions made it: the image inline, in the row; no lease owner.
 EARLIER_JOBS = """
@@ -32,7 +32,6 @@ CREATE TABLE jobs (
     expires_at REAL, cancel_requested INTEGER NOT NULL DEFAULT 0, webhook TEXT
 );
 """
-ANSWER = Prediction("m", (Scored(1, "one", 0.9),), 1.0)
 
 
 def _tables(path: Path) -> dict[str, int]:
