@@ -136,6 +136,13 @@ class Overloaded(TandemError):
     code = "overloaded"
 
 
+class TooManyRequests(TandemError):
+    """One client (API key) holds its share of the service: the others are served."""
+
+    status = 429
+    code = "too_many_requests"
+
+
 class Timeout(TandemError):
     status = 504
     code = "timeout"

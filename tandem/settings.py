@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         32, ge=1, description="Inference requests served at once; beyond, 503 at once."
     )
+    max_in_flight_per_key: int = Field(
+        0,
+        ge=0,
+        description="With API keys: inference requests one key may have served at once; "
+        "beyond, 429 at once, so that one client cannot take every place; 0 = no share.",
+    )
     max_watches: int = Field(
         1000, ge=1, description="Open SSE streams and long-polls; beyond, 503 at once."
     )

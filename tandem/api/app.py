@@ -156,11 +156,12 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         limit=settings.max_in_flight,
         retry_after_s=settings.retry_after_s,
         paths=INFERENCE_PATHS,
+        per_key=settings.max_in_flight_per_key,
     )
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.receive_timeout_s
     )
-    if settings.api_keys:
+    if settings.api_keys:  # outside LoadShedder: it shares places out by key
         app.add_middleware(ApiKeys, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+from collections import Counter
 from collections.abc import Collection
 
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from tandem.errors import (
     ReceiveTimeout,
     TandemError,
     Timeout,
+    TooManyRequests,
     Unauthorized,
 )
 
@@ -141,33 +143,62 @@ def api_key_id_of(request: Request) -> str | None:
 
 class LoadShedder:
     """At most `limit` inference requests at once; beyond, 503 at once with Retry-After, so
-    latency stays bounded under a flood and the service recovers as soon as it ends."""
+    latency stays bounded under a flood and the service recovers as soon as it ends. With API
+    keys and a `per_key` share, one key's requests beyond it get 429: a client that floods
+    holds no more than its share of the places, and the other clients are still served."""
 
     def __init__(
-        self, app: ASGIApp, limit: int, retry_after_s: int, paths: Collection[str]
+        self,
+        app: ASGIApp,
+        limit: int,
+        retry_after_s: int,
+        paths: Collection[str],
+        per_key: int = 0,
     ) -> None:
         self.app = app
         self.limit = limit
+        self.per_key = per_key
         self.retry_after_s = retry_after_s
         self.paths = frozenset(paths)
         self.in_flight = 0
+        self._by_key: Counter[str] = Counter()  # only keys with requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            error = Overloaded(
-                f"{self.limit} requests are being served; try again shortly",
-                retry_after=self.retry_after_s,
-            )
+        key = scope.get("state", {}).get(API_KEY_ID) if self.per_key else None
+        error = self._refusal(key)
+        if error is not None:
             await _refuse(scope, receive, send, error)
             return
-        self.in_flight += 1
+        self._taken(key, +1)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self._taken(key, -1)
+
+    def _refusal(self, key: str | None) -> TandemError | None:
+        if key is not None and self._by_key[key] >= self.per_key:
+            return TooManyRequests(
+                f"this API key has {self.per_key} requests being served, its share; try again"
+                " once one is answered",
+                retry_after=self.retry_after_s,
+                limit=self.per_key,
+            )
+        if self.in_flight >= self.limit:
+            return Overloaded(
+                f"{self.limit} requests are being served; try again shortly",
+                retry_after=self.retry_after_s,
+            )
+        return None
+
+    def _taken(self, key: str | None, n: int) -> None:
+        self.in_flight += n
+        if key is not None:
+            self._by_key[key] += n
+            if not self._by_key[key]:
+                del self._by_key[key]
 
 
 class Deadline:

@@ -60,7 +60,8 @@ _NOT_QUEUED_OR_OVERLOADED: dict[str, Any] = {
         }
     },
 }
-_PREDICT_ERRORS = _error_bodies(400, 415, 422) | {503: _NOT_QUEUED_OR_OVERLOADED}
+# 429: an API key past its share of the places (TANDEM_MAX_IN_FLIGHT_PER_KEY).
+_PREDICT_ERRORS = _error_bodies(400, 415, 422, 429) | {503: _NOT_QUEUED_OR_OVERLOADED}
 
 
 def route_of(endpoint: Any) -> APIRoute:

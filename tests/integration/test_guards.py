@@ -327,3 +327,69 @@ def test_a_request_past_its_deadline_while_storing_its_job_leaves_none_to_run(
     jobs = client.get("/stats").json()["jobs"]
     assert jobs["cancelled"] == 1
     assert jobs.get("queued", 0) == 0
+
+
+@contextlib.contextmanager
+def fast_model_held(client: TestClient) -> Iterator[tuple[threading.Semaphore, threading.Event]]:
+    """Fast-model calls wait, within the block, until the yielded event is set; the semaphore
+    is released as each call begins."""
+    fast = client.app.state.service.fast  # type: ignore[attr-defined]
+    predict = fast.predict
+    begun, release = threading.Semaphore(0), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        begun.release()
+        release.wait(timeout=10)
+        return predict(*args, **kwargs)
+
+    fast.predict = held
+    try:
+        yield begun, release
+    finally:
+        release.set()
+        del fast.predict
+
+
+def test_one_api_key_holds_no_more_than_its_share_of_the_places(make_client: Any) -> None:
+    """Without a share, a client sending as fast as it could took every place, and every
+    other client got 503 until it stopped."""
+    client = make_client(
+        api_keys="flooding-key,other-key",
+        max_in_flight=3,
+        max_in_flight_per_key=2,
+        fast_concurrency=3,  # each request in flight reaches the (held) model
+        embedded_worker=False,
+    )
+    flooding, other = {"X-API-Key": "flooding-key"}, {"X-API-Key": "other-key"}
+    answers: list[int] = []
+
+    def send(headers: dict[str, str]) -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/predict", json=IMAGE, headers=headers).status_code
+            )
+        )
+        thread.start()
+        return thread
+
+    with fast_model_held(client) as (begun, release):
+        held = [send(flooding), send(flooding)]
+        for _ in held:
+            assert begun.acquire(timeout=10)  # both in the fast model
+        beyond_share = client.post("/predict", json=IMAGE, headers=flooding)
+        assert beyond_share.status_code == 429
+        assert beyond_share.json()["error"]["code"] == "too_many_requests"
+        assert beyond_share.json()["error"]["details"]["limit"] == 2
+        assert beyond_share.headers["retry-after"] == "5"
+        held.append(send(other))  # the other client still gets a place: the last one
+        assert begun.acquire(timeout=10)
+        full = client.post("/predict", json=IMAGE, headers=other)
+        assert full.status_code == 503
+        assert full.json()["error"]["code"] == "overloaded"
+        release.set()
+        for thread in held:
+            thread.join(timeout=10)
+    assert answers == [200, 200, 200]
+    # Each answered request gave its place back, the key's share included.
+    for _ in range(3):
+        assert client.post("/predict", json=IMAGE, headers=flooding).status_code == 200
