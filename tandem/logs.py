@@ -17,7 +17,16 @@ from typing import Literal
 current_request_id: ContextVar[str | None] = ContextVar("tandem_request_id", default=None)
 
 # Attributes a record may carry through `extra=`, copied into JSON lines.
-CONTEXT_FIELDS = ("request_id", "job_id", "worker_id", "method", "path", "status", "duration_ms")
+CONTEXT_FIELDS = (
+    "request_id",
+    "job_id",
+    "worker_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "api_key_id",
+)
 LogFormat = Literal["text", "json"]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tandem.api.guards import API_KEY_ID
 from tandem.cascade import Agreement
 from tandem.jobs.store import QueueStats
 from tandem.service import FastOutcome, TandemService
@@ -192,12 +193,14 @@ class AccessMiddleware:
             method, route = scope["method"], self._route(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
-            note = scope.get("state", {}).get(ACCESS_NOTE)
+            state = scope.get("state", {})
+            note, key = state.get(ACCESS_NOTE), state.get(API_KEY_ID)
             access_log.info(
-                '"%s %s" %d%s',
+                '"%s %s" %d%s%s',
                 method,
                 scope["path"],
                 status,
+                f" key {key}" if key else "",  # which client, by a digest of its key
                 f"; {note.text}" if note else "",
                 extra={
                     "method": method,
@@ -205,6 +208,7 @@ class AccessMiddleware:
                     "status": status,
                     "duration_ms": round(elapsed * 1000.0, 2),
                     "job_id": note.job_id if note else None,
+                    "api_key_id": key,
                 },
             )
 

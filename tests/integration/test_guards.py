@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -393,3 +395,19 @@ def test_one_api_key_holds_no_more_than_its_share_of_the_places(make_client: Any
     # Each answered request gave its place back, the key's share included.
     for _ in range(3):
         assert client.post("/predict", json=IMAGE, headers=flooding).status_code == 200
+
+
+def test_the_access_log_names_each_client_by_its_key_s_digest(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Which client flooded, or met 429, is in the log; the key itself never is."""
+    client = make_client(api_keys="first-key,second-key", embedded_worker=False)
+    with caplog.at_level(logging.INFO, logger="tandem.access"):
+        client.post("/predict", json=IMAGE, headers={"X-API-Key": "second-key"})
+        client.get("/health")
+    keyed, open_path = (r for r in caplog.records if r.name == "tandem.access")
+    key_id = hashlib.sha256(b"second-key").hexdigest()[:16]
+    assert keyed.getMessage().startswith(f'"POST /predict" 200 key {key_id}; fast answer ')
+    assert keyed.api_key_id == key_id  # type: ignore[attr-defined]
+    assert open_path.getMessage() == '"GET /health" 200'
+    assert "second-key" not in caplog.text
