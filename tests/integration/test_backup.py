@@ -335,3 +335,20 @@ def test_the_commands_copy_the_configured_store_and_put_it_back(
     out = capsys.readouterr().out
     assert f"restored {tmp_path / DB_NAME} from {copy}" in out
     assert f"kept as {tmp_path / DB_NAME}.replaced-" in out
+
+
+def test_a_log_left_by_a_restore_cut_short_is_not_applied_to_the_next(tmp_path: Path) -> None:
+    """SQLite deletes a log it finds beside an empty database file, as each copy begins."""
+    copy = _a_copy(tmp_path)
+    other = _closed_store(tmp_path / "other" / DB_NAME)
+    _left_with_its_log(other, "from_another_store")
+    data = tmp_path / "data"
+    data.mkdir()
+    # As a crash between checking a copy and renaming it leaves the copy's log behind.
+    shutil.copy(other.with_name(f"{DB_NAME}-wal"), data / f".{DB_NAME}.partial-wal")
+
+    restore(copy, data / DB_NAME)
+
+    assert _names(data) == [DB_NAME]
+    assert "from_another_store" not in _counters(data / DB_NAME)
+    assert _job_ids(data / DB_NAME) == _job_ids(copy)
