@@ -373,14 +373,11 @@ def _config(args: argparse.Namespace) -> int:
 
 def _resolved(settings: Settings) -> list[tuple[str, str]]:
     """What the settings that adapt to the machine come to here."""
-    from tandem.jobs.factory import sqlite_path
-    from tandem.settings import redacted_url, usable_cpus
+    from tandem.jobs.factory import store_location
+    from tandem.settings import usable_cpus
 
-    store = f"Redis at {redacted_url(settings.redis_url)}" if settings.redis_url else "SQLite"
-    if not settings.redis_url:
-        store += f" at {sqlite_path(settings)}"
     return [
-        ("job store", store),
+        ("job store", store_location(settings)),
         ("embedded worker", "yes" if settings.runs_worker else "no"),
         ("usable CPUs", str(usable_cpus())),
         (

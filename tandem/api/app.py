@@ -21,7 +21,7 @@ from tandem.api.metrics import AccessMiddleware, Metrics
 from tandem.api.middleware import HeadAsGet, RequestIdMiddleware
 from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable
-from tandem.jobs.factory import make_store
+from tandem.jobs.factory import make_store, store_location
 from tandem.jobs.store import JobStore
 from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
 from tandem.runtime.manifest import model_name
@@ -76,7 +76,13 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
     running.flusher = asyncio.create_task(_flush_stats_forever(service), name="tandem-stats")
     if settings.runs_worker:
         running.worker_task = await _start_worker(settings, running, service)
-    log.info("serving %s now, %s later", fast.name, accurate_name)
+    log.info(
+        "tandem %s serving %s now, %s later; jobs in %s",
+        __version__,
+        fast.name,
+        accurate_name,
+        store_location(settings),
+    )
     return service
 
 

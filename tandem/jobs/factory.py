@@ -7,7 +7,7 @@ from pathlib import Path
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
-from tandem.settings import Settings
+from tandem.settings import Settings, redacted_url
 
 DB_NAME = "tandem.db"
 
@@ -23,6 +23,13 @@ def policy_from(settings: Settings) -> StorePolicy:
 
 def sqlite_path(settings: Settings) -> Path:
     return settings.data_dir / DB_NAME
+
+
+def store_location(settings: Settings) -> str:
+    """Where the jobs are, for people: a Redis URL without its password."""
+    if settings.redis_url:
+        return f"Redis at {redacted_url(settings.redis_url)} (keys {settings.redis_prefix}:*)"
+    return f"SQLite at {sqlite_path(settings)}"
 
 
 def make_store(settings: Settings) -> JobStore:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+import tandem
 from tandem import service
 from tandem.api import app as app_module
 from tandem.api.app import create_app
@@ -76,6 +77,20 @@ def _post(client: TestClient) -> str:
     assert response.status_code == 200, response.text
     job_id: str = response.json()["job_id"]
     return job_id
+
+
+def test_start_up_says_which_release_serves_which_models_and_where_the_jobs_are(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="tandem.api"),
+        TestClient(create_app(_settings(tiny_dir, tmp_path))),
+    ):
+        pass
+    assert (
+        f"tandem {tandem.__version__} serving tiny_fast now, tiny_accurate later; jobs in SQLite"
+        f" at {tmp_path / 'tandem.db'}"
+    ) in caplog.messages
 
 
 def test_the_answer_does_not_wait_for_the_fast_answer_to_be_written(

@@ -57,6 +57,13 @@ def test_config_shows_each_setting_and_what_the_automatic_ones_come_to(
     assert lines[1].split() == ["TANDEM_PORT", "7000", str(config)]
     assert f"  job store          SQLite at {tmp_path / 'data' / 'tandem.db'}" in lines
     assert "  embedded worker    yes" in lines
+    monkeypatch.setenv("TANDEM_REDIS_URL", "redis://:hunter2@redis.internal:6380/1")
+    assert main(["config"]) == 0
+    resolved = capsys.readouterr().out.splitlines()
+    assert "  job store          Redis at redis://:***@redis.internal:6380/1 (keys tandem:*)" in (
+        resolved
+    )
+    assert "  embedded worker    no" in resolved
     monkeypatch.setenv("TANDEM_TOP_K", "0")
     assert main(["config"]) == EXIT_CONFIG
     assert "top_k (TANDEM_TOP_K): Input should be greater than or equal to 1" in (
