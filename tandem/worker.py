@@ -18,10 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from tandem import heap, tasks
+from tandem import __version__, heap, tasks
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import InvalidModelOutput, QueueUnavailable, TandemError, UnreadableJob
-from tandem.jobs.factory import make_store
+from tandem.jobs.factory import make_store, store_location
 from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
@@ -428,6 +428,7 @@ async def run_worker_process(settings: Settings) -> None:
     in hand and exit. Jobs claimed but not finished go back to the queue by their lease."""
     store = make_store(settings)
     await store.open()
+    log.info("tandem %s worker; jobs in %s", __version__, store_location(settings))
     try:
         # Not spinning: ONNX Runtime's idle threads would spin on the cores that the next
         # batch's images are being prepared on.

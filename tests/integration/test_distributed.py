@@ -287,6 +287,9 @@ def test_one_request_id_follows_an_image_through_proxy_and_worker(cluster: Clust
     ]
     assert (access["method"], access["status"], access["job_id"]) == ("POST", 200, job_id)
     assert f"job {job_id} queued" in access["message"]
+    # Each process says, as it starts, where the jobs are.
+    for process in (proxy, worker):
+        assert f"; jobs in Redis at {cluster.redis.url} (keys " in (process.log_path.read_text())
 
 
 def test_sigkill_of_a_worker_mid_batch_loses_nothing(cluster: Cluster) -> None:
