@@ -37,6 +37,10 @@ _RECONNECT_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # A long-poll that got no answer (its proxy restarting) is sent again after this, while the
 # wait lasts.
 _RETRY_S = 0.5
+# Refusals of a server too busy to take the request, which leave no job behind, so that
+# sending it again is safe: `predict` does, after the Retry-After they carry (at most this).
+_BUSY = frozenset({(429, "too_many_requests"), (503, "overloaded")})
+_BUSY_PAUSE_MAX_S = 30.0
 
 Image = bytes | str | Path
 
@@ -121,6 +125,28 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         body = None
     return body if isinstance(body, dict) else {}
+
+
+def _retries(n: int) -> int:
+    if n < 0:
+        raise ValueError(f"busy_retries must be 0 or more, not {n}")
+    return n
+
+
+def _busy_pause(response: httpx.Response, tries_left: int) -> float | None:
+    """Seconds to wait before sending again a request the server was too busy to take; None
+    if it was not that, or no tries are left."""
+    if tries_left <= 0 or response.status_code not in (429, 503):
+        return None
+    error = _json(response).get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if (response.status_code, code) not in _BUSY:
+        return None
+    try:
+        after = float(response.headers.get("retry-after", "1"))
+    except ValueError:  # an HTTP date, which Tandem never sends
+        after = 1.0
+    return min(max(after, 0.0), _BUSY_PAUSE_MAX_S)
 
 
 def _fast_result(response: httpx.Response) -> FastResult:
@@ -249,9 +275,15 @@ class Client:
     """Blocking client; also a context manager that closes its connections."""
 
     def __init__(
-        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        busy_retries: int = 3,
     ) -> None:
         self._http = httpx.Client(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self._busy_retries = _retries(busy_retries)
 
     def __enter__(self) -> Client:
         return self
@@ -275,9 +307,17 @@ class Client:
         idempotency_key: str | None = None,
     ) -> FastResult:
         """The fast answer and the job's id. With `idempotency_key`, sending the same image
-        again (a retry after ServerUnreachable or Timeout) gets the same job, not a second."""
+        again (a retry after ServerUnreachable or Timeout) gets the same job, not a second. A
+        server too busy to take it (429, or 503 `overloaded`) is sent it again after the wait it
+        asks for, up to `busy_retries` times."""
         request = _predict_request(image, policy, threshold, idempotency_key)
-        return _fast_result(self._send("POST", "/predict", **request))
+        for tries_left in range(self._busy_retries, -1, -1):
+            response = self._send("POST", "/predict", **request)
+            pause = _busy_pause(response, tries_left)
+            if pause is None:
+                break
+            time.sleep(pause)
+        return _fast_result(response)
 
     def job(self, job_id: str, wait: float = 0.0) -> JobResult:
         params = {"wait": str(wait)} if wait else {}
@@ -347,9 +387,15 @@ class AsyncClient:
     """The same, for asyncio."""
 
     def __init__(
-        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        busy_retries: int = 3,
     ) -> None:
         self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self._busy_retries = _retries(busy_retries)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -373,7 +419,13 @@ class AsyncClient:
         idempotency_key: str | None = None,
     ) -> FastResult:
         request = _predict_request(image, policy, threshold, idempotency_key)
-        return _fast_result(await self._send("POST", "/predict", **request))
+        for tries_left in range(self._busy_retries, -1, -1):
+            response = await self._send("POST", "/predict", **request)
+            pause = _busy_pause(response, tries_left)
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
+        return _fast_result(response)
 
     async def job(self, job_id: str, wait: float = 0.0) -> JobResult:
         params = {"wait": str(wait)} if wait else {}

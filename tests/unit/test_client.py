@@ -1,13 +1,24 @@
-"""The client's reading of the wire: event streams and error bodies."""
+"""The client's reading of the wire: event streams, error bodies, and when to send again."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tandem.client import EventParser, JobResult
-from tandem.errors import JobNotFound, TandemError, UnreadableJob, error_from_wire
+from tandem.client import AsyncClient, Client, EventParser, JobResult
+from tandem.errors import (
+    JobNotFound,
+    Overloaded,
+    TandemError,
+    TooManyRequests,
+    UnreadableJob,
+    error_from_wire,
+)
+from tandem.predictions import Prediction, Scored
 
 JOB_ID = "0" * 32
 QUEUED = {"job_id": JOB_ID, "status": "queued", "fast": None, "accurate": None}
@@ -47,3 +58,91 @@ def test_an_http_status_overrides_the_class_status_and_unknown_codes_stay_generi
     novel = error_from_wire(418, {"error": {"code": "teapot", "message": "short and stout"}})
     assert type(novel) is TandemError
     assert (novel.status, novel.details) == (418, {"code": "teapot"})
+
+
+FAST = {"fast": Prediction("m", (Scored(1, "one", 0.9),), 1.0).to_dict(), "job_id": JOB_ID}
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers each POST with the next of the server's `answers`: (status, headers, body)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        server: _Server = self.server  # type: ignore[assignment]
+        status, headers, body = server.answers.pop(0)
+        server.posts += 1
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    answers: list[tuple[int, dict[str, str], dict[str, object]]]
+    posts = 0
+
+
+@pytest.fixture
+def scripted() -> Iterator[_Server]:
+    server = _Server(("127.0.0.1", 0), _Scripted)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _refusal(status: int, code: str) -> tuple[int, dict[str, str], dict[str, object]]:
+    body = {"error": {"code": code, "message": code, "request_id": "r", "details": {}}}
+    return status, {"Retry-After": "0"}, body
+
+
+def _url(server: _Server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_server_too_busy_is_sent_the_image_again_after_the_wait_it_asks_for(
+    scripted: _Server,
+) -> None:
+    scripted.answers = [_refusal(429, "too_many_requests"), _refusal(503, "overloaded")]
+    scripted.answers.append((200, {}, FAST))
+    with Client(_url(scripted)) as client:
+        assert client.predict(b"image").job_id == JOB_ID
+    assert scripted.posts == 3
+
+
+def test_busy_refusals_past_the_retries_are_raised_typed(scripted: _Server) -> None:
+    scripted.answers = [_refusal(429, "too_many_requests")] * 2
+    with Client(_url(scripted), busy_retries=1) as client, pytest.raises(TooManyRequests):
+        client.predict(b"image")
+    assert scripted.posts == 2
+    scripted.answers = [_refusal(503, "overloaded")]
+    with Client(_url(scripted), busy_retries=0) as client, pytest.raises(Overloaded):
+        client.predict(b"image")
+    assert scripted.posts == 3
+
+
+def test_a_full_queue_is_not_sent_again(scripted: _Server) -> None:
+    """Its refusal carries the fast answer: the request was served, without a job."""
+    queue_full = _refusal(503, "queue_full")
+    scripted.answers = [(503, queue_full[1], {**FAST, "job_id": None, **queue_full[2]})]
+    with Client(_url(scripted)) as client:
+        fast = client.predict(b"image")
+    assert not fast.queued
+    assert fast.not_queued is not None
+    assert fast.not_queued.code == "queue_full"
+    assert scripted.posts == 1
+
+
+async def test_the_async_client_sends_again_alike(scripted: _Server) -> None:
+    scripted.answers = [_refusal(429, "too_many_requests"), (200, {}, FAST)]
+    async with AsyncClient(_url(scripted)) as client:
+        assert (await client.predict(b"image")).job_id == JOB_ID
+    assert scripted.posts == 2
+    with pytest.raises(ValueError, match="busy_retries"):
+        AsyncClient(_url(scripted), busy_retries=-1)
