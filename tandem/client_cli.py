@@ -2,7 +2,8 @@
 
 Exit codes: 0 every image answered (and, with --wait, every accurate answer arrived);
 1 the server refused an image (bad or unsupported file: a 4xx); 3 the server could not be
-reached, or failed (5xx); 4 --wait ran out, or a job failed. 2 is argparse's usage error.
+reached, failed (5xx), or stayed too busy to take an image (429) through the client's
+retries; 4 --wait ran out, or a job failed. 2 is argparse's usage error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tandem.client import DEFAULT_URL, Client, FastResult, JobResult
-from tandem.errors import TandemError
+from tandem.errors import TandemError, TooManyRequests
 from tandem.jobs.records import JobStatus
 from tandem.predictions import Prediction
 
@@ -140,7 +141,9 @@ def _send(client: Client, path: Path, bar: Progress, *, idempotent: bool) -> Out
         outcome.exit_code = EXIT_REFUSED
     except TandemError as exc:
         outcome.error = exc
-        outcome.exit_code = EXIT_REFUSED if exc.status < 500 else EXIT_SERVER
+        # A 429 says nothing of the image: the server was busy, as with a 503.
+        refused = exc.status < 500 and not isinstance(exc, TooManyRequests)
+        outcome.exit_code = EXIT_REFUSED if refused else EXIT_SERVER
     else:
         if outcome.fast.not_queued is not None:
             outcome.notes.append(f"not queued: {outcome.fast.not_queued.message}")

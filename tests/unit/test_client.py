@@ -6,10 +6,13 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from tandem.cli import main
 from tandem.client import AsyncClient, Client, EventParser, JobResult
+from tandem.client_cli import EXIT_REFUSED, EXIT_SERVER
 from tandem.errors import (
     JobNotFound,
     Overloaded,
@@ -146,3 +149,17 @@ async def test_the_async_client_sends_again_alike(scripted: _Server) -> None:
     assert scripted.posts == 2
     with pytest.raises(ValueError, match="busy_retries"):
         AsyncClient(_url(scripted), busy_retries=-1)
+
+
+def test_tandem_predict_tells_a_server_that_stayed_busy_from_a_refused_image(
+    scripted: _Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 429 says nothing of the image: scripts retry later, as after a 503."""
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"image")
+    scripted.answers = [_refusal(429, "too_many_requests")] * 4
+    assert main(["predict", str(image), "--url", _url(scripted)]) == EXIT_SERVER
+    assert scripted.posts == 4  # the first try and 3 retries
+    scripted.answers = [_refusal(422, "invalid_image")]
+    assert main(["predict", str(image), "--url", _url(scripted)]) == EXIT_REFUSED
+    capsys.readouterr()
