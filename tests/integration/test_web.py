@@ -106,6 +106,8 @@ def screenshot(page: Page, name: str) -> None:
 
 
 def test_a_photo_gets_the_fast_answer_then_the_accurate_one_marked_changed(page: Page) -> None:
+    empty = "getComputedStyle(document.querySelector('#recent'), '::before').content"
+    assert page.evaluate(empty) == '"None yet: the images you send appear here."'
     page.set_input_files("#file", str(CHELSEA))
     fast = page.locator("#fast-answer .topk li")
     expect(fast).to_have_count(5)
@@ -119,6 +121,7 @@ def test_a_photo_gets_the_fast_answer_then_the_accurate_one_marked_changed(page:
     expect(page.locator("#fast-answer li.disagree")).to_contain_text("tiger cat")
     expect(page.locator("#accurate-answer li.disagree")).to_contain_text("Egyptian cat")
     expect(page.locator("#recent li").first).to_contain_text("tiger cat → Egyptian cat (done)")
+    assert page.evaluate(empty) == "none"  # a job listed, the placeholder gone
     screenshot(page, "web-disagree")
 
 
