@@ -646,19 +646,20 @@ class Turns:
         return self.runs | {"embedded_loaded_jobs_per_s": self.loaded_jobs_per_s}
 
 
-def profile_proxy(bench: Bench, stacks: Path) -> str:
-    """A proxy with no worker under one client sending raw images: CPU and Python frames by
-    thread, per request (see bench.profile)."""
+def profile_proxy(bench: Bench, stacks: Path, clients: int = 1) -> str:
+    """A proxy with no worker under `clients` sending raw images back to back: CPU and Python
+    frames by thread, per request (see bench.profile)."""
     server, port = serve(bench, bench.work / "profile", "--no-worker")
     body, content_type = bodies(bench)["raw"]
     target = Target(port, body, content_type)
     try:
-        load(target, 1, 2.0)  # warm up
+        load(target, clients, 2.0)  # warm up
 
         def drive(seconds: float) -> int:
-            return int(load(target, 1, seconds)["requests"])
+            return int(load(target, clients, seconds)["requests"])
 
-        found = profiling.profile(server.process.pid, bench.tail_seconds, stacks, drive)
+        pid = server.process.pid
+        found = profiling.profile(pid, bench.tail_seconds, stacks, drive, clients)
     finally:
         server.stop()
     return profiling.render(found)
@@ -697,6 +698,12 @@ def main() -> None:
         action="store_true",
         help="instead: where a proxy's time goes under one client (needs py-spy)",
     )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="with --profile: clients sending at once (16: where the throughput goes)",
+    )
     args = parser.parse_args()
     for name in BUILTIN_MODELS:
         if not is_built(name, args.model_dir):
@@ -707,7 +714,7 @@ def main() -> None:
     photo = bench_photo()
     bench = Bench(args.model_dir, work, photo, args.quick)
     if args.profile:
-        report = profile_proxy(bench, args.out / f"profile-{stamp}.txt")
+        report = profile_proxy(bench, args.out / f"profile-{stamp}.txt", args.clients)
         (args.out / f"profile-{stamp}.md").write_text(report)
         print(report)
         return

@@ -1,7 +1,9 @@
-"""Where a proxy's time goes while one client sends images back to back (`--profile`).
+"""Where a proxy's time goes while clients send images back to back (`--profile`, one client
+unless `--clients N`).
 
 Two views of the same run, both per request:
-- CPU by thread, from /proc: exact, and costs the proxy nothing;
+- CPU by thread, from /proc: exact, and costs the proxy nothing; with the load generator's own
+  (a process of its own, on the same cores) and the requests per second;
 - the Python frames each thread was in, sampled by py-spy (non-blocking, so the proxy is
   not stopped to be sampled), as inclusive time, with the raw stacks kept for flame graphs.
 """
@@ -13,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,28 +100,45 @@ def record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
 
 @dataclass(frozen=True)
 class Profile:
+    clients: int
     requests: int
+    per_s: float  # requests a second
     cpu_s: dict[str, float]  # CPU seconds per request, by thread
+    client_cpu_s: float  # the load generator's CPU seconds per request
     frames_s: dict[str, list[tuple[str, float]]]  # each thread's top frames, s per request
     stacks: Path
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "clients": self.clients,
             "requests": self.requests,
+            "per_s": self.per_s,
             "cpu_s": self.cpu_s,
+            "client_cpu_s": self.client_cpu_s,
             "frames_s": self.frames_s,
             "stacks": str(self.stacks),
         }
 
 
-def profile(pid: int, seconds: float, out: Path, drive: Callable[[float], int]) -> Profile:
-    """Run `drive(seconds)` (it returns how many requests it made) against the proxy `pid`,
-    measuring it; raw stacks are written to `out`."""
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended (the load generator's runs)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def profile(
+    pid: int, seconds: float, out: Path, drive: Callable[[float], int], clients: int = 1
+) -> Profile:
+    """Run `drive(seconds)` (it returns how many requests it made, from `clients` at once, in
+    a child process of this one) against the proxy `pid`, measuring it; raw stacks are
+    written to `out`."""
     names = thread_names(pid)
-    before = thread_cpu_s(pid)
+    before, client_before = thread_cpu_s(pid), _children_cpu_s()
     spy = record(pid, seconds + 1, out)
+    started = time.perf_counter()
     requests = drive(seconds)
-    after = thread_cpu_s(pid)
+    elapsed = time.perf_counter() - started
+    after, client_after = thread_cpu_s(pid), _children_cpu_s()
     spy.wait()
     cpu = {
         names.get(tid, f"native thread {tid}"): (after[tid] - before.get(tid, 0.0)) / requests
@@ -132,20 +152,25 @@ def profile(pid: int, seconds: float, out: Path, drive: Callable[[float], int]) 
         + [(frame, count * per_sample) for frame, count in stacks.top(thread, 15)]
         for thread in sorted(stacks.samples)
     }
-    return Profile(requests, cpu, frames, out)
+    client_cpu = (client_after - client_before) / requests
+    return Profile(clients, requests, requests / elapsed, cpu, client_cpu, frames, out)
 
 
 def render(result: Profile) -> str:
     by_cpu = sorted(result.cpu_s.items(), key=lambda item: -item[1])
+    clients = "one client" if result.clients == 1 else f"{result.clients} clients"
     lines = [
-        "# Where a proxy's time goes: one client, raw image bodies",
+        f"# Where a proxy's time goes: {clients}, raw image bodies",
         "",
-        f"{result.requests} requests. CPU per request by thread (from /proc; threads py-spy "
-        "cannot name are ONNX Runtime's own):",
+        f"{result.requests} requests, {result.per_s:.1f} a second. CPU per request by thread "
+        "(from /proc; threads py-spy cannot name are ONNX Runtime's own), and the load "
+        "generator's, a process of its own on the same cores:",
         "",
         "| thread | CPU per request |",
         "| --- | --- |",
         *(f"| {name} | {seconds * 1000:.2f} ms |" for name, seconds in by_cpu),
+        f"| all of the proxy | {sum(result.cpu_s.values()) * 1000:.2f} ms |",
+        f"| the load generator | {result.client_cpu_s * 1000:.2f} ms |",
         "",
         f"Python frames each thread was in, per request (py-spy at {SAMPLE_HZ} Hz, inclusive; "
         f"stacks in `{result.stacks}` for a flame graph). py-spy counts a thread busy by its "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,10 +74,16 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
 
 @pytest.mark.timeout(120)
 def test_the_profile_says_where_a_proxy_s_time_goes(model_dir: Path, tmp_path: Path) -> None:
-    _bench(model_dir, tmp_path, "--profile", timeout=100)
+    _bench(model_dir, tmp_path, "--profile", "--clients", "2", timeout=100)
     (report,) = tmp_path.glob("profile-*.md")
     (stacks,) = tmp_path.glob("profile-*.txt")
     text = report.read_text()
+    assert text.startswith("# Where a proxy's time goes: 2 clients, raw image bodies")
+    assert re.search(r"^\d+ requests, [\d.]+ a second\.", text, re.MULTILINE)
+    # The whole proxy, and the load generator beside it on the same cores.
+    for row in ("all of the proxy", "the load generator"):
+        assert re.search(rf"^\| {row} \| \d+\.\d\d ms \|$", text, re.MULTILINE)
+    assert "| the load generator | 0.00 ms |" not in text
     # CPU by thread: the event loop, the fast model's pool, the store's thread, ONNX Runtime's.
     for thread in ("| MainThread |", "| tandem-fast_0 |", "| tandem-sqlite_0 |", "native thread"):
         assert thread in text
