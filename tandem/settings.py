@@ -145,7 +145,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     api_keys: tuple[str, ...] = Field(
         (),
-        description="If any, every route but /health and /health/all needs one (comma-separated).",
+        description="If any, every route but /health, /health/all, the web page and the API's "
+        "description (/docs, /openapi.json) needs one (comma-separated).",
     )
     cors_origins: tuple[str, ...] = Field(
         (), description="Origins allowed by CORS (comma-separated)."

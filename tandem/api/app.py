@@ -8,6 +8,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 from tandem import __version__, heap
 from tandem.api.direct import DirectRoute
 from tandem.api.errors import install_error_handlers
-from tandem.api.guards import ApiKeys, BodyLimit, Deadline, LoadShedder
+from tandem.api.guards import OPEN_PATHS, ApiKeys, BodyLimit, Deadline, LoadShedder
 from tandem.api.metrics import AccessMiddleware, Metrics
 from tandem.api.middleware import HeadAsGet, RequestIdMiddleware
 from tandem.api.routes import predict, route_of, router
@@ -230,4 +231,31 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     _add_guards(app, settings)
     install_error_handlers(app, [*app.router.routes, *router.routes])
     app.include_router(router)
+    if settings.api_keys:
+        _document_api_keys(app)
     return app
+
+
+# How a client sends its key, as ApiKeys takes it; Swagger UI's "Authorize" offers both.
+KEY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def _document_api_keys(app: FastAPI) -> None:
+    """Say in the schema that every operation but the open ones needs a key, either way."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI keeps it as app.openapi_schema: changed in place
+        schema.setdefault("components", {})["securitySchemes"] = KEY_SCHEMES
+        schema["security"] = [{name: []} for name in KEY_SCHEMES]
+        for path in OPEN_PATHS:
+            for operation in schema["paths"].get(path, {}).values():
+                operation["security"] = []
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.errors import error_json
 from tandem.api.middleware import header
+from tandem.api.page import DOCS_STATIC
 from tandem.errors import (
     Overloaded,
     PayloadTooLarge,
@@ -31,6 +32,10 @@ API_KEY_ID = "api_key_id"
 # Load balancers and people checking on the service need these without a key.
 # The web page is static and holds no data; what it fetches is guarded like any other call.
 OPEN_PATHS = frozenset({"/", "/health", "/health/all"})
+# The API's description, which holds no data either: with it guarded, Swagger UI could not load
+# it, and /docs was of no use on a server with keys. Its "Authorize" takes a key for the calls.
+DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
+DOCS_PREFIX = DOCS_STATIC + "/"
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError) -> None:
@@ -122,7 +127,7 @@ class ApiKeys:
         return digest if valid else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or _open(scope["path"]):
             await self.app(scope, receive, send)
             return
         digest = self._valid_digest(scope)
@@ -133,6 +138,10 @@ class ApiKeys:
             return
         error = Unauthorized("a valid API key is required (Authorization: Bearer, or X-API-Key)")
         await _refuse(scope, receive, send, error)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path in DOCS_PATHS or path.startswith(DOCS_PREFIX)
 
 
 def api_key_id_of(request: Request) -> str | None:

@@ -52,7 +52,7 @@ def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
     assert refused.json()["error"]["code"] == "unauthorized"
     assert refused.headers["www-authenticate"].startswith("Bearer")
     assert client.get("/job/" + "0" * 32).status_code == 401
-    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/metadata").status_code == 401
     wrong = client.post("/predict", json=IMAGE, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
     bearer = client.post("/predict", json=IMAGE, headers={"Authorization": "Bearer first-key"})
@@ -61,6 +61,23 @@ def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
     assert header.status_code == 200
     assert client.get("/health").status_code == 200
     assert client.get("/health/all").status_code == 200
+
+
+def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(make_client: Any) -> None:
+    """Guarded, Swagger UI could not load the schema: /docs was of no use with keys set."""
+    client = make_client(api_keys="first-key")
+    assert client.get("/docs").status_code == 200
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    assert schema["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert "security" not in schema["paths"]["/predict"]["post"]  # the document's holds
+    # Without keys the schema asks for none.
+    assert "security" not in make_client().get("/openapi.json").json()
 
 
 def test_cors_allows_only_configured_origins(make_client: Any) -> None:

@@ -208,6 +208,29 @@ def _get_a_key_then_answer(page: Page) -> None:
     screenshot(page, "web-api-key")
 
 
+def test_with_api_keys_the_docs_take_a_key_for_their_calls(
+    browser: Browser, keyed_server: ServerProcess
+) -> None:
+    """The schema was guarded like the API: Swagger UI could not load it, and /docs showed an
+    error on every server with keys."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(keyed_server.url + "/docs")
+    operations = page.locator(".opblock-summary-path")
+    expect(operations.filter(has_text="/metadata").first).to_be_visible(timeout=20_000)
+    page.locator("button.authorize").first.click()
+    page.locator(".auth-container input").first.fill(KEY)
+    page.locator(".auth-container button.authorize").first.click()
+    page.locator("button.btn-done").first.click()
+    operations.filter(has_text="/metadata").first.click()
+    page.get_by_role("button", name="Try it out").first.click()
+    page.get_by_role("button", name="Execute").first.click()
+    status = page.locator(".live-responses-table tbody .response-col_status").first
+    expect(status).to_have_text("200")
+    screenshot(page, "api-docs-keyed")
+    context.close()
+
+
 @pytest.mark.parametrize("keyed", [False, True], ids=["stream", "long-poll"])
 def test_the_page_follows_its_job_across_a_restart_of_the_proxy(
     browser: Browser, own_idle: ServerProcess, keyed: bool
