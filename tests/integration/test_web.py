@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 
 from bench.cascade import photo_dir
 from tests.support import ServerProcess, clean_env, overwrite_meta
@@ -208,6 +208,14 @@ def _get_a_key_then_answer(page: Page) -> None:
     screenshot(page, "web-api-key")
 
 
+def _tried_out(page: Page, path: str) -> Locator:
+    """Swagger UI's "Try it out" and "Execute" on the operation at `path`; its status cell."""
+    page.locator(".opblock-summary-path").filter(has_text=path).first.click()
+    page.get_by_role("button", name="Try it out").first.click()
+    page.get_by_role("button", name="Execute").first.click()
+    return page.locator(".live-responses-table tbody .response-col_status").first
+
+
 def test_with_api_keys_the_docs_take_a_key_for_their_calls(
     browser: Browser, keyed_server: ServerProcess
 ) -> None:
@@ -222,11 +230,7 @@ def test_with_api_keys_the_docs_take_a_key_for_their_calls(
     page.locator(".auth-container input").first.fill(KEY)
     page.locator(".auth-container button.authorize").first.click()
     page.locator("button.btn-done").first.click()
-    operations.filter(has_text="/metadata").first.click()
-    page.get_by_role("button", name="Try it out").first.click()
-    page.get_by_role("button", name="Execute").first.click()
-    status = page.locator(".live-responses-table tbody .response-col_status").first
-    expect(status).to_have_text("200")
+    expect(_tried_out(page, "/metadata")).to_have_text("200")
     screenshot(page, "api-docs-keyed")
     context.close()
 
@@ -282,11 +286,7 @@ def test_the_api_docs_render_from_the_server_alone(
     operations = page.locator(".opblock-summary-path")
     expect(operations.filter(has_text="/predict").first).to_be_visible(timeout=20_000)
     # "Try it out" fetches from the page's own origin, which its policy allows.
-    operations.filter(has_text="/health").first.click()
-    page.get_by_role("button", name="Try it out").first.click()
-    page.get_by_role("button", name="Execute").first.click()
-    status = page.locator(".live-responses-table tbody .response-col_status").first
-    expect(status).to_have_text("200")
+    expect(_tried_out(page, "/health")).to_have_text("200")
     screenshot(page, "api-docs")
     context.close()
     assert elsewhere == []
