@@ -141,7 +141,11 @@ async def health_all(request: Request) -> JSONResponse:
     return JSONResponse(report, status_code=status)
 
 
-@router.get("/metadata", summary="What /predict takes and returns, and the models behind it.")
+@router.get(
+    "/metadata",
+    summary="What /predict takes and returns, and the models behind it.",
+    responses=_error_bodies(),
+)
 async def metadata(request: Request) -> dict[str, Any]:
     service = service_of(request)
     manifest = service.fast.manifest
@@ -203,7 +207,10 @@ async def predict_test(request: Request) -> Response:
     "/metrics",
     summary="Prometheus metrics: requests, inference, queue, job outcomes, model agreement.",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+        **_error_bodies(),
+    },
 )
 async def metrics(request: Request) -> Response:
     body = await request.app.state.metrics.render_for(service_of(request))

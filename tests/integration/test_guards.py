@@ -76,6 +76,11 @@ def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(make_client:
     assert schema["security"] == [{"bearer": []}, {"apiKey": []}]
     assert schema["paths"]["/health"]["get"]["security"] == []
     assert "security" not in schema["paths"]["/predict"]["post"]  # the document's holds
+    # Every guarded operation documents the 401 it may meet.
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path not in ("/health", "/health/all"):
+                assert "401" in operation["responses"], f"{method.upper()} {path}"
     # Without keys the schema asks for none.
     assert "security" not in make_client().get("/openapi.json").json()
 
