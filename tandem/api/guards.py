@@ -146,7 +146,12 @@ def _open(path: str) -> bool:
 
 def api_key_id_of(request: Request) -> str | None:
     """The client's identity when API keys are on: a digest of the key it sent."""
-    value = request.scope.get("state", {}).get(API_KEY_ID)
+    return api_key_id_in(request.scope)
+
+
+def api_key_id_in(scope: Scope) -> str | None:
+    """The same, from the scope, for what runs before or around the app's routes."""
+    value = scope.get("state", {}).get(API_KEY_ID)
     return value if isinstance(value, str) else None
 
 
@@ -176,7 +181,7 @@ class LoadShedder:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        key = scope.get("state", {}).get(API_KEY_ID) if self.per_key else None
+        key = api_key_id_in(scope) if self.per_key else None
         error = self._refusal(key)
         if error is not None:
             await _refuse(scope, receive, send, error)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tandem.api.guards import API_KEY_ID
+from tandem.api.guards import api_key_id_in
 from tandem.cascade import Agreement
 from tandem.jobs.store import QueueStats
 from tandem.service import FastOutcome, TandemService
@@ -193,8 +193,7 @@ class AccessMiddleware:
             method, route = scope["method"], self._route(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
-            state = scope.get("state", {})
-            note, key = state.get(ACCESS_NOTE), state.get(API_KEY_ID)
+            note, key = scope.get("state", {}).get(ACCESS_NOTE), api_key_id_in(scope)
             access_log.info(
                 '"%s %s" %d%s%s',
                 method,
