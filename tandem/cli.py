@@ -24,8 +24,12 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _config_option(parser)
     parser.add_argument("--model-dir", type=Path, help="built models (TANDEM_MODEL_DIR)")
 
 
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its origin (secrets only as set or unset), then what the automatic ones resolve to "
         "on this machine. Invalid settings: every problem, and exit status 2.",
     )
-    config.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    _config_option(config)
     config.set_defaults(handler=_config)
 
     models = commands.add_parser("models", help="build or list the ONNX models")
@@ -163,7 +167,7 @@ def _store_command(
 ) -> None:
     """`backup` or `restore`: a copy's path (its name and help), and where the store is."""
     command.add_argument(copy[0], type=Path, help=copy[1])
-    command.add_argument("--config", type=Path, help="TOML settings file (also TANDEM_CONFIG)")
+    _config_option(command)
     command.add_argument("--data-dir", type=Path, help="where the store is (TANDEM_DATA_DIR)")
     command.set_defaults(handler=handler)
 
