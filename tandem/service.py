@@ -181,19 +181,19 @@ class TandemService:
         gate: Gate | None = None,
         callback_url: str | None = None,
         *,
-        idempotency_scope: str | None = None,
+        owner: str | None = None,
     ) -> FastOutcome:
         """Answer with the fast model and store the job durably, unless the gate says the fast
         answer is enough. Bad images raise before anything is stored; a full or unreachable
         queue still gets the fast answer, with the reason instead. An idempotency key counts
-        within its scope (the client's identity), when it has one."""
+        within its owner's (the client's API key id), when it has one."""
         gate = gate or self.gate
         spec = JobSpec(
             id=new_job_id(),
             image=data,
             request_id=request_id,
             idempotency_key=idempotency_key,
-            idempotency_scope=idempotency_scope,
+            owner=owner,
             callback_url=callback_url,
         )
         # Overlapping the job's write with the model saves a lone request its write's time,

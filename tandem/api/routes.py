@@ -84,7 +84,7 @@ async def _predict(
     service = service_of(request)
     request_id = request_id_of(request)
     outcome = await service.predict(
-        data, request_id, key, gate, callback_url, idempotency_scope=api_key_id_of(request)
+        data, request_id, key, gate, callback_url, owner=api_key_id_of(request)
     )
     request.app.state.metrics.observe_fast(outcome)
     job_id = outcome.job.id if outcome.job else None

@@ -55,8 +55,9 @@ class JobSpec:
     request_id: str | None = None
     # A client's retry with the same key within the result TTL gets this job, not a new one.
     idempotency_key: str | None = None
-    # Whose key it is (the API key that sent it): two clients' keys never meet.
-    idempotency_scope: str | None = None
+    # Who sent it: the id of its API key. Idempotency keys count within it, so two clients'
+    # keys never meet.
+    owner: str | None = None
     # With a key: what a retry must send again (see request_fingerprint).
     fingerprint: str | None = None
     # Where the worker POSTs the result once stored (already checked against the allowlist).
@@ -64,11 +65,11 @@ class JobSpec:
 
     @property
     def idempotency_slot(self) -> str | None:
-        """The key as stores file it: within its scope, when it has one. A key is printable
-        ASCII without spaces, so a scoped slot never equals an unscoped one."""
-        if self.idempotency_key is None or self.idempotency_scope is None:
+        """The key as stores file it: within its owner's, when it has one. A key is printable
+        ASCII without spaces, so an owned slot never equals an unowned one."""
+        if self.idempotency_key is None or self.owner is None:
             return self.idempotency_key
-        return f"{self.idempotency_scope} {self.idempotency_key}"
+        return f"{self.owner} {self.idempotency_key}"
 
     def queued(self, now: float) -> Job:
         """The job this spec becomes when it is first stored at `now`."""

@@ -450,11 +450,11 @@ async def test_retries_racing_with_one_key_through_two_proxies_get_one_job(
 
 async def test_an_idempotency_key_counts_within_its_scope(store: JobStore) -> None:
     """Two clients (API keys) may pick the same key: each gets its own job, and its own back."""
-    mine = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="a"))
-    theirs = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="b"))
+    mine = await store.enqueue(replace(spec(), idempotency_key="order-1", owner="a"))
+    theirs = await store.enqueue(replace(spec(), idempotency_key="order-1", owner="b"))
     unscoped = await store.enqueue(replace(spec(), idempotency_key="order-1"))
     assert len({mine.id, theirs.id, unscoped.id}) == 3
-    again = await store.enqueue(replace(spec(), idempotency_key="order-1", idempotency_scope="a"))
+    again = await store.enqueue(replace(spec(), idempotency_key="order-1", owner="a"))
     assert again.id == mine.id
     assert await store.queue_depth() == 3
 

@@ -100,6 +100,6 @@ def test_a_request_s_fingerprint_covers_its_image_and_its_callback() -> None:
 def test_an_idempotency_key_is_filed_within_its_scope() -> None:
     unscoped = JobSpec(new_job_id(), b"", idempotency_key="order-1")
     assert unscoped.idempotency_slot == "order-1"
-    scoped = JobSpec(new_job_id(), b"", idempotency_key="order-1", idempotency_scope="ab12")
+    scoped = JobSpec(new_job_id(), b"", idempotency_key="order-1", owner="ab12")
     assert scoped.idempotency_slot == "ab12 order-1"  # a key holds no space: no collision
-    assert JobSpec(new_job_id(), b"", idempotency_scope="ab12").idempotency_slot is None
+    assert JobSpec(new_job_id(), b"", owner="ab12").idempotency_slot is None
