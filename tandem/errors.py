@@ -143,6 +143,13 @@ class TooManyRequests(TandemError):
     code = "too_many_requests"
 
 
+class TooManyQueued(TooManyRequests):
+    """One client (API key) has its share of the queue unfinished: its new job is refused,
+    though the fast answer still goes back, and the others' jobs are still taken."""
+
+    code = "too_many_queued"
+
+
 class Timeout(TandemError):
     status = 504
     code = "timeout"

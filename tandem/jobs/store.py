@@ -9,7 +9,9 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 - `extend` renews a worker's own leases: a job held longer than the timeout by a worker that is
   alive is not handed to a second one.
 - `complete` and `fail` are idempotent: the first terminal write wins, later ones are ignored.
-- `enqueue` refuses (QueueFull) when `max_queue_length` jobs are unfinished; nothing is stored.
+- `enqueue` refuses (QueueFull) when `max_queue_length` jobs are unfinished, and (TooManyQueued)
+  a job whose owner has `max_queued_per_owner` unfinished; nothing is stored. Every owned job
+  is counted, with the share off too, and finishing it, however it finishes, frees its place.
 - finished jobs disappear `result_ttl_s` after they finish; queued jobs never expire.
 - the fast answer may reach a job after its result: whichever of `attach_fast` and
   `complete_many` writes second reports it, so each job's agreement is counted once.
@@ -29,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from tandem.errors import UnreadableJob
+from tandem.errors import QueueFull, TooManyQueued, UnreadableJob
 from tandem.jobs.notify import Watch
 from tandem.jobs.records import Claim, Delivery, Job, JobSpec
 from tandem.predictions import Prediction
@@ -43,6 +45,7 @@ class StorePolicy:
     visibility_timeout_s: float = 60.0
     max_attempts: int = 3
     max_queue_length: int = 0  # 0: no limit
+    max_queued_per_owner: int = 0  # 0: no share
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,8 @@ class JobStore(Protocol):
 
     async def enqueue(self, spec: JobSpec) -> Job:
         """Store a new queued job durably and return it; an existing id, or an idempotency key
-        seen within the TTL, returns that job instead. Raise QueueFull past the length limit."""
+        seen within the TTL, returns that job instead. Raise QueueFull past the length limit, and
+        TooManyQueued past its owner's share."""
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         """Add the fast answer to a job enqueued without one (it was computed meanwhile); a job
@@ -171,3 +175,13 @@ def unreadable_failure(exc: UnreadableJob) -> str:
     it points at a mixed-version deployment or a damaged store."""
     log.error("%s; the job is failed rather than handed to a worker", exc.message)
     return f"the job's stored record could not be read: {exc.reason}"
+
+
+def queue_full(limit: int) -> QueueFull:
+    return QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+
+
+def owner_share_full(share: int) -> TooManyQueued:
+    return TooManyQueued(
+        f"this API key has {share} jobs waiting or running, its share of the queue", limit=share
+    )

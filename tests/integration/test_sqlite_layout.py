@@ -77,7 +77,9 @@ async def test_a_file_from_an_earlier_version_keeps_its_queued_jobs(
         assert claim.image == spec.image
         assert await store.extend("w", [spec.id]) == {spec.id}  # its lease has an owner now
         with sqlite3.connect(path) as c:
-            assert "image" not in {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+            columns = {row[1] for row in c.execute("PRAGMA table_info(jobs)")}
+        assert "image" not in columns
+        assert "owner" in columns  # a job that came with no key counts for no key
     finally:
         await store.close()
 
@@ -108,6 +110,44 @@ async def test_the_kept_count_of_unfinished_jobs_agrees_with_the_table(tmp_path:
         now[0] += 3600  # the finished jobs expire, and purging them counts nothing off
         assert await store.purge_expired() == 3
         assert await store.queue_depth() == _unfinished_by_scan(store.path) == 3
+    finally:
+        await store.close()
+
+
+def _owned_by_scan(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as c:
+        rows = c.execute(
+            "SELECT owner, COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+            " AND owner IS NOT NULL GROUP BY owner"
+        ).fetchall()
+    return dict(rows)
+
+
+def _owned_as_kept(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as c:
+        return dict(c.execute("SELECT owner, n FROM owners").fetchall())
+
+
+async def test_the_kept_counts_of_each_owner_agree_with_the_table(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SQLiteJobStore(tmp_path / "jobs.db", StorePolicy(result_ttl_s=60), lambda: now[0])
+    await store.open()
+    try:
+        ids = [new_job_id() for _ in range(6)]
+        for job_id, owner in zip(ids, ("a", "a", "a", "b", "b", None), strict=True):
+            await store.enqueue(JobSpec(id=job_id, image=b"image", owner=owner))
+        assert len(await store.claim("w", 3, 0)) == 3  # the oldest: a's three
+        await store.complete(ids[0], ANSWER)
+        await store.fail(ids[1], "again", retry=True)
+        await store.fail(ids[2], "for good", retry=False)
+        await store.cancel(ids[3])
+        assert _owned_as_kept(store.path) == _owned_by_scan(store.path) == {"a": 1, "b": 1}
+        now[0] += 3600  # the finished jobs expire, and purging them counts nothing off
+        await store.purge_expired()
+        assert _owned_as_kept(store.path) == _owned_by_scan(store.path) == {"a": 1, "b": 1}
+        for job_id in ids:
+            await store.cancel(job_id)
+        assert _owned_as_kept(store.path) == {}  # an owner with nothing in hand has no row
     finally:
         await store.close()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tandem.errors import QueueFull, UnreadableJob
+from tandem.errors import QueueFull, TooManyQueued, UnreadableJob
 from tandem.jobs.records import Delivery, DeliveryState, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -417,6 +417,104 @@ async def test_a_full_queue_refuses_and_stores_nothing(factory: StoreFactory) ->
         assert await bounded.queue_depth() == 2
     finally:
         await bounded.close()
+
+
+def owned(owner: str | None = "a") -> JobSpec:
+    return replace(spec(), owner=owner)
+
+
+async def _refuses(store: JobStore, owner: str = "a") -> bool:
+    """Whether `owner`'s next job is refused for its share; a job taken is cancelled again."""
+    try:
+        job = await store.enqueue(owned(owner))
+    except TooManyQueued:
+        return True
+    await store.cancel(job.id)
+    return False
+
+
+async def test_an_owner_past_its_share_is_refused_and_the_others_are_not(
+    factory: StoreFactory,
+) -> None:
+    shared = await _opened(factory, replace(LONG, max_queued_per_owner=2))
+    try:
+        first = await shared.enqueue(owned())
+        await shared.enqueue(owned())
+        refused = owned()
+        with pytest.raises(TooManyQueued) as caught:
+            await shared.enqueue(refused)
+        assert caught.value.details["limit"] == 2
+        assert await shared.get(refused.id) is None
+        # Another key, and a job with none, are not held by this key's share.
+        await shared.enqueue(owned("b"))
+        await shared.enqueue(owned(None))
+        # The same job again is no new job: answered, not refused.
+        assert (await shared.enqueue(replace(owned(), id=first.id))).id == first.id
+        assert await shared.queue_depth() == 4
+    finally:
+        await shared.close()
+
+
+async def test_every_way_a_job_finishes_gives_its_owner_s_place_back(
+    factory: StoreFactory,
+) -> None:
+    shared = await _opened(factory, replace(LONG, max_queued_per_owner=1))
+    try:
+        await shared.enqueue(owned())
+        assert await _refuses(shared)
+        (claim,) = await shared.claim("w", 1, 0)
+        await shared.complete(claim.id, answer())
+
+        cancelled = await shared.enqueue(owned())
+        assert await _refuses(shared)
+        await shared.cancel(cancelled.id)
+
+        failed = await shared.enqueue(owned())
+        assert await shared.claim("w", 1, 0)
+        await shared.fail(failed.id, "again", retry=True)  # queued again: still unfinished
+        assert await _refuses(shared)
+        assert await shared.claim("w", 1, 0)
+        await shared.fail(failed.id, "for good", retry=False)
+
+        running = await shared.enqueue(owned())
+        assert await shared.claim("w", 1, 0)
+        await shared.cancel(running.id)  # asked while it runs: it ends when its run does
+        assert await _refuses(shared)
+        await shared.complete(running.id, answer())
+        assert not await _refuses(shared)
+    finally:
+        await shared.close()
+
+
+async def test_a_job_failed_for_its_lost_workers_gives_its_owner_s_place_back(
+    factory: StoreFactory,
+) -> None:
+    shared = await _opened(factory, replace(SHORT, max_queued_per_owner=1))
+    try:
+        job = await shared.enqueue(owned())
+        for _ in range(SHORT.max_attempts):
+            assert await shared.claim("w", 1, 0)
+            await asyncio.sleep(PAUSE)  # the worker died: its lease runs out
+        assert await shared.claim("w", 1, 0) == []  # out of attempts: failed by this claim
+        assert (await shared.get(job.id)).status == JobStatus.FAILED  # type: ignore[union-attr]
+        assert not await _refuses(shared)
+    finally:
+        await shared.close()
+
+
+async def test_owners_are_counted_with_no_share_set_and_across_a_reopen(
+    factory: StoreFactory,
+) -> None:
+    unshared = await _opened(factory, LONG)
+    await unshared.enqueue(owned())
+    await unshared.enqueue(owned())
+    await unshared.close()
+    shared = await _opened(factory, replace(LONG, max_queued_per_owner=2))
+    try:
+        assert await _refuses(shared)
+        assert not await _refuses(shared, "b")
+    finally:
+        await shared.close()
 
 
 async def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None:

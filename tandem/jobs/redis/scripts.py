@@ -11,27 +11,36 @@ twice is answered once. Each names its KEYS and ARGV, in the order the store pas
 # the store then runs the scripts without it.
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-# KEYS: job, queue, idempotency key. ARGV: id, now, meta, image, max length, ttl ms,
-# job key prefix, whether there is an idempotency key.
+# KEYS: job, queue, idempotency key, owners. ARGV: id, now, meta, image, max length, ttl ms,
+# job key prefix, whether there is an idempotency key, owner ('' for none), owner's share.
 # Returns {id, 1} for a job it stored, {id, 0} for the earlier job that stands for this
-# request, or false when the queue is full.
+# request, 'queue' when the queue is full, or 'owner' when the owner's share of it is.
 ENQUEUE = """
 if ARGV[8] == '1' then
   local earlier = redis.call('GET', KEYS[3])
   if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return {earlier, 0} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
+local owner, share = ARGV[9], tonumber(ARGV[10])
+if owner ~= '' and share > 0 and tonumber(redis.call('HGET', KEYS[4], owner) or 0) >= share then
+  return 'owner'
+end
 local limit = tonumber(ARGV[5])
-if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return false end
+if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return 'queue' end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', ARGV[2], 'updated_at', ARGV[2],
            'attempts', 0, 'meta', ARGV[3], 'image', ARGV[4], 'entry', entry)
+if owner ~= '' then
+  redis.call('HSET', KEYS[1], 'owner', owner)
+  redis.call('HINCRBY', KEYS[4], owner, 1)
+end
 if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
 return {ARGV[1], 1}
 """
 
-# Finish an unfinished job and count it; one with a callback URL joins the deliveries set.
-# KEYS: job, queue, counters, deliveries.
+# Finish an unfinished job and count it; one with a callback URL joins the deliveries set, and
+# one with an owner leaves the owner's count (a count at 0 goes).
+# KEYS: job, queue, counters, deliveries, owners.
 # ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
 FINISH_BODY = """
 -- A job's metadata as a table; empty if it is not JSON (a damaged record still finishes).
@@ -41,9 +50,13 @@ local function decoded_meta(job)
   return {}
 end
 local function finish(job, queue, status, now, ttl_ms, result, err, group, counters, tally,
-                      deliveries)
+                      deliveries, owners)
   local current = redis.call('HGET', job, 'status')
   if current ~= 'queued' and current ~= 'running' then return 0 end
+  local owner = redis.call('HGET', job, 'owner')
+  if owner and redis.call('HINCRBY', owners, owner, -1) <= 0 then
+    redis.call('HDEL', owners, owner)
+  end
   local entry = redis.call('HGET', job, 'entry')
   -- A run that ends after a cancel request keeps its result or error, but the job says
   -- cancelled.
@@ -71,7 +84,7 @@ FINISH = (
     FINISH_BODY
     + """
 local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
-                      KEYS[3], ARGV[7], KEYS[4])
+                      KEYS[3], ARGV[7], KEYS[4], KEYS[5])
 if stored == 1 and ARGV[4] ~= '' and ARGV[7] == '' then
   if type(decoded_meta(KEYS[1])['fast']) == 'table' then return 2 end
 end
@@ -79,7 +92,7 @@ return stored
 """
 )
 
-# Lease a delivered entry. KEYS: job, queue, counters, deliveries.
+# Lease a delivered entry. KEYS: job, queue, counters, deliveries, owners.
 # ARGV: entry, now, max_attempts, ttl_ms, lost, group, missing (the error for a job without
 # its image).
 # Returns the image, or false when the entry is stale (job gone, finished, cancelled, out of
@@ -96,18 +109,21 @@ if (status ~= 'queued' and status ~= 'running') or current ~= ARGV[1] then
 end
 -- Its worker stopped after the client cancelled it: not run again.
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '', KEYS[4])
+  finish(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[4], '', '', ARGV[6], KEYS[3], '', KEYS[4],
+         KEYS[5])
   return false
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
 if attempts >= tonumber(ARGV[3]) then
   local reason = string.format(ARGV[5], attempts)
-  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '', KEYS[4])
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', reason, ARGV[6], KEYS[3], '', KEYS[4],
+         KEYS[5])
   return false
 end
 local image = redis.call('HGET', KEYS[1], 'image')
 if not image then
-  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', ARGV[7], ARGV[6], KEYS[3], '', KEYS[4])
+  finish(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[4], '', ARGV[7], ARGV[6], KEYS[3], '', KEYS[4],
+         KEYS[5])
   return false
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2], 'attempts', attempts + 1)
@@ -133,7 +149,7 @@ end
 return renewed
 """
 
-# A worker's run failed. KEYS: job, queue, counters, deliveries.
+# A worker's run failed. KEYS: job, queue, counters, deliveries, owners.
 # ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
 # A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
 # (returns 1); with retry, a job that is not running is not this worker's and is left alone.
@@ -158,13 +174,14 @@ if ARGV[5] == '1' and attempts < tonumber(ARGV[6]) and not cancelled then
   redis.call('HINCRBY', KEYS[3], 'jobs_retried', 1)
   return 1
 end
-finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '', KEYS[4])
+finish(KEYS[1], KEYS[2], 'failed', ARGV[1], ARGV[7], '', ARGV[2], ARGV[3], KEYS[3], '', KEYS[4],
+       KEYS[5])
 return 0
 """
 )
 
 # Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters,
-# deliveries.
+# deliveries, owners.
 # ARGV: now, ttl ms, group.
 CANCEL = (
     FINISH_BODY
@@ -172,7 +189,7 @@ CANCEL = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
   return finish(KEYS[1], KEYS[2], 'cancelled', ARGV[1], ARGV[2], '', '', ARGV[3], KEYS[3], '',
-                KEYS[4])
+                KEYS[4], KEYS[5])
 elseif status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', ARGV[1])
 end

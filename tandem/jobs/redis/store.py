@@ -7,6 +7,7 @@ Layout, under a key prefix (default "tandem"):
                    Finished jobs' entries are acknowledged and deleted, so XLEN is the depth.
 - `{p}:counters`  a hash of counters shared by every process (jobs by outcome, agreement,
                    webhook deliveries).
+- `{p}:owners`     a hash: each owner's (API key id's) count of unfinished jobs, for its share.
 - `{p}:changes`   a pub/sub channel: the id of each job whose state changed, for watchers.
 - `{p}:workers`    a sorted set of worker ids by last heartbeat; `{p}:models` maps them to models.
                    A worker gone for an hour is forgotten, and so is its consumer in the group
@@ -43,7 +44,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from tandem.errors import QueueFull, QueueUnavailable, UnreadableJob
+from tandem.errors import QueueUnavailable, UnreadableJob
 from tandem.jobs.notify import Hub, Watch
 from tandem.jobs.records import (
     STORED_FIELDS,
@@ -65,6 +66,8 @@ from tandem.jobs.store import (
     WORKER_FORGOTTEN_S,
     Completed,
     StorePolicy,
+    owner_share_full,
+    queue_full,
     unreadable_failure,
 )
 from tandem.outage import Outage
@@ -105,6 +108,7 @@ class RedisJobStore:
         self._counters = f"{prefix}:counters"
         self._changes = f"{prefix}:changes"
         self._deliveries = f"{prefix}:deliveries"
+        self._owners = f"{prefix}:owners"
         self._workers = f"{prefix}:workers"
         self._models = f"{prefix}:models"
         self._redis: aioredis.Redis | None = None
@@ -273,7 +277,7 @@ class RedisJobStore:
     async def enqueue(self, spec: JobSpec) -> Job:
         now = time.time()
         idempotency = f"{self._prefix}:idempotency:{spec.idempotency_slot or ''}"
-        keys = [self._job_key(spec.id), self._queue, idempotency]
+        keys = [self._job_key(spec.id), self._queue, idempotency, self._owners]
         args: list[ScriptArg] = [
             spec.id,
             repr(now),
@@ -283,11 +287,14 @@ class RedisJobStore:
             self._ttl_ms,
             self._job_key(""),
             "1" if spec.idempotency_slot else "0",
+            spec.owner or "",
+            self.policy.max_queued_per_owner,
         ]
         stored: Any = await self._call(lambda: self._enqueue(keys=keys, args=args))
-        if stored is None:
-            limit = self.policy.max_queue_length
-            raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+        if stored == b"owner":
+            raise owner_share_full(self.policy.max_queued_per_owner)
+        if stored == b"queue":
+            raise queue_full(self.policy.max_queue_length)
         job_id, created = stored
         if created:  # built, not read back: a round trip less on the sync path
             return spec.queued(now)
@@ -414,7 +421,13 @@ class RedisJobStore:
 
     def _finishing_keys(self, job_id: str) -> list[str]:
         """The keys of every script that may finish a job (see scripts.FINISH_BODY)."""
-        return [self._job_key(job_id), self._queue, self._counters, self._deliveries]
+        return [
+            self._job_key(job_id),
+            self._queue,
+            self._counters,
+            self._deliveries,
+            self._owners,
+        ]
 
     def _finish_call(
         self,

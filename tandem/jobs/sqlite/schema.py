@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_at  REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     webhook     TEXT,
-    worker      TEXT  -- who holds the lease of a running job
+    worker      TEXT, -- who holds the lease of a running job
+    owner       TEXT  -- the API key id that sent it
 );
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (status, created_at);
 -- Images apart from their jobs: SQLite rewrites a whole row on every update, and reads through
@@ -83,6 +84,39 @@ SELECT 1, COUNT(*) FROM jobs WHERE status IN {_UNFINISHED};
 COMMIT;
 """  # noqa: S608 (built from JobStatus, not from input)
 
+# The unfinished jobs of each owner, kept the same way, for the owner's share of the queue. An
+# owner's row goes when its count does, so the table holds only the keys with jobs in hand.
+_ADD_OWNED = (
+    "INSERT INTO owners (owner, n) VALUES (new.owner, 1)"
+    " ON CONFLICT (owner) DO UPDATE SET n = n + 1;"
+)
+_REMOVE_OWNED = (
+    "UPDATE owners SET n = n - 1 WHERE owner = old.owner;"
+    " DELETE FROM owners WHERE owner = old.owner AND n <= 0;"
+)
+OWNED_COUNT = f"""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,
+    n     INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS owners_insert AFTER INSERT ON jobs
+WHEN new.owner IS NOT NULL AND new.status IN {_UNFINISHED}
+BEGIN {_ADD_OWNED} END;
+CREATE TRIGGER IF NOT EXISTS owners_delete AFTER DELETE ON jobs
+WHEN old.owner IS NOT NULL AND old.status IN {_UNFINISHED}
+BEGIN {_REMOVE_OWNED} END;
+CREATE TRIGGER IF NOT EXISTS owners_finish AFTER UPDATE OF status ON jobs
+WHEN old.owner IS NOT NULL AND old.status IN {_UNFINISHED} AND new.status NOT IN {_UNFINISHED}
+BEGIN {_REMOVE_OWNED} END;
+CREATE TRIGGER IF NOT EXISTS owners_requeue AFTER UPDATE OF status ON jobs
+WHEN new.owner IS NOT NULL AND new.status IN {_UNFINISHED} AND old.status NOT IN {_UNFINISHED}
+BEGIN {_ADD_OWNED} END;
+INSERT OR IGNORE INTO owners (owner, n)
+SELECT owner, COUNT(*) FROM jobs WHERE owner IS NOT NULL AND status IN {_UNFINISHED} GROUP BY owner;
+COMMIT;
+"""  # noqa: S608 (built from JobStatus, not from input)
+
 
 def check_database(path: Path) -> None:
     """ConfigurationError, saying why, if `path` exists and SQLite cannot read it (another
@@ -101,6 +135,7 @@ def create(c: sqlite3.Connection) -> None:
     c.executescript(SCHEMA)
     migrate(c)
     c.executescript(UNFINISHED_COUNT)
+    c.executescript(OWNED_COUNT)
 
 
 def migrate(c: sqlite3.Connection) -> None:
@@ -110,6 +145,8 @@ def migrate(c: sqlite3.Connection) -> None:
         c.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
     if "worker" not in columns:
         c.execute("ALTER TABLE jobs ADD COLUMN worker TEXT")
+    if "owner" not in columns:
+        c.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
     if "image" in columns:  # images lived in the jobs table before they had their own
         in_transaction(c, lambda: _move_images(c))
 

@@ -22,7 +22,6 @@ from typing import TypeVar
 
 from tandem.errors import (
     DiskLow,
-    QueueFull,
     QueueUnavailable,
     UnreadableJob,
 )
@@ -52,6 +51,8 @@ from tandem.jobs.store import (
     WORKER_FORGOTTEN_S,
     Completed,
     StorePolicy,
+    owner_share_full,
+    queue_full,
     unreadable_failure,
 )
 from tandem.outage import Outage
@@ -205,13 +206,17 @@ class SQLiteJobStore:
         earlier = self._idempotent_job(c, spec.idempotency_slot, now) or _select_job(c, spec.id)
         if earlier is not None:
             return earlier
+        share = self.policy.max_queued_per_owner
+        if share and spec.owner and _owned(c, spec.owner) >= share:
+            raise owner_share_full(share)
         limit = self.policy.max_queue_length
         if limit and _unfinished(c) >= limit:
-            raise QueueFull(f"the queue holds {limit} jobs, its limit", limit=limit)
+            raise queue_full(limit)
         self._check_room(c)
         c.execute(
-            "INSERT INTO jobs (id, status, created_at, updated_at, meta) VALUES (?, ?, ?, ?, ?)",
-            (spec.id, JobStatus.QUEUED, now, now, dump_meta(spec)),
+            "INSERT INTO jobs (id, status, created_at, updated_at, meta, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (spec.id, JobStatus.QUEUED, now, now, dump_meta(spec), spec.owner),
         )
         c.execute("INSERT INTO images (job_id, data) VALUES (?, ?)", (spec.id, spec.image))
         if spec.idempotency_slot:
@@ -603,6 +608,11 @@ def _claimable(c: sqlite3.Connection, now: float, limit: int) -> list[tuple[str,
     queued = c.execute(CLAIMABLE_QUEUED, (JobStatus.QUEUED, limit)).fetchall()
     oldest = sorted(expired + queued, key=lambda row: row[3])[:limit]
     return [(job_id, attempts, cancel) for job_id, attempts, cancel, _ in oldest]
+
+
+def _owned(c: sqlite3.Connection, owner: str) -> int:
+    row = c.execute("SELECT n FROM owners WHERE owner = ?", (owner,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _unfinished(c: sqlite3.Connection) -> int:
