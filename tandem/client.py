@@ -151,9 +151,10 @@ def _busy_pause(response: httpx.Response, tries_left: int) -> float | None:
 
 def _fast_result(response: httpx.Response) -> FastResult:
     body = _json(response)
-    # A 503 that still carries a fast answer is the queue refusing, not the request failing.
-    if response.status_code == 503 and "fast" in body:
-        refusal = error_from_wire(503, {"error": body.get("error")})
+    # A 503 or 429 that still carries a fast answer is the queue refusing, not the request
+    # failing.
+    if response.status_code in (429, 503) and "fast" in body:
+        refusal = error_from_wire(response.status_code, {"error": body.get("error")})
         return _fast_from(body, response, not_queued=refusal)
     return _fast_from(_checked(response), response)
 

@@ -29,6 +29,7 @@ from tandem.errors import (
     ServiceUnavailable,
     TandemError,
     Timeout,
+    TooManyQueued,
     UnreadableJob,
 )
 from tandem.jobs.notify import Watch
@@ -70,6 +71,10 @@ class Timings:
     total_ms: float
 
 
+# Why the store took no job: full (for all, or for this client's key), or out of reach.
+Refusal = ServiceUnavailable | TooManyQueued
+
+
 @dataclass(frozen=True, slots=True)
 class FastOutcome:
     """The fast answer, and either the stored job, or why there is none: refused by the store
@@ -79,7 +84,7 @@ class FastOutcome:
     job: Job | None
     timings: Timings
     gate: Gate
-    not_queued: ServiceUnavailable | None = None
+    not_queued: Refusal | None = None
     skipped: str | None = None
 
 
@@ -332,14 +337,14 @@ class TandemService:
         finally:
             runs.abort()  # nothing to stop once the step has returned
 
-    async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, ServiceUnavailable | None]:
+    async def _enqueue(self, spec: JobSpec) -> tuple[Job | None, Refusal | None]:
         if spec.idempotency_key is not None:
             # Taken here, where the job is stored and checked: a request the cascade skips, or
             # whose image does not decode, never pays for the digest on the event loop.
             spec = replace(spec, fingerprint=request_fingerprint(spec.image, spec.callback_url))
         try:
             job = await self.store.enqueue(spec)
-        except ServiceUnavailable as exc:  # QueueFull or QueueUnavailable
+        except (ServiceUnavailable, TooManyQueued) as exc:
             if isinstance(exc, QueueUnavailable | DiskLow):  # a full queue is load, not a fault
                 self._storing.failed(exc.message)
             exc.details.setdefault("retry_after", self.retry_after_s)
@@ -487,7 +492,7 @@ class TandemService:
         return OK
 
 
-EnqueueResult = tuple[tuple[Job | None, ServiceUnavailable | None], float]
+EnqueueResult = tuple[tuple[Job | None, Refusal | None], float]
 
 
 class _PendingEnqueue:

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Jobs waiting or running beyond which new ones are refused; 0 = no limit.",
     )
+    max_queued_per_key: int = Field(
+        0,
+        ge=0,
+        description="With API keys: jobs one key may have waiting or running; beyond, its new "
+        "jobs are refused (429, with the fast answer), so that one client cannot fill the "
+        "queue; 0 = no share.",
+    )
     min_free_disk_mb: int = Field(
         128,
         ge=0,

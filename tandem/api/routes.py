@@ -46,22 +46,32 @@ def _error_bodies(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERRORS = _error_bodies(404, 405, 409, 422)
-_NOT_QUEUED_OR_OVERLOADED: dict[str, Any] = {
-    "description": "Either the fast answer without a job (the queue is full or unavailable: "
-    "PredictResponse with `error`), or no answer at all (`overloaded`: ErrorBody).",
-    "content": {
-        "application/json": {
-            "schema": {
-                "oneOf": [
-                    {"$ref": "#/components/schemas/PredictResponse"},
-                    {"$ref": "#/components/schemas/ErrorBody"},
-                ]
-            }
-        }
-    },
+
+
+def _fast_answer_or_error(description: str) -> dict[str, Any]:
+    """A status /predict answers either with the fast answer and no job (PredictResponse with
+    `error`), or with no answer at all (ErrorBody)."""
+    either = [
+        {"$ref": "#/components/schemas/PredictResponse"},
+        {"$ref": "#/components/schemas/ErrorBody"},
+    ]
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"oneOf": either}}},
+    }
+
+
+_PREDICT_ERRORS = _error_bodies(400, 415, 422) | {
+    429: _fast_answer_or_error(
+        "This API key holds its share: of the queue (`too_many_queued`: the fast answer "
+        "without a job, PredictResponse with `error`), or of the requests being served "
+        "(`too_many_requests`: no answer, ErrorBody)."
+    ),
+    503: _fast_answer_or_error(
+        "Either the fast answer without a job (the queue is full or unavailable: "
+        "PredictResponse with `error`), or no answer at all (`overloaded`: ErrorBody)."
+    ),
 }
-# 429: an API key past its share of the places (TANDEM_MAX_IN_FLIGHT_PER_KEY).
-_PREDICT_ERRORS = _error_bodies(400, 415, 422, 429) | {503: _NOT_QUEUED_OR_OVERLOADED}
 
 
 def route_of(endpoint: Any) -> APIRoute:

@@ -136,7 +136,8 @@ class PredictResponse(BaseModel):
 
     With status 503 the fast answer is still here, but `job_id` and `job` are null and `error`
     says why the job was not queued (`queue_full`, `disk_low`, `queue_unavailable`): retry after
-    `Retry-After` seconds, with the same `Idempotency-Key` if you sent one.
+    `Retry-After` seconds, with the same `Idempotency-Key` if you sent one. So with status 429
+    and `too_many_queued`: this API key has its share of the queue waiting or running.
     """
 
     model_config = ConfigDict(extra="allow")

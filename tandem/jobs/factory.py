@@ -18,6 +18,7 @@ def policy_from(settings: Settings) -> StorePolicy:
         visibility_timeout_s=settings.visibility_timeout_s,
         max_attempts=settings.max_attempts,
         max_queue_length=settings.max_queue_length,
+        max_queued_per_owner=settings.max_queued_per_key,
     )
 
 

@@ -433,3 +433,29 @@ def test_the_access_log_names_each_client_by_its_key_s_digest(
     assert keyed.api_key_id == key_id  # type: ignore[attr-defined]
     assert open_path.getMessage() == '"GET /health" 200'
     assert "second-key" not in caplog.text
+
+
+def test_one_api_key_holds_no_more_than_its_share_of_the_queue(make_client: Any) -> None:
+    """Without a share, one client's backlog could fill the queue, and every other client's
+    jobs were refused (503 queue_full) until the workers caught up with it."""
+    client = make_client(
+        api_keys="busy-key,other-key",
+        max_queued_per_key=2,
+        embedded_worker=False,  # the jobs stay queued
+    )
+    busy, other = {"X-API-Key": "busy-key"}, {"X-API-Key": "other-key"}
+    queued = [client.post("/predict", json=IMAGE, headers=busy) for _ in range(2)]
+    assert [response.status_code for response in queued] == [200, 200]
+    beyond_share = client.post("/predict", json=IMAGE, headers=busy)
+    assert beyond_share.status_code == 429
+    body = beyond_share.json()
+    assert body["error"]["code"] == "too_many_queued"
+    assert body["error"]["details"]["limit"] == 2
+    assert beyond_share.headers["retry-after"] == "5"
+    assert body["job_id"] is None
+    assert body["fast"]["label"]  # served, without a job
+    assert client.post("/predict", json=IMAGE, headers=other).status_code == 200
+    # A job that ends gives its place back.
+    cancelled = client.delete(f"/job/{queued[0].json()['job_id']}", headers=busy)
+    assert cancelled.json()["status"] == "cancelled"
+    assert client.post("/predict", json=IMAGE, headers=busy).status_code == 200

@@ -16,7 +16,9 @@ from tandem.client_cli import EXIT_REFUSED, EXIT_SERVER
 from tandem.errors import (
     JobNotFound,
     Overloaded,
+    QueueFull,
     TandemError,
+    TooManyQueued,
     TooManyRequests,
     UnreadableJob,
     error_from_wire,
@@ -130,15 +132,21 @@ def test_busy_refusals_past_the_retries_are_raised_typed(scripted: _Server) -> N
     assert scripted.posts == 3
 
 
-def test_a_full_queue_is_not_sent_again(scripted: _Server) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [(503, "queue_full", QueueFull), (429, "too_many_queued", TooManyQueued)],
+)
+def test_a_full_queue_is_not_sent_again(
+    scripted: _Server, status: int, code: str, error: type[TandemError]
+) -> None:
     """Its refusal carries the fast answer: the request was served, without a job."""
-    queue_full = _refusal(503, "queue_full")
-    scripted.answers = [(503, queue_full[1], {**FAST, "job_id": None, **queue_full[2]})]
+    full = _refusal(status, code)
+    scripted.answers = [(status, full[1], {**FAST, "job_id": None, **full[2]})]
     with Client(_url(scripted)) as client:
         fast = client.predict(b"image")
     assert not fast.queued
-    assert fast.not_queued is not None
-    assert fast.not_queued.code == "queue_full"
+    assert isinstance(fast.not_queued, error)
+    assert fast.not_queued.status == status
     assert scripted.posts == 1
 
 
