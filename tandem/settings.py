@@ -231,6 +231,16 @@ class Settings(BaseSettings):
             raise ValueError("webhook_hosts needs webhook_secret, to sign what is sent")
         return self
 
+    @model_validator(mode="after")
+    def _shares_need_keys(self) -> Settings:
+        # Without keys every client is one: a share set there would protect nobody, silently.
+        shares = [
+            name for name in ("max_in_flight_per_key", "max_queued_per_key") if getattr(self, name)
+        ]
+        if shares and not self.api_keys:
+            raise ValueError(f"{' and '.join(shares)} need api_keys: a share is per API key")
+        return self
+
     @property
     def webhooks(self) -> WebhookPolicy:
         return WebhookPolicy(

@@ -80,6 +80,16 @@ def test_each_problem_is_named_by_its_variable_and_a_secret_is_never_repeated() 
         load_settings({"TANDEM_WEBHOOK_HOSTS": "example.com"})
 
 
+def test_a_per_key_share_without_api_keys_is_refused() -> None:
+    """Without keys every client is one: the share would silently protect nobody."""
+    with pytest.raises(ConfigurationError, match="max_queued_per_key need api_keys"):
+        load_settings({"TANDEM_MAX_QUEUED_PER_KEY": "10"})
+    with pytest.raises(ConfigurationError, match="max_in_flight_per_key and max_queued_per_key"):
+        load_settings({"TANDEM_MAX_IN_FLIGHT_PER_KEY": "4", "TANDEM_MAX_QUEUED_PER_KEY": "10"})
+    keyed = load_settings({"TANDEM_MAX_QUEUED_PER_KEY": "10", "TANDEM_API_KEYS": "k" * 32})
+    assert keyed.max_queued_per_key == 10
+
+
 def test_each_setting_is_described_with_where_it_came_from(tmp_path: Path) -> None:
     config = tmp_path / "tandem.toml"
     config.write_text('[tandem]\nport = 7000\ntop_k = 3\nhost = "0.0.0.0"\n')
