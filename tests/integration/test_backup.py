@@ -222,6 +222,26 @@ async def test_a_restore_puts_the_copy_in_place_and_keeps_the_store_it_replaced(
         await again.close()
 
 
+async def test_restores_within_one_second_keep_every_store_they_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept store is named to the second: a second restore within it failed on the link
+    ("File exists"), after its copy had been made."""
+    path = tmp_path / "data" / DB_NAME
+    store, _, _ = await _store_with_jobs(path)
+    await store.close()
+    copy = tmp_path / "copy.db"
+    back_up(path, copy)
+    one_second = time.gmtime()
+    monkeypatch.setattr(time, "gmtime", lambda *_: one_second)
+    kept = [restore(copy, path).replaced for _ in range(3)]
+    assert [p.name if p else None for p in kept] == [
+        f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', one_second)}{suffix}"
+        for suffix in ("", "-2", "-3")
+    ]
+    assert _names(path.parent) == sorted([DB_NAME, *(p.name for p in kept if p)])
+
+
 async def test_a_store_in_use_is_not_replaced(tmp_path: Path) -> None:
     """Refused while another process has it open: that process's next checkpoint would write
     its log over the copy put in place."""

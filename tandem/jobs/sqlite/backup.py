@@ -13,6 +13,7 @@ the one and removes the other.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import sqlite3
@@ -147,12 +148,22 @@ def _keep_aside(path: Path) -> Path | None:
     if not path.exists():
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = path.with_name(f"{path.name}.replaced-{stamp}")
-    os.link(path, kept)
+    kept = _link_aside(path, f"{path.name}.replaced-{stamp}")
     log = _beside(path, "-wal")
     if log.exists():
         log.replace(_beside(kept, "-wal"))
     return kept
+
+
+def _link_aside(path: Path, name: str) -> Path:
+    """A hard link to `path` under `name`, or `name-2`, `name-3`... if taken (a second restore
+    within the same second): one kept store never takes another's place."""
+    for n in itertools.count(1):
+        kept = path.with_name(name if n == 1 else f"{name}-{n}")
+        with contextlib.suppress(FileExistsError):
+            os.link(path, kept)
+            return kept
+    raise AssertionError("unreachable")
 
 
 def _same_disk(path: Path, directory: Path) -> bool:
