@@ -109,6 +109,12 @@ class _StoreCollector(Collector):
         yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
 
 
+def _job_of(outcome: FastOutcome) -> str:
+    if outcome.not_queued is not None:
+        return outcome.not_queued.code  # a fixed few: the store's refusals
+    return "skipped" if outcome.skipped is not None else "queued"
+
+
 def _tasks() -> int:
     try:
         return len(asyncio.all_tasks())
@@ -144,6 +150,13 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=self.registry,
         )
+        self.fast_answers = Counter(
+            "tandem_fast_answers",
+            "Fast answers given by this proxy, by what became of their job: queued, skipped "
+            "(the cascade judged the fast answer enough), or the code of the store's refusal.",
+            ["job"],
+            registry=self.registry,
+        )
         self.registry.register(_StoreCollector(self.snapshot))
 
     def count_unparsed(self, status: int) -> None:
@@ -153,6 +166,7 @@ class Metrics:
     def observe_fast(self, outcome: FastOutcome) -> None:
         prediction = outcome.prediction
         self.inference.labels(prediction.model).observe(prediction.inference_ms / 1000.0)
+        self.fast_answers.labels(_job_of(outcome)).inc()
 
     async def render_for(self, service: TandemService) -> bytes:
         """Read the store's side, then render every metric."""

@@ -24,6 +24,7 @@ from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import Completed
 from tandem.predictions import Prediction
 from tandem.settings import Settings
+from tests.support import metric
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,9 @@ def test_when_unsure_skips_confident_requests_with_the_reason(make_client: Any) 
     # A margin the confident answer does not reach sends it on after all.
     margined = post(client, COFFEE, policy="when_unsure", threshold=0.5, margin=0.99)
     assert margined["job_id"] is not None
+    answers = client.get("/metrics").text
+    assert metric(answers, 'tandem_fast_answers_total{job="skipped"}') == 1
+    assert metric(answers, 'tandem_fast_answers_total{job="queued"}') == 2
 
 
 def test_the_server_wide_policy_applies_and_a_request_overrides_it(make_client: Any) -> None:

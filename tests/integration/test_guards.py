@@ -25,7 +25,7 @@ from tandem.runtime.classifier import load_classifier
 from tandem.runtime.priority import GiveWay, Occupancy
 from tandem.settings import Settings
 from tandem.worker import Worker, WorkerConfig
-from tests.support import b64, encode, fast_call_in_flight, solid
+from tests.support import b64, encode, fast_call_in_flight, metric, solid
 
 IMAGE = {"image_data": b64(encode(solid((255, 0, 0)), "PNG"))}
 
@@ -459,3 +459,6 @@ def test_one_api_key_holds_no_more_than_its_share_of_the_queue(make_client: Any)
     cancelled = client.delete(f"/job/{queued[0].json()['job_id']}", headers=busy)
     assert cancelled.json()["status"] == "cancelled"
     assert client.post("/predict", json=IMAGE, headers=busy).status_code == 200
+    answers = client.get("/metrics", headers=other).text
+    assert metric(answers, 'tandem_fast_answers_total{job="too_many_queued"}') == 1
+    assert metric(answers, 'tandem_fast_answers_total{job="queued"}') == 4
