@@ -215,6 +215,19 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        # redis-py reads the URL only when the store connects: a typo had stopped start-up
+        # with a traceback. Its parser's messages never repeat the URL, which may hold a
+        # password. Imported here: every command reads settings, `tandem predict` included,
+        # and redis-py takes 0.14 s to import.
+        from redis.connection import parse_url
+
+        if value is not None:
+            parse_url(value)
+        return value
+
     _environ: ClassVar[Mapping[str, str]] = {}
 
     @property

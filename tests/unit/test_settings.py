@@ -80,6 +80,22 @@ def test_each_problem_is_named_by_its_variable_and_a_secret_is_never_repeated() 
         load_settings({"TANDEM_WEBHOOK_HOSTS": "example.com"})
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:6379", "must specify one of the following schemes"),
+        ("redis://:hunter2-password@redis:port", "Port could not be cast to integer"),
+    ],
+)
+def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem: str) -> None:
+    """redis-py had read it only at the store's first connection: start-up ended in a traceback."""
+    with pytest.raises(ConfigurationError, match=problem) as caught:
+        load_settings({"TANDEM_REDIS_URL": url})
+    assert "hunter2" not in caught.value.message
+    for fine in ("redis://:pw@redis.internal:6380/2", "rediss://redis", "unix:///run/r.sock"):
+        assert load_settings({"TANDEM_REDIS_URL": fine}).redis_url == fine
+
+
 def test_a_per_key_share_without_api_keys_is_refused() -> None:
     """Without keys every client is one: the share would silently protect nobody."""
     with pytest.raises(ConfigurationError, match="max_queued_per_key need api_keys"):
