@@ -224,8 +224,9 @@ class Settings(BaseSettings):
         # and redis-py takes 0.14 s to import.
         from redis.connection import parse_url
 
-        if value is not None:
-            parse_url(value)
+        if not value:  # set empty, as a compose file unsets it: SQLite
+            return None
+        parse_url(value)  # type: ignore[no-untyped-call]
         return value
 
     _environ: ClassVar[Mapping[str, str]] = {}

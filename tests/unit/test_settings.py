@@ -94,6 +94,7 @@ def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem:
     assert "hunter2" not in caught.value.message
     for fine in ("redis://:pw@redis.internal:6380/2", "rediss://redis", "unix:///run/r.sock"):
         assert load_settings({"TANDEM_REDIS_URL": fine}).redis_url == fine
+    assert load_settings({"TANDEM_REDIS_URL": ""}).redis_url is None  # set empty: unset
 
 
 def test_a_per_key_share_without_api_keys_is_refused() -> None:
