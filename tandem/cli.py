@@ -279,15 +279,16 @@ def _warn_if_unguarded(settings: Settings) -> None:
 
 
 def _ensure_port_free(host: str, port: int) -> None:
-    """Refuse, in one line, a port another process listens on: found by uvicorn, it came after
-    the models had loaded and the worker started, as exit status 3. A race with another
-    process remains uvicorn's to report."""
+    """Refuse, in one line, a port another process listens on, or a host that names no
+    address: found by uvicorn, they came after the models had loaded and the worker started,
+    as exit status 3 (and the host's without naming it). A race with another process remains
+    uvicorn's to report."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-    except socket.gaierror:
-        return  # uvicorn says what is wrong with the host
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:

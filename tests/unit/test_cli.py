@@ -101,6 +101,18 @@ def test_a_port_another_process_listens_on_is_refused_before_the_models_load(
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
+def test_a_host_that_names_no_address_is_refused_before_the_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn said only "[Errno -2] Name or service not known", once the models had loaded."""
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TANDEM_API_KEYS", "k" * 32)  # no warning about an open port first
+    assert main(["serve", "--host", "999.1.1.1"]) == EXIT_CONFIG
+    assert capsys.readouterr().err.startswith("tandem: cannot listen on 999.1.1.1:8000: ")
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_job_store_file_sqlite_cannot_read_is_refused_in_one_line(
     tmp_path: Path,
