@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -244,6 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     _warn_if_unguarded(settings)
     _ensure_port_free(settings.host, settings.port)
+    _ensure_tls(settings)
     open_files_for(settings.max_watches + settings.max_in_flight)
     _ensure_data_dir(settings)
     roles = [settings.fast_model] + ([settings.accurate_model] if settings.runs_worker else [])
@@ -260,6 +262,8 @@ def _serve(args: argparse.Namespace) -> int:
         ws="none",  # see tandem.api.protocol
         server_header=False,  # which server and version answer is nobody's business
         timeout_graceful_shutdown=30,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )
     Server(config).run()
     return 0
@@ -295,6 +299,23 @@ def _ensure_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def _ensure_tls(settings: Settings) -> None:
+    """Refuse, in one line, a certificate and key that cannot serve TLS (a missing file, a key
+    that is not the certificate's, a key with a passphrase): uvicorn found them only once the
+    models had loaded, with a traceback."""
+    if settings.tls_certfile is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # No passphrase: an encrypted key would wait for one on the terminal.
+        context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile, password=b"")
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cannot serve TLS with the certificate {settings.tls_certfile} and the key"
+            f" {settings.tls_keyfile}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _is_loopback(host: str) -> bool:

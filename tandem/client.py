@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import mimetypes
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -282,8 +283,11 @@ class Client:
         api_key: str | None = None,
         timeout: float = 60.0,
         busy_retries: int = 3,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
-        self._http = httpx.Client(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self._http = httpx.Client(
+            base_url=url, timeout=timeout, headers=_headers(api_key), verify=verify
+        )
         self._busy_retries = _retries(busy_retries)
 
     def __enter__(self) -> Client:
@@ -394,8 +398,11 @@ class AsyncClient:
         api_key: str | None = None,
         timeout: float = 60.0,
         busy_retries: int = 3,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self._http = httpx.AsyncClient(
+            base_url=url, timeout=timeout, headers=_headers(api_key), verify=verify
+        )
         self._busy_retries = _retries(busy_retries)
 
     async def __aenter__(self) -> AsyncClient:

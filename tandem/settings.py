@@ -39,6 +39,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    tls_certfile: Path | None = Field(
+        None,
+        description="Serve HTTPS with this PEM certificate (its chain after it); with "
+        "tls_keyfile. Unset: plain HTTP, for a proxy in front that speaks TLS.",
+    )
+    tls_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
     data_dir: Path = Field(description="Where the SQLite job store lives.")
     model_dir: Path = Field(description="Where built ONNX models and their manifests live.")
 
@@ -243,6 +249,12 @@ class Settings(BaseSettings):
     def _webhooks_need_a_secret(self) -> Settings:
         if self.webhook_hosts and not self.webhook_secret:
             raise ValueError("webhook_hosts needs webhook_secret, to sign what is sent")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
         return self
 
     @model_validator(mode="after")

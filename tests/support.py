@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -228,6 +229,7 @@ class ServerProcess:
     def __init__(self, log_path: Path, env: dict[str, str], *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = True  # for a server speaking HTTPS
         self.log_path = log_path
         self.env = env
         self.args = args
@@ -239,7 +241,8 @@ class ServerProcess:
 
     def ready(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200
+            health = httpx.get(f"{self.url}/health", timeout=1.0, verify=self.verify)
+            return health.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -285,7 +288,7 @@ class ServerProcess:
         return self.process.returncode if self.process else None
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30.0)
+        return httpx.Client(base_url=self.url, timeout=30.0, verify=self.verify)
 
 
 class WorkerProcess(ServerProcess):

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from tandem.cli import EXIT_CONFIG, _ensure_data_dir, _warn_if_unguarded, main
 from tandem.settings import Settings
-from tests.support import TinySpec, clean_env, tiny_model
+from tests.support import TinySpec, clean_env, free_port, tiny_model
 
 pytestmark = pytest.mark.usefixtures("restored_logging")
 
@@ -110,6 +112,46 @@ def test_a_host_that_names_no_address_is_refused_before_the_models_load(
     monkeypatch.setenv("TANDEM_API_KEYS", "k" * 32)  # no warning about an open port first
     assert main(["serve", "--host", "999.1.1.1"]) == EXIT_CONFIG
     assert capsys.readouterr().err.startswith("tandem: cannot listen on 999.1.1.1:8000: ")
+    assert not (tmp_path / "models").exists()
+
+
+def _unusable_tls(kind: str, directory: Path) -> tuple[Path, Path]:
+    """A certificate and key that cannot serve TLS, `kind` saying why."""
+    ca = trustme.CA()
+    issued, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(certfile))
+    if kind == "missing":
+        return certfile, directory / "nowhere.pem"
+    if kind == "not its key":
+        other.private_key_pem.write_to_path(str(keyfile))
+        return certfile, keyfile
+    key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), password=None)
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return certfile, keyfile
+
+
+@pytest.mark.parametrize("kind", ["missing", "not its key", "a key with a passphrase"])
+def test_a_certificate_and_key_that_cannot_serve_tls_are_refused_in_one_line(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn found them only once the models had loaded, with a traceback; a key with a
+    passphrase had it ask for one on the terminal."""
+    certfile, keyfile = _unusable_tls(kind, tmp_path)
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TANDEM_TLS_CERTFILE", str(certfile))
+    monkeypatch.setenv("TANDEM_TLS_KEYFILE", str(keyfile))
+    assert main(["serve", "--port", str(free_port())]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"tandem: cannot serve TLS with the certificate {certfile} and the key")
+    assert err.count("\n") == 1
     assert not (tmp_path / "models").exists()
 
 

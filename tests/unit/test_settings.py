@@ -97,6 +97,13 @@ def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem:
     assert load_settings({"TANDEM_REDIS_URL": ""}).redis_url is None  # set empty: unset
 
 
+def test_a_tls_certificate_goes_with_its_key() -> None:
+    with pytest.raises(ConfigurationError, match="tls_certfile and tls_keyfile go together"):
+        load_settings({"TANDEM_TLS_CERTFILE": "/etc/tandem/cert.pem"})
+    with pytest.raises(ConfigurationError, match="tls_certfile and tls_keyfile go together"):
+        load_settings({"TANDEM_TLS_KEYFILE": "/etc/tandem/key.pem"})
+
+
 def test_a_per_key_share_without_api_keys_is_refused() -> None:
     """Without keys every client is one: the share would silently protect nobody."""
     with pytest.raises(ConfigurationError, match="max_queued_per_key need api_keys"):
