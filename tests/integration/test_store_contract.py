@@ -455,6 +455,24 @@ async def test_an_owner_past_its_share_is_refused_and_the_others_are_not(
         await shared.close()
 
 
+async def test_an_owner_racing_through_two_proxies_gets_no_more_than_its_share(
+    factory: StoreFactory,
+) -> None:
+    """The share is checked and taken in one atomic step: two proxies each reading the count
+    before either wrote it would both take the last place."""
+    stores = [await _opened(factory, replace(LONG, max_queued_per_owner=5)) for _ in range(2)]
+    try:
+        outcomes = await asyncio.gather(
+            *(stores[i % 2].enqueue(owned()) for i in range(20)), return_exceptions=True
+        )
+        assert sum(not isinstance(o, BaseException) for o in outcomes) == 5
+        assert all(isinstance(o, TooManyQueued) for o in outcomes if isinstance(o, Exception))
+        assert await stores[0].queue_depth() == 5
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_every_way_a_job_finishes_gives_its_owner_s_place_back(
     factory: StoreFactory,
 ) -> None:
