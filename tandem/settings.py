@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tandem.cascade import Gate, Policy
 from tandem.errors import ConfigurationError
+from tandem.keys import ApiKey, parse_keys
 from tandem.logs import LogFormat
 from tandem.runtime.classifier import Spin, ThreadPlan
 from tandem.runtime.imaging import ImageLimits
@@ -72,7 +73,8 @@ class Settings(BaseSettings):
     max_queued_per_key: int = Field(
         0,
         ge=0,
-        description="With API keys: jobs one key may have waiting or running; beyond, its new "
+        description="With API keys: jobs one client (a key, or the keys under one name) may "
+        "have waiting or running; beyond, its new "
         "jobs are refused (429, with the fast answer), so that one client cannot fill the "
         "queue; 0 = no share.",
     )
@@ -159,7 +161,8 @@ class Settings(BaseSettings):
     api_keys: tuple[str, ...] = Field(
         (),
         description="If any, every route but /health, /health/all, the web page and the API's "
-        "description (/docs, /openapi.json) needs one (comma-separated).",
+        "description (/docs, /openapi.json) needs one (comma-separated); `name=key` names "
+        "the client, and one name may hold several keys.",
     )
     cors_origins: tuple[str, ...] = Field(
         (), description="Origins allowed by CORS (comma-separated)."
@@ -170,7 +173,8 @@ class Settings(BaseSettings):
     max_in_flight_per_key: int = Field(
         0,
         ge=0,
-        description="With API keys: inference requests one key may have served at once; "
+        description="With API keys: inference requests one client (a key, or the keys under one "
+        "name) may have served at once; "
         "beyond, 429 at once, so that one client cannot take every place; 0 = no share.",
     )
     max_watches: int = Field(
@@ -219,6 +223,12 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _named_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_keys(value)
         return value
 
     @field_validator("redis_url")
@@ -468,11 +478,21 @@ def describe(
 
 
 def _shown(name: str, value: object) -> str:
+    if name == "api_keys" and value:
+        return _keys_shown(parse_keys(value))  # type: ignore[arg-type]
     if name in SECRETS:
         return _secret(value)
     if name == "redis_url" and isinstance(value, str):
         return redacted_url(value)
     return _plain(value)
+
+
+def _keys_shown(keys: list[ApiKey]) -> str:
+    """How many keys, and the clients' names: names are no secret."""
+    names = sorted({key.identity for key in keys if key.named})
+    unnamed = sum(not key.named for key in keys)
+    whom = [*names, *([f"{unnamed} unnamed"] if unnamed else [])]
+    return f"({len(keys)} set: {', '.join(whom)})"
 
 
 def _secret(value: object) -> str:

@@ -24,6 +24,7 @@ from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable
 from tandem.jobs.factory import make_store, store_location
 from tandem.jobs.store import JobStore
+from tandem.keys import parse_keys
 from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, load_classifier
 from tandem.runtime.manifest import model_name
 from tandem.runtime.priority import GiveWay
@@ -169,7 +170,7 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.receive_timeout_s
     )
     if settings.api_keys:  # outside LoadShedder: it shares places out by key
-        app.add_middleware(ApiKeys, keys=settings.api_keys)
+        app.add_middleware(ApiKeys, keys=parse_keys(settings.api_keys))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -6,7 +6,6 @@ Each is pure ASGI, answers with the one error shape, and lets streaming response
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 from collections import Counter
 from collections.abc import Collection
@@ -26,8 +25,9 @@ from tandem.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from tandem.keys import ApiKey, digest_of
 
-# Where ApiKeys leaves which client sent a request: a digest of its key, never the key.
+# Where ApiKeys leaves which client sent a request: its key's name or digest, never the key.
 API_KEY_ID = "api_key_id"
 # Load balancers and people checking on the service need these without a key.
 # The web page is static and holds no data; what it fetches is guarded like any other call.
@@ -106,14 +106,14 @@ class BodyLimit:
 
 class ApiKeys:
     """With keys configured, every route but OPEN_PATHS needs one: `Authorization: Bearer K`
-    or `X-API-Key: K`. Keys are compared as SHA-256 digests in constant time."""
+    or `X-API-Key: K`. Keys are compared as SHA-256 digests, each of them every time."""
 
-    def __init__(self, app: ASGIApp, keys: Collection[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Collection[ApiKey]) -> None:
         self.app = app
-        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self._keys = list(keys)
 
-    def _valid_digest(self, scope: Scope) -> bytes | None:
-        """The digest of the valid key the request carries, if any."""
+    def _identity(self, scope: Scope) -> str | None:
+        """Whom the request's key names (see tandem.keys), if it carries a valid one."""
         offered = header(scope, b"x-api-key")
         authorization = header(scope, b"authorization") or ""
         scheme, _, token = authorization.partition(" ")
@@ -121,19 +121,20 @@ class ApiKeys:
             offered = token.strip()
         if not offered:
             return None
-        digest = hashlib.sha256(offered.encode()).digest()
+        digest = digest_of(offered)
         # Check every key, so the time taken says nothing about which one nearly matched.
-        valid = sum(hmac.compare_digest(digest, known) for known in self._digests) > 0
-        return digest if valid else None
+        matches = [hmac.compare_digest(digest, key.digest) for key in self._keys]
+        return self._keys[matches.index(True)].identity if any(matches) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        digest = self._valid_digest(scope)
-        if digest is not None:
-            # Who sent it, for what belongs to a client (its idempotency keys); not the key.
-            scope.setdefault("state", {})[API_KEY_ID] = digest[:8].hex()
+        identity = self._identity(scope)
+        if identity is not None:
+            # Who sent it, for what belongs to a client (its idempotency keys, its shares,
+            # its access log lines); never the key.
+            scope.setdefault("state", {})[API_KEY_ID] = identity
             await self.app(scope, receive, send)
             return
         error = Unauthorized("a valid API key is required (Authorization: Bearer, or X-API-Key)")
@@ -145,7 +146,7 @@ def _open(path: str) -> bool:
 
 
 def api_key_id_of(request: Request) -> str | None:
-    """The client's identity when API keys are on: a digest of the key it sent."""
+    """The client's identity when API keys are on: its key's name, or a digest of the key."""
     return api_key_id_in(request.scope)
 
 
@@ -195,8 +196,8 @@ class LoadShedder:
     def _refusal(self, key: str | None) -> TandemError | None:
         if key is not None and self._by_key[key] >= self.per_key:
             return TooManyRequests(
-                f"this API key has {self.per_key} requests being served, its share; try again"
-                " once one is answered",
+                f"this API key's client has {self.per_key} requests being served, its share;"
+                " try again once one is answered",
                 retry_after=self.retry_after_s,
                 limit=self.per_key,
             )

@@ -183,5 +183,6 @@ def queue_full(limit: int) -> QueueFull:
 
 def owner_share_full(share: int) -> TooManyQueued:
     return TooManyQueued(
-        f"this API key has {share} jobs waiting or running, its share of the queue", limit=share
+        f"this API key's client has {share} jobs waiting or running, its share of the queue",
+        limit=share,
     )

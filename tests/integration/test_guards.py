@@ -462,3 +462,28 @@ def test_one_api_key_holds_no_more_than_its_share_of_the_queue(make_client: Any)
     answers = client.get("/metrics", headers=other).text
     assert metric(answers, 'tandem_fast_answers_total{job="too_many_queued"}') == 1
     assert metric(answers, 'tandem_fast_answers_total{job="queued"}') == 4
+
+
+def test_a_client_s_keys_under_one_name_are_one_client(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a client moves from an old key to a new one, both listed under its name: its
+    share of the queue and its idempotency keys are the name's, and the log names it."""
+    client = make_client(
+        api_keys="alice=old-key-0123456789,alice=new-key-0123456789,bob=bob-key-0123456789",
+        max_queued_per_key=2,
+        embedded_worker=False,
+    )
+    old, new = {"X-API-Key": "old-key-0123456789"}, {"X-API-Key": "new-key-0123456789"}
+    with caplog.at_level(logging.INFO, logger="tandem.access"):
+        first = client.post("/predict", json=IMAGE, headers={**old, "Idempotency-Key": "o-1"})
+    (line,) = (r for r in caplog.records if r.name == "tandem.access")
+    assert line.getMessage().startswith('"POST /predict" 200 key alice; fast answer ')
+    assert line.api_key_id == "alice"  # type: ignore[attr-defined]
+    retried = client.post("/predict", json=IMAGE, headers={**new, "Idempotency-Key": "o-1"})
+    assert retried.json()["job_id"] == first.json()["job_id"]  # the same client's retry
+    assert client.post("/predict", json=IMAGE, headers=new).status_code == 200
+    beyond_share = client.post("/predict", json=IMAGE, headers=old)
+    assert beyond_share.json()["error"]["code"] == "too_many_queued"
+    bob = {"X-API-Key": "bob-key-0123456789"}
+    assert client.post("/predict", json=IMAGE, headers=bob).status_code == 200

@@ -120,7 +120,7 @@ def test_each_setting_is_described_with_where_it_came_from(tmp_path: Path) -> No
     env = {
         "TANDEM_CONFIG": str(config),
         "TANDEM_TOP_K": "4",
-        "TANDEM_API_KEYS": "key-one,key-two",
+        "TANDEM_API_KEYS": "key-one,ci=key-two,ci=key-three",
         "TANDEM_WEBHOOK_HOSTS": "hooks.example.com",
         "TANDEM_WEBHOOK_SECRET": "a-secret-of-16-chars",
         "TANDEM_REDIS_URL": "redis://tandem:hunter2@redis.internal:6380/1",
@@ -136,11 +136,11 @@ def test_each_setting_is_described_with_where_it_came_from(tmp_path: Path) -> No
     assert described["TANDEM_CORS_ORIGINS"].value == "none"
     assert described["TANDEM_WEBHOOK_HOSTS"].value == "hooks.example.com"
     # Secrets only as set: a printed configuration ends up in tickets.
-    assert described["TANDEM_API_KEYS"].value == "(2 set)"
+    assert described["TANDEM_API_KEYS"].value == "(3 set: ci, 1 unnamed)"  # names are no secret
     assert described["TANDEM_WEBHOOK_SECRET"].value == "(set)"
     assert described["TANDEM_REDIS_URL"].value == "redis://tandem:***@redis.internal:6380/1"
     shown = " ".join(row.value for row in described.values())
-    for secret in ("key-one", "key-two", "a-secret-of-16-chars", "hunter2"):
+    for secret in ("key-one", "key-two", "key-three", "a-secret-of-16-chars", "hunter2"):
         assert secret not in shown
 
 
