@@ -150,6 +150,13 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=self.registry,
         )
+        self.client_requests = Counter(
+            "tandem_client_requests",
+            "With API keys: requests by client (its key's name, or digest), route and status; "
+            "as many clients as keys configured, at most.",
+            ["client", "route", "status"],
+            registry=self.registry,
+        )
         self.fast_answers = Counter(
             "tandem_fast_answers",
             "Fast answers given by this proxy, by what became of their job: queued, skipped "
@@ -208,12 +215,14 @@ class AccessMiddleware:
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
             note, key = scope.get("state", {}).get(ACCESS_NOTE), api_key_id_in(scope)
+            if key is not None:
+                self.metrics.client_requests.labels(key, route, str(status)).inc()
             access_log.info(
                 '"%s %s" %d%s%s',
                 method,
                 scope["path"],
                 status,
-                f" key {key}" if key else "",  # which client, by a digest of its key
+                f" key {key}" if key else "",  # which client: its key's name, or digest
                 f"; {note.text}" if note else "",
                 extra={
                     "method": method,

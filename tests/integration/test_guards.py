@@ -487,3 +487,11 @@ def test_a_client_s_keys_under_one_name_are_one_client(
     assert beyond_share.json()["error"]["code"] == "too_many_queued"
     bob = {"X-API-Key": "bob-key-0123456789"}
     assert client.post("/predict", json=IMAGE, headers=bob).status_code == 200
+    counted = client.get("/metrics", headers=bob).text
+    alice = 'tandem_client_requests_total{client="alice",route="/predict",status='
+    assert metric(counted, alice + '"200"}') == 3
+    assert metric(counted, alice + '"429"}') == 1
+    assert (
+        metric(counted, 'tandem_client_requests_total{client="bob",route="/predict",status="200"}')
+        == 1
+    )
