@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 # A name starts with a letter, so that `name=key` cannot be read out of a generated key
-# (base64 and hex keys have no `=` but at their end); 16 hex digits would read as a digest.
+# (hex and token_urlsafe keys have no `=`, base64 keys only as padding at their end); 16 hex
+# digits would read as a digest.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _DIGEST = re.compile(r"[0-9a-f]{16}")
 
@@ -38,7 +39,8 @@ def parse_key(entry: str) -> ApiKey:
     """One configured entry: `name=key` when what precedes the first `=` is a name and a key
     follows it; otherwise a bare key."""
     name, sep, key = entry.partition("=")
-    if sep and key and _NAME.fullmatch(name):
+    # A key of only `=` is a base64 key's padding: `YWJjZA==` is no name and key.
+    if sep and key.strip("=") and _NAME.fullmatch(name):
         return ApiKey(name, digest_of(key), named=True)
     digest = digest_of(entry)
     return ApiKey(digest[:8].hex(), digest, named=False)

@@ -29,6 +29,9 @@ def test_a_named_key_names_its_client_and_a_bare_one_its_digest() -> None:
         secrets.token_urlsafe(32),
         secrets.token_hex(32),
         base64.b64encode(secrets.token_bytes(31)).decode(),  # ends in =
+        base64.b64encode(secrets.token_bytes(32)).decode(),  # ends in ==
+        "YWJjZA==",  # base64 with no + or /: its part before the padding reads as a name
+        "YWJjZGU=",
         "=starts-with-an-equals",
         "9lives=a-name-starts-with-a-letter",
         "a name=spaces-are-no-name",
