@@ -111,8 +111,11 @@ class TandemService:
         fast_timeout_s: float = 10.0,
         gate: Gate | None = None,
         max_watches: int = 1000,
+        private_jobs: bool = False,
     ) -> None:
         self.store = store
+        # Each job is its client's alone: another's reads it as one that never existed.
+        self.private_jobs = private_jobs
         self.max_watches = max_watches
         self.fast = fast
         self.accurate_model = accurate_model
@@ -365,37 +368,45 @@ class TandemService:
             )
         return job, None
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, client: str | None = None) -> Job:
         job_id = parse_job_id(job_id)
         await self._written(job_id)  # the job it answers with carries the fast answer too
+        if self.private_jobs:
+            await self.job(job_id, client)  # JobNotFound if it is another's
         job = _found(await self.store.cancel(job_id), job_id)
         if job.status in (JobStatus.DONE, JobStatus.FAILED):
             raise JobFinished(f"the job is already {job.status}", job_id=job_id)
         return job
 
-    async def job(self, job_id: str) -> Job:
+    async def job(self, job_id: str, client: str | None = None) -> Job:
+        """The job, as `client` (an API key's identity) may see it."""
         job_id = parse_job_id(job_id)
         await self._written(job_id)
-        return _found(await self.store.get(job_id), job_id)
+        job = _found(await self.store.get(job_id), job_id)
+        if self.private_jobs and job.owner is not None and job.owner != client:
+            _found(None, job_id)  # as if it never existed: no other client learns it does
+        return job
 
-    async def wait(self, job_id: str, timeout_s: float) -> Job:
+    async def wait(self, job_id: str, timeout_s: float, client: str | None = None) -> Job:
         """The job once it is finished, or as it is when `timeout_s` runs out or the server
         begins to shut down."""
         deadline = time.monotonic() + timeout_s
         async with self._watching(job_id) as watch:
-            job = await self.job(job_id)
+            job = await self.job(job_id, client)
             while self._waits_on(job) and (left := deadline - time.monotonic()) > 0:
                 await watch.wait(left)
-                job = await self.job(job_id)
+                job = await self.job(job_id, client)
             return job
 
     @contextlib.asynccontextmanager
-    async def follow(self, job_id: str, keepalive_s: float) -> AsyncIterator[AsyncIterator[Job]]:
+    async def follow(
+        self, job_id: str, keepalive_s: float, client: str | None = None
+    ) -> AsyncIterator[AsyncIterator[Job]]:
         """Watch a job: JobNotFound at once if there is none, else an iterator over its states:
         the current one, then the one after each wake-up (a change, or `keepalive_s` without
         one), until a terminal state, or until the server begins to shut down."""
         async with self._watching(job_id) as watch:
-            first = await self.job(job_id)
+            first = await self.job(job_id, client)
             yield self._states(job_id, first, watch, keepalive_s)
 
     async def _states(

@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         "description (/docs, /openapi.json) needs one (comma-separated); `name=key` names "
         "the client, and one name may hold several keys.",
     )
+    private_jobs: bool = Field(
+        False,
+        description="With API keys: a job is read, followed or cancelled only by the client "
+        "that sent it (its key, or the keys under its name); to others it is 404, as an "
+        "unknown id. Off: whoever holds a job's id.",
+    )
     cors_origins: tuple[str, ...] = Field(
         (), description="Origins allowed by CORS (comma-separated)."
     )
@@ -268,13 +274,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _shares_need_keys(self) -> Settings:
-        # Without keys every client is one: a share set there would protect nobody, silently.
-        shares = [
-            name for name in ("max_in_flight_per_key", "max_queued_per_key") if getattr(self, name)
-        ]
-        if shares and not self.api_keys:
-            raise ValueError(f"{' and '.join(shares)} need api_keys: a share is per API key")
+    def _per_client_needs_keys(self) -> Settings:
+        # Without keys every client is one: a share or a private job set there would protect
+        # nobody, silently.
+        per_client = ("max_in_flight_per_key", "max_queued_per_key", "private_jobs")
+        needing = [name for name in per_client if getattr(self, name)]
+        if needing and not self.api_keys:
+            raise ValueError(
+                f"{' and '.join(needing)} need api_keys: clients are told apart by them"
+            )
         return self
 
     @property

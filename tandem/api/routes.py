@@ -261,8 +261,9 @@ async def get_job(
     service = service_of(request)
     if wait > 0:
         deadline_s = request.app.state.settings.request_timeout_s
-        return JobResponse.of(await service.wait(job_id, min(wait, deadline_s - 1.0)))
-    return JobResponse.of(await service.job(job_id))
+        timeout_s = min(wait, deadline_s - 1.0)
+        return JobResponse.of(await service.wait(job_id, timeout_s, api_key_id_of(request)))
+    return JobResponse.of(await service.job(job_id, api_key_id_of(request)))
 
 
 @router.get(
@@ -282,7 +283,8 @@ async def get_job(
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     stack = contextlib.AsyncExitStack()
     # Watching starts before the first read (and a 404 is raised) before the stream starts.
-    states = await stack.enter_async_context(service_of(request).follow(job_id, KEEPALIVE_S))
+    following = service_of(request).follow(job_id, KEEPALIVE_S, api_key_id_of(request))
+    states = await stack.enter_async_context(following)
     return StreamingResponse(
         _server_sent_events(states, stack, request_id_of(request)),
         media_type="text/event-stream",
@@ -327,4 +329,4 @@ async def _job_frames(states: AsyncIterator[Job], keepalive_s: float) -> AsyncIt
     responses=_ERRORS,
 )
 async def cancel_job(job_id: str, request: Request) -> JobResponse:
-    return JobResponse.of(await service_of(request).cancel(job_id))
+    return JobResponse.of(await service_of(request).cancel(job_id, api_key_id_of(request)))

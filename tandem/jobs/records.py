@@ -82,6 +82,7 @@ class JobSpec:
             request_id=self.request_id,
             callback_url=self.callback_url,
             fingerprint=self.fingerprint,
+            owner=self.owner,
         )
 
 
@@ -130,6 +131,7 @@ class Job:
     callback_url: str | None = None
     webhook: Delivery | None = None
     fingerprint: str | None = None
+    owner: str | None = None  # the client that sent it (its API key's name or digest)
 
     @property
     def final(self) -> Prediction | None:
@@ -245,6 +247,7 @@ STORED_FIELDS = (
     "finished_at",
     "cancel",
     "webhook",
+    "owner",
 )
 
 
@@ -276,4 +279,5 @@ def _job_from_stored(job_id: str, fields: Mapping[str, Any]) -> Job:
         callback_url=meta.callback_url,
         webhook=load_delivery(fields.get("webhook")),
         fingerprint=meta.fingerprint,
+        owner=fields.get("owner"),
     )

@@ -495,3 +495,33 @@ def test_a_client_s_keys_under_one_name_are_one_client(
         metric(counted, 'tandem_client_requests_total{client="bob",route="/predict",status="200"}')
         == 1
     )
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_with_private_jobs_another_client_finds_no_job(make_client: Any, private: bool) -> None:
+    """Job ids are the handle: without private jobs whoever holds one reads the job, as the
+    original API did. With them, a job is its client's alone, as in a service many tenants
+    share; to another it is an unknown id, so that not even its being there leaks."""
+    client = make_client(
+        api_keys="alice=old-key-0123456789,alice=new-key-0123456789,bob=bob-key-0123456789",
+        private_jobs=private,
+        embedded_worker=False,
+    )
+    old, new = {"X-API-Key": "old-key-0123456789"}, {"X-API-Key": "new-key-0123456789"}
+    bob = {"X-API-Key": "bob-key-0123456789"}
+    job_id = client.post("/predict", json=IMAGE, headers=old).json()["job_id"]
+    seen_by_bob = [
+        client.get(f"/job/{job_id}", headers=bob),
+        client.get(f"/job/{job_id}", params={"wait": 0.2}, headers=bob),
+        client.get(f"/job/{job_id}/events", headers=bob) if private else None,
+        client.delete(f"/job/{job_id}", headers=bob) if private else None,
+    ]
+    if private:
+        for response in seen_by_bob:
+            assert response is not None
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "job_not_found"
+        assert client.get(f"/job/{job_id}", headers=new).json()["status"] == "queued"
+        assert client.delete(f"/job/{job_id}", headers=new).json()["status"] == "cancelled"
+    else:
+        assert [r.status_code for r in seen_by_bob if r is not None] == [200, 200]

@@ -433,6 +433,20 @@ async def _refuses(store: JobStore, owner: str = "a") -> bool:
     return False
 
 
+async def test_a_job_keeps_its_owner(factory: StoreFactory) -> None:
+    store = await _opened(factory, LONG)
+    try:
+        mine, nobody_s = owned("alice"), owned(None)
+        assert (await store.enqueue(mine)).owner == "alice"
+        await store.enqueue(nobody_s)
+        assert (await store.get(mine.id)).owner == "alice"  # type: ignore[union-attr]
+        assert (await store.get(nobody_s.id)).owner is None  # type: ignore[union-attr]
+        (claim, _) = await store.claim("w", 2, 0)
+        assert claim.job.owner == "alice"
+    finally:
+        await store.close()
+
+
 async def test_an_owner_past_its_share_is_refused_and_the_others_are_not(
     factory: StoreFactory,
 ) -> None:

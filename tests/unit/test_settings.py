@@ -104,12 +104,14 @@ def test_a_tls_certificate_goes_with_its_key() -> None:
         load_settings({"TANDEM_TLS_KEYFILE": "/etc/tandem/key.pem"})
 
 
-def test_a_per_key_share_without_api_keys_is_refused() -> None:
-    """Without keys every client is one: the share would silently protect nobody."""
+def test_what_is_per_client_without_api_keys_is_refused() -> None:
+    """Without keys every client is one: a share, or private jobs, would protect nobody."""
     with pytest.raises(ConfigurationError, match="max_queued_per_key need api_keys"):
         load_settings({"TANDEM_MAX_QUEUED_PER_KEY": "10"})
     with pytest.raises(ConfigurationError, match="max_in_flight_per_key and max_queued_per_key"):
         load_settings({"TANDEM_MAX_IN_FLIGHT_PER_KEY": "4", "TANDEM_MAX_QUEUED_PER_KEY": "10"})
+    with pytest.raises(ConfigurationError, match="private_jobs need api_keys"):
+        load_settings({"TANDEM_PRIVATE_JOBS": "true"})
     keyed = load_settings({"TANDEM_MAX_QUEUED_PER_KEY": "10", "TANDEM_API_KEYS": "k" * 32})
     assert keyed.max_queued_per_key == 10
 

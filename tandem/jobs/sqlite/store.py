@@ -64,7 +64,7 @@ log = logging.getLogger("tandem.jobs")
 
 _JOB_COLUMNS = (
     "id, status, created_at, updated_at, attempts, meta, result, error, finished_at,"
-    " cancel_requested, webhook"
+    " cancel_requested, webhook, owner"
 )
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECHECK_S = 0.5
