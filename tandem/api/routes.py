@@ -63,7 +63,7 @@ def _fast_answer_or_error(description: str) -> dict[str, Any]:
 
 _PREDICT_ERRORS = _error_bodies(400, 415, 422) | {
     429: _fast_answer_or_error(
-        "This API key holds its share: of the queue (`too_many_queued`: the fast answer "
+        "This client (API key) holds its share: of the queue (`too_many_queued`: the fast answer "
         "without a job, PredictResponse with `error`), or of the requests being served "
         "(`too_many_requests`: no answer, ErrorBody)."
     ),
