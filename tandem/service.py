@@ -384,7 +384,7 @@ class TandemService:
         await self._written(job_id)
         job = _found(await self.store.get(job_id), job_id)
         if self.private_jobs and job.owner is not None and job.owner != client:
-            _found(None, job_id)  # as if it never existed: no other client learns it does
+            raise _not_found(job_id)  # as if it never existed: no other client learns it does
         return job
 
     async def wait(self, job_id: str, timeout_s: float, client: str | None = None) -> Job:
@@ -591,5 +591,9 @@ def _ms_since(started: float) -> float:
 
 def _found(job: Job | None, job_id: str) -> Job:
     if job is None:
-        raise JobNotFound("no such job; it never existed or its result has expired", job_id=job_id)
+        raise _not_found(job_id)
     return job
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound("no such job; it never existed or its result has expired", job_id=job_id)

@@ -504,9 +504,7 @@ def _keys_shown(keys: list[ApiKey]) -> str:
 
 
 def _secret(value: object) -> str:
-    if not value:
-        return "unset"
-    return f"({len(value)} set)" if isinstance(value, tuple) else "(set)"
+    return "(set)" if value else "unset"
 
 
 def _plain(value: object) -> str:
