@@ -22,6 +22,7 @@ from tandem import __version__, heap, tasks
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import InvalidModelOutput, QueueUnavailable, TandemError, UnreadableJob
 from tandem.jobs.factory import make_store, store_location
+from tandem.jobs.latency import answered_counts
 from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
@@ -100,7 +101,8 @@ class Worker:
         )
         self._last_beat = 0.0
         self._webhooks = WebhookSender(store, config.webhooks)
-        # Inference time for /metrics, written with the heartbeat rather than per batch.
+        # Inference time and answers' latency for /metrics, written with the heartbeat rather
+        # than per batch.
         self._counts: Counter[str] = Counter()
         self._last_purge = 0.0
         self._last_sweep = 0.0
@@ -359,11 +361,13 @@ class Worker:
             if claim.job.fast is not None
         }
         completed = await self.store.complete_many(answers, tallies)
+        answered_at = time.time()
         for job_id in completed.untallied:
             await self._tally_late(job_id, answers[job_id])
         for claim in claims:
             extra = {"job_id": claim.id, "request_id": claim.job.request_id}
             if claim.id in completed.stored:
+                self._counts.update(answered_counts(answered_at - claim.job.created_at))
                 log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
                 await self._call_back_stored(claim)
             else:

@@ -13,7 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
@@ -21,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.guards import api_key_id_in
 from tandem.cascade import Agreement
+from tandem.jobs.latency import AnswerLatency
 from tandem.jobs.store import QueueStats
 from tandem.service import FastOutcome, TandemService
 from tandem.webhooks import COUNTERS as WEBHOOK_COUNTERS
@@ -95,6 +101,14 @@ class _StoreCollector(Collector):
             "tandem_accurate_images",
             "Images the accurate model classified.",
             value=counts.get("accurate_images", 0),
+        )
+        latency = AnswerLatency.from_counts(counts)
+        yield HistogramMetricFamily(
+            "tandem_accurate_answer_seconds",
+            "From a job's acceptance to its accurate answer, over every worker: how long a"
+            " client waited for it, queue and run.",
+            buckets=list(latency.buckets),
+            sum_value=latency.sum_s,
         )
         agreement = Agreement.from_counts(counts)
         yield CounterMetricFamily(

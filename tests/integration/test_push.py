@@ -24,6 +24,7 @@ from tests.support import (
     rss_kib,
     server_sent_events,
     solid,
+    wait_for_job,
 )
 
 pytestmark = pytest.mark.slow
@@ -239,3 +240,22 @@ def test_metrics_count_requests_by_route_and_the_queue(working: ServerProcess) -
     assert metric(text, "tandem_queue_length") >= 0
     assert 'tandem_jobs_total{outcome="done"}' in text
     assert "tandem_model_agreement_ratio" in text
+
+
+def test_metrics_show_how_long_jobs_waited_for_their_accurate_answer(
+    working: ServerProcess,
+) -> None:
+    """Counted by the worker and written with its heartbeat (every 5 s)."""
+    with working.client() as client:
+        before = metric(client.get("/metrics").text, "tandem_accurate_answer_seconds_count")
+        wait_for_job(client, submit(client))
+        deadline = time.monotonic() + 15
+        while (
+            count := metric(client.get("/metrics").text, "tandem_accurate_answer_seconds_count")
+        ) == before:
+            assert time.monotonic() < deadline, "the answer was never counted"
+            time.sleep(0.2)
+        text = client.get("/metrics").text
+    assert count >= before + 1  # jobs of earlier tests may be written with it
+    assert 'tandem_accurate_answer_seconds_bucket{le="+Inf"} ' + f"{count}" in text
+    assert 0.0 < metric(text, "tandem_accurate_answer_seconds_sum") < 60.0

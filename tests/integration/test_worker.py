@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pytest
 
 from tandem.errors import QueueUnavailable
+from tandem.jobs.latency import AnswerLatency
 from tandem.jobs.records import Claim, Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -344,6 +345,27 @@ async def test_a_queue_that_stays_away_is_logged_once_and_its_return_too(
         "claiming jobs recovered after N s",
         "housekeeping recovered after N s",
     ]
+
+
+async def test_each_answer_counts_how_long_its_job_waited_for_it(
+    tiny_dir: Path, store: SQLiteJobStore
+) -> None:
+    """Each job the worker answers counts once, with its wait; a job that another worker had
+    answered meanwhile (its answer here dropped) does not count again."""
+    worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=0.05))
+    waiting, answered_elsewhere = new_job_id(), new_job_id()
+    for job_id in (waiting, answered_elsewhere):
+        await store.enqueue(JobSpec(id=job_id, image=RED))
+    claims = await store.claim(worker.id, 2, 0)
+    assert await store.complete(answered_elsewhere, Prediction("m", (), 1.0))
+    await asyncio.sleep(0.3)
+    async with running(worker):  # which writes its counts when it stops
+        await worker.process(claims)
+        await _finished(store, waiting)
+    histogram = AnswerLatency.from_counts(await store.counts())
+    assert histogram.count == 1, histogram
+    assert dict(histogram.buckets)["0.25"] == 0, histogram  # it waited 0.3 s at least
+    assert 0.3 <= histogram.sum_s < 10.0
 
 
 async def _done_jobs(store: SQLiteJobStore, n: int, timeout_s: float = 10.0) -> None:
