@@ -244,11 +244,11 @@ class Settings(BaseSettings):
         # with a traceback. Its parser's messages never repeat the URL, which may hold a
         # password. Imported here: every command reads settings, `tandem predict` included,
         # and redis-py takes 0.14 s to import.
-        from redis.connection import parse_url
+        from tandem.jobs.redis.url import check_url
 
         if not value:  # set empty, as a compose file unsets it: SQLite
             return None
-        parse_url(value)  # type: ignore[no-untyped-call]
+        check_url(value)
         return value
 
     _environ: ClassVar[Mapping[str, str]] = {}

@@ -85,6 +85,9 @@ def test_each_problem_is_named_by_its_variable_and_a_secret_is_never_repeated() 
     [
         ("localhost:6379", "must specify one of the following schemes"),
         ("redis://:hunter2-password@redis:port", "Port could not be cast to integer"),
+        # Options the connection does not take: redis-py raised a TypeError at every command.
+        ("redis://:hunter2@h/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs needs TLS: .* rediss://"),
+        ("rediss://h/0?ssl_ca_cert=/ca.pem&socket_timout=hunter2", "socket_timout, ssl_ca_cert$"),
     ],
 )
 def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem: str) -> None:
@@ -92,7 +95,13 @@ def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem:
     with pytest.raises(ConfigurationError, match=problem) as caught:
         load_settings({"TANDEM_REDIS_URL": url})
     assert "hunter2" not in caught.value.message
-    for fine in ("redis://:pw@redis.internal:6380/2", "rediss://redis", "unix:///run/r.sock"):
+    for fine in (
+        "redis://:pw@redis.internal:6380/2",
+        "rediss://redis",
+        "rediss://redis/0?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+        "redis://redis/0?socket_keepalive=true&max_connections=20",
+        "unix:///run/r.sock?db=2",
+    ):
         assert load_settings({"TANDEM_REDIS_URL": fine}).redis_url == fine
     assert load_settings({"TANDEM_REDIS_URL": ""}).redis_url is None  # set empty: unset
 
