@@ -25,6 +25,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 import onnx
+import trustme
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -321,15 +322,44 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> di
 
 
 class RedisServer:
-    """A `redis-server` of the tests' own on a free port, so they can kill and restart it."""
+    """A `redis-server` of the tests' own on a free port, so they can kill and restart it.
+    Given a CA, it speaks TLS alone, with a certificate the CA issued, and takes only clients
+    with one too; `url` carries the client's."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = True, tls: trustme.CA | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.directory = directory
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
+        self.tls: list[str] = []
+        self.client_tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._speak_tls(tls)
+
+    def _speak_tls(self, ca: trustme.CA) -> None:
+        files = {name: str(self.directory / f"{name}.pem") for name in ("ca", "server", "client")}
+        ca.cert_pem.write_to_path(files["ca"])
+        for name in ("server", "client"):
+            issued = ca.issue_cert("127.0.0.1")
+            issued.private_key_and_cert_chain_pem.write_to_path(files[name])
+        self.tls = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "yes"]
+        for option, name in (("cert", "server"), ("key", "server"), ("ca-cert", "ca")):
+            self.tls += [f"--tls-{option}-file", files[name]]
+        query = f"ssl_ca_certs={files['ca']}&ssl_certfile={files['client']}"
+        self.url = f"rediss://127.0.0.1:{self.port}/0?{query}"
+        self.client_tls = ssl.create_default_context(cafile=files["ca"])
+        self.client_tls.load_cert_chain(files["client"])
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+            tls = self.client_tls
+            sock = raw if tls is None else tls.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         command = [
@@ -348,16 +378,15 @@ class RedisServer:
             "always",
             "--maxmemory",  # as production's should be: Tandem warns of a Redis without
             "1gb",
+            *self.tls,  # its --port 0 after the first: no plain port
         ]
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return self
+                if self._pong():
+                    return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
