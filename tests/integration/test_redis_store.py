@@ -4,6 +4,7 @@ write to. The behaviour every store shares is in test_store_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,6 +79,77 @@ async def test_a_replica_refuses_as_unavailable_and_takes_jobs_once_promoted(
         await store.close()
         await admin.aclose()
         server.stop()
+
+
+class MovingAddress:
+    """One address for a Redis whose server changes, as a DNS name or a virtual IP moves to the
+    new primary after a failover: new connections go to the current target, while those made
+    before stay with the server they reached."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> MovingAddress:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def test_after_a_failover_behind_one_address_the_store_reaches_the_new_primary(
+    tmp_path: Path,
+) -> None:
+    """A pooled connection stayed with the old primary, now a replica: every write was refused
+    (READONLY), the proxy's every job a 503 and the worker's every answer lost, until a
+    restart. Such a connection is now closed and the command sent again on a new one."""
+    old, new = (RedisServer(tmp_path / name, appendonly=False).start() for name in "ab")
+    admin_old, admin_new = aioredis.Redis(port=old.port), aioredis.Redis(port=new.port)
+    await admin_new.replicaof("127.0.0.1", str(old.port))
+    async with MovingAddress(old.port) as address:
+        proxy, worker = (
+            RedisJobStore(f"redis://127.0.0.1:{address.port}/0", prefix="failover")
+            for _ in range(2)
+        )
+        try:
+            for store in (proxy, worker):
+                await store.open()
+            before = JobSpec(id=new_job_id(), image=b"\xff\xd8 before")
+            await proxy.enqueue(before)
+            assert await admin_old.wait(1, 5000) == 1  # the replica has it
+            await admin_new.replicaof("NO", "ONE")  # the failover
+            await admin_old.replicaof("127.0.0.1", str(new.port))
+            address.target = new.port
+            after = JobSpec(id=new_job_id(), image=b"\xff\xd8 after")
+            assert (await proxy.enqueue(after)).id == after.id
+            claimed = await worker.claim("w", 2, 0)
+            assert sorted(claim.id for claim in claimed) == sorted((before.id, after.id))
+            for claim in claimed:
+                assert await worker.complete(claim.id, ANSWER)
+            assert await proxy.queue_depth() == 0
+        finally:
+            for store in (proxy, worker):
+                await store.close()
+            await admin_old.aclose()
+            await admin_new.aclose()
+            old.stop()
+            new.stop()
 
 
 async def test_a_redis_that_may_drop_jobs_is_said_so_at_open(

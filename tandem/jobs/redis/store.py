@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
@@ -89,6 +91,12 @@ RECONNECT_S = 0.5
 # keep it.
 _REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError, TryAgainError, ClusterDownError)
 _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
+# After a failover behind an address that moved to the new primary (a DNS name, a virtual
+# IP), a pooled connection stays with the old one, now a replica, and every write through it
+# is refused (READONLY) until a restart. Such a connection is closed and the command sent once
+# more, on a new connection to wherever the address leads now. Nothing else is retried: a
+# Redis that is down or hung is reported at once (QueueUnavailable).
+AFTER_FAILOVER = Retry(NoBackoff(), retries=1, supported_errors=(ReadOnlyError,))
 # A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
 # (stopped, or across a partition that drops packets) held every request that stored a job,
 # past its deadline, until TCP gave up: many minutes.
@@ -198,6 +206,7 @@ class RedisJobStore:
             socket_timeout=REPLY_TIMEOUT_S,  # a pub/sub subscription's reads still block
             health_check_interval=10,
             client_name=connection_name(),
+            retry=AFTER_FAILOVER,
         )
         self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
