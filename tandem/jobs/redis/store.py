@@ -39,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -178,9 +179,13 @@ class RedisJobStore:
 
     async def _with_group(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation`, once more after mending what it met: a Redis that restarted
-        without the group (no persistence), or one before 7.0 (see scripts.ALLOW_OOM)."""
+        without the group (no persistence), or one before 7.0 (see scripts.ALLOW_OOM), or a
+        pipeline's scripts loaded into a server that is no longer the one it reaches (a
+        failover, a restart: a new pipeline loads them again)."""
         try:
             return await operation()
+        except NoScriptError:
+            pass
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 await self._ensure_group()
@@ -193,7 +198,7 @@ class RedisJobStore:
                 self._register_scripts(allow_oom=False)
             else:
                 raise
-            return await operation()
+        return await operation()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
