@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
@@ -81,6 +82,8 @@ log = logging.getLogger("tandem.jobs")
 
 T = TypeVar("T")
 ScriptArg = str | bytes | int | float
+# A script's keys and arguments, and the id of the job it changes.
+ScriptCall = tuple[list[str], list[ScriptArg], str]
 GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
@@ -153,9 +156,6 @@ class RedisJobStore:
             except Exception as exc:  # nobody awaits this task: a fault would end every wake-up
                 faults.failed(f"{exc!r}; subscribing again", exc_info=True)
             await asyncio.sleep(RECONNECT_S)
-
-    async def _publish(self, job_id: str) -> None:
-        await self._client.publish(self._changes, job_id)
 
     def _job_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -386,8 +386,7 @@ class RedisJobStore:
             GROUP,
             MISSING_IMAGE,
         ]
-        image = await self._call(lambda: self._lease(keys=keys, args=args))
-        await self._call(lambda: self._publish(job_id))
+        (image,) = await self._announced(lambda: self._lease, [(keys, args, job_id)])
         if image is None:
             return None
         try:
@@ -399,8 +398,7 @@ class RedisJobStore:
 
     async def _finish_unreadable(self, job_id: str, exc: UnreadableJob) -> None:
         keys, args = self._finish_call(job_id, JobStatus.FAILED, error=unreadable_failure(exc))
-        await self._call(lambda: self._finish(keys=keys, args=args))
-        await self._call(lambda: self._publish(job_id))
+        await self._announced(lambda: self._finish, [(keys, args, job_id)])
 
     @property
     def _ttl_ms(self) -> int:
@@ -415,23 +413,40 @@ class RedisJobStore:
         tallies: Mapping[str, Sequence[str]] | None = None,
     ) -> Completed:
         tallies = tallies or {}
-
-        async def finish_all() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for job_id, result in results.items():
-                    keys, args = self._finish_call(
-                        job_id, JobStatus.DONE, dump_prediction(result), tally=tallies.get(job_id)
-                    )
-                    await self._finish(keys=keys, args=args, client=pipe)
-                    pipe.publish(self._changes, job_id)
-                replies: list[Any] = await pipe.execute()
-                return replies[::2]  # each finish's reply; the publishes' are counts
-
-        replies = dict(zip(results, await self._call(finish_all), strict=True))
+        calls = [
+            (
+                *self._finish_call(
+                    job_id, JobStatus.DONE, dump_prediction(result), tally=tallies.get(job_id)
+                ),
+                job_id,
+            )
+            for job_id, result in results.items()
+        ]
+        stored = await self._announced(lambda: self._finish, calls)
+        replies = dict(zip(results, stored, strict=True))
         return Completed(
             stored=frozenset(job_id for job_id, reply in replies.items() if reply),
             untallied=frozenset(job_id for job_id, reply in replies.items() if reply == 2),
         )
+
+    async def _announced(
+        self, script: Callable[[], AsyncScript], calls: Sequence[ScriptCall]
+    ) -> list[Any]:
+        """Run the script once per call, each followed by the changed job's id on the changes
+        channel, in one pipeline: the change and its announcement reach the same server. A
+        publish sent on another connection, one still with the old primary after a failover,
+        reached none of the new primary's subscribers. `script` is read at each try, since a
+        try may register the scripts anew (see _with_group)."""
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for keys, args, job_id in calls:
+                    await script()(keys=keys, args=args, client=pipe)
+                    pipe.publish(self._changes, job_id)
+                replies: list[Any] = await pipe.execute()
+            return replies[::2]  # the scripts' replies; the publishes' are counts
+
+        return await self._call(run)
 
     def _finishing_keys(self, job_id: str) -> list[str]:
         """The keys of every script that may finish a job (see scripts.FINISH_BODY)."""
@@ -467,15 +482,13 @@ class RedisJobStore:
             self.policy.max_attempts,
             self._ttl_ms,
         ]
-        await self._call(lambda: self._fail(keys=keys, args=args))
-        await self._call(lambda: self._publish(job_id))
+        await self._announced(lambda: self._fail, [(keys, args, job_id)])
         return await self.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
         keys = self._finishing_keys(job_id)
         args: list[ScriptArg] = [repr(time.time()), self._ttl_ms, GROUP]
-        await self._call(lambda: self._cancel(keys=keys, args=args))
-        await self._call(lambda: self._publish(job_id))
+        await self._announced(lambda: self._cancel, [(keys, args, job_id)])
         return await self.get(job_id)
 
     async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
