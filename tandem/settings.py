@@ -60,6 +60,15 @@ class Settings(BaseSettings):
         None, description="Use Redis as the job store (distributed mode); else embedded SQLite."
     )
     redis_prefix: str = Field("tandem", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must have a new job before its id goes out (Redis's WAIT),"
+        " so that a failover loses no accepted job; 0: the primary alone.",
+    )
+    redis_replica_wait_s: float = Field(
+        1.0, gt=0, le=60, description="How long a new job waits for those replicas."
+    )
     embedded_worker: bool | None = Field(
         None,
         description="Run the accurate model's worker inside `tandem serve`; "
@@ -271,6 +280,12 @@ class Settings(BaseSettings):
     def _tls_needs_both_files(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together")
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_need_redis(self) -> Settings:
+        if self.redis_min_replicas and not self.redis_url:
+            raise ValueError("redis_min_replicas needs redis_url: SQLite has no replicas")
         return self
 
     @model_validator(mode="after")

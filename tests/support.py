@@ -409,7 +409,10 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.resume()  # a stopped process would not act on SIGTERM
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # it may refuse, as while writing its AOF
+                self.kill()
 
 
 # -- pushed events -----------------------------------------------------------------------------

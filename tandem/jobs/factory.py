@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tandem.jobs.redis import RedisJobStore
+from tandem.jobs.redis import RedisJobStore, Replication
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
 from tandem.settings import Settings, redacted_url
@@ -36,7 +36,10 @@ def store_location(settings: Settings) -> str:
 def make_store(settings: Settings) -> JobStore:
     if settings.redis_url:
         return RedisJobStore(
-            settings.redis_url, policy_from(settings), prefix=settings.redis_prefix
+            settings.redis_url,
+            policy_from(settings),
+            prefix=settings.redis_prefix,
+            replication=Replication(settings.redis_min_replicas, settings.redis_replica_wait_s),
         )
     return SQLiteJobStore(
         sqlite_path(settings),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
-from tandem.jobs.redis import RedisJobStore, refuses_writes, scripts
+from tandem.jobs.redis import RedisJobStore, Replication, refuses_writes, scripts
 from tandem.predictions import Prediction, Scored
 from tests.support import RedisServer, free_port
 
@@ -151,6 +152,90 @@ async def test_after_a_failover_behind_one_address_the_store_reaches_the_new_pri
             await admin_new.aclose()
             old.stop()
             new.stop()
+
+
+@contextlib.asynccontextmanager
+async def primary_and_replica(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisServer]]:
+    """Two redis-servers, the second replicating the first, in sync."""
+    # Without append-only files: a replica that has just synced rewrites its file, and
+    # refuses to shut down meanwhile.
+    primary, replica = (
+        RedisServer(tmp_path / name, appendonly=False).start() for name in ("primary", "replica")
+    )
+    admin = aioredis.Redis(port=replica.port)
+    try:
+        await admin.replicaof("127.0.0.1", str(primary.port))
+        async with asyncio.timeout(10):
+            while True:
+                if (await admin.info("replication")).get("master_link_status") == "up":
+                    break
+                await asyncio.sleep(0.05)
+        yield primary, replica
+    finally:
+        await admin.aclose()
+        replica.stop()
+        primary.stop()
+
+
+async def test_a_job_s_id_goes_out_only_once_the_replicas_have_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis replicates after it answers: a job the primary alone had was lost if it failed
+    before its replica had the job and the replica took over, though its id had gone out."""
+    async with primary_and_replica(tmp_path) as (primary, replica):
+        store = RedisJobStore(primary.url, prefix="wait", replication=Replication(1, 0.3))
+        replica_reads = aioredis.Redis(port=replica.port)
+        try:
+            await store.open()
+            job = await store.enqueue(JobSpec(id=new_job_id(), image=b"\xff\xd8 image"))
+            assert await replica_reads.hget(f"wait:job:{job.id}", "status") == b"queued"
+            await store.ping()
+            replica.pause()  # a replica that no longer confirms what it has
+            keyed = JobSpec(id=new_job_id(), image=b"\xff\xd8 image", idempotency_key="k")
+            with pytest.raises(QueueUnavailable, match=r"0 of the 1 Redis replicas .* 0\.3 s"):
+                await store.enqueue(keyed)
+            with pytest.raises(QueueUnavailable, match="0 of the 1 Redis replicas"):
+                await store.ping()  # /health/all says the queue takes no jobs
+            replica.resume()
+            retry = JobSpec(id=new_job_id(), image=b"\xff\xd8 image", idempotency_key="k")
+            assert (await store.enqueue(retry)).id == keyed.id  # stored on the primary
+        finally:
+            replica.resume()
+            await store.close()
+            await replica_reads.aclose()
+        wanting = RedisJobStore(primary.url, prefix="wait", replication=Replication(2))
+        with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
+            await wanting.open()
+            await wanting.close()
+    assert "has 1 replica(s) connected, and each job must reach 2" in caplog.text
+
+
+async def test_no_accepted_job_is_lost_when_its_primary_dies_and_the_replica_takes_over(
+    tmp_path: Path,
+) -> None:
+    async with primary_and_replica(tmp_path) as (primary, replica):
+        store = RedisJobStore(primary.url, prefix="failover", replication=Replication(1))
+        try:
+            await store.open()
+            accepted = []
+            for _ in range(8):  # 25 at once, as from as many requests
+                specs = [JobSpec(id=new_job_id(), image=b"\xff\xd8 image") for _ in range(25)]
+                jobs = await asyncio.gather(*(store.enqueue(spec) for spec in specs))
+                accepted += [job.id for job in jobs]
+        finally:
+            await store.close()
+        primary.kill()  # at once: no shutdown, no last write to its replica
+        promoted = RedisJobStore(replica.url, prefix="failover")
+        admin = aioredis.Redis(port=replica.port)
+        try:
+            await admin.replicaof("NO", "ONE")
+            await promoted.open()
+            found = [await promoted.get(job_id) for job_id in accepted]
+            assert [job.id for job in found if job is not None] == accepted
+            assert await promoted.queue_depth() == len(accepted)
+        finally:
+            await promoted.close()
+            await admin.aclose()
 
 
 async def test_a_redis_that_may_drop_jobs_is_said_so_at_open(

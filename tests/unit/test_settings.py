@@ -113,6 +113,15 @@ def test_a_tls_certificate_goes_with_its_key() -> None:
         load_settings({"TANDEM_TLS_KEYFILE": "/etc/tandem/key.pem"})
 
 
+def test_replicas_to_confirm_each_job_need_redis() -> None:
+    with pytest.raises(ConfigurationError, match="redis_min_replicas needs redis_url"):
+        load_settings({"TANDEM_REDIS_MIN_REPLICAS": "1"})
+    settings = load_settings(
+        {"TANDEM_REDIS_URL": "redis://r:6379/0", "TANDEM_REDIS_MIN_REPLICAS": "1"}
+    )
+    assert (settings.redis_min_replicas, settings.redis_replica_wait_s) == (1, 1.0)
+
+
 def test_what_is_per_client_without_api_keys_is_refused() -> None:
     """Without keys every client is one: a share, or private jobs, would protect nobody."""
     with pytest.raises(ConfigurationError, match="max_queued_per_key need api_keys"):

@@ -5,6 +5,6 @@
 - `scripts`: the Lua scripts, one for each change of a job's state.
 """
 
-from tandem.jobs.redis.store import RedisJobStore, connection_name, refuses_writes
+from tandem.jobs.redis.store import RedisJobStore, Replication, connection_name, refuses_writes
 
-__all__ = ["RedisJobStore", "connection_name", "refuses_writes"]
+__all__ = ["RedisJobStore", "Replication", "connection_name", "refuses_writes"]

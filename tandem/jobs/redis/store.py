@@ -30,10 +30,12 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -109,12 +111,38 @@ REPLY_TIMEOUT_S = 5.0
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
 
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """How many replicas must have a new job before its id goes out (Redis's WAIT), and for
+    how long to wait for them. Redis replicates asynchronously: a job acknowledged by the
+    primary alone is lost if the primary fails before a replica has it and one is promoted."""
+
+    replicas: int = 0
+    wait_s: float = 1.0
+
+    def short(self, acknowledged: int) -> QueueUnavailable | None:
+        """The error for a write that this many replicas acknowledged, or None if enough."""
+        if acknowledged >= self.replicas:
+            return None
+        return QueueUnavailable(
+            f"{acknowledged} of the {self.replicas} Redis replicas that must confirm each"
+            f" job did so within {self.wait_s:g} s"
+        )
+
+
 class RedisJobStore:
     """JobStore on a Redis server (5.0+; XAUTOCLAIM needs 6.2+)."""
 
-    def __init__(self, url: str, policy: StorePolicy | None = None, prefix: str = "tandem") -> None:
+    def __init__(
+        self,
+        url: str,
+        policy: StorePolicy | None = None,
+        prefix: str = "tandem",
+        replication: Replication | None = None,
+    ) -> None:
         self.url = url
         self.policy = policy or StorePolicy()
+        self.replication = replication or Replication()
         self._prefix = prefix
         self._queue = f"{prefix}:queue"
         self._counters = f"{prefix}:counters"
@@ -255,6 +283,15 @@ class RedisJobStore:
                 self._where,
                 policy,
             )
+        connected, wanted = int(info.get("connected_slaves", 0)), self.replication.replicas
+        if connected < wanted:
+            log.warning(
+                "Redis at %s has %d replica(s) connected, and each job must reach %d: until"
+                " more connect, new jobs are refused (503, with the fast answer)",
+                self._where,
+                connected,
+                wanted,
+            )
         if not info.get("aof_enabled", 1):
             log.warning(
                 "Redis at %s keeps no append-only file: a restart loses the jobs accepted since "
@@ -283,8 +320,33 @@ class RedisJobStore:
             self._redis = None
 
     async def ping(self) -> None:
-        # A write: a Redis that answers PING may still refuse every job (see _REFUSALS).
-        await self._call(lambda: self._client.set(f"{self._prefix}:ping", "1", px=60_000))
+        # A write: a Redis that answers PING may still refuse every job (see _REFUSALS), and
+        # one whose replicas cannot confirm it refuses them too.
+        key = f"{self._prefix}:ping"
+        if not self.replication.replicas:
+            await self._call(lambda: self._client.set(key, "1", px=60_000))
+            return
+
+        async def write(pipe: Pipeline) -> None:
+            pipe.set(key, "1", px=60_000)
+
+        _, acknowledged = await self._replicated(write)
+        if (short := self.replication.short(acknowledged)) is not None:
+            raise short
+
+    async def _replicated(self, write: Callable[[Pipeline], Awaitable[None]]) -> tuple[Any, int]:
+        """`write`'s reply, and how many replicas have it. WAIT counts the replicas that have
+        the connection's writes, so it follows the write in one pipeline."""
+        timeout_ms = int(self.replication.wait_s * 1000)
+
+        async def run() -> tuple[Any, int]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                await write(pipe)
+                pipe.wait(self.replication.replicas, timeout_ms)
+                reply, acknowledged = await pipe.execute()
+            return reply, int(acknowledged)
+
+        return await self._call(run)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -304,18 +366,32 @@ class RedisJobStore:
             spec.owner or "",
             self.policy.max_queued_per_owner,
         ]
-        stored: Any = await self._call(lambda: self._enqueue(keys=keys, args=args))
+        stored, acknowledged = await self._stored(keys, args)
         if stored == b"owner":
             raise owner_share_full(self.policy.max_queued_per_owner)
         if stored == b"queue":
             raise queue_full(self.policy.max_queue_length)
         job_id, created = stored
+        if created and (short := self.replication.short(acknowledged)) is not None:
+            # Stored on the primary, so it runs, unless a failover loses it; its id does not
+            # go out. A retry with the same Idempotency-Key gets it.
+            raise short
         if created:  # built, not read back: a round trip less on the sync path
             return spec.queued(now)
         job = await self.get(_text(job_id))
         if job is None:  # only if its TTL ran out between the two calls
             raise QueueUnavailable("the job expired while it was being stored")
         return job
+
+    async def _stored(self, keys: list[str], args: list[ScriptArg]) -> tuple[Any, int]:
+        """ENQUEUE's reply, and how many replicas have what it wrote."""
+        if not self.replication.replicas:
+            return await self._call(lambda: self._enqueue(keys=keys, args=args)), 0
+
+        async def write(pipe: Pipeline) -> None:
+            await self._enqueue(keys=keys, args=args, client=pipe)
+
+        return await self._replicated(write)
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         key = self._job_key(job_id)
