@@ -39,6 +39,16 @@ async def test_a_stream_entry_naming_no_job_is_dropped_not_fatal(store: RedisJob
     assert await store.queue_depth() == 1  # the foreign entry is gone; the good one is running
 
 
+async def test_more_calls_at_once_than_connections_wait_for_one_not_fail(
+    store: RedisJobStore,
+) -> None:
+    """redis-py's pool refused a call past its 100 connections at once: a proxy's 300 reads
+    of jobs at once (a thousand watchers woken together, say) got 200 errors (503s)."""
+    await store.enqueue(job := JobSpec(id=new_job_id(), image=b"\xff\xd8 image"))
+    read = await asyncio.gather(*(store.get(job.id) for _ in range(300)))
+    assert [found.id if found else None for found in read] == [job.id] * 300
+
+
 async def test_a_purge_forgets_the_consumers_of_gone_workers_that_hold_nothing(
     store: RedisJobStore,
 ) -> None:

@@ -103,6 +103,9 @@ _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
 # more, on a new connection to wherever the address leads now. Nothing else is retried: a
 # Redis that is down or hung is reported at once (QueueUnavailable).
 AFTER_FAILOVER = Retry(NoBackoff(), retries=1, supported_errors=(ReadOnlyError,))
+# Connections to Redis per process, at most: a worker's blocking reads and a proxy's pub/sub
+# subscription hold one each; the rest serve requests, one call at a time.
+MAX_CONNECTIONS = 64
 # A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
 # (stopped, or across a partition that drops packets) held every request that stored a job,
 # past its deadline, until TCP gave up: many minutes.
@@ -233,14 +236,19 @@ class RedisJobStore:
     async def open(self) -> None:
         if self._redis is not None:
             return
-        self._redis = aioredis.from_url(
+        # A call past the pool's connections waits for one: redis-py's default pool refused
+        # it, and a proxy's reads of jobs for a thousand woken watchers had been 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=REPLY_TIMEOUT_S,
             socket_connect_timeout=2.0,
             socket_timeout=REPLY_TIMEOUT_S,  # a pub/sub subscription's reads still block
             health_check_interval=10,
             client_name=connection_name(),
             retry=AFTER_FAILOVER,
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
