@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         None, description="Use Redis as the job store (distributed mode); else embedded SQLite."
     )
     redis_prefix: str = Field("tandem", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    redis_sentinels: tuple[str, ...] = Field(
+        (),
+        description="Redis Sentinels (host or host:port, comma-separated) that name the"
+        " primary of the service redis_url's host names; empty: that host is Redis itself.",
+    )
+    redis_sentinel_password: str | None = Field(
+        None, description="The Sentinels' own password, where they ask for one."
+    )
     redis_min_replicas: int = Field(
         0,
         ge=0,
@@ -233,7 +241,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry's wait; it doubles.")
 
-    @field_validator("api_keys", "cors_origins", "webhook_hosts", mode="before")
+    @field_validator("api_keys", "cors_origins", "webhook_hosts", "redis_sentinels", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -280,6 +288,26 @@ class Settings(BaseSettings):
     def _tls_needs_both_files(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together")
+        return self
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from tandem.jobs.redis.connect import sentinel_addresses
+
+        sentinel_addresses(value)
+        return value
+
+    @model_validator(mode="after")
+    def _sentinels_name_a_service(self) -> Settings:
+        if not self.redis_sentinels:
+            return self
+        parts = urlsplit(self.redis_url or "")
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.port:
+            raise ValueError(
+                "redis_sentinels need a redis:// or rediss:// redis_url whose host, with no"
+                " port, names the service they watch"
+            )
         return self
 
     @model_validator(mode="after")
@@ -477,7 +505,7 @@ class Described:
 
 
 # Shown only as whether they are set: a printed configuration ends up in tickets and logs.
-SECRETS = frozenset({"api_keys", "webhook_secret"})
+SECRETS = frozenset({"api_keys", "webhook_secret", "redis_sentinel_password"})
 
 
 def describe(

@@ -361,8 +361,20 @@ class RedisServer:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
 
-    def start(self, timeout: float = 20.0) -> RedisServer:
-        command = [
+    def start(self, timeout: float = 20.0) -> Self:
+        log = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self._pong():
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def command(self) -> list[str]:
+        return [
             "redis-server",
             "--port",
             str(self.port),
@@ -380,16 +392,6 @@ class RedisServer:
             "1gb",
             *self.tls,  # its --port 0 after the first: no plain port
         ]
-        log = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self._pong():
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -413,6 +415,25 @@ class RedisServer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:  # it may refuse, as while writing its AOF
                 self.kill()
+
+
+class RedisSentinel(RedisServer):
+    """A `redis-server --sentinel` of the tests' own, watching `primary` as the service
+    `service`, alone in its quorum, quick to call a failover."""
+
+    def __init__(self, directory: Path, primary: RedisServer, service: str = "jobs") -> None:
+        super().__init__(directory)
+        self.service = service
+        self.config = directory / "sentinel.conf"  # Sentinel rewrites it as it learns
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary.port} 1\n"
+            f"sentinel down-after-milliseconds {service} 500\n"
+            f"sentinel failover-timeout {service} 5000\n"
+        )
+
+    def command(self) -> list[str]:
+        return ["redis-server", str(self.config), "--sentinel"]
 
 
 # -- pushed events -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tandem.jobs.redis import RedisJobStore, Replication
+from tandem.jobs.redis.connect import Sentinels, sentinel_addresses, where
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
 from tandem.settings import Settings, redacted_url
@@ -29,8 +30,21 @@ def sqlite_path(settings: Settings) -> Path:
 def store_location(settings: Settings) -> str:
     """Where the jobs are, for people: a Redis URL without its password."""
     if settings.redis_url:
-        return f"Redis at {redacted_url(settings.redis_url)} (keys {settings.redis_prefix}:*)"
+        sentinels = sentinels_of(settings)
+        server = (
+            f"at {redacted_url(settings.redis_url)}"
+            if sentinels is None
+            else where(settings.redis_url, sentinels)
+        )
+        return f"Redis {server} (keys {settings.redis_prefix}:*)"
     return f"SQLite at {sqlite_path(settings)}"
+
+
+def sentinels_of(settings: Settings) -> Sentinels | None:
+    if not settings.redis_sentinels:
+        return None
+    addresses = sentinel_addresses(settings.redis_sentinels)
+    return Sentinels(addresses, settings.redis_sentinel_password)
 
 
 def make_store(settings: Settings) -> JobStore:
@@ -40,6 +54,7 @@ def make_store(settings: Settings) -> JobStore:
             policy_from(settings),
             prefix=settings.redis_prefix,
             replication=Replication(settings.redis_min_replicas, settings.redis_replica_wait_s),
+            sentinels=sentinels_of(settings),
         )
     return SQLiteJobStore(
         sqlite_path(settings),

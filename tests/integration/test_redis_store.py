@@ -17,8 +17,9 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
 from tandem.jobs.redis import RedisJobStore, Replication, refuses_writes, scripts
+from tandem.jobs.redis.connect import Sentinels
 from tandem.predictions import Prediction, Scored
-from tests.support import RedisServer, free_port
+from tests.support import RedisSentinel, RedisServer, free_port
 
 
 @pytest.fixture
@@ -165,26 +166,33 @@ async def test_after_a_failover_behind_one_address_the_store_reaches_the_new_pri
 
 
 @contextlib.asynccontextmanager
-async def primary_and_replica(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisServer]]:
-    """Two redis-servers, the second replicating the first, in sync."""
+async def primary_and_replicas(tmp_path: Path, count: int = 1) -> AsyncIterator[list[RedisServer]]:
+    """A redis-server and `count` more replicating it, in sync: the primary first."""
     # Without append-only files: a replica that has just synced rewrites its file, and
     # refuses to shut down meanwhile.
-    primary, replica = (
-        RedisServer(tmp_path / name, appendonly=False).start() for name in ("primary", "replica")
-    )
-    admin = aioredis.Redis(port=replica.port)
+    servers = [
+        RedisServer(tmp_path / f"redis{n}", appendonly=False).start() for n in range(count + 1)
+    ]
+    admins = [aioredis.Redis(port=server.port) for server in servers[1:]]
     try:
-        await admin.replicaof("127.0.0.1", str(primary.port))
-        async with asyncio.timeout(10):
-            while True:
-                if (await admin.info("replication")).get("master_link_status") == "up":
-                    break
-                await asyncio.sleep(0.05)
-        yield primary, replica
+        for admin in admins:
+            await admin.replicaof("127.0.0.1", str(servers[0].port))
+        for admin in admins:
+            await _in_sync(admin)
+        yield servers
     finally:
-        await admin.aclose()
-        replica.stop()
-        primary.stop()
+        for admin in admins:
+            await admin.aclose()
+        for server in reversed(servers):
+            server.stop()
+
+
+async def _in_sync(replica: aioredis.Redis) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            if (await replica.info("replication")).get("master_link_status") == "up":
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_a_job_s_id_goes_out_only_once_the_replicas_have_it(
@@ -192,7 +200,7 @@ async def test_a_job_s_id_goes_out_only_once_the_replicas_have_it(
 ) -> None:
     """Redis replicates after it answers: a job the primary alone had was lost if it failed
     before its replica had the job and the replica took over, though its id had gone out."""
-    async with primary_and_replica(tmp_path) as (primary, replica):
+    async with primary_and_replicas(tmp_path) as (primary, replica):
         store = RedisJobStore(primary.url, prefix="wait", replication=Replication(1, 0.3))
         replica_reads = aioredis.Redis(port=replica.port)
         try:
@@ -223,7 +231,7 @@ async def test_a_job_s_id_goes_out_only_once_the_replicas_have_it(
 async def test_no_accepted_job_is_lost_when_its_primary_dies_and_the_replica_takes_over(
     tmp_path: Path,
 ) -> None:
-    async with primary_and_replica(tmp_path) as (primary, replica):
+    async with primary_and_replicas(tmp_path) as (primary, replica):
         store = RedisJobStore(primary.url, prefix="failover", replication=Replication(1))
         try:
             await store.open()
@@ -246,6 +254,64 @@ async def test_no_accepted_job_is_lost_when_its_primary_dies_and_the_replica_tak
         finally:
             await promoted.close()
             await admin.aclose()
+
+
+async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepted_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The URL's host names the service; the Sentinel names its primary. The primary dies
+    with a job running and others queued: Sentinel promotes a replica and points the other at
+    it, and a proxy's and a worker's stores go on with the new primary, every job accepted
+    before there, as each reached a replica before its id went out."""
+    async with primary_and_replicas(tmp_path, count=2) as (primary, *replicas):
+        sentinel = RedisSentinel(tmp_path / "sentinel", primary).start()
+        watched = Sentinels((("127.0.0.1", sentinel.port),))
+        proxy, worker = (
+            RedisJobStore(
+                f"redis://{sentinel.service}/0",
+                prefix="sentinel",
+                replication=Replication(1),
+                sentinels=watched,
+            )
+            for _ in range(2)
+        )
+        try:
+            with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
+                for store in (proxy, worker):
+                    await store.open()
+            assert f"service jobs (Sentinels 127.0.0.1:{sentinel.port})" in caplog.text
+            accepted = [(await proxy.enqueue(_spec())).id for _ in range(20)]
+            (running,) = await worker.claim("w", 1, 0)
+            primary.kill()
+            async with asyncio.timeout(60):  # refused (503) until a replica is promoted
+                while True:
+                    try:
+                        accepted.append((await proxy.enqueue(_spec())).id)
+                        break
+                    except QueueUnavailable:
+                        await asyncio.sleep(0.2)
+            assert all([await proxy.get(job_id) for job_id in accepted])
+            assert await worker.complete(running.id, ANSWER)
+            waiting = await worker.claim("w", 50, 0)
+            assert sorted(claim.id for claim in waiting) == sorted(set(accepted) - {running.id})
+            roles = [(await _role(replica)) for replica in replicas]
+            assert sorted(roles) == ["master", "slave"]
+        finally:
+            for store in (proxy, worker):
+                await store.close()
+            sentinel.stop()
+
+
+def _spec() -> JobSpec:
+    return JobSpec(id=new_job_id(), image=b"\xff\xd8 image")
+
+
+async def _role(server: RedisServer) -> str:
+    admin = aioredis.Redis(port=server.port)
+    try:
+        return str((await admin.info("replication"))["role"])
+    finally:
+        await admin.aclose()
 
 
 async def test_a_redis_that_may_drop_jobs_is_said_so_at_open(

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import ConfigurationError
+from tandem.jobs.factory import sentinels_of, store_location
 from tandem.runtime.classifier import Spin, ThreadPlan
 from tandem.settings import Described, Settings, describe, load_settings
 
@@ -120,6 +121,32 @@ def test_replicas_to_confirm_each_job_need_redis() -> None:
         {"TANDEM_REDIS_URL": "redis://r:6379/0", "TANDEM_REDIS_MIN_REPLICAS": "1"}
     )
     assert (settings.redis_min_replicas, settings.redis_replica_wait_s) == (1, 1.0)
+
+
+def test_sentinels_name_the_primary_of_the_service_the_url_s_host_names() -> None:
+    secret = "sentinel-secret"  # noqa: S105 (a test's)
+    env = {
+        "TANDEM_REDIS_URL": "rediss://:hunter2@jobs/2?ssl_ca_certs=/ca.pem",
+        "TANDEM_REDIS_SENTINELS": "s1, s2:26380,[fd00::5]:26381",
+        "TANDEM_REDIS_SENTINEL_PASSWORD": secret,
+    }
+    settings = load_settings(env)
+    sentinels = sentinels_of(settings)
+    assert sentinels is not None
+    assert sentinels.addresses == (("s1", 26379), ("s2", 26380), ("fd00::5", 26381))
+    assert sentinels.password == secret
+    assert store_location(settings) == (
+        "Redis service jobs (Sentinels s1:26379,s2:26380,fd00::5:26381) (keys tandem:*)"
+    )
+    described = {row.variable: row for row in describe(settings, env)}
+    assert described["TANDEM_REDIS_SENTINEL_PASSWORD"].value == "(set)"
+    assert sentinels_of(load_settings({"TANDEM_REDIS_URL": "redis://r/0"})) is None
+    # No URL; a URL with a port, as for Redis itself; a socket.
+    for url in ({}, {"TANDEM_REDIS_URL": "redis://jobs:6379/0"}, {"TANDEM_REDIS_URL": "unix:///r"}):
+        with pytest.raises(ConfigurationError, match="whose host, with no port, names"):
+            load_settings({"TANDEM_REDIS_SENTINELS": "s1", **url})
+    with pytest.raises(ConfigurationError, match="host or host:port, not 's1:port'"):
+        load_settings({"TANDEM_REDIS_URL": "redis://jobs/0", "TANDEM_REDIS_SENTINELS": "s1:port"})
 
 
 def test_what_is_per_client_without_api_keys_is_refused() -> None:

@@ -32,12 +32,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
@@ -67,6 +64,7 @@ from tandem.jobs.records import (
     meta_with_fast,
 )
 from tandem.jobs.redis import scripts
+from tandem.jobs.redis.connect import REPLY_TIMEOUT_S, Link, Sentinels, where
 from tandem.jobs.store import (
     MISSING_IMAGE,
     WORKER_FORGOTTEN_S,
@@ -97,19 +95,6 @@ RECONNECT_S = 0.5
 # keep it.
 _REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError, TryAgainError, ClusterDownError)
 _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
-# After a failover behind an address that moved to the new primary (a DNS name, a virtual
-# IP), a pooled connection stays with the old one, now a replica, and every write through it
-# is refused (READONLY) until a restart. Such a connection is closed and the command sent once
-# more, on a new connection to wherever the address leads now. Nothing else is retried: a
-# Redis that is down or hung is reported at once (QueueUnavailable).
-AFTER_FAILOVER = Retry(NoBackoff(), retries=1, supported_errors=(ReadOnlyError,))
-# Connections to Redis per process, at most: a worker's blocking reads and a proxy's pub/sub
-# subscription hold one each; the rest serve requests, one call at a time.
-MAX_CONNECTIONS = 64
-# A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
-# (stopped, or across a partition that drops packets) held every request that stored a job,
-# past its deadline, until TCP gave up: many minutes.
-REPLY_TIMEOUT_S = 5.0
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
@@ -142,10 +127,12 @@ class RedisJobStore:
         policy: StorePolicy | None = None,
         prefix: str = "tandem",
         replication: Replication | None = None,
+        sentinels: Sentinels | None = None,
     ) -> None:
         self.url = url
         self.policy = policy or StorePolicy()
         self.replication = replication or Replication()
+        self.sentinels = sentinels
         self._prefix = prefix
         self._queue = f"{prefix}:queue"
         self._counters = f"{prefix}:counters"
@@ -154,7 +141,7 @@ class RedisJobStore:
         self._owners = f"{prefix}:owners"
         self._workers = f"{prefix}:workers"
         self._models = f"{prefix}:models"
-        self._redis: aioredis.Redis | None = None
+        self._link: Link | None = None
         self._hub = Hub()
         self._listener: asyncio.Task[None] | None = None
 
@@ -193,9 +180,9 @@ class RedisJobStore:
 
     @property
     def _client(self) -> aioredis.Redis:
-        if self._redis is None:
+        if self._link is None:
             raise QueueUnavailable("the job store is closed")
-        return self._redis
+        return self._link.client
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation`; a Redis that is down, hung or refusing writes is QueueUnavailable."""
@@ -234,21 +221,9 @@ class RedisJobStore:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._redis is not None:
+        if self._link is not None:
             return
-        # A call past the pool's connections waits for one: redis-py's default pool refused
-        # it, and a proxy's reads of jobs for a thousand woken watchers had been 503s.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=REPLY_TIMEOUT_S,
-            socket_connect_timeout=2.0,
-            socket_timeout=REPLY_TIMEOUT_S,  # a pub/sub subscription's reads still block
-            health_check_interval=10,
-            client_name=connection_name(),
-            retry=AFTER_FAILOVER,
-        )
-        self._redis = aioredis.Redis.from_pool(pool)
+        self._link = Link(self.url, connection_name(), self.sentinels)
         self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
@@ -309,9 +284,7 @@ class RedisJobStore:
 
     @property
     def _where(self) -> str:
-        """The server, without the password a URL may carry."""
-        parts = urlsplit(self.url)
-        return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        return where(self.url, self.sentinels)
 
     async def _ensure_group(self) -> None:
         try:
@@ -323,9 +296,9 @@ class RedisJobStore:
     async def close(self) -> None:
         await stop(self._listener)
         self._listener = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
 
     async def ping(self) -> None:
         # A write: a Redis that answers PING may still refuse every job (see _REFUSALS), and
