@@ -64,7 +64,12 @@ class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
 class Link:
     """A client of Redis, and the Sentinels' connections that close with it."""
 
-    def __init__(self, url: str, client_name: str, sentinels: Sentinels | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, sentinel: Sentinel | None = None) -> None:
+        self.client = client
+        self._sentinel = sentinel
+
+    @classmethod
+    def open(cls, url: str, client_name: str, sentinels: Sentinels | None = None) -> Link:
         options: dict[str, Any] = {
             "max_connections": MAX_CONNECTIONS,
             "timeout": REPLY_TIMEOUT_S,  # for a free connection
@@ -74,38 +79,43 @@ class Link:
             "client_name": client_name,
             "retry": AFTER_FAILOVER,
         }
-        self._sentinel: Sentinel | None = None
         if sentinels is None:
             pool = aioredis.BlockingConnectionPool.from_url(url, **options)
-            self.client = aioredis.Redis.from_pool(pool)
-            return
-        primary = parse_url(url)
-        service = str(primary.pop("host"))
-        primary.pop("port", None)
-        tls = primary.pop("connection_class", None) is SSLConnection
-        reach = {key: value for key, value in primary.items() if key.startswith("ssl_")}
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            sentinels.addresses,
-            sentinel_kwargs={
-                "password": sentinels.password,
-                "socket_connect_timeout": 2.0,
-                "socket_timeout": REPLY_TIMEOUT_S,
-                **({"ssl": True, **reach} if tls else {}),
-            },
-            **primary,
-        )
-        self.client = self._sentinel.master_for(
-            service,
-            redis_class=aioredis.Redis,
-            connection_pool_class=_SentinelPool,
-            ssl=tls,
-            **options,
-        )
+            return cls(aioredis.Redis.from_pool(pool))
+        return _through(sentinels, url, options)
 
     async def close(self) -> None:
         await self.client.aclose()
         for sentinel in self._sentinel.sentinels if self._sentinel else ():
             await sentinel.aclose()
+
+
+def _through(sentinels: Sentinels, url: str, options: dict[str, Any]) -> Link:
+    """A link to the primary that the Sentinels name for the service the URL's host names;
+    the URL's other parts are the primary's, and its TLS options the Sentinels' too."""
+    primary = parse_url(url)
+    service = str(primary.pop("host"))
+    primary.pop("port", None)
+    tls = primary.pop("connection_class", None) is SSLConnection
+    reach = {key: value for key, value in primary.items() if key.startswith("ssl_")}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels.addresses,
+        sentinel_kwargs={
+            "password": sentinels.password,
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "socket_timeout": options["socket_timeout"],
+            **({"ssl": True, **reach} if tls else {}),
+        },
+        **primary,
+    )
+    client = sentinel.master_for(
+        service,
+        redis_class=aioredis.Redis,
+        connection_pool_class=_SentinelPool,
+        ssl=tls,
+        **options,
+    )
+    return Link(client, sentinel)
 
 
 def where(url: str, sentinels: Sentinels | None = None) -> str:

@@ -223,7 +223,7 @@ class RedisJobStore:
     async def open(self) -> None:
         if self._link is not None:
             return
-        self._link = Link(self.url, connection_name(), self.sentinels)
+        self._link = Link.open(self.url, connection_name(), self.sentinels)
         self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
