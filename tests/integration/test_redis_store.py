@@ -282,6 +282,8 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
             assert f"service jobs (Sentinels 127.0.0.1:{sentinel.port})" in caplog.text
             accepted = [(await proxy.enqueue(_spec())).id for _ in range(20)]
             (running,) = await worker.claim("w", 1, 0)
+            async with proxy.watch(running.id):  # the proxy subscribes to the changes
+                await _subscribed(worker, proxy)
             primary.kill()
             async with asyncio.timeout(60):  # refused (503) until a replica is promoted
                 while True:
@@ -291,7 +293,11 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
                     except QueueUnavailable:
                         await asyncio.sleep(0.2)
             assert all([await proxy.get(job_id) for job_id in accepted])
-            assert await worker.complete(running.id, ANSWER)
+            await _subscribed(worker, proxy)  # again, on the new primary
+            async with proxy.watch(running.id) as watch:
+                assert await worker.complete(running.id, ANSWER)
+                async with asyncio.timeout(5):  # told by the new primary
+                    await watch.wait(timeout=10)
             waiting = await worker.claim("w", 50, 0)
             assert sorted(claim.id for claim in waiting) == sorted(set(accepted) - {running.id})
             roles = [(await _role(replica)) for replica in replicas]
@@ -300,6 +306,16 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
             for store in (proxy, worker):
                 await store.close()
             sentinel.stop()
+
+
+async def _subscribed(other: RedisJobStore, store: RedisJobStore) -> None:
+    """Once `store`'s subscription to the changes is in place, as `other` sees it."""
+    async with asyncio.timeout(30):
+        while True:
+            [(_, subscribers)] = await other._client.pubsub_numsub(store._changes)
+            if subscribers:
+                return
+            await asyncio.sleep(0.05)
 
 
 def _spec() -> JobSpec:
