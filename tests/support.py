@@ -347,6 +347,7 @@ class RedisServer:
             issued = ca.issue_cert("127.0.0.1")
             issued.private_key_and_cert_chain_pem.write_to_path(files[name])
         self.tls = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "yes"]
+        self.tls += ["--tls-replication", "yes"]  # a replica's link, and Sentinel's, too
         for option, name in (("cert", "server"), ("key", "server"), ("ca-cert", "ca")):
             self.tls += [f"--tls-{option}-file", files[name]]
         query = f"ssl_ca_certs={files['ca']}&ssl_certfile={files['client']}"
@@ -421,12 +422,22 @@ class RedisSentinel(RedisServer):
     """A `redis-server --sentinel` of the tests' own, watching `primary` as the service
     `service`, alone in its quorum, quick to call a failover."""
 
-    def __init__(self, directory: Path, primary: RedisServer, service: str = "jobs") -> None:
-        super().__init__(directory)
+    def __init__(
+        self,
+        directory: Path,
+        primary: RedisServer,
+        service: str = "jobs",
+        tls: trustme.CA | None = None,
+    ) -> None:
+        super().__init__(directory, tls=tls)
         self.service = service
         self.config = directory / "sentinel.conf"  # Sentinel rewrites it as it learns
+        tls_lines = "".join(
+            f"{name.removeprefix('--')} {value}\n"
+            for name, value in zip(self.tls[::2], self.tls[1::2], strict=True)
+        )
         self.config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"port {self.port}\n{tls_lines}bind 127.0.0.1\ndir {directory}\n"
             f"sentinel monitor {service} 127.0.0.1 {primary.port} 1\n"
             f"sentinel down-after-milliseconds {service} 500\n"
             f"sentinel failover-timeout {service} 5000\n"

@@ -9,8 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from redis import asyncio as aioredis
 from redis.exceptions import MasterDownError, OutOfMemoryError, ResponseError
 
@@ -166,14 +168,17 @@ async def test_after_a_failover_behind_one_address_the_store_reaches_the_new_pri
 
 
 @contextlib.asynccontextmanager
-async def primary_and_replicas(tmp_path: Path, count: int = 1) -> AsyncIterator[list[RedisServer]]:
+async def primary_and_replicas(
+    tmp_path: Path, count: int = 1, tls: trustme.CA | None = None
+) -> AsyncIterator[list[RedisServer]]:
     """A redis-server and `count` more replicating it, in sync: the primary first."""
     # Without append-only files: a replica that has just synced rewrites its file, and
     # refuses to shut down meanwhile.
     servers = [
-        RedisServer(tmp_path / f"redis{n}", appendonly=False).start() for n in range(count + 1)
+        RedisServer(tmp_path / f"redis{n}", appendonly=False, tls=tls).start()
+        for n in range(count + 1)
     ]
-    admins = [aioredis.Redis(port=server.port) for server in servers[1:]]
+    admins = [aioredis.Redis.from_url(server.url) for server in servers[1:]]
     try:
         for admin in admins:
             await admin.replicaof("127.0.0.1", str(servers[0].port))
@@ -302,9 +307,49 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
             assert sorted(claim.id for claim in waiting) == sorted(set(accepted) - {running.id})
             roles = [(await _role(replica)) for replica in replicas]
             assert sorted(roles) == ["master", "slave"]
+            # One line, where redis-py's text went on with each Sentinel's client in full.
+            elsewhere = RedisJobStore("redis://elsewhere/0", sentinels=watched)
+            await elsewhere.open()
+            with pytest.raises(QueueUnavailable) as refused:
+                await elsewhere.ping()
+            await elsewhere.close()
+            assert refused.value.message == (
+                "Redis is unavailable: No master found for 'elsewhere' by its Sentinels"
+            )
         finally:
             for store in (proxy, worker):
                 await store.close()
+            sentinel.stop()
+
+
+async def test_through_sentinel_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    """TLS alone everywhere, each server asking for the client's certificate: the primary,
+    its replica's link and the Sentinel. The URL's TLS options serve the Sentinel and the
+    primary alike."""
+    ca = trustme.CA()
+    async with primary_and_replicas(tmp_path, tls=ca) as (primary, _):
+        sentinel = RedisSentinel(tmp_path / "sentinel", primary, tls=ca).start()
+        tls_options = urlsplit(primary.url).query
+        asked = aioredis.Redis.from_url(f"rediss://127.0.0.1:{sentinel.port}?{tls_options}")
+        async with asyncio.timeout(20):  # it reached the primary, over TLS, to learn of it
+            while True:
+                if await asked.sentinel_slaves(sentinel.service):
+                    break
+                await asyncio.sleep(0.1)
+        await asked.aclose()
+        store = RedisJobStore(
+            f"rediss://{sentinel.service}/0?{tls_options}",
+            prefix="tls",
+            replication=Replication(1),  # the replica's link is TLS too
+            sentinels=Sentinels((("127.0.0.1", sentinel.port),)),
+        )
+        try:
+            await store.open()
+            job = await store.enqueue(_spec())
+            assert await store.get(job.id) is not None
+            await store.ping()
+        finally:
+            await store.close()
             sentinel.stop()
 
 

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from redis import asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
@@ -192,6 +193,10 @@ class RedisJobStore:
             if refuses_writes(exc):
                 raise QueueUnavailable(f"Redis refused: {exc}") from exc
             raise
+        except MasterNotFoundError as exc:
+            # Its text goes on to repeat each Sentinel's client, settings and all.
+            asked = str(exc).split(" : ", 1)[0]
+            raise QueueUnavailable(f"Redis is unavailable: {asked} by its Sentinels") from exc
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
 
