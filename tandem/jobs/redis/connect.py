@@ -4,7 +4,7 @@ that Redis Sentinel names for the service the URL's host names."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +39,7 @@ class Sentinels:
     watch, and its password, database and TLS options are the primary's."""
 
     addresses: tuple[tuple[str, int], ...]
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 def sentinel_addresses(entries: Sequence[str]) -> tuple[tuple[str, int], ...]:
