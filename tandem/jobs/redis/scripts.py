@@ -38,10 +38,20 @@ if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
 return {ARGV[1], 1}
 """
 
+# The scripts that change a job (FINISH, LEASE, FAIL, CANCEL) end their ARGV with the changes
+# channel and the job's id, and publish the id there first thing: from the script, the
+# announcement reaches the server that made the change. Published on a connection of its own,
+# it could go to an old primary after a failover, whose subscribers are not the new one's.
+# Nothing reads the message before the script has finished.
+ANNOUNCE = """
+redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
+"""
+
 # Finish an unfinished job and count it; one with a callback URL joins the deliveries set, and
 # one with an owner leaves the owner's count (a count at 0 goes).
 # KEYS: job, queue, counters, deliveries, owners.
-# ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated).
+# ARGV: status, now, ttl_ms, result, error, group, tally (counter names, comma-separated),
+# then the two of ANNOUNCE.
 FINISH_BODY = """
 -- A job's metadata as a table; empty if it is not JSON (a damaged record still finishes).
 local function decoded_meta(job)
@@ -82,6 +92,7 @@ end
 # while the job has its fast answer (it arrived after the worker read the job: see Completed).
 FINISH = (
     FINISH_BODY
+    + ANNOUNCE
     + """
 local stored = finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
                       KEYS[3], ARGV[7], KEYS[4], KEYS[5])
@@ -94,11 +105,12 @@ return stored
 
 # Lease a delivered entry. KEYS: job, queue, counters, deliveries, owners.
 # ARGV: entry, now, max_attempts, ttl_ms, lost, group, missing (the error for a job without
-# its image).
+# its image), then the two of ANNOUNCE.
 # Returns the image, or false when the entry is stale (job gone, finished, cancelled, out of
 # attempts, or without its image).
 LEASE = (
     FINISH_BODY
+    + ANNOUNCE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 local current = redis.call('HGET', KEYS[1], 'entry')
@@ -150,12 +162,13 @@ return renewed
 """
 
 # A worker's run failed. KEYS: job, queue, counters, deliveries, owners.
-# ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms.
+# ARGV: now, error, group, id, retry (1 or 0), max_attempts, ttl_ms, then the two of ANNOUNCE.
 # A running job with attempts left, whose cancel nobody asked for, goes back under a new entry
 # (returns 1); with retry, a job that is not running is not this worker's and is left alone.
 # Any other job finishes.
 FAIL = (
     FINISH_BODY
+    + ANNOUNCE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
@@ -182,9 +195,10 @@ return 0
 
 # Cancel: a queued job at once, a running one when it finishes. KEYS: job, queue, counters,
 # deliveries, owners.
-# ARGV: now, ttl ms, group.
+# ARGV: now, ttl ms, group, then the two of ANNOUNCE.
 CANCEL = (
     FINISH_BODY
+    + ANNOUNCE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then

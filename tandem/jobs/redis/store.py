@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 from redis import asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import MasterNotFoundError
-from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
@@ -83,8 +82,6 @@ log = logging.getLogger("tandem.jobs")
 
 T = TypeVar("T")
 ScriptArg = str | bytes | int | float
-# A script's keys and arguments, and the id of the job it changes.
-ScriptCall = tuple[list[str], list[ScriptArg], str]
 GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
@@ -447,8 +444,9 @@ class RedisJobStore:
             _LOST_LUA,
             GROUP,
             MISSING_IMAGE,
+            *self._announcing(job_id),
         ]
-        (image,) = await self._announced(lambda: self._lease, [(keys, args, job_id)])
+        image = await self._call(lambda: self._lease(keys=keys, args=args))
         if image is None:
             return None
         try:
@@ -460,7 +458,7 @@ class RedisJobStore:
 
     async def _finish_unreadable(self, job_id: str, exc: UnreadableJob) -> None:
         keys, args = self._finish_call(job_id, JobStatus.FAILED, error=unreadable_failure(exc))
-        await self._announced(lambda: self._finish, [(keys, args, job_id)])
+        await self._call(lambda: self._finish(keys=keys, args=args))
 
     @property
     def _ttl_ms(self) -> int:
@@ -475,40 +473,26 @@ class RedisJobStore:
         tallies: Mapping[str, Sequence[str]] | None = None,
     ) -> Completed:
         tallies = tallies or {}
-        calls = [
-            (
-                *self._finish_call(
-                    job_id, JobStatus.DONE, dump_prediction(result), tally=tallies.get(job_id)
-                ),
-                job_id,
-            )
-            for job_id, result in results.items()
-        ]
-        stored = await self._announced(lambda: self._finish, calls)
-        replies = dict(zip(results, stored, strict=True))
+
+        async def finish_all() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id, result in results.items():
+                    keys, args = self._finish_call(
+                        job_id, JobStatus.DONE, dump_prediction(result), tally=tallies.get(job_id)
+                    )
+                    await self._finish(keys=keys, args=args, client=pipe)
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = dict(zip(results, await self._call(finish_all), strict=True))
         return Completed(
             stored=frozenset(job_id for job_id, reply in replies.items() if reply),
             untallied=frozenset(job_id for job_id, reply in replies.items() if reply == 2),
         )
 
-    async def _announced(
-        self, script: Callable[[], AsyncScript], calls: Sequence[ScriptCall]
-    ) -> list[Any]:
-        """Run the script once per call, each followed by the changed job's id on the changes
-        channel, in one pipeline: the change and its announcement reach the same server. A
-        publish sent on another connection, one still with the old primary after a failover,
-        reached none of the new primary's subscribers. `script` is read at each try, since a
-        try may register the scripts anew (see _with_group)."""
-
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for keys, args, job_id in calls:
-                    await script()(keys=keys, args=args, client=pipe)
-                    pipe.publish(self._changes, job_id)
-                replies: list[Any] = await pipe.execute()
-            return replies[::2]  # the scripts' replies; the publishes' are counts
-
-        return await self._call(run)
+    def _announcing(self, job_id: str) -> list[ScriptArg]:
+        """The last arguments of a script that changes a job (see scripts.ANNOUNCE)."""
+        return [self._changes, job_id]
 
     def _finishing_keys(self, job_id: str) -> list[str]:
         """The keys of every script that may finish a job (see scripts.FINISH_BODY)."""
@@ -531,7 +515,9 @@ class RedisJobStore:
         """Keys and arguments of the finishing script for one job."""
         keys = self._finishing_keys(job_id)
         now = repr(time.time())
-        return keys, [status.value, now, self._ttl_ms, result, error, GROUP, ",".join(tally or ())]
+        tallied = ",".join(tally or ())
+        args = [status.value, now, self._ttl_ms, result, error, GROUP, tallied]
+        return keys, [*args, *self._announcing(job_id)]
 
     async def fail(self, job_id: str, error: str, *, retry: bool) -> Job | None:
         keys = self._finishing_keys(job_id)
@@ -543,14 +529,15 @@ class RedisJobStore:
             int(retry),
             self.policy.max_attempts,
             self._ttl_ms,
+            *self._announcing(job_id),
         ]
-        await self._announced(lambda: self._fail, [(keys, args, job_id)])
+        await self._call(lambda: self._fail(keys=keys, args=args))
         return await self.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
         keys = self._finishing_keys(job_id)
-        args: list[ScriptArg] = [repr(time.time()), self._ttl_ms, GROUP]
-        await self._announced(lambda: self._cancel, [(keys, args, job_id)])
+        args: list[ScriptArg] = [repr(time.time()), self._ttl_ms, GROUP, *self._announcing(job_id)]
+        await self._call(lambda: self._cancel(keys=keys, args=args))
         return await self.get(job_id)
 
     async def record_delivery(self, job_id: str, delivery: Delivery) -> None:
