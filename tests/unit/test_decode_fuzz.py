@@ -6,6 +6,7 @@ stays within its pixel budget, so memory stays bounded whatever the bytes claim.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,4 +117,7 @@ def test_atheris_finds_no_crash_within_its_budget(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Done 3000 runs" in result.stderr
+    # libFuzzer may end a few runs past -runs (CI once saw 3008): the whole budget must run.
+    done = re.search(r"Done (\d+) runs", result.stderr)
+    assert done is not None, result.stderr[-3000:]
+    assert int(done[1]) >= 3000
