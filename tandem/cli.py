@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except tuple(EXIT_STATUS) as exc:
-        print(f"tandem: {exc.message}", file=sys.stderr)
+        print(f"tandem: {exc}", file=sys.stderr)
         return next(code for kind, code in EXIT_STATUS.items() if isinstance(exc, kind))
     except KeyboardInterrupt:
         return 130

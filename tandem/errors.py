@@ -15,9 +15,13 @@ class TandemError(Exception):
     code: ClassVar[str] = "internal_error"
     request_id: str | None = None  # set on errors the client reads off the wire
 
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, cause: str = "", **details: Any) -> None:
+        # str(error) is the operator's account, for logs; a client reads `message` alone.
+        super().__init__(f"{message}: {cause}" if cause else message)
         self.message = message
+        # What failed underneath (a Redis client's error names its host and port): logged,
+        # and shown to an authorised caller of /health/all, never put in a response body.
+        self.cause = cause
         self.details = details
 
 

@@ -132,7 +132,7 @@ class TandemService:
         self.calls = Occupancy()
         self.sample_prediction: Prediction | None = None
         # Why the embedded worker stopped, if it died: liveness fails, so that it is restarted.
-        self.worker_failure: str | None = None
+        self.worker_failure: ServiceUnavailable | None = None
         # Set when the server begins to shut down: streams and long-polls end (see drain).
         self.draining = False
         self._watches: set[Watch] = set()
@@ -149,7 +149,7 @@ class TandemService:
                 self._executor, self._classify, sample_image_bytes(), RunAbort()
             )
         except InvalidModelOutput as exc:
-            raise ConfigurationError(f"{exc.message} on the bundled sample photo") from exc
+            raise ConfigurationError(f"{exc} on the bundled sample photo") from exc
         self.sample_prediction = prediction
 
     async def close(self) -> None:
@@ -288,7 +288,7 @@ class TandemService:
         except QueueUnavailable:  # the job is stored; the answer was extra
             log.warning("the fast answer was not added to job %s: the queue is unavailable", job_id)
         except UnreadableJob as exc:  # rewritten meanwhile by a newer version, which owns it now
-            log.warning("the fast answer was not added to job %s: %s", job_id, exc.message)
+            log.warning("the fast answer was not added to job %s: %s", job_id, exc)
         except Exception:  # nobody awaits this task to hear of it
             log.exception("adding the fast answer to job %s failed", job_id)
 
@@ -349,7 +349,7 @@ class TandemService:
             job = await self.store.enqueue(spec)
         except (ServiceUnavailable, TooManyQueued) as exc:
             if isinstance(exc, QueueUnavailable | DiskLow):  # a full queue is load, not a fault
-                self._storing.failed(exc.message)
+                self._storing.failed(str(exc))
             exc.details.setdefault("retry_after", self.retry_after_s)
             return None, exc
         except TandemError:  # says what went wrong already
@@ -479,28 +479,34 @@ class TandemService:
         oldest = await self.store.oldest_unfinished_at()
         return QueueStats(depth, max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
-    async def health(self) -> dict[str, str]:
-        """Each model and the queue: "ok" or why not."""
+    async def health(self, *, causes: bool) -> dict[str, str]:
+        """Each model and the queue: "ok" or why not; with `causes`, what failed underneath
+        too (see TandemError.cause), which only an operator may read."""
+        said = str if causes else _message
         report = {self.fast.name: OK, self.accurate_model: OK, "queue": OK}
         try:
-            report["queue"] = await self._queue_health()
+            report["queue"] = await self._queue_health(said)
             live = await self.store.live_models(WORKER_ALIVE_S)
         except QueueUnavailable as exc:
-            report["queue"] = exc.message
+            report["queue"] = said(exc)
             report[self.accurate_model] = "unknown: the queue is unavailable"
             return report
         if self.worker_failure is not None:
-            report[self.accurate_model] = self.worker_failure
+            report[self.accurate_model] = said(self.worker_failure)
         elif self.accurate_model not in live:
             report[self.accurate_model] = "no live worker serves this model"
         return report
 
-    async def _queue_health(self) -> str:
+    async def _queue_health(self, said: Callable[[TandemError], str]) -> str:
         try:
             await self.store.ping()
         except QueueFull as exc:  # it takes no new job (a disk low), yet its workers go on
-            return exc.message
+            return said(exc)
         return OK
+
+
+def _message(error: TandemError) -> str:
+    return error.message
 
 
 EnqueueResult = tuple[tuple[Job | None, Refusal | None], float]

@@ -166,7 +166,7 @@ class Worker:
         try:
             claims = await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
         except QueueUnavailable as exc:
-            self._claims.failed(f"{exc.message}; retrying every {self.config.poll_s:g} s")
+            self._claims.failed(f"{exc}; retrying every {self.config.poll_s:g} s")
             await asyncio.sleep(self.config.poll_s)
             return []
         self._claims.ended()
@@ -192,7 +192,7 @@ class Worker:
                 await self._take_up_deliveries()
                 self._last_sweep = now
         except QueueUnavailable as exc:
-            self._upkeep.failed(exc.message)
+            self._upkeep.failed(str(exc))
         else:
             self._upkeep.ended()
 
@@ -349,7 +349,7 @@ class Worker:
             await work
         except QueueUnavailable as exc:
             # The results could not be stored; the leases run out and the jobs come back.
-            log.warning("queue unavailable while finishing %d jobs: %s", len(claims), exc.message)
+            log.warning("queue unavailable while finishing %d jobs: %s", len(claims), exc)
         finally:
             self._leases.release(claim.id for claim in claims)
 

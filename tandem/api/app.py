@@ -21,7 +21,7 @@ from tandem.api.guards import OPEN_PATHS, ApiKeys, BodyLimit, Deadline, LoadShed
 from tandem.api.metrics import AccessMiddleware, Metrics
 from tandem.api.middleware import HeadAsGet, RequestIdMiddleware
 from tandem.api.routes import predict, route_of, router
-from tandem.errors import QueueUnavailable
+from tandem.errors import QueueUnavailable, ServiceUnavailable
 from tandem.jobs.factory import make_store, store_location
 from tandem.jobs.store import JobStore
 from tandem.keys import parse_keys
@@ -125,7 +125,7 @@ def _report_worker_failure(service: TandemService, task: asyncio.Task[None]) -> 
     /health fails, so that a supervisor restarts the process and the jobs run."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("the embedded worker stopped on an error; jobs wait for a restart", exc_info=exc)
-        service.worker_failure = f"the embedded worker stopped: {exc!r}"
+        service.worker_failure = ServiceUnavailable("the embedded worker stopped", cause=repr(exc))
 
 
 async def _flush_stats_forever(service: TandemService) -> None:

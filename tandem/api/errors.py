@@ -69,7 +69,7 @@ def reported(exc: Exception) -> TandemError:
         log.exception("unhandled error", exc_info=exc)
         return TandemError("internal error; see the server log")
     if exc.status >= 500:
-        log.warning("%s: %s", exc.code, exc.message)
+        log.warning("%s: %s", exc.code, exc)
     return exc
 
 

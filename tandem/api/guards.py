@@ -36,6 +36,7 @@ OPEN_PATHS = frozenset({"/", "/health", "/health/all"})
 # it, and /docs was of no use on a server with keys. Its "Authorize" takes a key for the calls.
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 DOCS_PREFIX = DOCS_STATIC + "/"
+KEY_REQUIRED = "a valid API key is required (Authorization: Bearer, or X-API-Key)"
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError) -> None:
@@ -127,18 +128,19 @@ class ApiKeys:
         return self._keys[matches.index(True)].identity if any(matches) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _open(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         identity = self._identity(scope)
         if identity is not None:
             # Who sent it, for what belongs to a client (its idempotency keys, its shares,
-            # its access log lines); never the key.
+            # its access log lines, the causes /health/all shows); never the key. Open
+            # paths take it too, and go on without one.
             scope.setdefault("state", {})[API_KEY_ID] = identity
-            await self.app(scope, receive, send)
+        elif not _open(scope["path"]):
+            await _refuse(scope, receive, send, Unauthorized(KEY_REQUIRED))
             return
-        error = Unauthorized("a valid API key is required (Authorization: Bearer, or X-API-Key)")
-        await _refuse(scope, receive, send, error)
+        await self.app(scope, receive, send)
 
 
 def _open(path: str) -> bool:
@@ -148,6 +150,13 @@ def _open(path: str) -> bool:
 def api_key_id_of(request: Request) -> str | None:
     """The client's identity when API keys are on: its key's name, or a digest of the key."""
     return api_key_id_in(request.scope)
+
+
+def shows_causes(request: Request) -> bool:
+    """Whether this caller may read what failed underneath an error (TandemError.cause): with
+    API keys on, only one that sent a key; with them off, anyone may call anything."""
+    keys_on = bool(request.app.state.settings.api_keys)
+    return not keys_on or api_key_id_of(request) is not None
 
 
 def api_key_id_in(scope: Scope) -> str | None:

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from tandem import __version__
 from tandem.api.bodies import JSON, REQUEST_BODY, image_bytes
 from tandem.api.errors import error_body, error_headers, reported
-from tandem.api.guards import api_key_id_of
+from tandem.api.guards import api_key_id_of, shows_causes
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
 from tandem.api.page import docs_page, web_page
@@ -136,17 +136,22 @@ async def docs() -> HTMLResponse:
 async def health(request: Request) -> JSONResponse:
     failure = service_of(request).worker_failure
     if failure is not None:
-        return JSONResponse({"health": failure}, status_code=503)
+        said = str(failure) if shows_causes(request) else failure.message
+        return JSONResponse({"health": said}, status_code=503)
     return JSONResponse({"health": OK})
 
 
 @router.get(
     "/health/all",
     summary="Each model and the queue: ok, or the reason not (503 when any is not ok).",
+    description=(
+        "Open to all. With API keys on, what failed underneath (a Redis error names its"
+        " address) is told only to a caller that sends a key."
+    ),
     responses={503: {"description": "Something is not ok; the body says what."}},
 )
 async def health_all(request: Request) -> JSONResponse:
-    report = await service_of(request).health()
+    report = await service_of(request).health(causes=shows_causes(request))
     status = 200 if all(value == OK for value in report.values()) else 503
     return JSONResponse(report, status_code=status)
 

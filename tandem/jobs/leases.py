@@ -57,7 +57,7 @@ class Leases:
         try:
             renewed = await self._store.extend(self._worker_id, held)
         except QueueUnavailable as exc:  # the next round tries again, within the timeout
-            log.warning("leases of %d jobs not renewed: %s", len(held), exc.message)
+            log.warning("leases of %d jobs not renewed: %s", len(held), exc)
             return
         except Exception:  # nobody awaits the keeper: said here, and the next round tries again
             log.exception("renewing the leases of %d jobs failed", len(held))

@@ -341,6 +341,10 @@ def test_a_fault_storing_the_job_still_gives_the_fast_answer(
     assert "database disk image is malformed" in caplog.text
 
 
+# What redis-py says of a server it cannot reach: its address, for the operator alone.
+REFUSED = "Error 111 connecting to 10.1.2.3:6379. Connection refused."
+
+
 class _Away(SQLiteJobStore):
     """A queue that refuses new jobs while `away` (Redis down), or answers that it is full."""
 
@@ -348,8 +352,13 @@ class _Away(SQLiteJobStore):
 
     async def enqueue(self, spec: JobSpec) -> Job:
         if self.away is not None:
-            raise self.away("Redis is unavailable: Connection refused")
+            raise self.away("Redis is unavailable", cause=REFUSED)
         return await super().enqueue(spec)
+
+    async def ping(self) -> None:
+        if self.away is not None:
+            raise self.away("Redis is unavailable", cause=REFUSED)
+        await super().ping()
 
 
 def test_an_unavailable_queue_is_logged_when_it_goes_and_when_it_comes_back(
@@ -366,9 +375,29 @@ def test_an_unavailable_queue_is_logged_when_it_goes_and_when_it_comes_back(
             assert response.status_code == (200 if away is None else 503)
     lines = [r.getMessage() for r in caplog.records if r.name == "tandem.service"]
     assert [re.sub(r"\d+ s$", "N s", line) for line in lines] == [
-        "storing new jobs failed: Redis is unavailable: Connection refused",
+        f"storing new jobs failed: Redis is unavailable: {REFUSED}",
         "storing new jobs recovered after N s",
     ]
+
+
+def test_what_failed_underneath_is_logged_and_told_only_to_callers_with_a_key(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis error names the server's address. It went out in every 503 and on
+    /health/all, which needs no key: to anyone who could reach the proxy."""
+    keyed = Settings(**_settings(tiny_dir, tmp_path).model_dump() | {"api_keys": ("k",)})
+    with TestClient(create_app(keyed, store=_Away(tmp_path / "jobs.db"))) as client:
+        with_key = {"X-API-Key": "k"}
+        png = {"Content-Type": "image/png"}
+        refused = client.post("/predict", content=RED, headers=with_key | png)
+        anonymous = client.get("/health/all")
+        operator = client.get("/health/all", headers=with_key)
+    assert refused.status_code == anonymous.status_code == operator.status_code == 503
+    assert refused.json()["error"]["message"] == "Redis is unavailable"
+    assert anonymous.json()["queue"] == "Redis is unavailable"
+    assert operator.json()["queue"] == f"Redis is unavailable: {REFUSED}"
+    assert "10.1.2.3" not in refused.text + anonymous.text
+    assert f"storing new jobs failed: Redis is unavailable: {REFUSED}" in caplog.text
 
 
 def test_a_disk_under_its_floor_refuses_new_jobs_with_the_fast_answer_and_readiness_fails(

@@ -85,6 +85,7 @@ ScriptArg = str | bytes | int | float
 GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
+UNAVAILABLE = "Redis is unavailable"
 # Errors of a Redis that is up but takes no writes for now: at its memory limit, a replica
 # (after a failover, or cut off from its primary: MASTERDOWN), unable to persist, short of
 # replicas, busy with a script. The queue is unavailable, as when Redis is down; none of them
@@ -188,14 +189,14 @@ class RedisJobStore:
             return await self._with_group(operation)
         except ResponseError as exc:
             if refuses_writes(exc):
-                raise QueueUnavailable(f"Redis refused: {exc}") from exc
+                raise QueueUnavailable("Redis refused the write", cause=str(exc)) from exc
             raise
         except MasterNotFoundError as exc:
             # Its text goes on to repeat each Sentinel's client, settings and all.
             asked = str(exc).split(" : ", 1)[0]
-            raise QueueUnavailable(f"Redis is unavailable: {asked} by its Sentinels") from exc
+            raise QueueUnavailable(UNAVAILABLE, cause=f"{asked} by its Sentinels") from exc
         except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
+            raise QueueUnavailable(UNAVAILABLE, cause=str(exc)) from exc
 
     async def _with_group(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation`, once more after mending what it met: a Redis that restarted

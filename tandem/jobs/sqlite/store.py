@@ -128,7 +128,7 @@ class SQLiteJobStore:
                 with upkeep.lazily(conn):
                     return fn(conn)
             except sqlite3.OperationalError as exc:
-                raise QueueUnavailable(f"the job store failed: {exc}") from exc
+                raise QueueUnavailable("the job store failed", cause=str(exc)) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 

@@ -200,7 +200,7 @@ async def give_back(run: Callable[[Step], Awaitable[int]]) -> None:
                 break
             await asyncio.sleep((time.monotonic() - step_started) * RECLAIM_PAUSE_RATIO)
     except QueueUnavailable as exc:  # moving pages writes: a disk near full may refuse it
-        log.warning("%s, giving pages back; the next purge tries again", exc.message)
+        log.warning("%s, giving pages back; the next purge tries again", exc)
     finally:
         if pages:
             log.info(
