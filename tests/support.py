@@ -391,6 +391,8 @@ class RedisServer:
             "always",
             "--maxmemory",  # as production's should be: Tandem warns of a Redis without
             "1gb",
+            "--repl-diskless-sync-delay",  # a replica is sent its data at once, not after 5 s
+            "0",
             *self.tls,  # its --port 0 after the first: no plain port
         ]
 
