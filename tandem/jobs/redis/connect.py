@@ -3,6 +3,9 @@ that Redis Sentinel names for the service the URL's host names."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +16,15 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, RedisError
+
+log = logging.getLogger("tandem.jobs")
 
 SENTINEL_PORT = 26379
+# What a Sentinel publishes once it has failed a service over: "<service> <old host> <old
+# port> <new host> <new port>".
+SWITCH_CHANNEL = "+switch-master"
+FOLLOW_RETRY_S = 1.0
 # A reply Redis has not sent by then is QueueUnavailable. Without a bound, a Redis that hangs
 # (stopped, or across a partition that drops packets) held every request that stored a job,
 # past its deadline, until TCP gave up: many minutes.
@@ -60,13 +69,29 @@ def sentinel_addresses(entries: Sequence[str]) -> tuple[tuple[str, int], ...]:
 class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """Sentinel's choice of primary, with the blocking pool's wait for a free connection."""
 
+    async def leave_primary(self) -> None:
+        """Close every connection, the idle ones now and the busy ones as they come back, so
+        that each is made again to the primary the Sentinels name now."""
+        async with self._lock:
+            for connection in self._in_use_connections:
+                connection.mark_for_reconnect()  # type: ignore[no-untyped-call]  # closed on release
+        await self.disconnect(inuse_connections=False)
+
 
 class Link:
     """A client of Redis, and the Sentinels' connections that close with it."""
 
-    def __init__(self, client: aioredis.Redis, sentinel: Sentinel | None = None) -> None:
+    def __init__(
+        self, client: aioredis.Redis, sentinel: Sentinel | None = None, service: str = ""
+    ) -> None:
         self.client = client
         self._sentinel = sentinel
+        self._service = service
+        # Started here, from the store's open, on its event loop.
+        self._following = [
+            asyncio.create_task(self._follow(asked), name="tandem-sentinel-switches")
+            for asked in (sentinel.sentinels if sentinel else ())
+        ]
 
     @classmethod
     def open(cls, url: str, client_name: str, sentinels: Sentinels | None = None) -> Link:
@@ -85,9 +110,40 @@ class Link:
         return _through(sentinels, url, options)
 
     async def close(self) -> None:
+        for task in self._following:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.client.aclose()
         for sentinel in self._sentinel.sentinels if self._sentinel else ():
             await sentinel.aclose()
+
+    async def _follow(self, asked: aioredis.Redis) -> None:
+        """Leave the old primary as soon as this Sentinel names a new one. Until a Sentinel
+        demotes it, seconds later, the old primary still takes writes on the connections made
+        to it, and drops them as it resyncs: each was refused, or lost (see the README's
+        Durability note)."""
+        while True:
+            try:
+                async with asked.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(SWITCH_CHANNEL)
+                    async for message in pubsub.listen():
+                        announcement = as_text(message["data"], errors="replace")
+                        if announcement.split(" ", 1)[0] == self._service:
+                            await self._switched(asked, announcement)
+            except (RedisError, OSError):
+                pass  # this Sentinel is away; the others still say
+            await asyncio.sleep(FOLLOW_RETRY_S)
+
+    async def _switched(self, asked: aioredis.Redis, announcement: str) -> None:
+        assert self._sentinel is not None
+        log.warning("Redis Sentinel failed over: %s; reconnecting", announcement)
+        # Asked first for the primary: the other Sentinels may not have heard yet.
+        self._sentinel.sentinels.remove(asked)
+        self._sentinel.sentinels.insert(0, asked)
+        pool = self.client.connection_pool
+        assert isinstance(pool, _SentinelPool)
+        await pool.leave_primary()
 
 
 def _through(sentinels: Sentinels, url: str, options: dict[str, Any]) -> Link:
@@ -115,7 +171,12 @@ def _through(sentinels: Sentinels, url: str, options: dict[str, Any]) -> Link:
         ssl=tls,
         **options,
     )
-    return Link(client, sentinel)
+    return Link(client, sentinel, service)
+
+
+def as_text(value: bytes | str, errors: str = "strict") -> str:
+    """A reply as text: redis-py gives bytes, unless the client decodes them."""
+    return value.decode(errors=errors) if isinstance(value, bytes) else value
 
 
 def where(url: str, sentinels: Sentinels | None = None) -> str:

@@ -64,7 +64,7 @@ from tandem.jobs.records import (
     meta_with_fast,
 )
 from tandem.jobs.redis import scripts
-from tandem.jobs.redis.connect import REPLY_TIMEOUT_S, Link, Sentinels, where
+from tandem.jobs.redis.connect import REPLY_TIMEOUT_S, Link, Sentinels, as_text, where
 from tandem.jobs.store import (
     MISSING_IMAGE,
     WORKER_FORGOTTEN_S,
@@ -86,6 +86,15 @@ GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
 UNAVAILABLE = "Redis is unavailable"
+# What a failover can lose with fewer replicas asked for than are connected: any job the
+# promoted replica had not received yet; or, with one at least, only where the old primary
+# stays up (see the README's Durability note).
+_FAILOVER_LOSSES = (
+    "a failover loses the jobs the promoted replica had not received; set it to 1 or more",
+    "a failover with the old primary still up can lose jobs it accepted; set it to"
+    " {connected}, every replica, for none lost, at the cost of refusing new jobs while one"
+    " is away",
+)
 # Errors of a Redis that is up but takes no writes for now: at its memory limit, a replica
 # (after a failover, or cut off from its primary: MASTERDOWN), unable to persist, short of
 # replicas, busy with a script. The queue is unavailable, as when Redis is down; none of them
@@ -166,7 +175,7 @@ class RedisJobStore:
                     self._hub.notify_all()
                     async for message in pubsub.listen():
                         # Any client of the server may publish here: what is no id wakes no one.
-                        self._hub.notify(_text(message["data"], errors="replace"))
+                        self._hub.notify(as_text(message["data"], errors="replace"))
                         faults.ended()
             except (RedisError, OSError, QueueUnavailable):
                 pass  # Redis away: those who use it say so
@@ -260,17 +269,13 @@ class RedisJobStore:
                 wanted,
             )
         elif wanted < connected:
-            # The replica promoted may not be one that had the job: with the old primary
-            # still up, 140 of 220 jobs accepted during a failover were lost at 1 of 2.
             log.warning(
                 "Redis at %s has %d replica(s) connected, and each job must reach %d"
-                " (TANDEM_REDIS_MIN_REPLICAS): a failover to one that lacks a job loses it;"
-                " set it to %d for no accepted job lost, at the cost of refusing new jobs"
-                " while any replica is away",
+                " (TANDEM_REDIS_MIN_REPLICAS): %s",
                 self._where,
                 connected,
                 wanted,
-                connected,
+                _FAILOVER_LOSSES[min(wanted, 1)].format(connected=connected),
             )
 
     async def _check_keeping(self) -> None:
@@ -378,7 +383,7 @@ class RedisJobStore:
             raise short
         if created:  # built, not read back: a round trip less on the sync path
             return spec.queued(now)
-        job = await self.get(_text(job_id))
+        job = await self.get(as_text(job_id))
         if job is None:  # only if its TTL ran out between the two calls
             raise QueueUnavailable("the job expired while it was being stored")
         return job
@@ -396,12 +401,12 @@ class RedisJobStore:
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         key = self._job_key(job_id)
         meta: Any = await self._call(lambda: self._client.hget(key, "meta"))
-        added = meta_with_fast(job_id, _text(meta), fast) if meta is not None else None
+        added = meta_with_fast(job_id, as_text(meta), fast) if meta is not None else None
         if added is None:
             return None
         args = [meta, added]
         result = await self._call(lambda: self._attach(keys=[key], args=args))
-        return load_prediction(_text(result)) if result else None
+        return load_prediction(as_text(result)) if result else None
 
     async def get(self, job_id: str) -> Job | None:
         values = await self._call(lambda: self._client.hmget(self._job_key(job_id), STORED_FIELDS))
@@ -569,7 +574,7 @@ class RedisJobStore:
             )
         )
         waiting, gone = [], []
-        for key in map(_text, members):
+        for key in map(as_text, members):
             try:
                 job = await self.get(key.removeprefix(self._job_key("")))
             except UnreadableJob:
@@ -593,7 +598,7 @@ class RedisJobStore:
         first: Any = await self._call(lambda: self._client.xrange(self._queue, count=1))
         if not first:
             return None
-        return int(_text(first[0][0]).split("-")[0]) / 1000.0
+        return int(as_text(first[0][0]).split("-")[0]) / 1000.0
 
     async def purge_expired(self) -> int:
         await self._call(self._forget_gone_workers)
@@ -603,7 +608,7 @@ class RedisJobStore:
         before = time.time() - WORKER_FORGOTTEN_S
         seen: list[Any] = await self._client.zrange(self._workers, 0, -1, withscores=True)
         gone = [worker for worker, at in seen if at < before]
-        live = {_text(worker) for worker, at in seen if at >= before}
+        live = {as_text(worker) for worker, at in seen if at >= before}
         if gone:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._workers, *gone)
@@ -611,7 +616,7 @@ class RedisJobStore:
                 await pipe.execute()
         consumers: list[dict[str, Any]] = await self._client.xinfo_consumers(self._queue, GROUP)
         for consumer in consumers:
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if name not in live and consumer["pending"] == 0:
                 await self._forget_consumer(keys=[self._queue], args=[GROUP, name])
 
@@ -622,7 +627,7 @@ class RedisJobStore:
 
     async def counts(self) -> dict[str, int]:
         raw: Any = await self._call(lambda: self._client.hgetall(self._counters))
-        return {_text(name): int(value) for name, value in raw.items()}
+        return {as_text(name): int(value) for name, value in raw.items()}
 
     async def beat(self, worker_id: str, model: str) -> None:
         keys = [self._workers, self._models]
@@ -636,7 +641,7 @@ class RedisJobStore:
         if not ids:
             return set()
         models = await self._call(lambda: self._client.hmget(self._models, ids))
-        return {_text(m) for m in models if m is not None}
+        return {as_text(m) for m in models if m is not None}
 
 
 # Lua's string.format placeholder for the attempt count.
@@ -650,7 +655,7 @@ def _entries(raw: Any) -> list[tuple[str, str]]:
     entries = []
     for entry_id, fields in raw:
         if fields:
-            entries.append((_text(entry_id), _text(fields.get(b"id", b""))))
+            entries.append((as_text(entry_id), as_text(fields.get(b"id", b""))))
     return entries
 
 
@@ -665,9 +670,5 @@ def refuses_writes(exc: ResponseError) -> bool:
     return isinstance(exc, _REFUSALS) or str(exc).startswith(_REFUSAL_CODES)
 
 
-def _text(value: bytes | str, errors: str = "strict") -> str:
-    return value.decode(errors=errors) if isinstance(value, bytes) else value
-
-
 def _job_from_fields(job_id: str, fields: dict[str, Any]) -> Job:
-    return job_from_stored(job_id, {k: _text(v) for k, v in fields.items() if v is not None})
+    return job_from_stored(job_id, {k: as_text(v) for k, v in fields.items() if v is not None})
