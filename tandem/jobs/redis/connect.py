@@ -133,6 +133,8 @@ class Link:
                             await self._switched(asked, announcement)
             except (RedisError, OSError):
                 pass  # this Sentinel is away; the others still say
+            except Exception:  # nobody awaits this task: a fault would end the following
+                log.exception("following Redis Sentinel's failovers failed; subscribing again")
             await asyncio.sleep(FOLLOW_RETRY_S)
 
     async def _switched(self, asked: aioredis.Redis, announcement: str) -> None:
