@@ -306,7 +306,7 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
             accepted = [(await proxy.enqueue(_spec())).id for _ in range(20)]
             (running,) = await worker.claim("w", 1, 0)
             async with proxy.watch(running.id):  # the proxy subscribes to the changes
-                await _subscribed(worker, proxy)
+                await _subscribed(worker._client, proxy)
             primary.kill()
             async with asyncio.timeout(60):  # refused (503) until a replica is promoted
                 while True:
@@ -316,7 +316,7 @@ async def test_through_sentinel_the_stores_follow_a_failover_and_lose_no_accepte
                     except QueueUnavailable:
                         await asyncio.sleep(0.2)
             assert all([await proxy.get(job_id) for job_id in accepted])
-            await _subscribed(worker, proxy)  # again, on the new primary
+            await _subscribed(worker._client, proxy)  # again, on the new primary
             async with proxy.watch(running.id) as watch:
                 assert await worker.complete(running.id, ANSWER)
                 async with asyncio.timeout(5):  # told by the new primary
@@ -427,13 +427,26 @@ async def test_through_sentinel_a_store_leaves_the_old_primary_when_a_sentinel_s
 ) -> None:
     """Its pooled connections still led to the old primary until a Sentinel demoted it and
     closed them: every job meanwhile was refused (its replicas follow the new primary), or,
-    with no replica asked for, lost."""
+    with no replica asked for, lost. Its subscription to the jobs' changes, which the
+    Sentinel does not close, heard none of them meanwhile."""
     async with _failing_over(tmp_path, replicas=1) as (primary, store, asked):
-        with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
-            await _failover(asked, "jobs")
-            promoted = await _moved(asked, "jobs", primary.port)
-            job_id = await _stored_on(store, promoted)
-        assert await _role(primary) == "master"  # not demoted yet
+        watched = await store.enqueue(_spec())
+        async with store.watch(watched.id) as watch:
+            with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
+                await _failover(asked, "jobs")
+                promoted = await _moved(asked, "jobs", primary.port)
+                job_id = await _stored_on(store, promoted)
+            new_primary = aioredis.Redis(port=promoted)
+            try:
+                await _subscribed(new_primary, store)
+                assert await _role(primary) == "master"  # not demoted yet
+                claimed = await store.claim("w", 50, 0)  # behind the fixture's first jobs
+                assert watched.id in {claim.id for claim in claimed}
+                assert await store.complete(watched.id, ANSWER)
+                async with asyncio.timeout(5):  # told by the new primary
+                    await watch.wait(timeout=10)
+            finally:
+                await new_primary.aclose()
         assert "Redis Sentinel failed over: jobs 127.0.0.1" in caplog.text
         await _demoted(primary)
         assert await store.get(job_id) is not None
@@ -496,11 +509,11 @@ async def _failover(asked: aioredis.Redis, service: str) -> None:
             await asyncio.sleep(0.2)
 
 
-async def _subscribed(other: RedisJobStore, store: RedisJobStore) -> None:
-    """Once `store`'s subscription to the changes is in place, as `other` sees it."""
+async def _subscribed(server: aioredis.Redis, store: RedisJobStore) -> None:
+    """Once `store`'s subscription to the changes is in place, as `server` sees it."""
     async with asyncio.timeout(30):
         while True:
-            [(_, subscribers)] = await other._client.pubsub_numsub(store._changes)
+            [(_, subscribers)] = await server.pubsub_numsub(store._changes)
             if subscribers:
                 return
             await asyncio.sleep(0.05)

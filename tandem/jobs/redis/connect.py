@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,11 +82,16 @@ class Link:
     """A client of Redis, and the Sentinels' connections that close with it."""
 
     def __init__(
-        self, client: aioredis.Redis, sentinel: Sentinel | None = None, service: str = ""
+        self,
+        client: aioredis.Redis,
+        sentinel: Sentinel | None = None,
+        service: str = "",
+        on_switch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self._sentinel = sentinel
         self._service = service
+        self._on_switch = on_switch
         # Started here, from the store's open, on its event loop.
         self._following = [
             asyncio.create_task(self._follow(asked), name="tandem-sentinel-switches")
@@ -94,7 +99,15 @@ class Link:
         ]
 
     @classmethod
-    def open(cls, url: str, client_name: str, sentinels: Sentinels | None = None) -> Link:
+    def open(
+        cls,
+        url: str,
+        client_name: str,
+        sentinels: Sentinels | None = None,
+        on_switch: Callable[[], Awaitable[None]] | None = None,
+    ) -> Link:
+        """A link to the URL's server, or to the primary `sentinels` name; `on_switch` is
+        awaited once they have named another (its connections are then being made again)."""
         options: dict[str, Any] = {
             "max_connections": MAX_CONNECTIONS,
             "timeout": REPLY_TIMEOUT_S,  # for a free connection
@@ -107,7 +120,7 @@ class Link:
         if sentinels is None:
             pool = aioredis.BlockingConnectionPool.from_url(url, **options)
             return cls(aioredis.Redis.from_pool(pool))
-        return _through(sentinels, url, options)
+        return _through(sentinels, url, options, on_switch)
 
     async def close(self) -> None:
         for task in self._following:
@@ -146,9 +159,16 @@ class Link:
         pool = self.client.connection_pool
         assert isinstance(pool, _SentinelPool)
         await pool.leave_primary()
+        if self._on_switch is not None:
+            await self._on_switch()
 
 
-def _through(sentinels: Sentinels, url: str, options: dict[str, Any]) -> Link:
+def _through(
+    sentinels: Sentinels,
+    url: str,
+    options: dict[str, Any],
+    on_switch: Callable[[], Awaitable[None]] | None,
+) -> Link:
     """A link to the primary that the Sentinels name for the service the URL's host names;
     the URL's other parts are the primary's, and its TLS options the Sentinels' too."""
     primary = parse_url(url)
@@ -173,7 +193,7 @@ def _through(sentinels: Sentinels, url: str, options: dict[str, Any]) -> Link:
         ssl=tls,
         **options,
     )
-    return Link(client, sentinel, service)
+    return Link(client, sentinel, service, on_switch)
 
 
 def as_text(value: bytes | str, errors: str = "strict") -> str:

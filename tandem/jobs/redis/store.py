@@ -183,6 +183,13 @@ class RedisJobStore:
                 faults.failed(f"{exc!r}; subscribing again", exc_info=True)
             await asyncio.sleep(RECONNECT_S)
 
+    async def _listen_anew(self) -> None:
+        """After a failover the subscription may still be with the old primary, which hears
+        no job's change until it is demoted: made again, with the new one."""
+        if self._listener is not None:
+            await stop(self._listener)
+            self._listener = asyncio.create_task(self._listen(), name="tandem-redis-changes")
+
     def _job_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
 
@@ -235,7 +242,7 @@ class RedisJobStore:
     async def open(self) -> None:
         if self._link is not None:
             return
-        self._link = Link.open(self.url, connection_name(), self.sentinels)
+        self._link = Link.open(self.url, connection_name(), self.sentinels, self._listen_anew)
         self._register_scripts(allow_oom=True)
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
