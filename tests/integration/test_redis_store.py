@@ -374,33 +374,36 @@ async def test_through_sentinel_over_tls_with_client_certificates(tmp_path: Path
 @contextlib.asynccontextmanager
 async def _failing_over(
     tmp_path: Path, replicas: int
-) -> AsyncIterator[tuple[RedisServer, RedisJobStore, aioredis.Redis]]:
-    """A primary, two replicas and a Sentinel, and a store through the Sentinel that each job
-    must reach `replicas` replicas: the old primary, the store, and the Sentinel to call a
-    failover with, while the old primary stays up."""
+) -> AsyncIterator[tuple[RedisServer, RedisJobStore, list[aioredis.Redis]]]:
+    """A primary, two replicas and two Sentinels, and a store through them that each job must
+    reach `replicas` replicas: the old primary, the store, and clients of the Sentinels, to
+    call a failover with, while the old primary stays up."""
     async with primary_and_replicas(tmp_path, count=2) as (primary, *_):
-        sentinel = RedisSentinel(tmp_path / "sentinel", primary).start()
+        sentinels = [RedisSentinel(tmp_path / f"sentinel{n}", primary).start() for n in (0, 1)]
         store = RedisJobStore(
-            f"redis://{sentinel.service}/0",
+            "redis://jobs/0",
             prefix="demoted",
             replication=Replication(replicas),
-            sentinels=Sentinels((("127.0.0.1", sentinel.port),)),
+            sentinels=Sentinels(tuple(("127.0.0.1", sentinel.port) for sentinel in sentinels)),
         )
-        asked = aioredis.Redis(port=sentinel.port)
+        asked = [aioredis.Redis(port=sentinel.port) for sentinel in sentinels]
         try:
             await store.open()
-            # Sentinel's timers (Redis 7.0+): it demotes the old primary about 4 s after a
-            # failover, not 8 to 16 s.
-            await asked.execute_command(
-                "SENTINEL", "DEBUG", "info-period", 200, "publish-period", 1000
-            )
+            for each in asked:
+                # Sentinel's timers (Redis 7.0+): the old primary is demoted about 4 s after a
+                # failover, not 8 to 16 s.
+                await each.execute_command(
+                    "SENTINEL", "DEBUG", "info-period", 200, "publish-period", 1000
+                )
             # Several connections in the pool, each to the primary.
             await asyncio.gather(*(store.enqueue(_spec()) for _ in range(8)))
             yield primary, store, asked
         finally:
-            await asked.aclose()
+            for each in asked:
+                await each.aclose()
             await store.close()
-            sentinel.stop()
+            for sentinel in sentinels:
+                sentinel.stop()
 
 
 async def test_through_sentinel_no_job_is_lost_to_a_primary_that_stays_up(
@@ -411,7 +414,7 @@ async def test_through_sentinel_no_job_is_lost_to_a_primary_that_stays_up(
     writes on the connections made to it, and drops them as it resyncs. A replica that
     still follows it confirms them, so only each job on every replica is safe: with 1 of 2,
     164 of 952 jobs accepted were lost."""
-    async with _failing_over(tmp_path, replicas=2) as (primary, store, asked):
+    async with _failing_over(tmp_path, replicas=2) as (primary, store, (asked, _)):
         demoted = asyncio.Event()
         sending = [asyncio.create_task(_enqueue_until(store, demoted)) for _ in range(4)]
         await _failover(asked, "jobs")
@@ -429,13 +432,13 @@ async def test_through_sentinel_a_store_leaves_the_old_primary_when_a_sentinel_s
     closed them: every job meanwhile was refused (its replicas follow the new primary), or,
     with no replica asked for, lost. Its subscription to the jobs' changes, which the
     Sentinel does not close, heard none of them meanwhile."""
-    async with _failing_over(tmp_path, replicas=1) as (primary, store, asked):
+    caplog.set_level(logging.WARNING, logger="tandem.jobs")
+    async with _failing_over(tmp_path, replicas=1) as (primary, store, (asked, other)):
         watched = await store.enqueue(_spec())
         async with store.watch(watched.id) as watch:
-            with caplog.at_level(logging.WARNING, logger="tandem.jobs"):
-                await _failover(asked, "jobs")
-                promoted = await _moved(asked, "jobs", primary.port)
-                job_id = await _stored_on(store, promoted)
+            await _failover(asked, "jobs")
+            promoted = await _moved(asked, "jobs", primary.port)
+            job_id = await _stored_on(store, promoted)
             new_primary = aioredis.Redis(port=promoted)
             try:
                 await _subscribed(new_primary, store)
@@ -447,9 +450,11 @@ async def test_through_sentinel_a_store_leaves_the_old_primary_when_a_sentinel_s
                     await watch.wait(timeout=10)
             finally:
                 await new_primary.aclose()
-        assert "Redis Sentinel failed over: jobs 127.0.0.1" in caplog.text
+        assert await _moved(other, "jobs", primary.port) == promoted  # it announced it too
         await _demoted(primary)
         assert await store.get(job_id) is not None
+    # Each Sentinel announced the failover; the store followed it once.
+    assert caplog.text.count("Redis Sentinel failed over: jobs 127.0.0.1") == 1
 
 
 async def _demoted(primary: RedisServer) -> None:

@@ -4,7 +4,6 @@ that Redis Sentinel names for the service the URL's host names."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError, RedisError
+
+from tandem.tasks import stop
 
 log = logging.getLogger("tandem.jobs")
 
@@ -92,6 +93,7 @@ class Link:
         self._sentinel = sentinel
         self._service = service
         self._on_switch = on_switch
+        self._last_switch = ""  # each Sentinel announces the same failover
         # Started here, from the store's open, on its event loop.
         self._following = [
             asyncio.create_task(self._follow(asked), name="tandem-sentinel-switches")
@@ -124,9 +126,7 @@ class Link:
 
     async def close(self) -> None:
         for task in self._following:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
         await self.client.aclose()
         for sentinel in self._sentinel.sentinels if self._sentinel else ():
             await sentinel.aclose()
@@ -152,6 +152,9 @@ class Link:
 
     async def _switched(self, asked: aioredis.Redis, announcement: str) -> None:
         assert self._sentinel is not None
+        if announcement == self._last_switch:
+            return
+        self._last_switch = announcement
         log.warning("Redis Sentinel failed over: %s; reconnecting", announcement)
         # Asked first for the primary: the other Sentinels may not have heard yet.
         self._sentinel.sentinels.remove(asked)
