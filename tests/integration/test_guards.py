@@ -19,6 +19,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import tandem
+from tandem.errors import ServiceUnavailable
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.runtime.classifier import load_classifier
@@ -61,6 +62,20 @@ def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
     assert header.status_code == 200
     assert client.get("/health").status_code == 200
     assert client.get("/health/all").status_code == 200
+
+
+def test_with_api_keys_liveness_says_why_to_a_caller_with_a_key_alone(make_client: Any) -> None:
+    """What stopped the embedded worker is its exception's text, which may name hosts or
+    paths: /health, open to all, told it to anyone."""
+    client = make_client(api_keys="first-key")
+    stopped = ServiceUnavailable("the embedded worker stopped", cause="OSError('/srv/x')")
+    client.app.state.service.worker_failure = stopped
+    anonymous = client.get("/health")
+    keyed = client.get("/health", headers={"X-API-Key": "first-key"})
+    wrong = client.get("/health", headers={"X-API-Key": "nope"})
+    assert anonymous.status_code == keyed.status_code == wrong.status_code == 503
+    assert anonymous.json() == wrong.json() == {"health": "the embedded worker stopped"}
+    assert keyed.json() == {"health": "the embedded worker stopped: OSError('/srv/x')"}
 
 
 def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(make_client: Any) -> None:
