@@ -86,15 +86,6 @@ GROUP = "workers"
 _LOST = "the worker running this job stopped {n} times before finishing it"
 RECONNECT_S = 0.5
 UNAVAILABLE = "Redis is unavailable"
-# What a failover can lose with fewer replicas asked for than are connected: any job the
-# promoted replica had not received yet; or, with one at least, only where the old primary
-# stays up (see the README's Durability note).
-_FAILOVER_LOSSES = (
-    "a failover loses the jobs the promoted replica had not received; set it to 1 or more",
-    "a failover with the old primary still up can lose jobs it accepted; set it to"
-    " {connected}, every replica, for none lost, at the cost of refusing new jobs while one"
-    " is away",
-)
 # Errors of a Redis that is up but takes no writes for now: at its memory limit, a replica
 # (after a failover, or cut off from its primary: MASTERDOWN), unable to persist, short of
 # replicas, busy with a script. The queue is unavailable, as when Redis is down; none of them
@@ -282,7 +273,7 @@ class RedisJobStore:
                 self._where,
                 connected,
                 wanted,
-                _FAILOVER_LOSSES[min(wanted, 1)].format(connected=connected),
+                _failover_losses(wanted, connected),
             )
 
     async def _check_keeping(self) -> None:
@@ -675,6 +666,18 @@ def connection_name(pid: int | None = None) -> str:
 def refuses_writes(exc: ResponseError) -> bool:
     """Whether Redis refused for a state of its own that passes (see _REFUSALS)."""
     return isinstance(exc, _REFUSALS) or str(exc).startswith(_REFUSAL_CODES)
+
+
+def _failover_losses(wanted: int, connected: int) -> str:
+    """What a failover can lose with fewer replicas asked for than are connected (see the
+    README's Durability note)."""
+    if wanted == 0:
+        return "a failover loses the jobs the promoted replica had not received; set it to 1"
+    return (
+        "a failover with the old primary still up can lose jobs it accepted; set it to"
+        f" {connected}, every replica, for none lost, at the cost of refusing new jobs while"
+        " one is away"
+    )
 
 
 def _job_from_fields(job_id: str, fields: dict[str, Any]) -> Job:
