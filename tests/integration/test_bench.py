@@ -130,3 +130,23 @@ def test_the_ab_command_compares_two_busy_servers(model_dir: Path, tmp_path: Pat
     for side in "AB":
         serve = next(tmp_path.glob(f"ab-*/serve-{side}.log")).read_text()
         assert "started for model" in serve  # the embedded worker ran
+
+
+@pytest.mark.timeout(60)
+def test_the_session_options_command_times_each_setting_against_tandem_s(tiny_dir: Path) -> None:
+    command = [sys.executable, "-m", "bench.session_options", "--model-dir", str(tiny_dir)]
+    command += ["--model", "tiny_fast", "--turns", "2", "--runs", "3"]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=50, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| Tandem's: ORT_ENABLE_ALL, arena and patterns on",
+        "| ORT_ENABLE_EXTENDED",
+        "| ORT_ENABLE_BASIC",
+        "| ORT_DISABLE_ALL",
+        "| no memory arena",
+        "| no memory patterns",
+    ]
+    assert rows[0].endswith("| 1.000 |")  # Tandem's own, against itself
