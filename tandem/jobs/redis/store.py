@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis import asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
     ClusterDownError,
@@ -326,20 +325,18 @@ class RedisJobStore:
         # A write: a Redis that answers PING may still refuse every job (see _REFUSALS), and
         # one whose replicas cannot confirm it refuses them too.
         key = f"{self._prefix}:ping"
-        if not self.replication.replicas:
-            await self._call(lambda: self._client.set(key, "1", px=60_000))
-            return
-
-        async def write(pipe: Pipeline) -> None:
-            pipe.set(key, "1", px=60_000)
-
-        _, acknowledged = await self._replicated(write)
+        _, acknowledged = await self._replicated(lambda client: client.set(key, "1", px=60_000))
         if (short := self.replication.short(acknowledged)) is not None:
             raise short
 
-    async def _replicated(self, write: Callable[[Pipeline], Awaitable[None]]) -> tuple[Any, int]:
-        """`write`'s reply, and how many replicas have it. WAIT counts the replicas that have
-        the connection's writes, so it follows the write in one pipeline."""
+    async def _replicated(
+        self, write: Callable[[aioredis.Redis], Awaitable[Any]]
+    ) -> tuple[Any, int]:
+        """`write`'s reply, and how many replicas have it (0 where none is asked for). `write`
+        sends its commands to the client it is given: the store's own, or a pipeline that
+        ends with WAIT, since WAIT counts the replicas that have the connection's writes."""
+        if not self.replication.replicas:  # no pipeline: it would cost SCRIPT EXISTS first
+            return await self._call(lambda: write(self._client)), 0
         timeout_ms = int(self.replication.wait_s * 1000)
 
         async def run() -> tuple[Any, int]:
@@ -369,7 +366,9 @@ class RedisJobStore:
             spec.owner or "",
             self.policy.max_queued_per_owner,
         ]
-        stored, acknowledged = await self._stored(keys, args)
+        stored, acknowledged = await self._replicated(
+            lambda client: self._enqueue(keys=keys, args=args, client=client)
+        )
         if stored == b"owner":
             raise owner_share_full(self.policy.max_queued_per_owner)
         if stored == b"queue":
@@ -385,16 +384,6 @@ class RedisJobStore:
         if job is None:  # only if its TTL ran out between the two calls
             raise QueueUnavailable("the job expired while it was being stored")
         return job
-
-    async def _stored(self, keys: list[str], args: list[ScriptArg]) -> tuple[Any, int]:
-        """ENQUEUE's reply, and how many replicas have what it wrote."""
-        if not self.replication.replicas:
-            return await self._call(lambda: self._enqueue(keys=keys, args=args)), 0
-
-        async def write(pipe: Pipeline) -> None:
-            await self._enqueue(keys=keys, args=args, client=pipe)
-
-        return await self._replicated(write)
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         key = self._job_key(job_id)
