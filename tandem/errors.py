@@ -24,6 +24,10 @@ class TandemError(Exception):
         self.cause = cause
         self.details = details
 
+    def told(self, *, with_cause: bool) -> str:
+        """The message, and with `with_cause` what failed underneath, for one who may read it."""
+        return str(self) if with_cause else self.message
+
 
 class InvalidRequest(TandemError):
     """A request HTTP itself rejects; carries the status the framework chose."""

@@ -482,31 +482,26 @@ class TandemService:
     async def health(self, *, causes: bool) -> dict[str, str]:
         """Each model and the queue: "ok" or why not; with `causes`, what failed underneath
         too (see TandemError.cause), which only an operator may read."""
-        said = str if causes else _message
         report = {self.fast.name: OK, self.accurate_model: OK, "queue": OK}
         try:
-            report["queue"] = await self._queue_health(said)
+            report["queue"] = await self._queue_health(causes)
             live = await self.store.live_models(WORKER_ALIVE_S)
         except QueueUnavailable as exc:
-            report["queue"] = said(exc)
+            report["queue"] = exc.told(with_cause=causes)
             report[self.accurate_model] = "unknown: the queue is unavailable"
             return report
         if self.worker_failure is not None:
-            report[self.accurate_model] = said(self.worker_failure)
+            report[self.accurate_model] = self.worker_failure.told(with_cause=causes)
         elif self.accurate_model not in live:
             report[self.accurate_model] = "no live worker serves this model"
         return report
 
-    async def _queue_health(self, said: Callable[[TandemError], str]) -> str:
+    async def _queue_health(self, causes: bool) -> str:
         try:
             await self.store.ping()
         except QueueFull as exc:  # it takes no new job (a disk low), yet its workers go on
-            return said(exc)
+            return exc.told(with_cause=causes)
         return OK
-
-
-def _message(error: TandemError) -> str:
-    return error.message
 
 
 EnqueueResult = tuple[tuple[Job | None, Refusal | None], float]

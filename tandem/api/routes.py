@@ -136,7 +136,7 @@ async def docs() -> HTMLResponse:
 async def health(request: Request) -> JSONResponse:
     failure = service_of(request).worker_failure
     if failure is not None:
-        said = str(failure) if shows_causes(request) else failure.message
+        said = failure.told(with_cause=shows_causes(request))
         return JSONResponse({"health": said}, status_code=503)
     return JSONResponse({"health": OK})
 
