@@ -383,7 +383,8 @@ class TandemService:
         job_id = parse_job_id(job_id)
         await self._written(job_id)
         job = _found(await self.store.get(job_id), job_id)
-        if self.private_jobs and job.owner is not None and job.owner != client:
+        # A job stored before keys were set has no client, so private jobs show it to none.
+        if self.private_jobs and job.owner != client:
             raise _not_found(job_id)  # as if it never existed: no other client learns it does
         return job
 

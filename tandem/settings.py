@@ -185,7 +185,8 @@ class Settings(BaseSettings):
         False,
         description="With API keys: a job is read, followed or cancelled only by the client "
         "that sent it (its key, or the keys under its name); to others it is 404, as an "
-        "unknown id. Off: whoever holds a job's id.",
+        "unknown id, and so is a job sent while the service had no keys. Off: whoever holds "
+        "a job's id.",
     )
     cors_origins: tuple[str, ...] = Field(
         (), description="Origins allowed by CORS (comma-separated)."

@@ -19,6 +19,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import tandem
+from tandem.api.app import create_app
 from tandem.errors import ServiceUnavailable
 from tandem.jobs.records import JobSpec, JobStatus, new_job_id
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -540,3 +541,29 @@ def test_with_private_jobs_another_client_finds_no_job(make_client: Any, private
         assert client.delete(f"/job/{job_id}", headers=new).json()["status"] == "cancelled"
     else:
         assert [r.status_code for r in seen_by_bob if r is not None] == [200, 200]
+
+
+def test_with_private_jobs_a_job_sent_before_keys_is_no_client_s(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A job stored while the service was open has no client. Once jobs are private, an id
+    that leaked while it was open must not read it for whoever holds a key."""
+    tiny = {"model_dir": tiny_dir, "fast_model": "tiny_fast", "accurate_model": "tiny_accurate"}
+    opened = Settings(data_dir=tmp_path, embedded_worker=False, **tiny)
+    with TestClient(create_app(opened), raise_server_exceptions=False) as client:
+        job_id = client.post("/predict", json=IMAGE).json()["job_id"]
+    private = Settings(
+        data_dir=tmp_path,
+        embedded_worker=False,
+        api_keys="alice=alice-key-0123456789",
+        private_jobs=True,
+        **tiny,
+    )
+    alice = {"X-API-Key": "alice-key-0123456789"}
+    with TestClient(create_app(private), raise_server_exceptions=False) as client:
+        answers = [
+            client.get(f"/job/{job_id}", headers=alice),
+            client.get(f"/job/{job_id}/events", headers=alice),
+            client.delete(f"/job/{job_id}", headers=alice),
+        ]
+    assert [r.json()["error"]["code"] for r in answers] == ["job_not_found"] * 3
