@@ -615,6 +615,7 @@ class Turns:
     watch: QueueWatch
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"empty": [], "full": []})
     loaded_jobs_per_s: list[float] = field(default_factory=list)
+    p99_ratio_spread: list[tuple[float, float]] = field(default_factory=list)
 
     def run(self, bench: Bench, clients: int) -> None:
         turns = 4 if bench.quick else 10
@@ -634,6 +635,7 @@ class Turns:
         self.runs["empty"].append(_summary(clients, empty))
         self.runs["full"].append(_summary(clients, full))
         self.loaded_jobs_per_s.append(done / busy_s)
+        self.p99_ratio_spread.append(p99_ratio_spread(empty, full))
 
     def _empty_turn(self, clients: int, seconds: float) -> dict[str, Any]:
         self.busy.pause()
@@ -643,7 +645,30 @@ class Turns:
             self.busy.resume()
 
     def results(self) -> dict[str, Any]:
-        return self.runs | {"embedded_loaded_jobs_per_s": self.loaded_jobs_per_s}
+        return self.runs | {
+            "embedded_loaded_jobs_per_s": self.loaded_jobs_per_s,
+            "p99_ratio_spread": self.p99_ratio_spread,
+        }
+
+
+def p99_ratio_spread(
+    empty: list[dict[str, Any]], full: list[dict[str, Any]], draws: int = 2000
+) -> tuple[float, float]:
+    """The 5th and 95th percentiles of the p99 ratio full / empty over the turns drawn again
+    with replacement, turn k of both sides together (they ran moments apart). A p99 of some
+    700 requests is their 7 slowest, so a stall in one turn can decide it: the spread says
+    how much the ratio of this run owes to which turns it happened to take."""
+    rng = np.random.default_rng(0)  # the same turns give the same spread
+    sides = [[np.asarray(run["latencies_s"]) for run in turns] for turns in (full, empty)]
+    ratios = []
+    for _ in range(draws):
+        picks = rng.integers(0, len(empty), len(empty))
+        full_p99, empty_p99 = (
+            np.percentile(np.concatenate([s[i] for i in picks]), 99) for s in sides
+        )
+        ratios.append(full_p99 / empty_p99)
+    low, high = np.percentile(ratios, [5, 95])
+    return float(low), float(high)
 
 
 def profile_proxy(bench: Bench, stacks: Path, clients: int = 1) -> str:

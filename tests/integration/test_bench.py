@@ -35,6 +35,7 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
     for heading in ("Floor", "Sync path", "Async path and interference", "Memory", "Targets"):
         assert heading in table
     assert table.count(" met") + table.count("MISSED") == 8  # every target got a ratio
+    assert table.count("; turns redrawn: ") == 2  # each interference ratio with its spread
     results = json.loads(raw.read_text())
     assert set(results) >= {"floor", "sync", "async", "interference", "machine"}
     assert results["sync"]["raw"] is not None  # raw image bodies were accepted
