@@ -39,9 +39,12 @@ def new_job_id() -> str:
 
 
 def parse_job_id(value: str) -> str:
-    """Return a well-formed id; a malformed one cannot name a job, so it is 'not found'."""
+    """Return a well-formed id; a malformed one cannot name a job, so it is 'not found', with
+    the form an id takes, for whoever copied one wrong."""
     if not _JOB_ID.fullmatch(value):
-        raise JobNotFound("no such job", job_id=value[:64])
+        raise JobNotFound(
+            "no such job: a job id is 32 lowercase hexadecimal digits", job_id=value[:64]
+        )
     return value
 
 

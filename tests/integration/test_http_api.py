@@ -215,7 +215,12 @@ def test_unknown_or_malformed_job_ids_are_404(real_server: ServerProcess, job_id
     with real_server.client() as client:
         response = client.get(f"/job/{job_id}")
     assert response.status_code == 404
-    assert response.json()["error"]["code"] == "job_not_found"
+    error = response.json()["error"]
+    assert error["code"] == "job_not_found"
+    # A well-formed id may have expired; a malformed one is told the form ids take.
+    malformed = job_id != "0" * 32
+    assert ("32 lowercase hexadecimal digits" in error["message"]) is malformed
+    assert ("expired" in error["message"]) is not malformed
 
 
 def test_every_error_has_the_same_shape(real_server: ServerProcess) -> None:
