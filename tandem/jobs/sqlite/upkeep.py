@@ -88,12 +88,16 @@ class Checkpointer:
         self._path, self._every_s, self._start_over = path, every_s, start_over
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
         self._conn: sqlite3.Connection | None = None
+        # A WAL frame is a page and its header; the page size of a file in WAL mode is fixed.
+        self._frame_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._backoff_s, self._start_over_at = 0.0, 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._thread, connection, self._path)
+        page_bytes = await loop.run_in_executor(self._thread, page_size, self._conn)
+        self._frame_bytes = page_bytes + WAL_FRAME_HEADER_BYTES
         self._task = asyncio.create_task(self._every_while(), name="tandem-checkpoint")
 
     async def _every_while(self) -> None:
@@ -118,7 +122,7 @@ class Checkpointer:
         """A PASSIVE checkpoint; the bytes in the WAL it found."""
         assert self._conn is not None
         [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        return max(int(frames), 0) * (page_size(self._conn) + WAL_FRAME_HEADER_BYTES)
+        return max(int(frames), 0) * self._frame_bytes
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself)."""
