@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field("text", description="`json`: one JSON object per line.")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_bodies_mb: int = Field(
+        256,
+        ge=1,
+        description="Request bodies held in memory at once, all requests together (MiB); a "
+        "body that would pass it gets 503 at once, or as soon as it would, if sent in chunks.",
+    )
     api_keys: tuple[str, ...] = Field(
         (),
         description="If any, every route but /health, /health/all, the web page and the API's "
@@ -286,6 +292,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_body_fits_the_bodies(self) -> Settings:
+        if self.max_bodies_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_bodies_mb ({self.max_bodies_mb} MiB) must hold one body of max_body_bytes"
+                f" ({self.max_body_bytes}): a body that large could never be taken"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_needs_both_files(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together")
@@ -328,6 +343,10 @@ class Settings(BaseSettings):
                 f"{' and '.join(needing)} need api_keys: clients are told apart by them"
             )
         return self
+
+    @property
+    def max_bodies_bytes(self) -> int:
+        return self.max_bodies_mb * 1024 * 1024
 
     @property
     def webhooks(self) -> WebhookPolicy:

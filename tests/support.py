@@ -218,6 +218,26 @@ def free_port() -> int:
         return port
 
 
+def read_response(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """The next response on `sock`: its status line, headers, and body up to its length."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)) and (chunk := sock.recv(65536)):
+        body += chunk
+    return status, headers, body
+
+
+def exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The first response to `raw`, sent on a connection of its own."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw)
+        return read_response(sock)
+
+
 def clean_env(**tandem: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
     env.update({f"TANDEM_{k.upper()}": v for k, v in tandem.items()})

@@ -168,7 +168,11 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         per_key=settings.max_in_flight_per_key,
     )
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.receive_timeout_s
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.receive_timeout_s,
+        held_max_bytes=settings.max_bodies_bytes,
+        retry_after_s=settings.retry_after_s,
     )
     if settings.api_keys:  # outside LoadShedder: it shares places out by key
         app.add_middleware(ApiKeys, keys=parse_keys(settings.api_keys))

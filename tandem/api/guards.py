@@ -46,51 +46,57 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError
 
 class BodyLimit:
     """413 for bodies over `max_bytes`: at once from Content-Length, else while reading; 408
-    for one not all there within `timeout_s`.
+    for one not all there within `timeout_s`; 503 for one that would take the bodies held at
+    once, all requests together, past `held_max_bytes`.
 
     The body is read here, in full, before the app sees it: an error raised while a framework
-    parses a body would become its own 400. Bodies are bounded, so buffering them is cheap.
+    parses a body would become its own 400. Each body is bounded, and so is their sum: 40
+    uploads of 16 MB held at once took a proxy from 0.21 to 0.86 GB, and nothing stopped a few
+    hundred from taking the machine's memory. A declared length is held from the start, so a
+    body that will not fit is refused before it is sent; one sent in chunks, as it grows.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        held_max_bytes: int,
+        retry_after_s: int,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s  # for the whole body: a stalled one held its buffer for good
-
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"the request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
-        )
+        self.held_max_bytes = held_max_bytes
+        self.retry_after_s = retry_after_s
+        self.held = 0  # bytes the requests being read or served hold, all together
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        hold = _Hold(self)
+        try:
+            try:
+                first = await self._received(scope, receive, hold)
+            except (PayloadTooLarge, ReceiveTimeout, Overloaded) as error:
+                await _refuse(scope, receive, send, error)
+                return
+            await self.app(scope, _replaying(first, receive), send)
+        finally:
+            hold.release()
+
+    async def _received(self, scope: Scope, receive: Receive, hold: _Hold) -> Message:
         declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _refuse(scope, receive, send, self._error())
-            return
+        if declared is not None and declared.isdigit():
+            self._hold(hold, int(declared))
         try:
             async with asyncio.timeout(self.timeout_s):
-                first = await self._read_body(receive)
+                return await self._read_body(receive, hold)
         except TimeoutError:
-            await _refuse(scope, receive, send, ReceiveTimeout("body", self.timeout_s))
-            return
-        if first is None:
-            await _refuse(scope, receive, send, self._error())
-            return
-        replayed = False
+            raise ReceiveTimeout("body", self.timeout_s) from None
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # later reads only wait for a disconnect
-            replayed = True
-            return first
-
-        await self.app(scope, replay, send)
-
-    async def _read_body(self, receive: Receive) -> Message | None:
+    async def _read_body(self, receive: Receive, hold: _Hold) -> Message:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -98,11 +104,59 @@ class BodyLimit:
                 return message  # the client went away; let the app see it
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                return None
+            self._hold(hold, size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+    def _hold(self, hold: _Hold, size: int) -> None:
+        """Hold `size` bytes for this request, or raise what refuses it."""
+        if size > self.max_bytes:
+            raise PayloadTooLarge(
+                f"the request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
+            )
+        if not hold.grow_to(size):
+            raise Overloaded(
+                "the server holds as many request bodies as it may; try again shortly",
+                retry_after=self.retry_after_s,
+            )
+
+
+class _Hold:
+    """What one request holds of its BodyLimit's bytes, given back when it ends."""
+
+    def __init__(self, limit: BodyLimit) -> None:
+        self._limit = limit
+        self.bytes = 0
+
+    def grow_to(self, size: int) -> bool:
+        more = size - self.bytes
+        if more <= 0:
+            return True
+        if self._limit.held + more > self._limit.held_max_bytes:
+            return False
+        self._limit.held += more
+        self.bytes = size
+        return True
+
+    def release(self) -> None:
+        self._limit.held -= self.bytes
+        self.bytes = 0
+
+
+def _replaying(first: Message, receive: Receive) -> Receive:
+    """`first`, the whole body, to the app's first read; later reads only wait for a
+    disconnect."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return first
+
+    return replay
 
 
 class ApiKeys:

@@ -15,28 +15,13 @@ import pytest
 import uvicorn
 
 from tandem.api.protocol import MAX_HEAD_BYTES, protocol_class
-from tests.support import ServerProcess, clean_env, free_port, metric
+from tests.support import ServerProcess, clean_env, exchange, free_port, metric
 
 UNPARSEABLE = {
     "no request line": b"BLAH\r\n\r\n",
     "a bad content length": b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     "a header without a colon": b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
 }
-
-
-def _exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
-    """The first response to `raw`, read up to its Content-Length."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(raw)
-        data = b""
-        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        status, *lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-        while len(body) < int(headers.get("content-length", 0)):
-            body += sock.recv(65536)
-    return status, headers, body
 
 
 def _assert_shaped(
@@ -86,7 +71,7 @@ def uvicorn_port() -> Iterator[int]:
 def test_the_protocol_answers_an_unparseable_request_in_the_error_shape(
     uvicorn_port: int, raw: bytes
 ) -> None:
-    _assert_shaped(*_exchange(uvicorn_port, raw))
+    _assert_shaped(*exchange(uvicorn_port, raw))
 
 
 def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
@@ -95,7 +80,7 @@ def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
     """uvicorn's own answer was `Invalid HTTP request received.` in plain text."""
     request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
     overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
-    status, headers, body = _exchange(real_server.port, overrun)
+    status, headers, body = exchange(real_server.port, overrun)
     _assert_shaped(status, headers, body)
     assert "server" not in headers  # nor the protocol's own answers
     assert "unparsed request 400" in real_server.log()
@@ -111,7 +96,7 @@ def test_a_websocket_handshake_is_served_as_plain_http(real_server: ServerProces
         b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
-    status, _, body = _exchange(real_server.port, handshake)
+    status, _, body = exchange(real_server.port, handshake)
     assert status == "HTTP/1.1 200 OK"
     assert json.loads(body) == {"health": "ok"}
     assert "WebSocket library" not in real_server.log()
@@ -140,7 +125,7 @@ def test_a_head_past_its_bound_gets_431_without_being_read_to_its_end(
 
 
 def test_a_head_within_its_bound_is_served(real_server: ServerProcess) -> None:
-    status, _, body = _exchange(real_server.port, _with_header_of(MAX_HEAD_BYTES - 1024))
+    status, _, body = exchange(real_server.port, _with_header_of(MAX_HEAD_BYTES - 1024))
     assert status == "HTTP/1.1 200 OK"
     assert json.loads(body) == {"health": "ok"}
 
