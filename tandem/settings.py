@@ -31,6 +31,7 @@ ENV_PREFIX = "TANDEM_"
 CONFIG_ENV = "TANDEM_CONFIG"
 # Read by `tandem predict` (the client), not by the server's settings.
 CLIENT_ENV = frozenset({"TANDEM_URL", "TANDEM_API_KEY"})
+SENTINEL_PORT = 26379  # where a Sentinel listens unless its entry says
 
 
 class Settings(BaseSettings):
@@ -309,8 +310,6 @@ class Settings(BaseSettings):
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from tandem.jobs.redis.connect import sentinel_addresses
-
         sentinel_addresses(value)
         return value
 
@@ -343,6 +342,10 @@ class Settings(BaseSettings):
                 f"{' and '.join(needing)} need api_keys: clients are told apart by them"
             )
         return self
+
+    @property
+    def redis_sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        return sentinel_addresses(self.redis_sentinels)
 
     @property
     def max_bodies_bytes(self) -> int:
@@ -578,6 +581,21 @@ def _plain(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def sentinel_addresses(entries: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """`host` or `host:port` entries (an IPv6 host in brackets); ValueError names a bad one."""
+    addresses = []
+    for entry in entries:
+        parts = urlsplit(f"//{entry}")
+        try:
+            port = parts.port or SENTINEL_PORT
+        except ValueError:
+            port = 0
+        if not parts.hostname or not port or parts.path or parts.username is not None:
+            raise ValueError(f"a Sentinel is host or host:port, not {entry!r}")
+        addresses.append((parts.hostname, port))
+    return tuple(addresses)
 
 
 def redacted_url(url: str) -> str:

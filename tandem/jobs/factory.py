@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tandem.jobs.redis import RedisJobStore, Replication
-from tandem.jobs.redis.connect import Sentinels, sentinel_addresses, where
+from tandem.jobs.redis.connect import Sentinels, where
 from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.jobs.store import JobStore, StorePolicy
 from tandem.settings import Settings, redacted_url
@@ -43,8 +43,7 @@ def store_location(settings: Settings) -> str:
 def sentinels_of(settings: Settings) -> Sentinels | None:
     if not settings.redis_sentinels:
         return None
-    addresses = sentinel_addresses(settings.redis_sentinels)
-    return Sentinels(addresses, settings.redis_sentinel_password)
+    return Sentinels(settings.redis_sentinel_addresses, settings.redis_sentinel_password)
 
 
 def make_store(settings: Settings) -> JobStore:

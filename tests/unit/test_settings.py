@@ -138,7 +138,7 @@ def test_sentinels_name_the_primary_of_the_service_the_url_s_host_names() -> Non
     assert sentinels.addresses == (("s1", 26379), ("s2", 26380), ("fd00::5", 26381))
     assert sentinels.password == secret
     assert store_location(settings) == (
-        "Redis service jobs (Sentinels s1:26379,s2:26380,fd00::5:26381) (keys tandem:*)"
+        "Redis service jobs (Sentinels s1:26379,s2:26380,[fd00::5]:26381) (keys tandem:*)"
     )
     described = {row.variable: row for row in describe(settings, env)}
     assert described["TANDEM_REDIS_SENTINEL_PASSWORD"].value == "(set)"

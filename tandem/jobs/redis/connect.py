@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +21,6 @@ from tandem.tasks import stop
 
 log = logging.getLogger("tandem.jobs")
 
-SENTINEL_PORT = 26379
 # What a Sentinel publishes once it has failed a service over: "<service> <old host> <old
 # port> <new host> <new port>".
 SWITCH_CHANNEL = "+switch-master"
@@ -50,21 +49,6 @@ class Sentinels:
 
     addresses: tuple[tuple[str, int], ...]
     password: str | None = field(default=None, repr=False)
-
-
-def sentinel_addresses(entries: Sequence[str]) -> tuple[tuple[str, int], ...]:
-    """`host` or `host:port` entries (an IPv6 host in brackets); ValueError names a bad one."""
-    addresses = []
-    for entry in entries:
-        parts = urlsplit(f"//{entry}")
-        try:
-            port = parts.port or SENTINEL_PORT
-        except ValueError:
-            port = 0
-        if not parts.hostname or not port or parts.path or parts.username is not None:
-            raise ValueError(f"a Sentinel is host or host:port, not {entry!r}")
-        addresses.append((parts.hostname, port))
-    return tuple(addresses)
 
 
 class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -208,6 +192,13 @@ def where(url: str, sentinels: Sentinels | None = None) -> str:
     """The server, or the service and its Sentinels, without the password a URL may carry."""
     parts = urlsplit(url)
     if sentinels is not None:
-        asked = ",".join(f"{host}:{port}" for host, port in sentinels.addresses)
+        asked = ",".join(_address(host, port) for host, port in sentinels.addresses)
         return f"service {parts.hostname} (Sentinels {asked})"
-    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+    if parts.scheme == "unix":
+        return parts.path
+    return _address(parts.hostname or "", parts.port or 6379)
+
+
+def _address(host: str, port: int) -> str:
+    """host:port, an IPv6 host in brackets as in a URL."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
