@@ -6,11 +6,21 @@ import asyncio
 import contextlib
 from typing import Any
 
+# How long a cancelled task has to end before it is cancelled again.
+RECANCEL_S = 1.0
 
-async def stop(task: asyncio.Task[Any] | None) -> None:
-    """Cancel `task` and wait until it has stopped; None is taken as stopped already."""
+
+async def stop(task: asyncio.Task[Any] | None, recancel_s: float = RECANCEL_S) -> None:
+    """Cancel `task` and wait until it has stopped; None is taken as stopped already.
+
+    A task may lose a cancellation inside a library: a Redis store's Sentinel follower,
+    cancelled in redis-py's pub/sub read, at times read on (the task "cancelling", awaiting
+    the socket), and closing the store waited on it for good. So a task still running
+    `recancel_s` after its cancel is cancelled again, until it ends."""
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=recancel_s)
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        task.result()  # a fault of the task's own is raised here, as an await of it would
