@@ -615,7 +615,7 @@ class Turns:
     watch: QueueWatch
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"empty": [], "full": []})
     loaded_jobs_per_s: list[float] = field(default_factory=list)
-    p99_ratio_spread: list[tuple[float, float]] = field(default_factory=list)
+    spreads: list[tuple[float, float]] = field(default_factory=list)  # of the p99 ratio
 
     def run(self, bench: Bench, clients: int) -> None:
         turns = 4 if bench.quick else 10
@@ -635,7 +635,7 @@ class Turns:
         self.runs["empty"].append(_summary(clients, empty))
         self.runs["full"].append(_summary(clients, full))
         self.loaded_jobs_per_s.append(done / busy_s)
-        self.p99_ratio_spread.append(p99_ratio_spread(empty, full))
+        self.spreads.append(p99_ratio_spread(empty, full))
 
     def _empty_turn(self, clients: int, seconds: float) -> dict[str, Any]:
         self.busy.pause()
@@ -647,7 +647,7 @@ class Turns:
     def results(self) -> dict[str, Any]:
         return self.runs | {
             "embedded_loaded_jobs_per_s": self.loaded_jobs_per_s,
-            "p99_ratio_spread": self.p99_ratio_spread,
+            "p99_ratio_spread": self.spreads,
         }
 
 

@@ -183,8 +183,7 @@ def render(r: dict[str, Any]) -> str:
         "- The embedded worker, giving way to the fast model: "
         f"{interference['embedded_idle_jobs_per_s']:.1f} jobs/s with the proxy idle; "
         + " and ".join(
-            f"{rate:.1f} jobs/s while {clients} client{'s' if clients > 1 else ''} sent"
-            for clients, rate in loaded
+            f"{rate:.1f} jobs/s while {_clients(clients)} sent" for clients, rate in loaded
         )
         + ".",
         "",
@@ -227,15 +226,19 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _clients(count: int) -> str:
+    return f"{count} client{'s' if count > 1 else ''}"
+
+
 def _interference_rows(interference: dict[str, Any]) -> list[str]:
     """The p99 ratios, each with how far it moves over the same run's turns drawn again."""
     rows = []
     sides = zip(interference["empty"], interference["full"], strict=True)
     for (empty, full), (low, high) in zip(sides, interference["p99_ratio_spread"], strict=True):
-        clients = f"{empty['clients']} client{'s' if empty['clients'] > 1 else ''}"
         ratio = _check(full["p99_s"] / empty["p99_s"], 1.25, True)
         rows.append(
-            f"| sync p99 with a full queue / empty, {clients} | {ratio}; turns redrawn: "
+            f"| sync p99 with a full queue / empty, {_clients(empty['clients'])} | {ratio}; "
+            "turns redrawn: "
             f"{low:.2f} to {high:.2f} |"
         )
     return rows
