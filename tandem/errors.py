@@ -130,7 +130,8 @@ class ReceiveTimeout(TandemError):
 
     def __init__(self, part: str, seconds: float) -> None:
         super().__init__(
-            f"the request's {part} did not arrive within {seconds:g} s", seconds=seconds
+            f"the request's {part} did not arrive within {round(seconds, 1):g} s",
+            seconds=round(seconds, 3),
         )
 
 

@@ -215,7 +215,15 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="A request's head, or its body, still arriving after this long (a client "
-        "that stalled): 408 and the connection closed.",
+        "that stalled): 408 and the connection closed. A body earns more time as it arrives: "
+        "see receive_min_rate_kib_s.",
+    )
+    receive_min_rate_kib_s: float = Field(
+        64.0,
+        ge=0,
+        description="Each KiB of a body received adds 1/this seconds to its receive_timeout_s, "
+        "so a body that keeps arriving at least this fast is never cut off, however large, "
+        "while one that trickles is; 0 = a body has receive_timeout_s in all.",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="A request whose response has not begun by then: 504."

@@ -171,6 +171,7 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         timeout_s=settings.receive_timeout_s,
+        min_rate_bytes_s=settings.receive_min_rate_kib_s * 1024,
         held_max_bytes=settings.max_bodies_bytes,
         retry_after_s=settings.retry_after_s,
     )

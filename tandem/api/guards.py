@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,8 +46,8 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError
 
 class BodyLimit:
     """413 for bodies over `max_bytes`: at once from Content-Length, else while reading; 408
-    for one not all there within `timeout_s`; 503 for one that would take the bodies held at
-    once, all requests together, past `held_max_bytes`.
+    for one not all there in time (`allowance_s`); 503 for one that would take the bodies held
+    at once, all requests together, past `held_max_bytes`.
 
     The body is read here, in full, before the app sees it: an error raised while a framework
     parses a body would become its own 400. Each body is bounded, and so is their sum: 40
@@ -59,14 +59,17 @@ class BodyLimit:
     def __init__(
         self,
         app: ASGIApp,
+        *,
         max_bytes: int,
         timeout_s: float,
+        min_rate_bytes_s: float,
         held_max_bytes: int,
         retry_after_s: int,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.timeout_s = timeout_s  # for the whole body: a stalled one held its buffer for good
+        self.timeout_s = timeout_s  # a stalled body had held its buffer for good
+        self.min_rate_bytes_s = min_rate_bytes_s
         self.held_max_bytes = held_max_bytes
         self.retry_after_s = retry_after_s
         self.held = 0  # bytes the requests being read or served hold, all together
@@ -90,13 +93,28 @@ class BodyLimit:
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit():
             self._hold(hold, int(declared))
+        started = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(self.timeout_s):
-                return await self._read_body(receive, hold)
-        except TimeoutError:
-            raise ReceiveTimeout("body", self.timeout_s) from None
+            async with asyncio.timeout_at(started + self.timeout_s) as deadline:
 
-    async def _read_body(self, receive: Receive, hold: _Hold) -> Message:
+                def extend(received: int) -> None:
+                    deadline.reschedule(started + self.allowance_s(received))
+
+                return await self._read_body(receive, hold, extend)
+        except TimeoutError:
+            raise ReceiveTimeout("body", (deadline.when() or started) - started) from None
+
+    def allowance_s(self, received: int) -> float:
+        """The time a body may take once `received` bytes of it are in. A fixed time for the
+        whole body had cut off a large photo on a slow link while a client sending a byte a
+        second held its place as long; each byte received earns time, at the minimum rate."""
+        if self.min_rate_bytes_s == 0:
+            return self.timeout_s
+        return self.timeout_s + received / self.min_rate_bytes_s
+
+    async def _read_body(
+        self, receive: Receive, hold: _Hold, extend: Callable[[int], None]
+    ) -> Message:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -105,6 +123,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             self._hold(hold, size)
+            extend(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}

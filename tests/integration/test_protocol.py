@@ -15,7 +15,16 @@ import pytest
 import uvicorn
 
 from tandem.api.protocol import MAX_HEAD_BYTES, protocol_class
-from tests.support import ServerProcess, clean_env, exchange, free_port, metric
+from tests.support import (
+    ServerProcess,
+    clean_env,
+    encode,
+    exchange,
+    free_port,
+    metric,
+    noise,
+    read_response,
+)
 
 UNPARSEABLE = {
     "no request line": b"BLAH\r\n\r\n",
@@ -200,3 +209,26 @@ def test_a_slow_request_within_the_receive_timeout_is_served(impatient: ServerPr
         time.sleep(1.5)  # idle between requests: uvicorn's keep-alive (5 s) judges that
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_large_body_on_a_slow_link_is_served_though_it_outlasts_the_receive_timeout(
+    impatient: ServerProcess,
+) -> None:
+    """A fixed time for the whole body had cut off a large photo on a slow but steady link:
+    at the default 64 KiB/s minimum, each 32 KiB piece earns 0.5 s of the 0.25 s it takes."""
+    image = encode(noise(300, 300), "PNG")
+    assert len(image) > 8 * 32 * 1024  # over 2 s in all, twice the receive timeout
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(image)
+    )
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as sock:
+        sock.sendall(head)
+        for offset in range(0, len(image), 32 * 1024):
+            sock.sendall(image[offset : offset + 32 * 1024])
+            time.sleep(0.25)
+        status, _, body = read_response(sock)
+    assert time.monotonic() - started > 2
+    assert status == "HTTP/1.1 200 OK", body
+    assert json.loads(body)["fast"]["model"] == "tiny_fast"
