@@ -206,7 +206,9 @@ class Settings(BaseSettings):
         ge=0,
         description="With API keys: inference requests one client (a key, or the keys under one "
         "name) may have served at once; "
-        "beyond, 429 at once, so that one client cannot take every place; 0 = no share.",
+        "beyond, 429 at once, so that one client cannot take every place; 0 = no share. Its "
+        "request bodies held at once get the same share of max_bodies_mb (at least one body of "
+        "max_body_bytes); beyond, 429 too.",
     )
     max_watches: int = Field(
         1000, ge=1, description="Open SSE streams and long-polls; beyond, 503 at once."
@@ -358,6 +360,16 @@ class Settings(BaseSettings):
     @property
     def max_bodies_bytes(self) -> int:
         return self.max_bodies_mb * 1024 * 1024
+
+    @property
+    def max_bodies_per_key_bytes(self) -> int:
+        """One client's share of the bodies held at once: the share of the places it has
+        (max_in_flight_per_key of max_in_flight), and never less than one largest body.
+        0 = no share."""
+        if not self.max_in_flight_per_key:
+            return 0
+        share = self.max_bodies_bytes * self.max_in_flight_per_key // self.max_in_flight
+        return max(self.max_body_bytes, share)
 
     @property
     def webhooks(self) -> WebhookPolicy:

@@ -173,6 +173,7 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         timeout_s=settings.receive_timeout_s,
         min_rate_bytes_s=settings.receive_min_rate_kib_s * 1024,
         held_max_bytes=settings.max_bodies_bytes,
+        per_key_bytes=settings.max_bodies_per_key_bytes,
         retry_after_s=settings.retry_after_s,
     )
     if settings.api_keys:  # outside LoadShedder: it shares places out by key

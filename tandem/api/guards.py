@@ -47,7 +47,9 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: TandemError
 class BodyLimit:
     """413 for bodies over `max_bytes`: at once from Content-Length, else while reading; 408
     for one not all there in time (`allowance_s`); 503 for one that would take the bodies held
-    at once, all requests together, past `held_max_bytes`.
+    at once, all requests together, past `held_max_bytes`; with API keys and a `per_key_bytes`
+    share, 429 for one that would take its key's bodies past that share, so that one client's
+    uploads cannot take every other client's place.
 
     The body is read here, in full, before the app sees it: an error raised while a framework
     parses a body would become its own 400. Each body is bounded, and so is their sum: 40
@@ -65,6 +67,7 @@ class BodyLimit:
         min_rate_bytes_s: float,
         held_max_bytes: int,
         retry_after_s: int,
+        per_key_bytes: int = 0,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -72,17 +75,19 @@ class BodyLimit:
         self.min_rate_bytes_s = min_rate_bytes_s
         self.held_max_bytes = held_max_bytes
         self.retry_after_s = retry_after_s
+        self.per_key_bytes = per_key_bytes
         self.held = 0  # bytes the requests being read or served hold, all together
+        self.held_by_key: Counter[str] = Counter()  # only keys that hold some
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        hold = _Hold(self)
+        hold = _Hold(self, api_key_id_in(scope) if self.per_key_bytes else None)
         try:
             try:
                 first = await self._received(scope, receive, hold)
-            except (PayloadTooLarge, ReceiveTimeout, Overloaded) as error:
+            except (PayloadTooLarge, ReceiveTimeout, Overloaded, TooManyRequests) as error:
                 await _refuse(scope, receive, send, error)
                 return
             await self.app(scope, _replaying(first, receive), send)
@@ -134,33 +139,43 @@ class BodyLimit:
             raise PayloadTooLarge(
                 f"the request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
             )
-        if not hold.grow_to(size):
+        more = size - hold.bytes
+        if more <= 0:
+            return
+        if hold.key is not None and self.held_by_key[hold.key] + more > self.per_key_bytes:
+            raise TooManyRequests(
+                f"this API key's client would hold more than {self.per_key_bytes} bytes of"
+                " request bodies at once, its share; try again once one is answered",
+                retry_after=self.retry_after_s,
+                limit_bytes=self.per_key_bytes,
+            )
+        if self.held + more > self.held_max_bytes:
             raise Overloaded(
                 "the server holds as many request bodies as it may; try again shortly",
                 retry_after=self.retry_after_s,
             )
+        hold.take(more)
 
 
 class _Hold:
     """What one request holds of its BodyLimit's bytes, given back when it ends."""
 
-    def __init__(self, limit: BodyLimit) -> None:
+    def __init__(self, limit: BodyLimit, key: str | None) -> None:
         self._limit = limit
+        self.key = key  # the client whose share it counts against, if shares are on
         self.bytes = 0
-
-    def grow_to(self, size: int) -> bool:
-        more = size - self.bytes
-        if more <= 0:
-            return True
-        if self._limit.held + more > self._limit.held_max_bytes:
-            return False
-        self._limit.held += more
-        self.bytes = size
-        return True
 
     def release(self) -> None:
-        self._limit.held -= self.bytes
-        self.bytes = 0
+        self.take(-self.bytes)
+
+    def take(self, n: int) -> None:
+        self.bytes += n
+        self._limit.held += n
+        if self.key is not None:
+            by_key = self._limit.held_by_key
+            by_key[self.key] += n
+            if not by_key[self.key]:
+                del by_key[self.key]
 
 
 def _replaying(first: Message, receive: Receive) -> Receive:

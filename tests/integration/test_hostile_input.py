@@ -209,9 +209,11 @@ def test_a_flood_is_shed_with_503_and_the_server_recovers(model_dir: Path, tmp_p
 MIB = 1024 * 1024
 
 
-def _posted(length: int | None) -> bytes:
-    """A raw body's head: a declared length, or chunks (None)."""
+def _posted(length: int | None, key: str | None = None) -> bytes:
+    """A raw body's head: a declared length, or chunks (None); sent with `key`, if any."""
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    if key is not None:
+        framing += f"\r\nX-API-Key: {key}"
     head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n{framing}\r\n\r\n"
     return head.encode()
 
@@ -225,21 +227,26 @@ def _overloaded(status: str, headers: dict[str, str], body: bytes) -> bool:
     )
 
 
+def _bodies_server(tiny_dir: Path, data_dir: Path, **settings: str) -> ServerProcess:
+    """A proxy with no worker that may hold 2 MiB of bodies at once."""
+    env = clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(data_dir),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        max_bodies_mb="2",
+        retry_after_s="1",
+        **settings,
+    )
+    return ServerProcess(data_dir / "server.log", env, "--no-worker").start()
+
+
 def test_the_bodies_held_at_once_are_bounded_and_given_back(tiny_dir: Path, tmp_path: Path) -> None:
     """Each body was bounded, their sum not: 40 uploads of 16 MB held at once took a proxy
     from 0.21 to 0.86 GB. Here 2 MiB may be held: one upload holds 1 MiB, so a body that
     would pass 2 MiB is refused (before it is sent if its length is declared, as soon as it
     would pass if sent in chunks), one that fits is served, and the held MiB comes back."""
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp_path),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-        max_body_bytes=str(3 * MIB // 2),
-        max_bodies_mb="2",
-        retry_after_s="1",
-    )
-    server = ServerProcess(tmp_path / "bodies.log", env, "--no-worker").start()
+    server = _bodies_server(tiny_dir, tmp_path, max_body_bytes=str(3 * MIB // 2))
     image = encode(solid((200, 30, 30)), "PNG")
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as holder:
@@ -261,5 +268,44 @@ def test_the_bodies_held_at_once_are_bounded_and_given_back(tiny_dir: Path, tmp_
         # What the upload held is given back: a body of 1.5 MiB now fits.
         status, _, body = exchange(server.port, _posted(3 * MIB // 2) + b"\0" * (3 * MIB // 2))
         assert json.loads(body)["error"]["code"] == "invalid_image", status
+    finally:
+        server.stop()
+
+
+def test_one_client_s_uploads_hold_no_more_than_its_share_of_the_bodies(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Without a share, one client's slow uploads could hold the whole bodies budget, and
+    every other client got 503. Client a may hold 1 MiB (one place in 4 would be 0.5 MiB of
+    the 2 MiB, but never less than one largest body): while its upload holds that, its next
+    body gets 429 before it is sent, and client b's is served."""
+    key_a, key_b = "a" * 32, "b" * 32
+    server = _bodies_server(
+        tiny_dir,
+        tmp_path,
+        max_body_bytes=str(MIB),
+        api_keys=f"alpha={key_a},beta={key_b}",
+        max_in_flight="4",
+        max_in_flight_per_key="1",
+    )
+    image = encode(solid((200, 30, 30)), "PNG")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as holder:
+            holder.sendall(_posted(MIB, key_a) + b"\0" * 4096)  # holds 1 MiB, sent slowly
+            time.sleep(0.2)
+            status, headers, body = exchange(server.port, _posted(len(image), key_a) + image)
+            assert status.startswith("HTTP/1.1 429"), status
+            assert headers["retry-after"] == "1"
+            assert json.loads(body)["error"]["details"] == {"retry_after": 1, "limit_bytes": MIB}
+            served = exchange(server.port, _posted(len(image), key_b) + image)
+            assert served[0] == "HTTP/1.1 200 OK", served
+        # The upload ended with its connection (once the server reads that it closed): client
+        # a's share is its own again.
+        deadline = time.monotonic() + 10
+        while (served := exchange(server.port, _posted(len(image), key_a) + image))[0].startswith(
+            "HTTP/1.1 429"
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served[0] == "HTTP/1.1 200 OK", served
     finally:
         server.stop()

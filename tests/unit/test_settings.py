@@ -246,3 +246,17 @@ def test_the_image_limits_come_from_the_settings() -> None:
     env = {"TANDEM_MAX_IMAGE_PIXELS": "1000", "TANDEM_MIN_IMAGE_SIDE": "3"}
     limits = load_settings({**env, "TANDEM_MAX_JPEG_SCANS": "12"}).image_limits
     assert (limits.max_pixels, limits.min_side, limits.max_jpeg_scans) == (1000, 3, 12)
+
+
+def test_a_client_s_share_of_the_bodies_is_its_share_of_the_places() -> None:
+    keyed = {
+        "TANDEM_API_KEYS": "k" * 32,
+        "TANDEM_MAX_IN_FLIGHT": "32",
+        "TANDEM_MAX_BODIES_MB": "256",
+    }
+    assert load_settings(keyed).max_bodies_per_key_bytes == 0  # no share of the places
+    shared = load_settings({**keyed, "TANDEM_MAX_IN_FLIGHT_PER_KEY": "8"})
+    assert shared.max_bodies_per_key_bytes == 64 * 1024 * 1024  # a quarter of each
+    # Never less than one largest body, which a client could otherwise never send.
+    small = load_settings({**keyed, "TANDEM_MAX_IN_FLIGHT_PER_KEY": "1"})
+    assert small.max_bodies_per_key_bytes == small.max_body_bytes == 16 * 1024 * 1024
