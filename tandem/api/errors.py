@@ -85,7 +85,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     if any(p["type"] == "json_invalid" for p in problems):
         return error_response(request, InvalidJSON("the request body is not valid JSON"))
-    summary = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
+    # A problem with the body as a whole (a JSON array, say) has no location of its own.
+    summary = "; ".join(f"{'.'.join(p['loc']) or 'body'}: {p['msg']}" for p in problems)
     return error_response(request, ValidationFailed(summary, problems=problems))
 
 

@@ -172,6 +172,13 @@ def test_bad_requests_get_typed_errors_and_cost_no_job(
     assert "job_id" not in response.json()
 
 
+def test_a_body_of_the_wrong_shape_is_named_as_the_body(real_server: ServerProcess) -> None:
+    """Its problem has no location: the message had begun ": Input should be an object"."""
+    with real_server.client() as client:
+        response = client.post("/predict", json=[1, 2])
+    assert response.json()["error"]["message"] == "body: Input should be an object"
+
+
 @pytest.mark.parametrize(
     ("path", "field"),
     [
