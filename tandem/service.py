@@ -30,6 +30,7 @@ from tandem.errors import (
     TandemError,
     Timeout,
     TooManyQueued,
+    TooManyRequests,
     UnreadableJob,
 )
 from tandem.jobs.notify import Watch
@@ -49,6 +50,7 @@ from tandem.runtime.assets import sample_image_bytes
 from tandem.runtime.classifier import Classifier
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import Occupancy
+from tandem.shares import Holdings
 
 log = logging.getLogger("tandem.service")
 
@@ -111,12 +113,15 @@ class TandemService:
         fast_timeout_s: float = 10.0,
         gate: Gate | None = None,
         max_watches: int = 1000,
+        max_watches_per_key: int = 0,
         private_jobs: bool = False,
     ) -> None:
         self.store = store
         # Each job is its client's alone: another's reads it as one that never existed.
         self.private_jobs = private_jobs
         self.max_watches = max_watches
+        self.max_watches_per_key = max_watches_per_key  # 0: no client has a share
+        self._watching_clients = Holdings()
         self.fast = fast
         self.accurate_model = accurate_model
         self.top_k = top_k
@@ -392,7 +397,7 @@ class TandemService:
         """The job once it is finished, or as it is when `timeout_s` runs out or the server
         begins to shut down."""
         deadline = time.monotonic() + timeout_s
-        async with self._watching(job_id) as watch:
+        async with self._watching(job_id, client) as watch:
             job = await self.job(job_id, client)
             while self._waits_on(job) and (left := deadline - time.monotonic()) > 0:
                 await watch.wait(left)
@@ -406,7 +411,7 @@ class TandemService:
         """Watch a job: JobNotFound at once if there is none, else an iterator over its states:
         the current one, then the one after each wake-up (a change, or `keepalive_s` without
         one), until a terminal state, or until the server begins to shut down."""
-        async with self._watching(job_id) as watch:
+        async with self._watching(job_id, client) as watch:
             first = await self.job(job_id, client)
             yield self._states(job_id, first, watch, keepalive_s)
 
@@ -436,20 +441,36 @@ class TandemService:
         return not job.status.terminal and not self.draining
 
     @contextlib.asynccontextmanager
-    async def _watching(self, job_id: str) -> AsyncIterator[Watch]:
+    async def _watching(self, job_id: str, client: str | None) -> AsyncIterator[Watch]:
         """A watch on the job, bounded like requests (each holds a connection), and woken
-        when shutdown begins."""
+        when shutdown begins. With shares, `client`'s watches are bounded too: one client's
+        streams could have held every place, and the others got 503."""
+        sharing = client if self.max_watches_per_key else None
+        self._refuse_watch(sharing)
+        async with self.store.watch(parse_job_id(job_id)) as watch:
+            self._watches.add(watch)
+            if sharing is not None:
+                self._watching_clients.add(sharing, 1)
+            try:
+                yield watch
+            finally:
+                self._watches.discard(watch)
+                if sharing is not None:
+                    self._watching_clients.add(sharing, -1)
+
+    def _refuse_watch(self, client: str | None) -> None:
+        if client is not None and self._watching_clients.of(client) >= self.max_watches_per_key:
+            raise TooManyRequests(
+                f"this API key's client has {self.max_watches_per_key} streams and long-polls"
+                " open, its share; close one first",
+                retry_after=self.retry_after_s,
+                limit=self.max_watches_per_key,
+            )
         if self.store.watchers >= self.max_watches:
             raise Overloaded(
                 f"{self.max_watches} streams and long-polls are open, this server's limit",
                 retry_after=self.retry_after_s,
             )
-        async with self.store.watch(parse_job_id(job_id)) as watch:
-            self._watches.add(watch)
-            try:
-                yield watch
-            finally:
-                self._watches.discard(watch)
 
     def drain(self) -> None:
         """Shutdown has begun: end every stream and long-poll now, with the job as it is, so

@@ -207,8 +207,9 @@ class Settings(BaseSettings):
         description="With API keys: inference requests one client (a key, or the keys under one "
         "name) may have served at once; "
         "beyond, 429 at once, so that one client cannot take every place; 0 = no share. Its "
-        "request bodies held at once get the same share of max_bodies_mb (at least one body of "
-        "max_body_bytes); beyond, 429 too.",
+        "request bodies held at once, and its open streams and long-polls, get the same share "
+        "of max_bodies_mb (at least one body of max_body_bytes) and of max_watches (at least "
+        "one); beyond, 429 too.",
     )
     max_watches: int = Field(
         1000, ge=1, description="Open SSE streams and long-polls; beyond, 503 at once."
@@ -363,13 +364,20 @@ class Settings(BaseSettings):
 
     @property
     def max_bodies_per_key_bytes(self) -> int:
-        """One client's share of the bodies held at once: the share of the places it has
-        (max_in_flight_per_key of max_in_flight), and never less than one largest body.
-        0 = no share."""
+        """One client's share of the bodies held at once, never less than one largest body."""
+        return self._key_share(self.max_bodies_bytes, least=self.max_body_bytes)
+
+    @property
+    def max_watches_per_key(self) -> int:
+        """One client's share of the open streams and long-polls, at least one."""
+        return self._key_share(self.max_watches, least=1)
+
+    def _key_share(self, whole: int, least: int) -> int:
+        """A client's share of `whole`: the share of the places it has (max_in_flight_per_key
+        of max_in_flight), and never less than `least`. 0 = no shares."""
         if not self.max_in_flight_per_key:
             return 0
-        share = self.max_bodies_bytes * self.max_in_flight_per_key // self.max_in_flight
-        return max(self.max_body_bytes, share)
+        return max(least, whole * self.max_in_flight_per_key // self.max_in_flight)
 
     @property
     def webhooks(self) -> WebhookPolicy:

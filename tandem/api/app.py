@@ -72,6 +72,7 @@ async def _startup(settings: Settings, running: _Running) -> TandemService:
         fast_timeout_s=settings.fast_timeout_s,
         gate=settings.gate,
         max_watches=settings.max_watches,
+        max_watches_per_key=settings.max_watches_per_key,
         private_jobs=settings.private_jobs,
     )
     running.service = service

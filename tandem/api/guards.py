@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections import Counter
 from collections.abc import Callable, Collection
 
 from starlette.requests import Request
@@ -26,6 +25,7 @@ from tandem.errors import (
     Unauthorized,
 )
 from tandem.keys import ApiKey, digest_of
+from tandem.shares import Holdings
 
 # Where ApiKeys leaves which client sent a request: its key's name or digest, never the key.
 API_KEY_ID = "api_key_id"
@@ -77,7 +77,7 @@ class BodyLimit:
         self.retry_after_s = retry_after_s
         self.per_key_bytes = per_key_bytes
         self.held = 0  # bytes the requests being read or served hold, all together
-        self.held_by_key: Counter[str] = Counter()  # only keys that hold some
+        self.held_by_key = Holdings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -142,7 +142,7 @@ class BodyLimit:
         more = size - hold.bytes
         if more <= 0:
             return
-        if hold.key is not None and self.held_by_key[hold.key] + more > self.per_key_bytes:
+        if hold.key is not None and self.held_by_key.of(hold.key) + more > self.per_key_bytes:
             raise TooManyRequests(
                 f"this API key's client would hold more than {self.per_key_bytes} bytes of"
                 " request bodies at once, its share; try again once one is answered",
@@ -172,10 +172,7 @@ class _Hold:
         self.bytes += n
         self._limit.held += n
         if self.key is not None:
-            by_key = self._limit.held_by_key
-            by_key[self.key] += n
-            if not by_key[self.key]:
-                del by_key[self.key]
+            self._limit.held_by_key.add(self.key, n)
 
 
 def _replaying(first: Message, receive: Receive) -> Receive:
@@ -273,7 +270,7 @@ class LoadShedder:
         self.retry_after_s = retry_after_s
         self.paths = frozenset(paths)
         self.in_flight = 0
-        self._by_key: Counter[str] = Counter()  # only keys with requests in flight
+        self._by_key = Holdings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -291,7 +288,7 @@ class LoadShedder:
             self._taken(key, -1)
 
     def _refusal(self, key: str | None) -> TandemError | None:
-        if key is not None and self._by_key[key] >= self.per_key:
+        if key is not None and self._by_key.of(key) >= self.per_key:
             return TooManyRequests(
                 f"this API key's client has {self.per_key} requests being served, its share;"
                 " try again once one is answered",
@@ -308,9 +305,7 @@ class LoadShedder:
     def _taken(self, key: str | None, n: int) -> None:
         self.in_flight += n
         if key is not None:
-            self._by_key[key] += n
-            if not self._by_key[key]:
-                del self._by_key[key]
+            self._by_key.add(key, n)
 
 
 class Deadline:

@@ -265,6 +265,40 @@ def test_open_streams_and_long_polls_are_bounded(make_client: Any) -> None:
     assert client.get(f"/job/{job_id}", params={"wait": 0.1}).json()["status"] == "queued"
 
 
+def test_one_client_s_streams_and_long_polls_are_bounded_by_its_share(make_client: Any) -> None:
+    """Without a share, one client's streams could hold every place, and the others got 503.
+    A client may have a quarter of the places here (1 of 4), so 2 of the 8 watches."""
+    client = make_client(
+        api_keys="alpha=a-key,beta=b-key",
+        max_in_flight=4,
+        max_in_flight_per_key=1,
+        max_watches=8,
+        embedded_worker=False,  # the job stays queued
+    )
+    alpha, beta = {"X-API-Key": "a-key"}, {"X-API-Key": "b-key"}
+    job_id = client.post("/predict", json=IMAGE, headers=alpha).json()["job_id"]
+    events = f"/job/{job_id}/events"
+    with (
+        client.stream("GET", events, headers=alpha) as first,
+        client.stream("GET", events, headers=alpha) as second,
+    ):
+        for stream in (first, second):
+            assert next(stream.iter_lines()) == "event: queued"
+        for refused in (
+            client.get(events, headers=alpha),
+            client.get(f"/job/{job_id}", params={"wait": 1}, headers=alpha),
+        ):
+            assert refused.status_code == 429
+            error = refused.json()["error"]
+            assert (error["code"], error["details"]["limit"]) == ("too_many_requests", 2)
+            assert refused.headers["retry-after"] == "5"
+        with client.stream("GET", events, headers=beta) as others:
+            assert next(others.iter_lines()) == "event: queued"
+    # Closed streams give the client its share back.
+    waited = client.get(f"/job/{job_id}", params={"wait": 0.1}, headers=alpha)
+    assert waited.json()["status"] == "queued"
+
+
 @contextlib.contextmanager
 def fast_model_overrunning(client: TestClient, seconds: float) -> Iterator[None]:
     """The fast model takes `seconds` longer, within the block."""

@@ -260,3 +260,15 @@ def test_a_client_s_share_of_the_bodies_is_its_share_of_the_places() -> None:
     # Never less than one largest body, which a client could otherwise never send.
     small = load_settings({**keyed, "TANDEM_MAX_IN_FLIGHT_PER_KEY": "1"})
     assert small.max_bodies_per_key_bytes == small.max_body_bytes == 16 * 1024 * 1024
+
+
+def test_a_client_s_share_of_the_watches_is_its_share_of_the_places() -> None:
+    keyed = {
+        "TANDEM_API_KEYS": "k" * 32,
+        "TANDEM_MAX_IN_FLIGHT": "32",
+        "TANDEM_MAX_WATCHES": "1000",
+    }
+    assert load_settings(keyed).max_watches_per_key == 0
+    assert load_settings({**keyed, "TANDEM_MAX_IN_FLIGHT_PER_KEY": "8"}).max_watches_per_key == 250
+    few = {**keyed, "TANDEM_MAX_WATCHES": "2", "TANDEM_MAX_IN_FLIGHT_PER_KEY": "1"}
+    assert load_settings(few).max_watches_per_key == 1  # never none
