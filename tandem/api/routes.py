@@ -45,7 +45,15 @@ def _error_bodies(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in (*_GUARDED, *statuses)}
 
 
-_ERRORS = _error_bodies(404, 405, 409, 422)
+# A job's routes read the store, which may be out of reach (503).
+_ERRORS = _error_bodies(404, 405, 409, 422, 503)
+_WATCH_ERRORS = _error_bodies(404, 405, 409, 422, 503) | {
+    429: {
+        "model": ErrorBody,
+        "description": "This client (API key) has its share of the streams and long-polls "
+        "open (`too_many_requests`).",
+    },
+}
 
 
 def _fast_answer_or_error(description: str) -> dict[str, Any]:
@@ -64,8 +72,8 @@ def _fast_answer_or_error(description: str) -> dict[str, Any]:
 _PREDICT_ERRORS = _error_bodies(400, 415, 422) | {
     429: _fast_answer_or_error(
         "This client (API key) holds its share: of the queue (`too_many_queued`: the fast answer "
-        "without a job, PredictResponse with `error`), or of the requests being served "
-        "(`too_many_requests`: no answer, ErrorBody)."
+        "without a job, PredictResponse with `error`), or of the requests being served or "
+        "of the request bodies held at once (`too_many_requests`: no answer, ErrorBody)."
     ),
     503: _fast_answer_or_error(
         "Either the fast answer without a job (the queue is full or unavailable: "
@@ -247,7 +255,7 @@ async def stats(request: Request) -> StatsResponse:
     name="get_job",
     summary='The accurate model\'s answer; prediction is "" until the job is done.',
     response_model=JobResponse,
-    responses=_ERRORS,
+    responses=_WATCH_ERRORS,
 )
 async def get_job(
     job_id: str,
@@ -282,7 +290,7 @@ async def get_job(
             "once the stream began is its last event, `event: error` with the error body.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **_ERRORS,
+        **_WATCH_ERRORS,
     },
 )
 async def job_events(job_id: str, request: Request) -> StreamingResponse:

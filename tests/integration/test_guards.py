@@ -297,6 +297,10 @@ def test_one_client_s_streams_and_long_polls_are_bounded_by_its_share(make_clien
     # Closed streams give the client its share back.
     waited = client.get(f"/job/{job_id}", params={"wait": 0.1}, headers=alpha)
     assert waited.json()["status"] == "queued"
+    # The API's description says so, beside the 503 of a limit for all clients.
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in (paths["/job/{job_id}"]["get"], paths["/job/{job_id}/events"]["get"]):
+        assert {"429", "503"} <= set(route["responses"])
 
 
 @contextlib.contextmanager
