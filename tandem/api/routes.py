@@ -47,7 +47,7 @@ def _error_bodies(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # A job's routes read the store, which may be out of reach (503).
 _ERRORS = _error_bodies(404, 405, 409, 422, 503)
-_WATCH_ERRORS = _error_bodies(404, 405, 409, 422, 503) | {
+_WATCH_ERRORS = _ERRORS | {
     429: {
         "model": ErrorBody,
         "description": "This client (API key) has its share of the streams and long-polls "
