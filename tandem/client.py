@@ -265,6 +265,10 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def _wait_params(wait: float) -> dict[str, str]:
+    return {"wait": str(wait)} if wait else {}
+
+
 def _wait_steps(wait: float | None) -> Iterator[float]:
     """Long-poll durations that add up to `wait` (one step of 0 without a wait)."""
     deadline = time.monotonic() + (wait or 0.0)
@@ -325,17 +329,17 @@ class Client:
         return _fast_result(response)
 
     def job(self, job_id: str, wait: float = 0.0) -> JobResult:
-        params = {"wait": str(wait)} if wait else {}
-        return JobResult.from_wire(_checked(self._send("GET", f"/job/{job_id}", params=params)))
+        response = self._send("GET", f"/job/{job_id}", params=_wait_params(wait))
+        return JobResult.from_wire(_checked(response))
 
     def result(self, job_id: str, wait: float | None = None) -> JobResult:
         """The job now, or, with `wait`, once finished or when `wait` seconds have passed. A
         server that stops answering meanwhile (a proxy restarting) is asked again while the
-        wait lasts."""
+        wait lasts; one with no long-poll to spare is asked without one, after a pause."""
         polling = _Polling()
         for step in _wait_steps(wait):
             try:
-                if polling.answered(self.job(job_id, step)):
+                if polling.answered(self._long_poll(job_id, step)):
                     break
             except ServerUnreachable as exc:
                 polling.failed(exc)
@@ -357,6 +361,16 @@ class Client:
             if following.finished:
                 return
             time.sleep(following.pause(error))
+
+    def _long_poll(self, job_id: str, step: float) -> JobResult:
+        """A long-poll of `step` seconds; where the server has no watch to spare for it (429,
+        or 503 `overloaded`), a pause of at most `step`, then the job read without one."""
+        response = self._send("GET", f"/job/{job_id}", params=_wait_params(step))
+        pause = _busy_pause(response, tries_left=1)
+        if pause is not None:
+            time.sleep(min(pause, step))
+            response = self._send("GET", f"/job/{job_id}")
+        return JobResult.from_wire(_checked(response))
 
     def _stream(self, job_id: str) -> Iterator[JobResult]:
         with (
@@ -436,15 +450,14 @@ class AsyncClient:
         return _fast_result(response)
 
     async def job(self, job_id: str, wait: float = 0.0) -> JobResult:
-        params = {"wait": str(wait)} if wait else {}
-        response = await self._send("GET", f"/job/{job_id}", params=params)
+        response = await self._send("GET", f"/job/{job_id}", params=_wait_params(wait))
         return JobResult.from_wire(_checked(response))
 
     async def result(self, job_id: str, wait: float | None = None) -> JobResult:
         polling = _Polling()
         for step in _wait_steps(wait):
             try:
-                if polling.answered(await self.job(job_id, step)):
+                if polling.answered(await self._long_poll(job_id, step)):
                     break
             except ServerUnreachable as exc:
                 polling.failed(exc)
@@ -464,6 +477,14 @@ class AsyncClient:
             if following.finished:
                 return
             await asyncio.sleep(following.pause(error))
+
+    async def _long_poll(self, job_id: str, step: float) -> JobResult:
+        response = await self._send("GET", f"/job/{job_id}", params=_wait_params(step))
+        pause = _busy_pause(response, tries_left=1)
+        if pause is not None:
+            await asyncio.sleep(min(pause, step))
+            response = await self._send("GET", f"/job/{job_id}")
+        return JobResult.from_wire(_checked(response))
 
     async def _stream(self, job_id: str) -> AsyncIterator[JobResult]:
         parser = EventParser()

@@ -124,6 +124,40 @@ def tandem_predict(*args: str, url: str | None = None) -> subprocess.CompletedPr
     )
 
 
+async def test_a_long_poll_the_server_has_no_place_for_becomes_a_read_after_a_pause(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """With a share of one watch, the client's second long-poll gets 429: `result` had raised
+    it, where the job could still be read without a watch."""
+    env = clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(tmp_path),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        api_keys="alpha=a-key",
+        max_in_flight="4",
+        max_in_flight_per_key="1",
+        max_watches="4",
+    )
+    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
+    try:
+        with Client(server.url, api_key="a-key") as client:
+            job_id = client.predict(PNG).job_id or ""
+            with client._http.stream("GET", f"/job/{job_id}/events") as stream:
+                # Held, not dropped: a generator closed half read closes its connection.
+                lines = stream.iter_lines()
+                assert next(lines) == "event: queued"  # the client's one watch
+                started = time.monotonic()
+                waited = client.result(job_id, wait=1.0)
+                took = time.monotonic() - started
+                async with AsyncClient(server.url, api_key="a-key") as other:
+                    awaited = await other.result(job_id, wait=1.0)
+        assert waited.status is awaited.status is JobStatus.QUEUED
+        assert 0.9 < took < 5  # the wait asked for, not the Retry-After of 5 s
+    finally:
+        server.stop()
+
+
 def test_cli_prints_both_answers_and_exits_0(working: ServerProcess, image: Path) -> None:
     done = tandem_predict(str(image), str(image), "--wait", "20", "--json", url=working.url)
     assert done.returncode == 0, done.stderr
