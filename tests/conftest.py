@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 from tandem.api.app import create_app
 from tandem.runtime.build import BUILTIN_MODELS, build_model
 from tandem.settings import Settings
-from tests.support import RedisServer, ServerProcess, TinySpec, clean_env, tiny_model
+from tests.support import RedisServer, ServerProcess, TinySpec, clean_env, tiny_env, tiny_model
 
 
 @pytest.fixture
@@ -76,13 +76,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def _tiny_server(tiny_dir: Path, tmp: Path, *args: str) -> Iterator[ServerProcess]:
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-    )
-    server = ServerProcess(tmp / "server.log", env, *args).start()
+    server = ServerProcess(tmp / "server.log", tiny_env(tiny_dir, tmp), *args).start()
     yield server
     server.stop()
 

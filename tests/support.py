@@ -244,6 +244,17 @@ def clean_env(**tandem: str) -> dict[str, str]:
     return env
 
 
+def tiny_env(tiny_dir: Path, data_dir: Path, **tandem: str) -> dict[str, str]:
+    """clean_env for a server on the tiny models, its store in `data_dir`."""
+    return clean_env(
+        model_dir=str(tiny_dir),
+        data_dir=str(data_dir),
+        fast_model="tiny_fast",
+        accurate_model="tiny_accurate",
+        **tandem,
+    )
+
+
 class ServerProcess:
     """`python -m tandem serve` on a free port, driven over real HTTP."""
 

@@ -16,7 +16,7 @@ import pytest
 from tandem.client import AsyncClient, Client
 from tandem.errors import IdempotencyKeyReused, InvalidImage, JobNotFound, ServerUnreachable
 from tandem.jobs.records import JobStatus
-from tests.support import ServerProcess, clean_env, encode, free_port, solid
+from tests.support import ServerProcess, clean_env, encode, free_port, solid, tiny_env
 
 pytestmark = pytest.mark.slow
 
@@ -129,11 +129,9 @@ async def test_a_long_poll_the_server_has_no_place_for_becomes_a_read_after_a_pa
 ) -> None:
     """With a share of one watch, the client's second long-poll gets 429: `result` had raised
     it, where the job could still be read without a watch."""
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp_path),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
+    env = tiny_env(
+        tiny_dir,
+        tmp_path,
         api_keys="alpha=a-key",
         max_in_flight="4",
         max_in_flight_per_key="1",

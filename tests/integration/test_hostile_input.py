@@ -30,6 +30,7 @@ from tests.support import (
     read_response,
     rle_bmp,
     solid,
+    tiny_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -229,15 +230,7 @@ def _overloaded(status: str, headers: dict[str, str], body: bytes) -> bool:
 
 def _bodies_server(tiny_dir: Path, data_dir: Path, **settings: str) -> ServerProcess:
     """A proxy with no worker that may hold 2 MiB of bodies at once."""
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(data_dir),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-        max_bodies_mb="2",
-        retry_after_s="1",
-        **settings,
-    )
+    env = tiny_env(tiny_dir, data_dir, max_bodies_mb="2", retry_after_s="1", **settings)
     return ServerProcess(data_dir / "server.log", env, "--no-worker").start()
 
 

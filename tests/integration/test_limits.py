@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, clean_env
+from tests.support import ServerProcess, tiny_env
 
 WATCHES = 300
 SOFT = 256  # under WATCHES: without the raise, the streams use up every file
 
 
 def _server(tiny_dir: Path, tmp_path: Path, limit: Callable[[], None]) -> ServerProcess:
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp_path),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-        max_watches=str(WATCHES),
-    )
+    env = tiny_env(tiny_dir, tmp_path, max_watches=str(WATCHES))
     server = ServerProcess(tmp_path / "server.log", env, "--no-worker")
     server.preexec = limit
     return server

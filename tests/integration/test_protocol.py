@@ -17,13 +17,13 @@ import uvicorn
 from tandem.api.protocol import MAX_HEAD_BYTES, protocol_class
 from tests.support import (
     ServerProcess,
-    clean_env,
     encode,
     exchange,
     free_port,
     metric,
     noise,
     read_response,
+    tiny_env,
 )
 
 UNPARSEABLE = {
@@ -143,13 +143,7 @@ def test_a_head_within_its_bound_is_served(real_server: ServerProcess) -> None:
 def impatient(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`tandem serve` that waits one second for a request's head or body."""
     data_dir = tmp_path_factory.mktemp("impatient")
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(data_dir),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
-        receive_timeout_s="1",
-    )
+    env = tiny_env(tiny_dir, data_dir, receive_timeout_s="1")
     server = ServerProcess(data_dir / "server.log", env, "--no-worker").start()
     yield server
     server.stop()

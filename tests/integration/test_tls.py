@@ -15,7 +15,15 @@ from tandem.client import Client
 from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobStatus
 from tandem.jobs.redis import RedisJobStore
-from tests.support import RedisServer, ServerProcess, WorkerProcess, clean_env, encode, solid
+from tests.support import (
+    RedisServer,
+    ServerProcess,
+    WorkerProcess,
+    clean_env,
+    encode,
+    solid,
+    tiny_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +42,9 @@ def test_tandem_serves_https_with_the_configured_certificate(
 ) -> None:
     ca = trustme.CA()
     certfile, keyfile = _files(ca, tmp_path)
-    env = clean_env(
-        model_dir=str(tiny_dir),
-        data_dir=str(tmp_path / "data"),
-        fast_model="tiny_fast",
-        accurate_model="tiny_accurate",
+    env = tiny_env(
+        tiny_dir,
+        tmp_path / "data",
         tls_certfile=str(certfile),
         tls_keyfile=str(keyfile),
     )
