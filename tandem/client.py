@@ -150,6 +150,24 @@ def _busy_pause(response: httpx.Response, tries_left: int) -> float | None:
     return min(max(after, 0.0), _BUSY_PAUSE_MAX_S)
 
 
+class _NoStream(Exception):
+    """The server has no event stream to spare for now: read the job, and try again after
+    `pause_s`."""
+
+    def __init__(self, pause_s: float) -> None:
+        super().__init__(pause_s)
+        self.pause_s = pause_s
+
+
+def _refused(response: httpx.Response) -> None:
+    """Raise what refused an event stream: _NoStream where the server is busy, else the
+    typed error."""
+    pause = _busy_pause(response, tries_left=1)
+    if pause is not None:
+        raise _NoStream(pause)
+    _checked(response)
+
+
 def _fast_result(response: httpx.Response) -> FastResult:
     body = _json(response)
     # A 503 or 429 that still carries a fast answer is the queue refusing, not the request
@@ -348,19 +366,25 @@ class Client:
 
     def events(self, job_id: str) -> Iterator[JobResult]:
         """Each state of the job as the server pushes it, until it is finished. A stream that
-        ends first (its proxy shut down, the connection dropped) is opened again."""
+        ends first (its proxy shut down, the connection dropped) is opened again. While the
+        server has no stream to spare (429, or 503 `overloaded`), the job is read instead,
+        after each pause it asks for."""
         following = _Following()
         while True:
-            error = None
+            error, pause = None, None
             try:
                 for state in self._stream(job_id):
                     if following.fresh(state):
                         yield state
             except ServerUnreachable as exc:
                 error = exc
+            except _NoStream as busy:
+                pause = busy.pause_s
+                if following.fresh(state := self.job(job_id)):
+                    yield state
             if following.finished:
                 return
-            time.sleep(following.pause(error))
+            time.sleep(following.pause(error) if pause is None else pause)
 
     def _long_poll(self, job_id: str, step: float) -> JobResult:
         """A long-poll of `step` seconds; where the server has no watch to spare for it (429,
@@ -379,7 +403,7 @@ class Client:
         ):
             if response.status_code >= 400:
                 response.read()
-                _checked(response)
+                _refused(response)
             yield from _parse(response.iter_lines())
 
     def cancel(self, job_id: str) -> JobResult:
@@ -467,16 +491,20 @@ class AsyncClient:
     async def events(self, job_id: str) -> AsyncIterator[JobResult]:
         following = _Following()
         while True:
-            error = None
+            error, pause = None, None
             try:
                 async for state in self._stream(job_id):
                     if following.fresh(state):
                         yield state
             except ServerUnreachable as exc:
                 error = exc
+            except _NoStream as busy:
+                pause = busy.pause_s
+                if following.fresh(state := await self.job(job_id)):
+                    yield state
             if following.finished:
                 return
-            await asyncio.sleep(following.pause(error))
+            await asyncio.sleep(following.pause(error) if pause is None else pause)
 
     async def _long_poll(self, job_id: str, step: float) -> JobResult:
         response = await self._send("GET", f"/job/{job_id}", params=_wait_params(step))
@@ -492,7 +520,7 @@ class AsyncClient:
             async with self._http.stream("GET", f"/job/{job_id}/events", timeout=None) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    _checked(response)
+                    _refused(response)
                 async for line in response.aiter_lines():
                     if (event := parser.feed(line)) is not None:
                         yield event

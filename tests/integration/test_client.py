@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -124,36 +126,74 @@ def tandem_predict(*args: str, url: str | None = None) -> subprocess.CompletedPr
     )
 
 
+@contextlib.contextmanager
+def _one_watch_each(tiny_dir: Path, data_dir: Path, **settings: str) -> Iterator[ServerProcess]:
+    """A server with no worker where client alpha (key `a-key`) may hold one watch."""
+    env = tiny_env(
+        tiny_dir,
+        data_dir,
+        api_keys="alpha=a-key",
+        max_in_flight="4",
+        max_in_flight_per_key="1",
+        max_watches="4",
+        **settings,
+    )
+    server = ServerProcess(data_dir / "server.log", env, "--no-worker").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _watch_held(client: Client, job_id: str) -> Iterator[None]:
+    """The client's one watch, held by a stream of its own."""
+    with client._http.stream("GET", f"/job/{job_id}/events") as stream:
+        # Held, not dropped: an iterator closed half read closes its connection.
+        lines = stream.iter_lines()
+        assert next(lines) == "event: queued"
+        yield
+
+
 async def test_a_long_poll_the_server_has_no_place_for_becomes_a_read_after_a_pause(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
     """With a share of one watch, the client's second long-poll gets 429: `result` had raised
     it, where the job could still be read without a watch."""
-    env = tiny_env(
-        tiny_dir,
-        tmp_path,
-        api_keys="alpha=a-key",
-        max_in_flight="4",
-        max_in_flight_per_key="1",
-        max_watches="4",
-    )
-    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
-    try:
-        with Client(server.url, api_key="a-key") as client:
-            job_id = client.predict(PNG).job_id or ""
-            with client._http.stream("GET", f"/job/{job_id}/events") as stream:
-                # Held, not dropped: a generator closed half read closes its connection.
-                lines = stream.iter_lines()
-                assert next(lines) == "event: queued"  # the client's one watch
-                started = time.monotonic()
-                waited = client.result(job_id, wait=1.0)
-                took = time.monotonic() - started
-                async with AsyncClient(server.url, api_key="a-key") as other:
-                    awaited = await other.result(job_id, wait=1.0)
-        assert waited.status is awaited.status is JobStatus.QUEUED
-        assert 0.9 < took < 5  # the wait asked for, not the Retry-After of 5 s
-    finally:
-        server.stop()
+    with (
+        _one_watch_each(tiny_dir, tmp_path) as server,
+        Client(server.url, api_key="a-key") as client,
+    ):
+        job_id = client.predict(PNG).job_id or ""
+        with _watch_held(client, job_id):
+            started = time.monotonic()
+            waited = client.result(job_id, wait=1.0)
+            took = time.monotonic() - started
+            async with AsyncClient(server.url, api_key="a-key") as other:
+                awaited = await other.result(job_id, wait=1.0)
+    assert waited.status is awaited.status is JobStatus.QUEUED
+    assert 0.9 < took < 5  # the wait asked for, not the Retry-After of 5 s
+
+
+async def test_events_the_server_has_no_stream_for_are_read_after_each_pause(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """`events` had raised the 429 too: now it reads the job, and again after each
+    Retry-After, until the job is finished."""
+    with (
+        _one_watch_each(tiny_dir, tmp_path, retry_after_s="1") as server,
+        Client(server.url, api_key="a-key") as client,
+    ):
+        job_id = client.predict(PNG).job_id or ""
+        with _watch_held(client, job_id):
+            states = client.events(job_id)
+            assert next(states).status is JobStatus.QUEUED
+            async with AsyncClient(server.url, api_key="a-key") as other:
+                following = other.events(job_id)
+                assert (await anext(following)).status is JobStatus.QUEUED
+                client.cancel(job_id)
+                assert [state.status async for state in following] == [JobStatus.CANCELLED]
+            assert [state.status for state in states] == [JobStatus.CANCELLED]
 
 
 def test_cli_prints_both_answers_and_exits_0(working: ServerProcess, image: Path) -> None:
