@@ -48,6 +48,7 @@ def test_the_benchmark_runs_and_writes_its_table(model_dir: Path, tmp_path: Path
         assert all(seconds > 0 for seconds in one["split"].values())
     # The floor's best throughput is a ceiling: its scan had callers side by side too.
     assert "The scan behind the best throughput" in table
+    assert "Single-threaded callers side by side against one, batch 1: " in table
     cores = os.cpu_count() or 1
     for row in results["floor"].values():
         assert {setting["callers"] for setting in row["best"]["scan"]} == {1, cores}
