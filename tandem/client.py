@@ -380,8 +380,10 @@ class Client:
                 error = exc
             except _NoStream as busy:
                 pause = busy.pause_s
-                if following.fresh(state := self.job(job_id)):
-                    yield state
+                # A server gone meanwhile is met by the next stream, with its reconnects.
+                with contextlib.suppress(ServerUnreachable):
+                    if following.fresh(state := self.job(job_id)):
+                        yield state
             if following.finished:
                 return
             time.sleep(following.pause(error) if pause is None else pause)
@@ -500,8 +502,9 @@ class AsyncClient:
                 error = exc
             except _NoStream as busy:
                 pause = busy.pause_s
-                if following.fresh(state := await self.job(job_id)):
-                    yield state
+                with contextlib.suppress(ServerUnreachable):
+                    if following.fresh(state := await self.job(job_id)):
+                        yield state
             if following.finished:
                 return
             await asyncio.sleep(following.pause(error) if pause is None else pause)

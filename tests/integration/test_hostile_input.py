@@ -292,13 +292,14 @@ def test_one_client_s_uploads_hold_no_more_than_its_share_of_the_bodies(
             assert json.loads(body)["error"]["details"] == {"retry_after": 1, "limit_bytes": MIB}
             served = exchange(server.port, _posted(len(image), key_b) + image)
             assert served[0] == "HTTP/1.1 200 OK", served
-        # The upload ended with its connection (once the server reads that it closed): client
-        # a's share is its own again.
+        # The upload ended with its connection: once the server has read that it closed,
+        # client a's share is its own again.
+        again = _posted(len(image), key_a) + image
         deadline = time.monotonic() + 10
-        while (served := exchange(server.port, _posted(len(image), key_a) + image))[0].startswith(
-            "HTTP/1.1 429"
-        ) and time.monotonic() < deadline:
+        served = exchange(server.port, again)
+        while served[0].startswith("HTTP/1.1 429") and time.monotonic() < deadline:
             time.sleep(0.05)
+            served = exchange(server.port, again)
         assert served[0] == "HTTP/1.1 200 OK", served
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tandem.cli import main
@@ -171,3 +172,36 @@ def test_tandem_predict_tells_a_server_that_stayed_busy_from_a_refused_image(
     scripted.answers = [_refusal(422, "invalid_image")]
     assert main(["predict", str(image), "--url", _url(scripted)]) == EXIT_REFUSED
     capsys.readouterr()
+
+
+def test_events_read_the_job_while_the_server_has_no_stream_and_ride_out_a_failed_read() -> None:
+    """A 429 to the stream: the job is read instead. That read failing (the proxy gone for a
+    moment) is not raised: the next stream meets the server, with its reconnects."""
+    busy = httpx.Response(
+        429, headers={"Retry-After": "0"}, json=_refusal(429, "too_many_requests")[2]
+    )
+    done = {**QUEUED, "status": "done"}
+    answers: list[httpx.Response | Exception] = [
+        busy,
+        httpx.ConnectError("refused"),
+        busy,
+        httpx.Response(200, json=QUEUED),
+        httpx.Response(200, text=f"event: done\ndata: {json.dumps(done)}\n\n"),
+    ]
+    paths: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        given = answers.pop(0)
+        if isinstance(given, Exception):
+            raise given
+        return given
+
+    with Client("http://tandem.test") as client:
+        client._http = httpx.Client(
+            base_url="http://tandem.test", transport=httpx.MockTransport(answer)
+        )
+        states = [state.status for state in client.events(JOB_ID)]
+    assert states == ["queued", "done"]
+    stream, read = f"/job/{JOB_ID}/events", f"/job/{JOB_ID}"
+    assert paths == [stream, read, stream, read, stream]
