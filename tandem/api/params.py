@@ -9,6 +9,7 @@ tests still see them.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -26,8 +27,11 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 def query_params(request: Request, model: type[M]) -> M:
     """The query string as `model`; a 422 naming each bad field, as FastAPI's would."""
+    params = request.query_params
+    if len(params) != len(params.multi_items()):
+        _refuse_repeated(params.multi_items())
     try:
-        return model.model_validate(dict(request.query_params))
+        return model.model_validate(dict(params))
     except ValidationError as exc:
         known = ", ".join(model.model_fields)
         errors = [
@@ -39,6 +43,23 @@ def query_params(request: Request, model: type[M]) -> M:
             for error in exc.errors()
         ]
         raise RequestValidationError(errors) from exc
+
+
+def _refuse_repeated(items: list[tuple[str, str]]) -> None:
+    """A parameter given twice is ambiguous (`policy=always&policy=when_unsure`, or two
+    callback URLs): one of them had been taken silently."""
+    counts = Counter(name for name, _ in items)
+    raise RequestValidationError(
+        [
+            {
+                "loc": ("query", name),
+                "msg": f"given {count} times; give it once",
+                "type": "repeated_parameter",
+            }
+            for name, count in counts.items()
+            if count > 1
+        ]
+    )
 
 
 def _unknown(error: ErrorDetails) -> bool:

@@ -172,6 +172,16 @@ def test_bad_requests_get_typed_errors_and_cost_no_job(
     assert "job_id" not in response.json()
 
 
+def test_a_parameter_given_twice_is_refused_not_picked(real_server: ServerProcess) -> None:
+    """`policy=always&policy=when_unsure` had been served with one of the two, silently."""
+    with real_server.client() as client:
+        response = client.get("/predict/test?policy=always&policy=when_unsure&threshold=0.5")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["message"] == "query.policy: given 2 times; give it once"
+    assert [p["type"] for p in error["details"]["problems"]] == ["repeated_parameter"]
+
+
 def test_a_body_of_the_wrong_shape_is_named_as_the_body(real_server: ServerProcess) -> None:
     """Its problem has no location: the message had begun ": Input should be an object"."""
     with real_server.client() as client:
