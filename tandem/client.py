@@ -393,10 +393,10 @@ class Client:
         or 503 `overloaded`), a pause of at most `step`, then the job read without one."""
         response = self._send("GET", f"/job/{job_id}", params=_wait_params(step))
         pause = _busy_pause(response, tries_left=1)
-        if pause is not None:
-            time.sleep(min(pause, step))
-            response = self._send("GET", f"/job/{job_id}")
-        return JobResult.from_wire(_checked(response))
+        if pause is None:
+            return JobResult.from_wire(_checked(response))
+        time.sleep(min(pause, step))
+        return self.job(job_id)
 
     def _stream(self, job_id: str) -> Iterator[JobResult]:
         with (
@@ -512,10 +512,10 @@ class AsyncClient:
     async def _long_poll(self, job_id: str, step: float) -> JobResult:
         response = await self._send("GET", f"/job/{job_id}", params=_wait_params(step))
         pause = _busy_pause(response, tries_left=1)
-        if pause is not None:
-            await asyncio.sleep(min(pause, step))
-            response = await self._send("GET", f"/job/{job_id}")
-        return JobResult.from_wire(_checked(response))
+        if pause is None:
+            return JobResult.from_wire(_checked(response))
+        await asyncio.sleep(min(pause, step))
+        return await self.job(job_id)
 
     async def _stream(self, job_id: str) -> AsyncIterator[JobResult]:
         parser = EventParser()

@@ -120,8 +120,7 @@ class TandemService:
         # Each job is its client's alone: another's reads it as one that never existed.
         self.private_jobs = private_jobs
         self.max_watches = max_watches
-        self.max_watches_per_key = max_watches_per_key  # 0: no client has a share
-        self._watching_clients = Holdings()
+        self._watching_clients = Holdings(max_watches_per_key)  # 0: no client has a share
         self.fast = fast
         self.accurate_model = accurate_model
         self.top_k = top_k
@@ -445,7 +444,7 @@ class TandemService:
         """A watch on the job, bounded like requests (each holds a connection), and woken
         when shutdown begins. With shares, `client`'s watches are bounded too: one client's
         streams could have held every place, and the others got 503."""
-        sharing = client if self.max_watches_per_key else None
+        sharing = client if self._watching_clients.share else None
         self._refuse_watch(sharing)
         async with self.store.watch(parse_job_id(job_id)) as watch:
             self._watches.add(watch)
@@ -459,12 +458,13 @@ class TandemService:
                     self._watching_clients.add(sharing, -1)
 
     def _refuse_watch(self, client: str | None) -> None:
-        if client is not None and self._watching_clients.of(client) >= self.max_watches_per_key:
+        share = self._watching_clients.share
+        if client is not None and not self._watching_clients.allows(client):
             raise TooManyRequests(
-                f"this API key's client has {self.max_watches_per_key} streams and long-polls"
-                " open, its share; close one first",
+                f"this API key's client has {share} streams and long-polls open, its share;"
+                " close one first",
                 retry_after=self.retry_after_s,
-                limit=self.max_watches_per_key,
+                limit=share,
             )
         if self.store.watchers >= self.max_watches:
             raise Overloaded(

@@ -1,4 +1,4 @@
-"""What each client (an API key's identity) holds of something bounded, for its share."""
+"""What each client (an API key's identity) holds of something bounded, against its share."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ from collections import Counter
 
 
 class Holdings:
-    """Counts by client. A client that holds nothing is forgotten, so that the counts grow
-    with the clients being served, not with every client ever seen."""
+    """Counts by client, each to stay within `share` (0: no shares, and callers count
+    nothing). A client that holds nothing is forgotten, so that the counts grow with the
+    clients being served, not with every client ever seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, share: int = 0) -> None:
+        self.share = share
         self._by_client: Counter[str] = Counter()
 
-    def of(self, client: str) -> int:
-        return self._by_client[client]
+    def allows(self, client: str, n: int = 1) -> bool:
+        """Whether `client` may take `n` more within its share."""
+        return self._by_client[client] + n <= self.share
 
     def add(self, client: str, n: int) -> None:
         self._by_client[client] += n

@@ -75,15 +75,14 @@ class BodyLimit:
         self.min_rate_bytes_s = min_rate_bytes_s
         self.held_max_bytes = held_max_bytes
         self.retry_after_s = retry_after_s
-        self.per_key_bytes = per_key_bytes
         self.held = 0  # bytes the requests being read or served hold, all together
-        self.held_by_key = Holdings()
+        self.held_by_key = Holdings(per_key_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        hold = _Hold(self, api_key_id_in(scope) if self.per_key_bytes else None)
+        hold = _Hold(self, api_key_id_in(scope) if self.held_by_key.share else None)
         try:
             try:
                 first = await self._received(scope, receive, hold)
@@ -142,12 +141,13 @@ class BodyLimit:
         more = size - hold.bytes
         if more <= 0:
             return
-        if hold.key is not None and self.held_by_key.of(hold.key) + more > self.per_key_bytes:
+        share = self.held_by_key.share
+        if hold.key is not None and not self.held_by_key.allows(hold.key, more):
             raise TooManyRequests(
-                f"this API key's client would hold more than {self.per_key_bytes} bytes of"
+                f"this API key's client would hold more than {share} bytes of"
                 " request bodies at once, its share; try again once one is answered",
                 retry_after=self.retry_after_s,
-                limit_bytes=self.per_key_bytes,
+                limit_bytes=share,
             )
         if self.held + more > self.held_max_bytes:
             raise Overloaded(
@@ -266,17 +266,16 @@ class LoadShedder:
     ) -> None:
         self.app = app
         self.limit = limit
-        self.per_key = per_key
         self.retry_after_s = retry_after_s
         self.paths = frozenset(paths)
         self.in_flight = 0
-        self._by_key = Holdings()
+        self._by_key = Holdings(per_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        key = api_key_id_in(scope) if self.per_key else None
+        key = api_key_id_in(scope) if self._by_key.share else None
         error = self._refusal(key)
         if error is not None:
             await _refuse(scope, receive, send, error)
@@ -288,12 +287,12 @@ class LoadShedder:
             self._taken(key, -1)
 
     def _refusal(self, key: str | None) -> TandemError | None:
-        if key is not None and self._by_key.of(key) >= self.per_key:
+        if key is not None and not self._by_key.allows(key):
             return TooManyRequests(
-                f"this API key's client has {self.per_key} requests being served, its share;"
-                " try again once one is answered",
+                f"this API key's client has {self._by_key.share} requests being served, its"
+                " share; try again once one is answered",
                 retry_after=self.retry_after_s,
-                limit=self.per_key,
+                limit=self._by_key.share,
             )
         if self.in_flight >= self.limit:
             return Overloaded(

@@ -28,8 +28,9 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 def query_params(request: Request, model: type[M]) -> M:
     """The query string as `model`; a 422 naming each bad field, as FastAPI's would."""
     params = request.query_params
-    if len(params) != len(params.multi_items()):
-        _refuse_repeated(params.multi_items())
+    items = params.multi_items()
+    if len(items) != len(params):
+        _refuse_repeated(items)
     try:
         return model.model_validate(dict(params))
     except ValidationError as exc:
