@@ -1,0 +1,161 @@
+"""OpenTelemetry as an operator turns it on: `tandem serve` run under
+`opentelemetry-instrument`, exporting OTLP over HTTP to a collector the test runs; each
+request is a span named by its route."""
+
+from __future__ import annotations
+
+import http.server
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
+
+from tests.support import ServerProcess, encode, noise, tiny_env, wait_for_job
+
+pytestmark = pytest.mark.timeout(120)
+
+# The client's own trace, which the request continues (W3C traceparent).
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    kind: int
+    start_ns: int
+    attributes: dict[str, Any]
+    error: str | None
+
+
+class Collector:
+    """An OTLP/HTTP endpoint that keeps the spans exported to it."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    collector.receive(body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def receive(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans = [
+            _span(span)
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+        with self._lock:
+            self.spans.extend(spans)
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 30.0) -> list[Span]:
+        """The spans named `name`, once there are `count` of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [span for span in self.spans if span.name == name]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no span {name!r} in {[s.name for s in self.spans]}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _span(span: WireSpan) -> Span:
+    attributes = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+    error = span.status.message if span.status.code == span.status.STATUS_CODE_ERROR else None
+    return Span(
+        span.name,
+        span.trace_id.hex(),
+        span.span_id.hex(),
+        span.parent_span_id.hex(),
+        span.kind,
+        span.start_time_unix_nano,
+        attributes,
+        error,
+    )
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    collector = Collector()
+    yield collector
+    collector.close()
+
+
+def _exporting(env: dict[str, str], collector: Collector) -> dict[str, str]:
+    """The environment an operator sets to export traces, and only traces, to `collector`."""
+    return env | {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_EXPORTER": "otlp_proto_http",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",  # ms: spans leave at once, not every 5 s
+    }
+
+
+def _instrument(command: list[str]) -> list[str]:
+    """The command run under `opentelemetry-instrument`, which configures the SDK."""
+    return [str(Path(sys.executable).parent / "opentelemetry-instrument"), *command]
+
+
+class InstrumentedServer(ServerProcess):
+    def command(self) -> list[str]:
+        return _instrument(super().command())
+
+
+def test_each_request_is_a_span_named_by_its_route(
+    tiny_dir: Path, tmp_path: Path, collector: Collector
+) -> None:
+    env = _exporting(tiny_env(tiny_dir, tmp_path), collector)
+    server = InstrumentedServer(tmp_path / "server.log", env).start()
+    try:
+        with server.client() as client:
+            image = encode(noise(64, 48))
+            headers = {"Content-Type": "image/jpeg", "traceparent": TRACEPARENT}
+            posted = client.post("/predict", content=image, headers=headers)
+            assert posted.status_code == 200
+            wait_for_job(client, posted.json()["job_id"])
+            assert client.post("/predict", json={"image": "!"}).status_code == 422
+            assert collector.wait_for("GET /job/{job_id}")  # by its route, not a job id
+            request, refused = sorted(
+                collector.wait_for("POST /predict", 2), key=lambda s: s.trace_id != CLIENT_TRACE
+            )
+    finally:
+        server.stop()
+    # DirectRoute serves /predict outside FastAPI's router, and still names its route.
+    assert request.attributes["http.route"] == "/predict"
+    assert request.attributes["http.response.status_code"] == 200
+    assert (request.trace_id, request.parent_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    assert refused.attributes["http.response.status_code"] == 422
