@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from tandem import tracing
 from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
     ConfigurationError,
@@ -207,6 +208,7 @@ class TandemService:
             idempotency_key=idempotency_key,
             owner=owner,
             callback_url=callback_url,
+            trace=tracing.current_context(),
         )
         # Overlapping the job's write with the model saves a lone request its write's time,
         # but costs a second write (the fast answer, added after). With other calls running

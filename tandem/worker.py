@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from tandem import __version__, heap, tasks
+from tandem import __version__, heap, tasks, tracing
 from tandem.cascade import judged_counts, late_judgement
 from tandem.errors import InvalidModelOutput, QueueUnavailable, TandemError, UnreadableJob
 from tandem.jobs.factory import make_store, store_location
@@ -251,6 +251,7 @@ class Worker:
 
     async def _fail(self, claim: Claim, reason: str, *, retry: bool) -> None:
         job = await self.store.fail(claim.id, reason, retry=retry)
+        tracing.record_run(claim.job, self.classifier.name, error=reason)
         if job is not None and job.status.terminal:  # its client hears of a failure too
             self._call_back(job)
 
@@ -368,6 +369,7 @@ class Worker:
             extra = {"job_id": claim.id, "request_id": claim.job.request_id}
             if claim.id in completed.stored:
                 self._counts.update(answered_counts(answered_at - claim.job.created_at))
+                tracing.record_run(claim.job, self.classifier.name, label=answers[claim.id].label)
                 log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
                 await self._call_back_stored(claim)
             else:

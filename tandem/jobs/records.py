@@ -65,6 +65,9 @@ class JobSpec:
     fingerprint: str | None = None
     # Where the worker POSTs the result once stored (already checked against the allowlist).
     callback_url: str | None = None
+    # The request's trace context (W3C headers), when it was traced: the worker's run of the
+    # accurate model joins that trace (see tandem.tracing).
+    trace: dict[str, str] | None = None
 
     @property
     def idempotency_slot(self) -> str | None:
@@ -86,6 +89,7 @@ class JobSpec:
             callback_url=self.callback_url,
             fingerprint=self.fingerprint,
             owner=self.owner,
+            trace=self.trace,
         )
 
 
@@ -135,6 +139,7 @@ class Job:
     webhook: Delivery | None = None
     fingerprint: str | None = None
     owner: str | None = None  # the client that sent it (its API key's name or digest)
+    trace: dict[str, str] | None = None  # its request's trace context, if it was traced
 
     @property
     def final(self) -> Prediction | None:
@@ -173,6 +178,8 @@ def dump_meta(spec: JobSpec) -> str:
         "callback_url": spec.callback_url,
         "fingerprint": spec.fingerprint,
     }
+    if spec.trace:  # an optional key: readers that predate it ignore it
+        meta["trace"] = spec.trace
     return json.dumps(meta, separators=(",", ":"))
 
 
@@ -195,13 +202,28 @@ class Meta:
     request_id: str | None
     callback_url: str | None
     fingerprint: str | None
+    trace: dict[str, str] | None
 
 
 def load_meta(text: str) -> Meta:
     meta = _versioned(text, "job payload")
     fast = Prediction.from_dict(meta["fast"]) if meta.get("fast") else None
-    # Records stored before fingerprints have none: a retry is not checked against them.
-    return Meta(fast, meta.get("request_id"), meta.get("callback_url"), meta.get("fingerprint"))
+    # Records stored before fingerprints (or traces) have none: a retry is not checked
+    # against them (nor is a trace joined).
+    return Meta(
+        fast,
+        meta.get("request_id"),
+        meta.get("callback_url"),
+        meta.get("fingerprint"),
+        _trace(meta.get("trace")),
+    )
+
+
+def _trace(value: Any) -> dict[str, str] | None:
+    """A stored trace context; anything but a map of strings is dropped, not trusted."""
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)} or None
 
 
 def dump_delivery(delivery: Delivery) -> str:
@@ -283,4 +305,5 @@ def _job_from_stored(job_id: str, fields: Mapping[str, Any]) -> Job:
         webhook=load_delivery(fields.get("webhook")),
         fingerprint=meta.fingerprint,
         owner=fields.get("owner"),
+        trace=meta.trace,
     )

@@ -801,6 +801,20 @@ async def test_a_delivery_to_a_gone_job_is_ignored(store: JobStore) -> None:
     assert await store.get(ghost) is None
 
 
+async def test_a_traced_job_keeps_its_trace_context_through_its_claim(store: JobStore) -> None:
+    context = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    job = await store.enqueue(replace(spec(), trace=context))
+    assert job.trace == context
+    untraced = await store.enqueue(spec())
+    await store.attach_fast(job.id, answer())  # rewrites the metadata around it
+    before = time.time()
+    first, second = await store.claim("w1", 2, 0)
+    assert (first.job.trace, second.job.trace) == (context, None)
+    assert second.id == untraced.id
+    # A worker's span starts at the claim: the claimed job's updated_at is when it was taken.
+    assert first.job.updated_at >= before
+
+
 # -- the fast answer, added after the job ---------------------------------------------------------
 
 

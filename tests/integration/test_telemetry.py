@@ -1,6 +1,6 @@
-"""OpenTelemetry as an operator turns it on: `tandem serve` run under
+"""OpenTelemetry as the README turns it on: `tandem serve` and `tandem worker` run under
 `opentelemetry-instrument`, exporting OTLP over HTTP to a collector the test runs; each
-request is a span named by its route."""
+request is a span, and each traced job's accurate run a span in its request's trace."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
 
-from tests.support import ServerProcess, encode, noise, tiny_env, wait_for_job
+from tests.support import ServerProcess, WorkerProcess, encode, noise, tiny_env, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,7 +135,17 @@ class InstrumentedServer(ServerProcess):
         return _instrument(super().command())
 
 
-def test_each_request_is_a_span_named_by_its_route(
+class InstrumentedWorker(WorkerProcess):
+    def command(self) -> list[str]:
+        return _instrument(super().command())
+
+
+def _the_one(spans: list[Span]) -> Span:
+    assert len(spans) == 1, spans
+    return spans[0]
+
+
+def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_trace(
     tiny_dir: Path, tmp_path: Path, collector: Collector
 ) -> None:
     env = _exporting(tiny_env(tiny_dir, tmp_path), collector)
@@ -146,12 +156,13 @@ def test_each_request_is_a_span_named_by_its_route(
             headers = {"Content-Type": "image/jpeg", "traceparent": TRACEPARENT}
             posted = client.post("/predict", content=image, headers=headers)
             assert posted.status_code == 200
-            wait_for_job(client, posted.json()["job_id"])
+            job = wait_for_job(client, posted.json()["job_id"])
             assert client.post("/predict", json={"image": "!"}).status_code == 422
             assert collector.wait_for("GET /job/{job_id}")  # by its route, not a job id
             request, refused = sorted(
                 collector.wait_for("POST /predict", 2), key=lambda s: s.trace_id != CLIENT_TRACE
             )
+            run = _the_one(collector.wait_for("accurate tiny_accurate"))
     finally:
         server.stop()
     # DirectRoute serves /predict outside FastAPI's router, and still names its route.
@@ -159,3 +170,44 @@ def test_each_request_is_a_span_named_by_its_route(
     assert request.attributes["http.response.status_code"] == 200
     assert (request.trace_id, request.parent_id) == (CLIENT_TRACE, CLIENT_SPAN)
     assert refused.attributes["http.response.status_code"] == 422
+    # The accurate answer, later, in the request's trace: a child of its server span.
+    assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, request.span_id)
+    assert run.kind == WireSpan.SPAN_KIND_CONSUMER
+    assert run.attributes["tandem.job_id"] == job["job_id"]
+    assert run.attributes["tandem.label"] == job["accurate"]["top_k"][0]["label"]
+    assert run.start_ns >= request.start_ns
+    assert run.error is None
+
+
+def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
+    tiny_dir: Path, tmp_path: Path, collector: Collector
+) -> None:
+    env = _exporting(tiny_env(tiny_dir, tmp_path), collector)
+    server = InstrumentedServer(tmp_path / "server.log", env, "--no-worker").start()
+    worker = None
+    try:
+        with server.client() as client:
+            headers = {"Content-Type": "image/png", "traceparent": TRACEPARENT}
+            posted = client.post("/predict", content=encode(noise(64, 48), "PNG"), headers=headers)
+            undecodable = client.post(
+                "/predict",
+                content=b"\x89PNG\r\n\x1a\n not a picture",
+                headers=headers | {"traceparent": f"00-{'1' * 32}-{CLIENT_SPAN}-01"},
+            )
+            assert posted.status_code == 200, posted.text
+            assert undecodable.status_code == 422  # refused at once: no job, so no run
+            worker = InstrumentedWorker(tmp_path / "worker.log", env).start()
+            job = wait_for_job(client, posted.json()["job_id"])
+            run = _the_one(collector.wait_for("accurate tiny_accurate"))
+            request = _the_one(
+                [s for s in collector.wait_for("POST /predict", 2) if s.trace_id == CLIENT_TRACE]
+            )
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+    assert job["status"] == "done"
+    assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, request.span_id)
+    assert run.attributes["tandem.job_id"] == job["job_id"]
+    # It waited in the queue until the worker started.
+    assert run.attributes["tandem.queued_s"] > 0

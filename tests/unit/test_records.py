@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tandem.errors import JobNotFound
@@ -52,15 +54,23 @@ def test_payloads_are_versioned_json_that_round_trips() -> None:
         request_id="r",
         callback_url="http://h/",
         fingerprint="f",
+        trace={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
     )
-    assert load_meta(dump_meta(spec)) == Meta(prediction, "r", "http://h/", "f")
-    # A record stored before fingerprints reads as having none.
+    assert load_meta(dump_meta(spec)) == Meta(prediction, "r", "http://h/", "f", spec.trace)
+    # A record stored before fingerprints, or traces, reads as having none.
     assert load_meta('{"v":1,"fast":null}').fingerprint is None
+    assert load_meta('{"v":1,"fast":null}').trace is None
+    assert '"trace"' not in dump_meta(replace(spec, trace=None))
     assert load_prediction(dump_prediction(prediction)) == prediction
     delivery = Delivery(DeliveryState.FAILED, 3, "HTTP 500", 12.5)
     assert load_delivery(dump_delivery(delivery)) == delivery
     for text in (dump_meta(spec), dump_prediction(prediction), dump_delivery(delivery)):
         assert f'"v":{PAYLOAD_VERSION}' in text
+
+
+@pytest.mark.parametrize("stored", ['"00-ab"', "[1]", '{"traceparent": 7}', "{}"])
+def test_a_stored_trace_that_is_not_a_map_of_strings_is_dropped(stored: str) -> None:
+    assert load_meta(f'{{"v":1,"trace":{stored}}}').trace is None
 
 
 def test_an_unknown_payload_version_is_refused() -> None:

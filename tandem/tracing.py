@@ -1,0 +1,58 @@
+"""Traces across the queue: a traced request's job carries the trace, and the accurate model's
+run of it joins that trace as a span of its own.
+
+Tandem configures no OpenTelemetry SDK itself. Where the operator configures one (FastAPI's
+`FASTAPI_OTEL_AUTO_CONFIGURE`, or `opentelemetry-instrument`), FastAPI traces each request,
+and the job stored for a traced request keeps its context as W3C headers. Without an SDK no
+span records, no context is stored, and the worker's side costs one comparison a job.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tandem.jobs.records import Job
+
+TRACER = "tandem"
+
+
+def current_context() -> dict[str, str] | None:
+    """The trace context of the span in progress, as headers to store; None where no span
+    records (no SDK configured, or the request not sampled)."""
+    if not trace.get_current_span().is_recording():
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+def record_run(job: Job, model: str, *, label: str | None = None, error: str | None = None) -> None:
+    """A span, in the trace of the request that queued `job`, for its run by `model`: from its
+    claim to now, after its outcome is stored. Nothing for a job stored without a trace."""
+    if job.trace is None:
+        return
+    span = _tracer().start_span(
+        f"accurate {model}",
+        context=propagate.extract(job.trace),
+        kind=SpanKind.CONSUMER,
+        start_time=_ns(job.updated_at),  # the claim's time: the job was running since
+        attributes={
+            "tandem.job_id": job.id,
+            "tandem.model": model,
+            "tandem.queued_s": max(job.updated_at - job.created_at, 0.0),
+        },
+    )
+    if error is not None:
+        span.set_status(StatusCode.ERROR, error)
+    else:
+        span.set_attribute("tandem.label", label or "")
+    span.end()
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
