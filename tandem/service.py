@@ -90,6 +90,14 @@ class FastOutcome:
     not_queued: Refusal | None = None
     skipped: str | None = None
 
+    @property
+    def fate(self) -> str:
+        """What became of the job: `queued`, `skipped` (the cascade judged the fast answer
+        enough), or the code of the store's refusal: a fixed few values."""
+        if self.not_queued is not None:
+            return self.not_queued.code
+        return "skipped" if self.skipped is not None else "queued"
+
 
 @dataclass(frozen=True, slots=True)
 class Stats:

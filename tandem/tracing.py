@@ -9,10 +9,15 @@ span records, no context is stored, and the worker's side costs one comparison a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tandem.jobs.records import Job
+
+if TYPE_CHECKING:
+    from tandem.service import FastOutcome
 
 TRACER = "tandem"
 
@@ -25,6 +30,28 @@ def current_context() -> dict[str, str] | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier or None
+
+
+def describe_fast(outcome: FastOutcome) -> None:
+    """The fast answer, its timings and its job on the request's span, where one records: a
+    job's id finds its request's trace."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    prediction, timings = outcome.prediction, outcome.timings
+    span.set_attributes(
+        {
+            "tandem.fast.model": prediction.model,
+            "tandem.fast.label": prediction.label,
+            "tandem.fast.probability": prediction.probability,
+            "tandem.decode_ms": timings.decode_ms,
+            "tandem.fast_ms": timings.fast_ms,
+            "tandem.enqueue_ms": timings.enqueue_ms,
+            "tandem.job": outcome.fate,
+        }
+    )
+    if outcome.job is not None:
+        span.set_attribute("tandem.job_id", outcome.job.id)
 
 
 def record_run(job: Job, model: str, *, label: str | None = None, error: str | None = None) -> None:

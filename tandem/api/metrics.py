@@ -123,12 +123,6 @@ class _StoreCollector(Collector):
         yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
 
 
-def _job_of(outcome: FastOutcome) -> str:
-    if outcome.not_queued is not None:
-        return outcome.not_queued.code  # a fixed few: the store's refusals
-    return "skipped" if outcome.skipped is not None else "queued"
-
-
 def _tasks() -> int:
     try:
         return len(asyncio.all_tasks())
@@ -187,7 +181,7 @@ class Metrics:
     def observe_fast(self, outcome: FastOutcome) -> None:
         prediction = outcome.prediction
         self.inference.labels(prediction.model).observe(prediction.inference_ms / 1000.0)
-        self.fast_answers.labels(_job_of(outcome)).inc()
+        self.fast_answers.labels(outcome.fate).inc()
 
     async def render_for(self, service: TandemService) -> bytes:
         """Read the store's side, then render every metric."""

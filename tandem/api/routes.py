@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from tandem import __version__
+from tandem import __version__, tracing
 from tandem.api.bodies import JSON, REQUEST_BODY, image_bytes
 from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of, shows_causes
@@ -105,6 +105,7 @@ async def _predict(
         data, request_id, key, gate, callback_url, owner=api_key_id_of(request)
     )
     request.app.state.metrics.observe_fast(outcome)
+    tracing.describe_fast(outcome)
     job_id = outcome.job.id if outcome.job else None
     # On the request's access line, written once the response is out, not before it.
     annotate_access(

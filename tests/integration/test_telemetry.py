@@ -169,6 +169,11 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert request.attributes["http.route"] == "/predict"
     assert request.attributes["http.response.status_code"] == 200
     assert (request.trace_id, request.parent_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    # The fast answer and the job on the request's span: a job's id finds its trace.
+    assert request.attributes["tandem.job_id"] == job["job_id"]
+    assert request.attributes["tandem.job"] == "queued"
+    assert request.attributes["tandem.fast.label"] == posted.json()["fast"]["top_k"][0]["label"]
+    assert request.attributes["tandem.fast_ms"] > 0
     assert refused.attributes["http.response.status_code"] == 422
     # The accurate answer, later, in the request's trace: a child of its server span.
     assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, request.span_id)
