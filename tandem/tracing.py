@@ -9,7 +9,8 @@ span records, no context is stored, and the worker's side costs one comparison a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
     from tandem.service import FastOutcome
 
 TRACER = "tandem"
+# Probes and scrapes come every few seconds and tell nothing a trace would: not traced.
+UNTRACED_PATHS = frozenset({"/health", "/health/all", "/metrics"})
+
+
+def untraced(scope: Mapping[str, Any]) -> bool:
+    """FastAPI's telemetry `exclude`: whether a request goes untraced."""
+    return scope.get("path") in UNTRACED_PATHS
 
 
 def current_context() -> dict[str, str] | None:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from tandem import __version__, heap
+from tandem import __version__, heap, tracing
 from tandem.api.direct import DirectRoute
 from tandem.api.errors import install_error_handlers
 from tandem.api.guards import OPEN_PATHS, ApiKeys, BodyLimit, Deadline, LoadShedder
@@ -230,6 +230,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        telemetry={"exclude": tracing.untraced},  # where an SDK is configured
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

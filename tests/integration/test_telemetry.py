@@ -152,6 +152,7 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     server = InstrumentedServer(tmp_path / "server.log", env).start()
     try:
         with server.client() as client:
+            assert client.get("/metrics").status_code == 200
             image = encode(noise(64, 48))
             headers = {"Content-Type": "image/jpeg", "traceparent": TRACEPARENT}
             posted = client.post("/predict", content=image, headers=headers)
@@ -182,6 +183,8 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert run.attributes["tandem.label"] == job["accurate"]["top_k"][0]["label"]
     assert run.start_ns >= request.start_ns
     assert run.error is None
+    # Probes (the test's own, as it waited for the server) and scrapes are not traced.
+    assert {"GET /health", "GET /metrics"}.isdisjoint(s.name for s in collector.spans)
 
 
 def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
