@@ -40,6 +40,14 @@ def current_context() -> dict[str, str] | None:
     return carrier or None
 
 
+def tag_request(request_id: str) -> None:
+    """The request's id on its span, where one records: an id from a log line or a client's
+    `X-Request-ID` finds the trace, and the trace's id finds the log lines."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("tandem.request_id", request_id)
+
+
 def describe_fast(outcome: FastOutcome) -> None:
     """The fast answer, its timings and its job on the request's span, where one records: a
     job's id finds its request's trace."""
@@ -78,6 +86,8 @@ def record_run(job: Job, model: str, *, label: str | None = None, error: str | N
             "tandem.queued_s": max(job.updated_at - job.created_at, 0.0),
         },
     )
+    if job.request_id is not None:
+        span.set_attribute("tandem.request_id", job.request_id)
     if error is not None:
         span.set_status(StatusCode.ERROR, error)
     else:

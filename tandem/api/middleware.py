@@ -8,6 +8,7 @@ import uuid
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tandem import tracing
 from tandem.logs import current_request_id
 
 HEADER = "x-request-id"
@@ -45,6 +46,7 @@ class RequestIdMiddleware:
         request_id = sane or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request_id.set(request_id)
+        tracing.tag_request(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

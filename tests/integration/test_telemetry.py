@@ -175,11 +175,16 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert request.attributes["tandem.job"] == "queued"
     assert request.attributes["tandem.fast.label"] == posted.json()["fast"]["top_k"][0]["label"]
     assert request.attributes["tandem.fast_ms"] > 0
+    # The request id, of the log lines and the client's X-Request-ID, on both spans.
+    request_id = posted.headers["x-request-id"]
+    assert request.attributes["tandem.request_id"] == request_id
+    assert refused.attributes["tandem.request_id"]
     assert refused.attributes["http.response.status_code"] == 422
     # The accurate answer, later, in the request's trace: a child of its server span.
     assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, request.span_id)
     assert run.kind == WireSpan.SPAN_KIND_CONSUMER
     assert run.attributes["tandem.job_id"] == job["job_id"]
+    assert run.attributes["tandem.request_id"] == request_id
     assert run.attributes["tandem.label"] == job["accurate"]["top_k"][0]["label"]
     assert run.start_ns >= request.start_ns
     assert run.error is None

@@ -31,7 +31,14 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 
 
 def _job(trace: dict[str, str] | None) -> Job:
-    return Job(new_job_id(), JobStatus.RUNNING, created_at=100.0, updated_at=102.5, trace=trace)
+    return Job(
+        new_job_id(),
+        JobStatus.RUNNING,
+        created_at=100.0,
+        updated_at=102.5,
+        request_id="req-1",
+        trace=trace,
+    )
 
 
 def _the_span(exporter: InMemorySpanExporter) -> ReadableSpan:
@@ -68,6 +75,7 @@ def test_a_run_is_a_consumer_span_in_its_request_s_trace_from_the_claim(
         "tandem.job_id": job.id,
         "tandem.model": "lite2",
         "tandem.queued_s": 2.5,
+        "tandem.request_id": "req-1",
         "tandem.label": "tabby",
     }
     assert span.status.status_code is StatusCode.UNSET
