@@ -1,10 +1,10 @@
-"""Traces across the queue: a traced request's job carries the trace, and the accurate model's
-run of it joins that trace as a span of its own.
+"""What Tandem adds to OpenTelemetry's traces: the request's id and its fast answer on the
+request's span, and, later, the accurate model's run of its job as a span in the same trace.
 
-Tandem configures no OpenTelemetry SDK itself. Where the operator configures one (FastAPI's
-`FASTAPI_OTEL_AUTO_CONFIGURE`, or `opentelemetry-instrument`), FastAPI traces each request,
-and the job stored for a traced request keeps its context as W3C headers. Without an SDK no
-span records, no context is stored, and the worker's side costs one comparison a job.
+Tandem configures no SDK itself. Where the operator configures one (`opentelemetry-instrument`,
+see the README's "Traces"), FastAPI traces each request, and the job stored for a traced
+request keeps the trace's context as W3C headers, for the worker. Without an SDK no span
+records and nothing is stored: a check on the request's side, a comparison on the job's.
 """
 
 from __future__ import annotations
