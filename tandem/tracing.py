@@ -9,8 +9,10 @@ records and nothing is stored: a check on the request's side, a comparison on th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -93,6 +95,37 @@ def record_run(job: Job, model: str, *, label: str | None = None, error: str | N
     else:
         span.set_attribute("tandem.label", label or "")
     span.end()
+
+
+@contextlib.contextmanager
+def posting(job: Job, url: str, headers: dict[str, str]) -> Iterator[trace.Span]:
+    """A client span for one post of `job`'s webhook, in its request's trace; `headers` then
+    carry its context to the receiver, whose own trace goes on from it. An error raised
+    within fails the span. For a job without a trace, a span that records nothing."""
+    if job.trace is None:
+        yield trace.INVALID_SPAN
+        return
+    target = urlsplit(url)  # host and port only: a query string may hold the client's token
+    with _tracer().start_as_current_span(
+        "webhook",
+        context=propagate.extract(job.trace),
+        kind=SpanKind.CLIENT,
+        attributes={
+            "http.request.method": "POST",
+            "server.address": target.hostname or "",
+            "server.port": target.port or (443 if target.scheme == "https" else 80),
+            "tandem.job_id": job.id,
+        },
+    ) as span:
+        propagate.inject(headers)
+        yield span
+
+
+def answered(span: trace.Span, status: int) -> None:
+    """The receiver's status on a webhook's span; one of 400 or more fails it."""
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_status(StatusCode.ERROR, f"HTTP {status}")
 
 
 def _tracer() -> trace.Tracer:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tandem import tracing
 from tandem.errors import CallbackNotAllowed, QueueUnavailable
 from tandem.jobs.records import Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
@@ -177,7 +178,7 @@ class WebhookSender:
         attempt = made = job.webhook.attempts if job.webhook is not None else 0
         for attempt in range(made + 1, self.policy.max_attempts + 1):
             try:
-                await self._post(job.callback_url, body)
+                await self._post(job, job.callback_url, body)
             except DeliveryFailed as exc:
                 error = str(exc)
                 if exc.permanent:
@@ -197,28 +198,34 @@ class WebhookSender:
             extra={"job_id": job.id, "request_id": job.request_id},
         )
 
-    async def _post(self, url: str, body: bytes) -> None:
+    async def _post(self, job: Job, url: str, body: bytes) -> None:
         try:
             self.policy.check(url)  # again: the store is not trusted to hold only allowed URLs
         except CallbackNotAllowed as exc:
             raise DeliveryFailed(exc.message, permanent=True) from exc
         async with self._turns:
-            status = await self._send(url, body)
+            status = await self._send(job, url, body)
         if 200 <= status < 300:
             return
         # Redirects are never followed, and a client error will not mend itself by waiting.
         retryable = status >= 500 or status in (408, 429)
         raise DeliveryFailed(f"HTTP {status} from the receiver", permanent=not retryable)
 
-    async def _send(self, url: str, body: bytes) -> int:
+    async def _send(self, job: Job, url: str, body: bytes) -> int:
         """The receiver's status; signed as it goes out, so a post that waited for its turn
-        does not look stale to the receiver."""
+        does not look stale to the receiver. A traced job's post is a span in its trace."""
         timestamp = f"{time.time():.0f}"
         headers = {
             "Content-Type": "application/json",
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.policy.secret, timestamp, body),
         }
+        with tracing.posting(job, url, headers) as span:
+            status = await self._exchange(url, body, headers)
+            tracing.answered(span, status)
+        return status
+
+    async def _exchange(self, url: str, body: bytes, headers: dict[str, str]) -> int:
         status: int | None = None
         try:
             # httpx's timeout bounds each read; a receiver sending its answer a byte at a time

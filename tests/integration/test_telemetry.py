@@ -40,10 +40,12 @@ class Span:
 
 
 class Collector:
-    """An OTLP/HTTP endpoint that keeps the spans exported to it."""
+    """An OTLP/HTTP endpoint that keeps the spans exported to it; and, at /hook, a webhook
+    receiver that keeps the headers of each post."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
+        self.hooks: list[dict[str, str]] = []
         self._lock = threading.Lock()
         collector = self
 
@@ -52,6 +54,8 @@ class Collector:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.path == "/v1/traces":
                     collector.receive(body)
+                elif self.path == "/hook":
+                    collector.hooks.append({k.lower(): v for k, v in self.headers.items()})
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -148,14 +152,16 @@ def _the_one(spans: list[Span]) -> Span:
 def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_trace(
     tiny_dir: Path, tmp_path: Path, collector: Collector
 ) -> None:
-    env = _exporting(tiny_env(tiny_dir, tmp_path), collector)
+    webhooks = {"webhook_hosts": "127.0.0.1", "webhook_secret": "s" * 16}
+    env = _exporting(tiny_env(tiny_dir, tmp_path, **webhooks), collector)
     server = InstrumentedServer(tmp_path / "server.log", env).start()
     try:
         with server.client() as client:
             assert client.get("/metrics").status_code == 200
             image = encode(noise(64, 48))
             headers = {"Content-Type": "image/jpeg", "traceparent": TRACEPARENT}
-            posted = client.post("/predict", content=image, headers=headers)
+            hook = {"callback_url": f"{collector.url}/hook"}
+            posted = client.post("/predict", content=image, headers=headers, params=hook)
             assert posted.status_code == 200
             job = wait_for_job(client, posted.json()["job_id"])
             assert client.post("/predict", json={"image": "!"}).status_code == 422
@@ -164,6 +170,7 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
                 collector.wait_for("POST /predict", 2), key=lambda s: s.trace_id != CLIENT_TRACE
             )
             run = _the_one(collector.wait_for("accurate tiny_accurate"))
+            webhook = _the_one(collector.wait_for("webhook"))
     finally:
         server.stop()
     # DirectRoute serves /predict outside FastAPI's router, and still names its route.
@@ -188,6 +195,12 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert run.attributes["tandem.label"] == job["accurate"]["top_k"][0]["label"]
     assert run.start_ns >= request.start_ns
     assert run.error is None
+    # The webhook's post, in the same trace, and its context carried to the receiver.
+    assert (webhook.trace_id, webhook.parent_id) == (CLIENT_TRACE, request.span_id)
+    assert webhook.kind == WireSpan.SPAN_KIND_CLIENT
+    assert webhook.attributes["http.response.status_code"] == 200
+    (received,) = collector.hooks
+    assert received["traceparent"] == f"00-{CLIENT_TRACE}-{webhook.span_id}-01"
     # Probes (the test's own, as it waited for the server) and scrapes are not traced.
     assert {"GET /health", "GET /metrics"}.isdisjoint(s.name for s in collector.spans)
 

@@ -282,7 +282,7 @@ def test_a_delivery_that_fails_unexpectedly_is_recorded_as_failed(
 ) -> None:
     """Not left pending, to be taken up and fail again at every sweep."""
 
-    async def broken(self: WebhookSender, url: str, body: bytes) -> None:
+    async def broken(self: WebhookSender, *post: object) -> None:
         raise RuntimeError("a bug in the sender")
 
     monkeypatch.setattr(WebhookSender, "_post", broken)

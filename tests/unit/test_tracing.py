@@ -92,3 +92,43 @@ def test_a_failed_run_is_an_error_span_with_its_reason(exported: InMemorySpanExp
 def test_a_job_stored_without_a_trace_records_no_span(exported: InMemorySpanExporter) -> None:
     tracing.record_run(_job(None), "lite2", label="tabby")
     assert exported.get_finished_spans() == ()
+
+
+def test_a_webhook_post_is_a_client_span_whose_context_the_receiver_gets(
+    exported: InMemorySpanExporter,
+) -> None:
+    job = _job({"traceparent": TRACEPARENT})
+    headers = {"Content-Type": "application/json"}
+    with tracing.posting(job, "https://hooks.example.com/in?token=secret", headers) as span:
+        tracing.answered(span, 204)
+    posted = _the_span(exported)
+    assert (posted.name, posted.kind) == ("webhook", SpanKind.CLIENT)
+    assert (posted.context.trace_id, posted.parent.span_id) == (TRACE_ID, PARENT_ID)  # type: ignore[union-attr]
+    assert headers["traceparent"] == f"00-{TRACE_ID:032x}-{posted.context.span_id:016x}-01"
+    attributes = dict(posted.attributes or {})
+    assert attributes["server.address"] == "hooks.example.com"
+    assert attributes["server.port"] == 443
+    assert attributes["http.response.status_code"] == 204
+    assert "secret" not in str(attributes)  # the URL's query is not recorded
+    assert posted.status.status_code is StatusCode.UNSET
+
+
+def test_a_refused_or_failed_webhook_post_fails_its_span(exported: InMemorySpanExporter) -> None:
+    job = _job({"traceparent": TRACEPARENT})
+    with tracing.posting(job, "http://127.0.0.1:9/hook", {}) as span:
+        tracing.answered(span, 503)
+    with pytest.raises(TimeoutError), tracing.posting(job, "http://127.0.0.1:9/hook", {}):
+        raise TimeoutError("no answer within 5 s")
+    refused, failed = exported.get_finished_spans()
+    assert refused.status.status_code is StatusCode.ERROR
+    assert refused.status.description == "HTTP 503"
+    assert failed.status.status_code is StatusCode.ERROR
+    assert [event.name for event in failed.events] == ["exception"]
+
+
+def test_an_untraced_job_s_webhook_carries_no_trace(exported: InMemorySpanExporter) -> None:
+    headers: dict[str, str] = {}
+    with tracing.posting(_job(None), "http://127.0.0.1:9/hook", headers) as span:
+        tracing.answered(span, 200)
+    assert headers == {}
+    assert exported.get_finished_spans() == ()
