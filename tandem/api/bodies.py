@@ -30,6 +30,8 @@ MAX_FORM_FIELDS = 16
 # callback never called.
 OPTIONS = frozenset(PredictParams.model_fields)
 
+# How far into an untyped body its first character is looked for, past JSON's whitespace.
+_SNIFF = 1024
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _BINARY = {"type": "string", "format": "binary"}
 
@@ -63,7 +65,9 @@ async def image_bytes(request: Request) -> bytes:
             f"Content-Encoding {encoding} is not supported: send the body uncompressed",
             content_encoding=encoding[:64],
         )
-    content_type = request.headers.get("content-type", JSON).lower()
+    content_type = request.headers.get("content-type", "").strip().lower()
+    if not content_type:
+        return await _untyped(request)
     if content_type.startswith(RAW_TYPES):
         return await request.body()
     if content_type.startswith(FORM):
@@ -72,7 +76,20 @@ async def image_bytes(request: Request) -> bytes:
         raise UnsupportedMediaType(
             f"send application/json, {FORM} or the image itself (image/*), not {content_type}"
         )
+    return _json_image(await request.body())
+
+
+async def _untyped(request: Request) -> bytes:
+    """A body sent without a type, as httpx and requests send bytes: RFC 9110 (8.3) lets the
+    server look at it. JSON, the original API's body, begins with `{` (or, wrong, `[`); an
+    image never does, and is taken as it stands."""
     body = await request.body()
+    if body[:_SNIFF].lstrip()[:1] in (b"{", b"["):
+        return _json_image(body)
+    return body
+
+
+def _json_image(body: bytes) -> bytes:
     try:
         payload = PredictRequest.model_validate_json(body)
     except ValidationError as exc:

@@ -51,6 +51,21 @@ def test_every_body_gets_the_same_answer_and_a_job(client: TestClient) -> None:
     assert _queued(client) == 4
 
 
+def test_a_body_sent_without_a_type_is_taken_for_what_it_is(client: TestClient) -> None:
+    """httpx and requests send bytes without a Content-Type; read as JSON, an image had got
+    400 'not valid JSON'. A body that begins with `{` is still the original API's JSON."""
+    typed = client.post("/predict", content=PNG, headers={"content-type": "image/png"}).json()
+    document = json.dumps({"image_data": b64(PNG)}).encode()
+    untyped = [client.post("/predict", content=body) for body in (PNG, b"\r\n " + document)]
+    assert all("content-type" not in answer.request.headers for answer in untyped)
+    assert [answer.status_code for answer in untyped] == [200, 200]
+    assert all(answer.json()["fast"]["top_k"] == typed["fast"]["top_k"] for answer in untyped)
+    garbage, broken = (client.post("/predict", content=b) for b in (b"not an image", b"{not"))
+    assert (garbage.status_code, garbage.json()["error"]["code"]) == (422, "invalid_image")
+    assert (broken.status_code, broken.json()["error"]["code"]) == (400, "invalid_json")
+    assert _queued(client) == 3
+
+
 def test_the_field_named_image_is_the_one_taken(client: TestClient) -> None:
     red = encode(solid((255, 0, 0)), "PNG")
     only_red = client.post("/predict", files={"image": ("red.png", red)}).json()
