@@ -13,6 +13,11 @@ arriving after the receive timeout gets 408; a connection with nothing sent by t
 closed. (httptools comes with uvicorn[standard]; uvicorn's other protocol, h11, is slower,
 and Tandem does not use it.)
 
+Requests read whole before the bytes refused are answered first, in their order (RFC 9112,
+9.3.2), and the refusal after them: uvicorn had written its 400 at once and closed, so that a
+request pipelined ahead of the bad bytes (or sent with a Content-Length short of its body)
+was served, its job queued, and its response lost.
+
 Tandem speaks no WebSocket (`tandem serve` runs uvicorn with `ws="none"`): a request to
 upgrade is served as plain HTTP, where with a WebSocket library uvicorn had answered 403
 with an empty body for want of a WebSocket route.
@@ -27,7 +32,7 @@ import uuid
 from collections.abc import Callable
 
 from starlette.responses import JSONResponse
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from tandem.api.errors import error_body
 from tandem.api.middleware import HEADER, NOSNIFF
@@ -68,6 +73,8 @@ class HttpTools(HttpToolsProtocol):
     counted: Callable[[int], None] = staticmethod(lambda status: None)  # each refusal's status
     _head_bytes: int | None = None  # None: no head under way
     _head_timer: asyncio.TimerHandle | None = None
+    _owed = 0  # responses owed to requests read whole: being answered, or queued
+    _refusal: TandemError | None = None  # to be sent once the responses owed are out
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,9 +92,20 @@ class HttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         self._untime_head()
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request to answer
+            self._owed += 1
+
+    def on_response_complete(self) -> None:
+        self._owed -= 1
+        super().on_response_complete()  # starts the next pipelined request, if any
+        if self._refusal is not None and not self._owed:
+            self._send_refusal(self._refusal)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:  # what follows bytes already refused is not read
+            return
         super().data_received(data)
         if self._head_bytes is None or self.transport.is_closing():
             return
@@ -123,11 +141,38 @@ class HttpTools(HttpToolsProtocol):
             self._refuse(ReceiveTimeout("head", self.receive_timeout_s))
 
     def _refuse(self, error: TandemError) -> None:
+        """Refuse the request the bad bytes are in, once the requests before it are answered."""
         self._head_bytes = None
         self._untime_head()
+        latest = self.cycle
+        # Bytes in a request's own body make the refusal its answer: queued behind others, it
+        # is withdrawn, never started; being answered, it is the last one owed.
+        if _reading(latest) and not self._withdraw(latest):
+            self._send_refusal(error)
+        elif self._owed:
+            self._refusal = error
+            self.flow.pause_reading()
+        else:
+            self._send_refusal(error)
+
+    def _withdraw(self, cycle: RequestResponseCycle) -> bool:
+        """Take `cycle` out of the pipeline, if it is waiting there."""
+        if not self.pipeline or self.pipeline[0][0] is not cycle:
+            return False
+        self.pipeline.popleft()  # uvicorn queues the newest on the left
+        self._owed -= 1
+        return True
+
+    def _send_refusal(self, error: TandemError) -> None:
+        self._refusal = None
         self.counted(error.status)
         self.transport.write(refusal(error, self.server_state.default_headers))
         self.transport.close()
+
+
+def _reading(cycle: RequestResponseCycle | None) -> bool:
+    """Whether `cycle`'s request is still arriving: its body not all read."""
+    return cycle is not None and cycle.more_body and not cycle.response_complete
 
 
 def protocol_class(

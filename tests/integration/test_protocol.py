@@ -83,13 +83,26 @@ def test_the_protocol_answers_an_unparseable_request_in_the_error_shape(
     _assert_shaped(*exchange(uvicorn_port, raw))
 
 
+def _responses(port: int, raw: bytes) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every response to `raw`, sent on a connection of its own, until the server closes it."""
+    responses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        while (response := read_response(sock))[0]:
+            responses.append(response)
+    return responses
+
+
 def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
     real_server: ServerProcess,
 ) -> None:
-    """uvicorn's own answer was `Invalid HTTP request received.` in plain text."""
+    """uvicorn's own answer was `Invalid HTTP request received.` in plain text. The request
+    as its Content-Length framed it (4 bytes of a JPEG) is answered first."""
     request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
     overrun = request + b"Content-Length: 4\r\n\r\n" + b"\xff\xd8\xff\xe0 and more, unframed"
-    status, headers, body = exchange(real_server.port, overrun)
+    framed, (status, headers, body) = _responses(real_server.port, overrun)
+    assert framed[0] == "HTTP/1.1 422 Unprocessable Entity"
+    assert json.loads(framed[2])["error"]["code"] == "invalid_image"
     _assert_shaped(status, headers, body)
     assert "server" not in headers  # nor the protocol's own answers
     assert "unparsed request 400" in real_server.log()
@@ -97,6 +110,42 @@ def test_tandem_serve_answers_a_body_past_its_content_length_in_the_error_shape(
         scraped = client.get("/metrics").text
     unparsed = 'tandem_http_requests_total{method="unparsed",route="unparsed",status="400"}'
     assert metric(scraped, unparsed) >= 1
+
+
+def test_requests_before_unparseable_bytes_are_answered_first_in_their_order(
+    real_server: ServerProcess,
+) -> None:
+    """uvicorn wrote its 400 at once and closed: the pipelined request before the bad bytes
+    was served, its job queued, and its response lost (logged as a 200 all the same)."""
+    pipelined = (
+        b"GET /predict/test HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"NOT HTTP\x00\r\n\r\n"
+    )
+    predicted, health, refused = _responses(real_server.port, pipelined)
+    assert predicted[0] == health[0] == "HTTP/1.1 200 OK"
+    job_id = json.loads(predicted[2])["job_id"]
+    assert json.loads(health[2]) == {"health": "ok"}
+    _assert_shaped(*refused)
+    with real_server.client() as client:
+        assert client.get(f"/job/{job_id}").status_code == 200
+
+
+def test_a_pipelined_request_whose_own_body_is_bad_is_refused_not_started(
+    real_server: ServerProcess,
+) -> None:
+    """Queued behind another, a request with a broken chunked body gets the refusal as its
+    answer; started, it would have waited for a body that never comes."""
+    pipelined = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nZZ not a chunk size\r\n"
+    )
+    started = time.monotonic()
+    health, refused = _responses(real_server.port, pipelined)
+    assert time.monotonic() - started < 5  # not after a receive timeout
+    assert json.loads(health[2]) == {"health": "ok"}
+    _assert_shaped(*refused)
 
 
 def test_a_websocket_handshake_is_served_as_plain_http(real_server: ServerProcess) -> None:
