@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from opentelemetry import propagate, trace
 
 from tandem.errors import ServerUnreachable, TandemError, error_from_wire
 from tandem.jobs.records import JobStatus
@@ -279,6 +280,17 @@ def _predict_request(
     return {"content": content, "headers": headers, "params": params}
 
 
+def _traced(request: httpx.Request) -> None:
+    """A call made within a span that records (the caller's OpenTelemetry) carries its trace:
+    the server's spans for the request, and later for its job, go on in the caller's trace."""
+    if trace.get_current_span().is_recording():
+        propagate.inject(request.headers)
+
+
+async def _traced_async(request: httpx.Request) -> None:
+    _traced(request)
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -308,7 +320,11 @@ class Client:
         verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._http = httpx.Client(
-            base_url=url, timeout=timeout, headers=_headers(api_key), verify=verify
+            base_url=url,
+            timeout=timeout,
+            headers=_headers(api_key),
+            verify=verify,
+            event_hooks={"request": [_traced]},
         )
         self._busy_retries = _retries(busy_retries)
 
@@ -441,7 +457,11 @@ class AsyncClient:
         verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._http = httpx.AsyncClient(
-            base_url=url, timeout=timeout, headers=_headers(api_key), verify=verify
+            base_url=url,
+            timeout=timeout,
+            headers=_headers(api_key),
+            verify=verify,
+            event_hooks={"request": [_traced_async]},
         )
         self._busy_retries = _retries(busy_retries)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from tandem.cli import main
 from tandem.client import AsyncClient, Client, EventParser, JobResult
@@ -77,6 +79,7 @@ class _Scripted(BaseHTTPRequestHandler):
         server: _Server = self.server  # type: ignore[assignment]
         status, headers, body = server.answers.pop(0)
         server.posts += 1
+        server.headers.append({k.lower(): v for k, v in self.headers.items()})
         data = json.dumps(body).encode()
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(data))}.items():
@@ -91,11 +94,13 @@ class _Scripted(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     answers: list[tuple[int, dict[str, str], dict[str, object]]]
     posts = 0
+    headers: list[dict[str, str]]
 
 
 @pytest.fixture
 def scripted() -> Iterator[_Server]:
     server = _Server(("127.0.0.1", 0), _Scripted)
+    server.headers = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -172,6 +177,29 @@ def test_tandem_predict_tells_a_server_that_stayed_busy_from_a_refused_image(
     scripted.answers = [_refusal(422, "invalid_image")]
     assert main(["predict", str(image), "--url", _url(scripted)]) == EXIT_REFUSED
     capsys.readouterr()
+
+
+async def test_a_call_made_within_a_traced_span_carries_its_trace(scripted: _Server) -> None:
+    """The caller's trace goes on in the server's spans, and its job's. Outside a span, and
+    within one that is not sampled, nothing is sent."""
+    scripted.answers = [(200, {}, FAST) for _ in range(4)]
+    tracer = TracerProvider().get_tracer("test")
+    with Client(_url(scripted)) as client, tracer.start_as_current_span("caller") as span:
+        client.predict(b"image")
+    async with AsyncClient(_url(scripted)) as async_client:
+        with tracer.start_as_current_span("caller, async") as async_span:
+            await async_client.predict(b"image")
+        await async_client.predict(b"image")
+    unsampled = TracerProvider(sampler=ALWAYS_OFF).get_tracer("off")
+    with Client(_url(scripted)) as client, unsampled.start_as_current_span("off"):
+        client.predict(b"image")
+    sent = [headers.get("traceparent") for headers in scripted.headers]
+    traced = [value.split("-")[1:3] if value else None for value in sent]  # trace, parent
+    expected = [
+        [f"{s.get_span_context().trace_id:032x}", f"{s.get_span_context().span_id:016x}"]
+        for s in (span, async_span)
+    ]
+    assert traced == [*expected, None, None]
 
 
 def test_events_read_the_job_while_the_server_has_no_stream_and_ride_out_a_failed_read() -> None:
