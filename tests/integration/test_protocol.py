@@ -84,12 +84,21 @@ def test_the_protocol_answers_an_unparseable_request_in_the_error_shape(
 
 
 def _responses(port: int, raw: bytes) -> list[tuple[str, dict[str, str], bytes]]:
-    """Every response to `raw`, sent on a connection of its own, until the server closes it."""
-    responses = []
+    """Every response to `raw`, sent on a connection of its own, read until the server closes
+    it (pipelined responses may come in one read: they are split by their lengths)."""
+    received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(raw)
-        while (response := read_response(sock))[0]:
-            responses.append(response)
+        while chunk := sock.recv(65536):
+            received += chunk
+    responses = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        length = int(headers["content-length"])
+        responses.append((status, headers, rest[:length]))
+        received = rest[length:]
     return responses
 
 
