@@ -2,7 +2,8 @@
 
 Every line logged while a request is served carries its request id (from a context variable
 the API sets), and the worker logs each job with the request id that created it, so
-`grep <request id>` shows the whole life of one image across proxy and worker.
+`grep <request id>` shows the whole life of one image across proxy and worker. Where traces
+are recorded, a JSON line also carries the ids of the span it was logged in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import sys
 from contextvars import ContextVar
 from typing import Literal
+
+from opentelemetry import trace
 
 current_request_id: ContextVar[str | None] = ContextVar("tandem_request_id", default=None)
 
@@ -26,6 +29,8 @@ CONTEXT_FIELDS = (
     "status",
     "duration_ms",
     "api_key_id",
+    "trace_id",
+    "span_id",
 )
 LogFormat = Literal["text", "json"]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -36,11 +41,18 @@ def _escaped(match: re.Match[str]) -> str:
 
 
 class ContextFilter(logging.Filter):
-    """Fill in `request_id` from the context when the call did not pass one."""
+    """Fill in `request_id` from the context when the call did not pass one, and the ids of
+    the current span where it is sampled (an OpenTelemetry SDK configured): a JSON line then
+    names its trace."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = current_request_id.get()
+        # Sampled, not recording: the access line comes once the response has ended its span.
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid and context.trace_flags.sampled:
+            record.trace_id = f"{context.trace_id:032x}"
+            record.span_id = f"{context.span_id:016x}"
         return True
 
 

@@ -72,10 +72,21 @@ def describe_fast(outcome: FastOutcome) -> None:
         span.set_attribute("tandem.job_id", outcome.job.id)
 
 
-def record_run(job: Job, model: str, *, label: str | None = None, error: str | None = None) -> None:
+def record_run(job: Job, model: str, *, error: str) -> None:
+    """A failed run's span (see `running`)."""
+    with running(job, model, error=error):
+        pass
+
+
+@contextlib.contextmanager
+def running(
+    job: Job, model: str, *, label: str | None = None, error: str | None = None
+) -> Iterator[None]:
     """A span, in the trace of the request that queued `job`, for its run by `model`: from its
-    claim to now, after its outcome is stored. Nothing for a job stored without a trace."""
+    claim to the end of the block, which follows its stored outcome; current within it, so the
+    lines logged there carry its ids. Nothing for a job stored without a trace."""
     if job.trace is None:
+        yield
         return
     span = _tracer().start_span(
         f"accurate {model}",
@@ -94,7 +105,8 @@ def record_run(job: Job, model: str, *, label: str | None = None, error: str | N
         span.set_status(StatusCode.ERROR, error)
     else:
         span.set_attribute("tandem.label", label or "")
-    span.end()
+    with trace.use_span(span, end_on_exit=True):
+        yield
 
 
 @contextlib.contextmanager

@@ -369,8 +369,9 @@ class Worker:
             extra = {"job_id": claim.id, "request_id": claim.job.request_id}
             if claim.id in completed.stored:
                 self._counts.update(answered_counts(answered_at - claim.job.created_at))
-                tracing.record_run(claim.job, self.classifier.name, label=answers[claim.id].label)
-                log.info("job %s done: %s", claim.id, answers[claim.id].label, extra=extra)
+                label = answers[claim.id].label
+                with tracing.running(claim.job, self.classifier.name, label=label):
+                    log.info("job %s done: %s", claim.id, label, extra=extra)
                 await self._call_back_stored(claim)
             else:
                 # Redelivered after its lease ran out, and another worker answered first.

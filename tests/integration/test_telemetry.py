@@ -5,6 +5,7 @@ request is a span, and each traced job's accurate run a span in its request's tr
 from __future__ import annotations
 
 import http.server
+import json
 import sys
 import threading
 import time
@@ -152,8 +153,8 @@ def _the_one(spans: list[Span]) -> Span:
 def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_trace(
     tiny_dir: Path, tmp_path: Path, collector: Collector
 ) -> None:
-    webhooks = {"webhook_hosts": "127.0.0.1", "webhook_secret": "s" * 16}
-    env = _exporting(tiny_env(tiny_dir, tmp_path, **webhooks), collector)
+    settings = {"webhook_hosts": "127.0.0.1", "webhook_secret": "s" * 16, "log_format": "json"}
+    env = _exporting(tiny_env(tiny_dir, tmp_path, **settings), collector)
     server = InstrumentedServer(tmp_path / "server.log", env).start()
     try:
         with server.client() as client:
@@ -201,6 +202,16 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert webhook.attributes["http.response.status_code"] == 200
     (received,) = collector.hooks
     assert received["traceparent"] == f"00-{CLIENT_TRACE}-{webhook.span_id}-01"
+    # The JSON log lines name the span they were logged in: the request's access line, and
+    # the worker's line about the job.
+    lines = [
+        json.loads(line) for line in server.log_path.read_text().splitlines() if line[:1] == "{"
+    ]
+    about = [line for line in lines if line.get("job_id") == job["job_id"]]
+    access = next(line for line in about if line["logger"] == "tandem.access")
+    done = next(line for line in about if line["logger"] == "tandem.worker")
+    assert (access["trace_id"], access["span_id"]) == (CLIENT_TRACE, request.span_id)
+    assert (done["trace_id"], done["span_id"]) == (CLIENT_TRACE, run.span_id)
     # Probes (the test's own, as it waited for the server) and scrapes are not traced.
     assert {"GET /health", "GET /metrics"}.isdisjoint(s.name for s in collector.spans)
 

@@ -6,8 +6,10 @@ import sys
 import warnings
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from tandem.logs import JsonFormatter, TextFormatter, configure_logging
+from tandem.logs import ContextFilter, JsonFormatter, TextFormatter, configure_logging
 
 
 def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -60,3 +62,25 @@ def test_warnings_come_out_in_the_log_format(capsys: pytest.CaptureFixture[str])
     record = json.loads(lines[0])
     assert record["level"] == "warning"
     assert "UserWarning: Corrupt EXIF data." in record["message"]
+
+
+def _filtered_json(message: str) -> dict[str, object]:
+    record = _record(message)
+    ContextFilter().filter(record)
+    line: dict[str, object] = json.loads(JsonFormatter().format(record))
+    return line
+
+
+def test_a_json_line_logged_within_a_recording_span_names_it() -> None:
+    """Where traces are recorded, a log line finds its trace, and a trace its lines."""
+    with TracerProvider().get_tracer("test").start_as_current_span("request") as span:
+        traced = _filtered_json("served")
+    with TracerProvider(sampler=ALWAYS_OFF).get_tracer("off").start_as_current_span("off"):
+        unsampled = _filtered_json("served")
+    plain = _filtered_json("served")
+    context = span.get_span_context()
+    ids = (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    assert (traced["trace_id"], traced["span_id"]) == ids
+    for line in (unsampled, plain):
+        assert "trace_id" not in line
+        assert "span_id" not in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -65,8 +66,11 @@ def test_a_run_is_a_consumer_span_in_its_request_s_trace_from_the_claim(
     exported: InMemorySpanExporter,
 ) -> None:
     job = _job({"traceparent": TRACEPARENT})
-    tracing.record_run(job, "lite2", label="tabby")
+    with tracing.running(job, "lite2", label="tabby"):
+        # Current within the block: a line logged there names the run's span.
+        inside = trace.get_current_span().get_span_context()
     span = _the_span(exported)
+    assert (inside.trace_id, inside.span_id) == (TRACE_ID, span.context.span_id)
     assert span.name == "accurate lite2"
     assert span.kind is SpanKind.CONSUMER
     assert (span.context.trace_id, span.parent.span_id) == (TRACE_ID, PARENT_ID)  # type: ignore[union-attr]
@@ -90,7 +94,8 @@ def test_a_failed_run_is_an_error_span_with_its_reason(exported: InMemorySpanExp
 
 
 def test_a_job_stored_without_a_trace_records_no_span(exported: InMemorySpanExporter) -> None:
-    tracing.record_run(_job(None), "lite2", label="tabby")
+    with tracing.running(_job(None), "lite2", label="tabby"):
+        assert not trace.get_current_span().is_recording()
     assert exported.get_finished_spans() == ()
 
 
