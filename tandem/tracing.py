@@ -72,7 +72,7 @@ def describe_fast(outcome: FastOutcome) -> None:
         span.set_attribute("tandem.job_id", outcome.job.id)
 
 
-def record_run(job: Job, model: str, *, error: str) -> None:
+def record_failed_run(job: Job, model: str, *, error: str) -> None:
     """A failed run's span (see `running`)."""
     with running(job, model, error=error):
         pass

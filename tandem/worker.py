@@ -251,7 +251,7 @@ class Worker:
 
     async def _fail(self, claim: Claim, reason: str, *, retry: bool) -> None:
         job = await self.store.fail(claim.id, reason, retry=retry)
-        tracing.record_run(claim.job, self.classifier.name, error=reason)
+        tracing.record_failed_run(claim.job, self.classifier.name, error=reason)
         if job is not None and job.status.terminal:  # its client hears of a failure too
             self._call_back(job)
 

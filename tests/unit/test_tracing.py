@@ -86,7 +86,7 @@ def test_a_run_is_a_consumer_span_in_its_request_s_trace_from_the_claim(
 
 
 def test_a_failed_run_is_an_error_span_with_its_reason(exported: InMemorySpanExporter) -> None:
-    tracing.record_run(_job({"traceparent": TRACEPARENT}), "lite2", error="inference failed")
+    tracing.record_failed_run(_job({"traceparent": TRACEPARENT}), "lite2", error="inference failed")
     span = _the_span(exported)
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "inference failed"
