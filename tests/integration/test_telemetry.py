@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import sys
 import threading
 import time
@@ -18,7 +19,15 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
 
-from tests.support import ServerProcess, WorkerProcess, encode, noise, tiny_env, wait_for_job
+from tests.support import (
+    RedisServer,
+    ServerProcess,
+    WorkerProcess,
+    encode,
+    noise,
+    tiny_env,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -216,10 +225,15 @@ def test_each_request_is_a_span_named_by_its_route_and_a_job_s_run_joins_its_tra
     assert {"GET /health", "GET /metrics"}.isdisjoint(s.name for s in collector.spans)
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
-    tiny_dir: Path, tmp_path: Path, collector: Collector
+    tiny_dir: Path, tmp_path: Path, collector: Collector, request: pytest.FixtureRequest, store: str
 ) -> None:
+    """The proxy and the worker are processes apart, sharing a SQLite file or a Redis."""
     env = _exporting(tiny_env(tiny_dir, tmp_path), collector)
+    if store == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        env |= {"TANDEM_REDIS_URL": redis.url, "TANDEM_REDIS_PREFIX": f"traces{os.getpid()}"}
     server = InstrumentedServer(tmp_path / "server.log", env, "--no-worker").start()
     worker = None
     try:
@@ -236,7 +250,7 @@ def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
             worker = InstrumentedWorker(tmp_path / "worker.log", env).start()
             job = wait_for_job(client, posted.json()["job_id"])
             run = _the_one(collector.wait_for("accurate tiny_accurate"))
-            request = _the_one(
+            served = _the_one(
                 [s for s in collector.wait_for("POST /predict", 2) if s.trace_id == CLIENT_TRACE]
             )
     finally:
@@ -244,7 +258,8 @@ def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
             worker.stop()
         server.stop()
     assert job["status"] == "done"
-    assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, request.span_id)
+    assert f"jobs in {'Redis' if store == 'redis' else 'SQLite'}" in server.log_path.read_text()
+    assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, served.span_id)
     assert run.attributes["tandem.job_id"] == job["job_id"]
     # It waited in the queue until the worker started.
     assert run.attributes["tandem.queued_s"] > 0
