@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from opentelemetry import propagate, trace
 
+from tandem import tracing
 from tandem.errors import ServerUnreachable, TandemError, error_from_wire
 from tandem.jobs.records import JobStatus
 from tandem.predictions import Prediction
@@ -283,8 +283,8 @@ def _predict_request(
 def _traced(request: httpx.Request) -> None:
     """A call made within a span that records (the caller's OpenTelemetry) carries its trace:
     the server's spans for the request, and later for its job, go on in the caller's trace."""
-    if trace.get_current_span().is_recording():
-        propagate.inject(request.headers)
+    if (context := tracing.current_context()) is not None:
+        request.headers.update(context)
 
 
 async def _traced_async(request: httpx.Request) -> None:
