@@ -218,14 +218,19 @@ def free_port() -> int:
         return port
 
 
+def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
+    """A response's status line, and its headers by lower-case name."""
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
 def read_response(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
     """The next response on `sock`: its status line, headers, and body up to its length."""
     data = b""
     while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    status, headers = parse_head(head)
     while len(body) < int(headers.get("content-length", 0)) and (chunk := sock.recv(65536)):
         body += chunk
     return status, headers, body

@@ -22,6 +22,7 @@ from tests.support import (
     free_port,
     metric,
     noise,
+    parse_head,
     read_response,
     tiny_env,
 )
@@ -94,8 +95,7 @@ def _responses(port: int, raw: bytes) -> list[tuple[str, dict[str, str], bytes]]
     responses = []
     while received:
         head, _, rest = received.partition(b"\r\n\r\n")
-        status, *lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        status, headers = parse_head(head)
         length = int(headers["content-length"])
         responses.append((status, headers, rest[:length]))
         received = rest[length:]
