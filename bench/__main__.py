@@ -246,7 +246,8 @@ def _best_throughput(bench: Bench, name: str) -> dict[str, Any]:
 
 
 class Proc:
-    """`python -m tandem <command>`, run from `cwd`: its `tandem` package, then the installed."""
+    """`python -m tandem <command>` (or another `module`), run from `cwd`: its `tandem`
+    package, then the installed."""
 
     def __init__(
         self,
@@ -254,12 +255,14 @@ class Proc:
         command: list[str],
         log: str,
         env: dict[str, str],
+        *,
         cwd: Path | None = None,
+        module: str = "tandem",
     ) -> None:
         self.log_path = bench.work / log
         base = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tandem", *command],
+            [sys.executable, "-m", module, *command],
             env=base | env,
             cwd=cwd,
             stdout=self.log_path.open("wb"),
@@ -319,7 +322,7 @@ def serve(
     port. Its output goes to `log`, named by the port unless given."""
     port = _free_port()
     command = ["serve", "--port", str(port), *args]
-    proc = Proc(bench, command, log or f"serve-{port}.log", _env(bench, data, **env), cwd)
+    proc = Proc(bench, command, log or f"serve-{port}.log", _env(bench, data, **env), cwd=cwd)
     try:
         proc.wait_for("", url=f"http://127.0.0.1:{port}/health")
     except BaseException:
@@ -711,13 +714,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def command_line(description: str | None, *, quick: bool = True) -> argparse.ArgumentParser:
+    """A bench command's parser, with the options the commands share."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=description, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
+    return parser
+
+
+def main() -> None:
+    parser = command_line(__doc__)
     parser.add_argument(
         "--profile",
         action="store_true",

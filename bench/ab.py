@@ -35,6 +35,7 @@ from bench.__main__ import (
     _server_split,
     bench_photo,
     bodies,
+    command_line,
     serve,
 )
 
@@ -80,7 +81,11 @@ class Side:
         return np.concatenate([run["latencies_s"] for run in self.runs])
 
 
-def run_turns(sides: list[Side], body: tuple[Path, str], args: argparse.Namespace) -> None:
+def run_turns(
+    sides: list[Side], body: tuple[Path, str], args: argparse.Namespace, *, split: bool = True
+) -> None:
+    """`args.turns` turns of `args.requests` requests from `args.clients` clients, each side
+    first in every other turn; with `split`, each answer's own timings are kept too."""
     for side in sides:  # warm up: the first requests on a connection are slow
         _generate_load(Target(side.port, *body), 4, 60.0, 30)
         if args.busy:
@@ -92,7 +97,7 @@ def run_turns(sides: list[Side], body: tuple[Path, str], args: argparse.Namespac
                 time.sleep(0.25)  # its worker back at work before the turn starts
             target = Target(side.port, *body)
             run = _generate_load(
-                target, args.clients, 60.0, args.requests, split=True, pause_ms=args.pause_ms
+                target, args.clients, 60.0, args.requests, split=split, pause_ms=args.pause_ms
             )
             side.runs.append(run)
             if args.busy:
@@ -151,11 +156,7 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/tandem/models")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser = command_line(__doc__, quick=False)
     for letter in ("a", "b"):
         parser.add_argument(f"--{letter}-root", type=Path, default=ROOT, help="a source tree")
         parser.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,43 @@ def test_the_ab_command_compares_two_busy_servers(model_dir: Path, tmp_path: Pat
     for side in "AB":
         serve = next(tmp_path.glob(f"ab-*/serve-{side}.log")).read_text()
         assert "started for model" in serve  # the embedded worker ran
+
+
+@pytest.mark.timeout(120)
+def test_the_versus_command_measures_tandem_against_the_plain_way(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "bench.versus", "--quick", "--model-dir", str(model_dir)]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (raw,) = tmp_path.glob("versus-*.json")
+    results = json.loads(raw.read_text())
+    # Both servers gave the photo the same label: the same work was asked of each.
+    assert results["label"] == "Egyptian cat"
+    assert [row["clients"] for row in results["rows"]] == [1, 16]
+    for row in results["rows"]:
+        for side in ("tandem", "plain"):
+            numbers = row["sides"][side]
+            assert numbers["ok"] == numbers["requests"] == row["turns"] * row["requests_per_turn"]
+        assert row["tandem_over_plain"]["per_s"] > 0
+    assert set(results["peak_rss_mb"]) == {"tandem", "plain"}
+    # The plain server stored a job for every request it answered, as Tandem does: the warm-up's
+    # 30, the label's one, and the turns'.
+    (jobs,) = tmp_path.glob("versus-*/data-plain/jobs.db")
+    with sqlite3.connect(jobs) as db:
+        (stored,) = db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    answered = sum(row["sides"]["plain"]["ok"] for row in results["rows"])
+    assert stored == 2 * 30 + 1 + answered  # a warm-up before each client count's turns
+    text = next(tmp_path.glob("versus-*.md")).read_text()
+    assert "both servers labelled the photo 'Egyptian cat'" in text
+    assert text.count("| tandem |") == text.count("| plain |") == 2
 
 
 @pytest.mark.timeout(60)
