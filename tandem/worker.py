@@ -130,8 +130,7 @@ class Worker:
                     in_hand.add(asyncio.create_task(self._or_leave(self.process(claims), claims)))
         finally:
             await _finish(in_hand)
-            if self._storing is not None:
-                await self._storing
+            await self.stored()
             await tasks.stop(keeper)
             with contextlib.suppress(QueueUnavailable):
                 await self._flush_counts()
@@ -342,6 +341,12 @@ class Worker:
         self._leases.hold(claim.id for claim in claims)  # until stored, past their batch's end
         storing = self._store(claims, predictions)
         self._storing = asyncio.create_task(self._or_leave(storing, claims))
+
+    async def stored(self) -> None:
+        """Return once the answers being stored are: `process` returns before (see
+        _store_while_next_runs)."""
+        if self._storing is not None:
+            await self._storing
 
     async def _or_leave(self, work: Awaitable[None], claims: list[Claim]) -> None:
         """Do `work` on these claims (their batch, or the storing of its answers), then let go

@@ -74,6 +74,7 @@ async def test_a_worker_out_of_patience_runs_beside_the_fast_model(
             await store.enqueue(JobSpec(id=job_id, image=IMAGE))
         with fast_call_in_flight(calls):  # a fast model that never rests
             await asyncio.wait_for(worker.process(await store.claim(worker.id, 3, 0)), 10)
+            await worker.stored()
             assert [await _status(store, job_id) for job_id in job_ids] == [JobStatus.DONE] * 3
 
 

@@ -72,7 +72,7 @@ async def test_a_batch_prepared_on_several_threads_keeps_each_answer_with_its_jo
         for name, image in images.items():
             await store.enqueue(JobSpec(id=ids[name], image=image))
         await worker.process(await store.claim(worker.id, 3, 0))
-        await asyncio.sleep(0)  # storing runs as its own task, beside the next batch
+        await worker.stored()  # storing runs as its own task, beside the next batch
         jobs = {name: await _finished(store, job_id) for name, job_id in ids.items()}
         assert jobs["red"].result is not None
         assert jobs["red"].result.label == "class 4"  # the tiny accurate model: red votes 4
@@ -197,7 +197,7 @@ async def test_scores_that_are_not_finite_fail_their_job_for_good_and_not_its_ba
         for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
             await store.enqueue(JobSpec(id=ids[name], image=encode(solid(colour), "PNG")))
         await worker.process(await store.claim(worker.id, 2, 0))
-        await asyncio.sleep(0)
+        await worker.stored()
         red, blue = [await _finished(store, ids[name]) for name in ("red", "blue")]
         assert red.result is not None
         assert red.result.label == "class 4"
