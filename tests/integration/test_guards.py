@@ -242,7 +242,10 @@ def test_nothing_from_a_client_or_redis_is_unpickled_or_evaluated() -> None:
                 and (node.module or "").split(".")[0] in unsafe_modules
             ):
                 found.append(f"{path.name}: {node.module}")
-    assert found == []
+    # The one pickle read: the installed weight packages' checkpoints, by `tandem models
+    # build`, through an unpickler that admits tensors alone (tests/unit/test_torchfile.py);
+    # serving never imports it (tests/unit/test_cli.py).
+    assert found == ["torchfile.py: pickle"]
 
 
 def test_open_streams_and_long_polls_are_bounded(make_client: Any) -> None:

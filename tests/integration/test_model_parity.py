@@ -1,4 +1,5 @@
-"""The exported ONNX models compute what the PyTorch reference computes, on real photos."""
+"""The exported ONNX models compute what the PyTorch reference computes, on real photos; and
+the logits a build checks itself against are the reference's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from skimage import data as photos
 
-from tandem.runtime.build import BUILTIN_MODELS
+from tandem.runtime.build import BUILTIN_MODELS, MAX_EXPORT_DIFF, probe_input
 from tandem.runtime.classifier import load_classifier
 from tandem.runtime.imaging import decode_image
 from tests.support import encode
@@ -40,6 +41,17 @@ def test_onnx_matches_torch_on_real_photos(name: str, model_dir: Path) -> None:
         got = classifier.raw_scores(batch)[0]
         assert np.abs(expected - got).max() < 1e-3, photo
         assert list(np.argsort(-expected)[:5]) == list(np.argsort(-got)[:5]), photo
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_the_build_s_reference_logits_are_torch_s(name: str) -> None:
+    spec = BUILTIN_MODELS[name]
+    with torch.no_grad():
+        logits = reference_model(name)(torch.from_numpy(probe_input(spec.size))).numpy()[0]
+    top = [int(i) for i in np.argsort(-logits)[:5]]
+    assert [index for index, _ in spec.reference_logits] == top
+    for index, value in spec.reference_logits:
+        assert abs(float(logits[index]) - value) < MAX_EXPORT_DIFF / 10
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
