@@ -93,13 +93,14 @@ def load_state_dict(path: Path) -> StateDict:
 
 
 def _read(f: IO[bytes]) -> StateDict:
-    if pickle.load(f) != LEGACY_MAGIC or pickle.load(f) != LEGACY_PROTOCOL:  # noqa: S301
-        raise ValueError("not a legacy-format PyTorch checkpoint")
-    pickle.load(f)  # noqa: S301 (the writer's byte order and type sizes: a dict of ints)
+    # Every pickle goes through the same unpickler: the header's too, which hold plain values.
     unpickler = _Unpickler(f)
+    if unpickler.load() != LEGACY_MAGIC or unpickler.load() != LEGACY_PROTOCOL:
+        raise ValueError("not a legacy-format PyTorch checkpoint")
+    unpickler.load()  # the writer's byte order and type sizes
     tensors = unpickler.load()
     storages = {}
-    for key in pickle.load(f):  # noqa: S301 (a list of the storages' keys, in file order)
+    for key in unpickler.load():  # the storages' keys, in the order their bytes follow
         (count,) = struct.unpack("<q", f.read(8))
         dtype = unpickler.dtypes[str(key)]
         data = f.read(count * dtype.itemsize)

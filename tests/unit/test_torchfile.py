@@ -59,13 +59,16 @@ class _Effect:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.parametrize("where", range(5))
 def test_a_checkpoint_that_names_anything_but_tensors_is_refused_unrun(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """In any of the file's pickles: the header's three, the tensors', the storages' keys."""
+    pickles: list[object] = [LEGACY_MAGIC, LEGACY_PROTOCOL, {"little_endian": True}, {}, []]
+    pickles[where] = {"weight": _Effect()}
     buffer = io.BytesIO()
-    for header in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"little_endian": True}):
-        pickle.dump(header, buffer)
-    pickle.dump({"weight": _Effect()}, buffer)
+    for value in pickles:
+        pickle.dump(value, buffer)
     path = tmp_path / "evil.pth"
     path.write_bytes(buffer.getvalue())
     monkeypatch.chdir(tmp_path)
