@@ -70,6 +70,7 @@ class _Graph:
     weights: StateDict
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
+    clip_bounds: list[str] = field(default_factory=list)
 
     def _name(self, stem: str) -> str:
         return f"{stem}_{len(self.nodes) + len(self.initializers)}"
@@ -111,9 +112,12 @@ class _Graph:
         return y, out
 
     def relu6(self, x: str) -> str:
-        low = self.constant("zero", np.array(0.0, np.float32))
-        high = self.constant("six", np.array(6.0, np.float32))
-        return self.node("Clip", [x, low, high])
+        if not self.clip_bounds:  # one pair of constants for every Clip
+            self.clip_bounds = [
+                self.constant("zero", np.array(0.0, np.float32)),
+                self.constant("six", np.array(6.0, np.float32)),
+            ]
+        return self.node("Clip", [x, *self.clip_bounds])
 
     def block(self, x: str, block: Block, size: int) -> tuple[str, int]:
         p = block.prefix
