@@ -103,9 +103,8 @@ def build_model(name: str, model_dir: Path, progress: Progress = print) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{name}-"))
     try:
-        progress(f"{name}: reading the weights in {spec.weights_package}")
+        progress(f"{name}: writing the weights in {spec.weights_package} as an ONNX graph")
         onnx_path = staging / f"{name}.onnx"
-        progress(f"{name}: writing the ONNX graph (dynamic batch)")
         _export(spec, onnx_path)
         manifest = _manifest_for(spec, onnx_path)
         progress(f"{name}: checking ONNX Runtime against the reference logits")
