@@ -32,6 +32,9 @@ OPTIONS = frozenset(PredictParams.model_fields)
 
 # How far into an untyped body its first character is looked for, past JSON's whitespace.
 _SNIFF = 1024
+# RFC 8259 (8.1) lets a parser ignore a UTF-8 byte order mark; Windows tools write one
+# (PowerShell 5's Set-Content -Encoding UTF8), and curl -d @file sends it on.
+_BOM = b"\xef\xbb\xbf"
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _BINARY = {"type": "string", "format": "binary"}
 
@@ -84,14 +87,18 @@ async def _untyped(request: Request) -> bytes:
     server look at it. JSON, the original API's body, begins with `{` (or, wrong, `[`); an
     image never does, and is taken as it stands."""
     body = await request.body()
-    if body[:_SNIFF].lstrip()[:1] in (b"{", b"["):
+    if _without_bom(body[:_SNIFF]).lstrip()[:1] in (b"{", b"["):
         return _json_image(body)
     return body
 
 
+def _without_bom(body: bytes) -> bytes:
+    return body[len(_BOM) :] if body.startswith(_BOM) else body
+
+
 def _json_image(body: bytes) -> bytes:
     try:
-        payload = PredictRequest.model_validate_json(body)
+        payload = PredictRequest.model_validate_json(_without_bom(body))
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(), body=body) from exc
     _refuse_options(payload.model_extra or {})
