@@ -57,7 +57,7 @@ def test_the_blocks_follow_the_stages(name: str, repeats: list[int]) -> None:
 
 def test_the_graph_holds_no_op_but_the_network_s_own() -> None:
     """torch's exporter wrote each SAME padding as a Pad with its shape computed in the graph
-    (17 of them in Lite0, with some 280 nodes of arithmetic); here they are the Conv's pads."""
+    (17 in Lite0, with some 350 nodes of shape arithmetic); here they are the Conv's pads."""
     model = efficientnet_lite(_weights("efficientnet_lite0"), 224)
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops == {
