@@ -21,19 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.__main__ import (
     Bench,
     Proc,
     _free_port,
+    _summary,
     bench_photo,
     bodies,
     command_line,
     machine,
     serve,
 )
-from bench.ab import Side, run_turns
+from bench.ab import Side, _turn_ratios, run_turns
 from bench.plain import FAST
 from tandem.runtime.build import build_model, is_built
 
@@ -93,8 +92,12 @@ def measure(tandem: Side, plain: Side, body: Path, load: Load) -> dict[str, Any]
     for side in (tandem, plain):
         side.runs = []
     run_turns([tandem, plain], (body, "application/json"), load.args(), split=False)
-    sides = {side.name: _side_summary(side) for side in (tandem, plain)}
-    turns = [_turn(t, p) for t, p in zip(tandem.runs, plain.runs, strict=True)]
+    sides = {side.name: _summary(load.clients, side.runs) for side in (tandem, plain)}
+    p50s = _turn_ratios(plain, tandem, 50)  # Tandem's p50 over plain's, turn by turn
+    per_s = [
+        _summary(load.clients, [t])["per_s"] / _summary(load.clients, [p])["per_s"]
+        for t, p in zip(tandem.runs, plain.runs, strict=True)
+    ]
     return {
         "clients": load.clients,
         "turns": load.turns,
@@ -104,31 +107,10 @@ def measure(tandem: Side, plain: Side, body: Path, load: Load) -> dict[str, Any]
             "p50": sides["tandem"]["p50_s"] / sides["plain"]["p50_s"],
             "p99": sides["tandem"]["p99_s"] / sides["plain"]["p99_s"],
             "per_s": sides["tandem"]["per_s"] / sides["plain"]["per_s"],
-            "p50_median_of_turns": statistics.median(turn["p50"] for turn in turns),
-            "per_s_median_of_turns": statistics.median(turn["per_s"] for turn in turns),
-            "tandem_faster_turns": sum(turn["p50"] < 1 for turn in turns),
+            "p50_median_of_turns": statistics.median(p50s),
+            "per_s_median_of_turns": statistics.median(per_s),
+            "tandem_faster_turns": sum(ratio < 1 for ratio in p50s),
         },
-    }
-
-
-def _side_summary(side: Side) -> dict[str, Any]:
-    latencies = side.latencies()
-    ok = sum(run["statuses"].get("200", 0) for run in side.runs)
-    return {
-        "requests": len(latencies),
-        "ok": ok,
-        "p50_s": float(np.percentile(latencies, 50)),
-        "p99_s": float(np.percentile(latencies, 99)),
-        "per_s": ok / sum(run["elapsed_s"] for run in side.runs),
-    }
-
-
-def _turn(tandem: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
-    """One turn's Tandem over plain: p50, and requests/s."""
-    return {
-        "p50": float(np.median(tandem["latencies_s"]) / np.median(plain["latencies_s"])),
-        "per_s": (len(tandem["latencies_s"]) / tandem["elapsed_s"])
-        / (len(plain["latencies_s"]) / plain["elapsed_s"]),
     }
 
 
