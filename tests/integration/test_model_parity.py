@@ -24,8 +24,7 @@ PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immu
 def reference_model(name: str) -> torch.nn.Module:
     spec = BUILTIN_MODELS[name]
     arch = importlib.import_module("efficientnet_lite_pytorch")
-    weights = getattr(importlib.import_module(spec.weights_package), spec.weights_class)
-    model = arch.EfficientNet.from_pretrained(spec.arch, weights_path=weights.get_model_file_path())
+    model = arch.EfficientNet.from_pretrained(spec.arch, weights_path=str(spec.weights_file()))
     return model.eval()
 
 

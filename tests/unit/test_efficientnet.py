@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -13,11 +12,7 @@ from tandem.runtime.torchfile import StateDict, load_state_dict
 
 
 def _weights(name: str) -> StateDict:
-    import importlib
-
-    spec = BUILTIN_MODELS[name]
-    files = getattr(importlib.import_module(spec.weights_package), spec.weights_class)
-    return load_state_dict(Path(files.get_model_file_path()))
+    return load_state_dict(BUILTIN_MODELS[name].weights_file())
 
 
 @pytest.mark.parametrize(
