@@ -7,7 +7,9 @@ TensorFlow Serving and each library used as its documentation shows, with its de
   pydantic model, on a plain `def` endpoint, which FastAPI runs on its thread pool;
 - the standard library decodes the base64, Pillow opens and decodes the whole image;
 - the image is prepared as the model's manifest says (short side resized, centre crop,
-  normalised with numpy), the same steps as Tandem's, with the same result;
+  normalised with numpy): the steps Tandem takes, on the whole decoded photo, where Tandem
+  decodes at a reduced DCT scale and resamples the crop's region alone (bench.versus checks
+  that both give the photo the same label);
 - an InferenceSession with ONNX Runtime's default options runs the fast model;
 - the job (its id and image) is stored in SQLite, in WAL mode with `synchronous=FULL`, through
   one connection behind a lock, and committed before the answer goes out: as durable as
