@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.errors import error_json
 from tandem.api.middleware import header
-from tandem.api.page import DOCS_STATIC
+from tandem.api.page import DOCS_STATIC, ICON_PATH
 from tandem.errors import (
     Overloaded,
     PayloadTooLarge,
@@ -30,8 +30,9 @@ from tandem.shares import Holdings
 # Where ApiKeys leaves which client sent a request: its key's name or digest, never the key.
 API_KEY_ID = "api_key_id"
 # Load balancers and people checking on the service need these without a key.
-# The web page is static and holds no data; what it fetches is guarded like any other call.
-OPEN_PATHS = frozenset({"/", "/health", "/health/all"})
+# The web page and its icon are static and hold no data; what the page fetches is guarded
+# like any other call.
+OPEN_PATHS = frozenset({"/", ICON_PATH, "/health", "/health/all"})
 # The API's description, which holds no data either: with it guarded, Swagger UI could not load
 # it, and /docs was of no use on a server with keys. Its "Authorize" takes a key for the calls.
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})

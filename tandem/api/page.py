@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 _BLOCK = r"<{tag}>(.*?)</{tag}>"
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts Swagger UI's files
+ICON_PATH = "/favicon.svg"  # named by the page's <link rel="icon">
 # Nothing framed, no base to redirect relative URLs, nowhere to post a form.
 _LOCKED = ["base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'"]
 
@@ -77,6 +78,17 @@ def docs_page() -> WebPage:
         ]
     )
     return WebPage(html, {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"})
+
+
+def page_icon() -> Response:
+    """The page's icon, so that a browser showing it asks for no /favicon.ico to be refused."""
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return Response(_icon(), media_type="image/svg+xml", headers=headers)
+
+
+@functools.cache
+def _icon() -> bytes:
+    return (resources.files("tandem") / "web" / "favicon.svg").read_bytes()
 
 
 def _hashes(html: str, tag: str) -> str:

@@ -18,7 +18,7 @@ from tandem.api.errors import error_body, error_headers, reported
 from tandem.api.guards import api_key_id_of, shows_causes
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
-from tandem.api.page import docs_page, web_page
+from tandem.api.page import ICON_PATH, docs_page, page_icon, web_page
 from tandem.api.params import idempotency_key, openapi_parameters, query_params
 from tandem.api.schemas import (
     ErrorBody,
@@ -129,6 +129,11 @@ async def _predict(
 @router.get("/", include_in_schema=False)
 async def page() -> HTMLResponse:
     return web_page().response()
+
+
+@router.get(ICON_PATH, include_in_schema=False)
+async def icon() -> Response:
+    return page_icon()
 
 
 @router.get("/docs", include_in_schema=False)

@@ -63,6 +63,7 @@ def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
     assert header.status_code == 200
     assert client.get("/health").status_code == 200
     assert client.get("/health/all").status_code == 200
+    assert client.get("/favicon.svg").status_code == 200  # the page's icon, like the page
 
 
 def test_with_api_keys_liveness_says_why_to_a_caller_with_a_key_alone(make_client: Any) -> None:

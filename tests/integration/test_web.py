@@ -147,6 +147,29 @@ def test_health_of_both_models_and_the_queue_is_shown(page: Page) -> None:
     expect(health).to_have_text(["efficientnet_lite0", "efficientnet_lite2", "queue"])
 
 
+def test_the_page_asks_for_nothing_it_does_not_get(
+    browser: Browser, real_server: ServerProcess
+) -> None:
+    """Every request the page makes on its own is answered, the browser's icon included: a
+    404 for /favicon.ico had been a console error and an access line on every visit."""
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
+    page.goto(real_server.url + "/")
+    expect(page.locator("#health li.ok")).to_have_count(3)
+    page.wait_for_load_state("networkidle")
+    assert errors == []
+    icon = page.evaluate(
+        "() => fetch(document.querySelector('link[rel=icon]').href)"
+        ".then(r => [r.status, r.headers.get('content-type')])"
+    )
+    context.close()
+    assert icon == [200, "image/svg+xml"]
+
+
 def test_a_file_that_is_not_an_image_is_explained(page: Page, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
