@@ -97,6 +97,8 @@ def running(
             "tandem.job_id": job.id,
             "tandem.model": model,
             "tandem.queued_s": max(job.updated_at - job.created_at, 0.0),
+            # Past 1, an earlier run was lost (its worker died or hung), which left no span.
+            "tandem.attempt": job.attempts,
         },
     )
     if job.request_id is not None:

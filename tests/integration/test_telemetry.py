@@ -261,5 +261,6 @@ def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
     assert f"jobs in {'Redis' if store == 'redis' else 'SQLite'}" in server.log_path.read_text()
     assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, served.span_id)
     assert run.attributes["tandem.job_id"] == job["job_id"]
-    # It waited in the queue until the worker started.
+    # It waited in the queue until the worker started; its first run.
     assert run.attributes["tandem.queued_s"] > 0
+    assert run.attributes["tandem.attempt"] == 1

@@ -31,12 +31,13 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
-def _job(trace: dict[str, str] | None) -> Job:
+def _job(trace: dict[str, str] | None, attempts: int = 1) -> Job:
     return Job(
         new_job_id(),
         JobStatus.RUNNING,
         created_at=100.0,
         updated_at=102.5,
+        attempts=attempts,
         request_id="req-1",
         trace=trace,
     )
@@ -79,10 +80,21 @@ def test_a_run_is_a_consumer_span_in_its_request_s_trace_from_the_claim(
         "tandem.job_id": job.id,
         "tandem.model": "lite2",
         "tandem.queued_s": 2.5,
+        "tandem.attempt": 1,
         "tandem.request_id": "req-1",
         "tandem.label": "tabby",
     }
     assert span.status.status_code is StatusCode.UNSET
+
+
+def test_a_run_after_one_lost_with_its_worker_says_which_attempt_it_is(
+    exported: InMemorySpanExporter,
+) -> None:
+    """A worker that dies mid-run exports no span; the run that takes its job over is the
+    trace's sign of it."""
+    with tracing.running(_job({"traceparent": TRACEPARENT}, attempts=2), "lite2", label="tabby"):
+        pass
+    assert (_the_span(exported).attributes or {})["tandem.attempt"] == 2
 
 
 def test_a_failed_run_is_an_error_span_with_its_reason(exported: InMemorySpanExporter) -> None:
