@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="run the accurate model on queued jobs (distributed mode, with --redis)",
+        help="run the accurate model on queued jobs, from Redis (--redis) or from this "
+        "machine's SQLite store",
         description="Take jobs from the queue, classify them in batches with the accurate model, "
-        "store the answers. Run as many as you like, on any machine that reaches the store. "
+        "store the answers. Run as many as you like, on any machine that reaches the store "
+        "(Redis; a SQLite store is reached from its own machine only). "
         "SIGTERM or Ctrl-C finishes the batch in hand, then exits.",
     )
     _common(worker)
