@@ -268,6 +268,93 @@ async def test_the_wal_is_cut_back_after_a_busy_spell(small_wal: SQLiteJobStore)
     assert _size(small_wal.path.with_name("jobs.db-wal")) <= MIB
 
 
+def _tries_of(monkeypatch: pytest.MonkeyPatch, step: str) -> list[bool]:
+    """What each call of the WAL step `upkeep.<step>` gave, from now on."""
+    tries: list[bool] = []
+    run = getattr(upkeep, step)
+
+    def counted(c: sqlite3.Connection) -> bool:
+        tries.append(run(c))
+        return tries[-1]
+
+    monkeypatch.setattr(upkeep, step, counted)
+    return tries
+
+
+@pytest.fixture
+def short_wal_windows(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """WAL windows of 0.3 s, and what each try to empty the WAL gave."""
+    monkeypatch.setattr(upkeep, "WAL_WINDOW_S", 0.3)
+    return _tries_of(monkeypatch, "empty_wal")
+
+
+async def test_a_wal_left_idle_gives_its_file_back(
+    small_wal: SQLiteJobStore,
+    short_wal_windows: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cut back to WAL_KEPT_BYTES, the file still kept 256 MiB (by default) of disk for as
+    long as the store sat idle after a busy spell: a soak's backlog left it so for good."""
+    monkeypatch.setattr(upkeep, "WAL_SLACK_BYTES", 0)
+    caplog.set_level(logging.INFO, logger="tandem.jobs")
+    wal = small_wal.path.with_name("jobs.db-wal")
+    await _enqueue_megabytes(small_wal, 3)
+    assert _size(wal) > 0
+    await _eventually(lambda: _size(wal) == 0, lambda: f"the WAL stayed at {_size(wal)} bytes")
+    await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))  # it writes on
+    assert len(await small_wal.claim("w", 100, 0)) == 31  # every job still there
+    assert short_wal_windows[0] is True
+    assert "the job store's WAL gave" in caplog.text
+
+
+async def test_a_wal_far_larger_than_its_commits_need_is_emptied_while_they_come(
+    small_wal: SQLiteJobStore, short_wal_windows: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle is not the only sign: a store has small commits now and then (the worker's purge,
+    once a minute), which had kept a file of 256 MiB from ever being emptied."""
+    monkeypatch.setattr(upkeep, "WAL_SLACK_BYTES", 0)
+    await _enqueue_megabytes(small_wal, 3)
+    ends = time.monotonic() + 1.5  # some 5 windows
+    while time.monotonic() < ends:
+        await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        await asyncio.sleep(0.03)  # a commit or two in each checkpoint's round of 0.05 s
+    assert True in short_wal_windows
+
+
+async def test_a_wal_file_about_the_size_its_commits_need_is_kept(
+    small_wal: SQLiteJobStore, short_wal_windows: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emptying it would only take the write lock, and the file would grow again."""
+    monkeypatch.setattr(upkeep, "WAL_SLACK_BYTES", 0)
+    for _ in range(15):
+        await small_wal.enqueue(JobSpec(id=new_job_id(), image=os.urandom(20_000)))
+        await asyncio.sleep(0.1)
+    assert short_wal_windows == []
+
+
+async def test_a_wal_file_under_the_slack_is_kept(
+    small_wal: SQLiteJobStore, short_wal_windows: list[bool]
+) -> None:
+    """Under WAL_SLACK_BYTES (16 MiB) a file is not worth the write lock, however idle."""
+    await _enqueue_megabytes(small_wal, 3)
+    await asyncio.sleep(1.0)  # some 3 windows
+    assert short_wal_windows == []
+    assert _size(small_wal.path.with_name("jobs.db-wal")) > 0
+
+
+async def test_an_idle_wal_is_started_over_once_not_at_every_checkpoint(
+    small_wal: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started over, the WAL keeps its length until the next commit: each checkpoint had
+    started it over again, 35 to 40 ms of the store's thread a second while idle."""
+    tries = _tries_of(monkeypatch, "start_wal_over")
+    await _enqueue_megabytes(small_wal, 3)  # past the 1 MiB kept
+    await _eventually(lambda: bool(tries), lambda: "the WAL was never started over")
+    await asyncio.sleep(1.0)  # some 20 checkpoints
+    assert tries == [True]
+
+
 async def _write_without_pause(store: SQLiteJobStore, seconds: float) -> int:
     """Enqueue 100 KB jobs back to back for `seconds`; the largest the WAL was meanwhile."""
     wal, largest = store.path.with_name(store.path.name + "-wal"), 0
@@ -312,14 +399,7 @@ async def test_a_reader_that_holds_the_wal_is_waited_for_less_and_less_often(
 ) -> None:
     """Each try to start the WAL over holds the store's thread up for up to 50 ms: a backup
     reading for minutes had cost it 50 ms a second."""
-    tries: list[bool] = []
-    start_over = upkeep.start_wal_over
-
-    def counted(c: sqlite3.Connection) -> bool:
-        tries.append(start_over(c))
-        return tries[-1]
-
-    monkeypatch.setattr(upkeep, "start_wal_over", counted)
+    tries = _tries_of(monkeypatch, "start_wal_over")
     await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))
     with contextlib.closing(sqlite3.connect(small_wal.path, isolation_level=None)) as reader:
         reader.execute("BEGIN")

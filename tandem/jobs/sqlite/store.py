@@ -96,9 +96,7 @@ class SQLiteJobStore:
         # Watchers hear of this process's writes at once; other processes' within RECHECK_S.
         self._hub = Hub()
         self._others = _OtherWriters(lambda: self._run(_data_version), self._hub)
-        self._checkpointer = upkeep.Checkpointer(
-            path, upkeep.CHECKPOINT_EVERY_S, start_over=lambda: self._run(upkeep.start_wal_over)
-        )
+        self._checkpointer = upkeep.Checkpointer(path, upkeep.CHECKPOINT_EVERY_S, self._run)
 
     def watch(self, job_id: str) -> AbstractAsyncContextManager[Watch]:
         return self._hub.watch(job_id)

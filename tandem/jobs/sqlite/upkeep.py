@@ -30,6 +30,13 @@ CHECKPOINT_NICE = 19
 WAL_KEPT_BYTES = 256 * MIB
 WAL_FRAME_HEADER_BYTES = 24
 START_OVER_WAIT_MS = 50
+# The WAL's file keeps the disk its busiest spell took (up to WAL_KEPT_BYTES), and had kept
+# it for good. Every WAL_WINDOW_S, a file over WAL_SLACK_BYTES and WAL_OVERSIZE times what the
+# window's commits wrote between two checkpoints is emptied and cut to nothing. Idle or under
+# a trickle of jobs that is soon after a backlog; under a steady load, once a minute at most.
+WAL_WINDOW_S = 60.0
+WAL_SLACK_BYTES = 16 * MIB
+WAL_OVERSIZE = 4
 # A try that a reader held off (a backup, say) is tried again after twice the wait before it,
 # up to this: each holds the store's thread up for START_OVER_WAIT_MS.
 START_OVER_BACKOFF_MAX_S = 30.0
@@ -74,24 +81,35 @@ def lazily(conn: sqlite3.Connection) -> Iterator[None]:
 # -- the WAL ----------------------------------------------------------------------------------
 
 
+WalStep = Callable[[sqlite3.Connection], bool]
+
+
 class Checkpointer:
     """Moves the WAL into the database file every `every_s`, on a thread and connection of
     its own. A PASSIVE checkpoint waits for no reader or writer: commits go on meanwhile.
 
     The next commit after a checkpoint that copied the whole WAL writes it from its start.
     Under commits that never pause, none does, and the WAL grew for as long as they came (11 MB
-    a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, `start_over` is called."""
+    a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, it is started over
+    (`start_wal_over`). A file far larger than the commits need is emptied (`empty_wal`; see
+    WAL_WINDOW_S). Both run by `run`, on the store's thread and connection, since they take
+    the write lock."""
 
     def __init__(
-        self, path: Path, every_s: float, start_over: Callable[[], Awaitable[bool]]
+        self, path: Path, every_s: float, run: Callable[[WalStep], Awaitable[bool]]
     ) -> None:
-        self._path, self._every_s, self._start_over = path, every_s, start_over
+        self._path, self._every_s, self._run = path, every_s, run
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
         self._conn: sqlite3.Connection | None = None
         # A WAL frame is a page and its header; the page size of a file in WAL mode is fixed.
         self._frame_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._backoff_s, self._start_over_at = 0.0, 0.0
+        # The file's data_version at the last checkpoint (it moves with each commit of another
+        # connection), and whether the WAL was started over since: until a commit, it need not
+        # be again. The most the window's commits wrote between checkpoints, and its start.
+        self._version, self._started_over = -1, False
+        self._written, self._window_start = 0, time.monotonic()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,9 +123,35 @@ class Checkpointer:
         while True:
             await asyncio.sleep(self._every_s)
             with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
-                wal_bytes = await loop.run_in_executor(self._thread, self._checkpoint)
-                if wal_bytes > WAL_KEPT_BYTES and time.monotonic() >= self._start_over_at:
-                    self._tried_start_over(await self._start_over())
+                found = await loop.run_in_executor(self._thread, self._checkpoint)
+                await self._tend(*found)
+
+    async def _tend(self, wal_bytes: int, version: int, file_bytes: int) -> None:
+        """Start the WAL over, or empty it, if it needs it and no try is waiting its turn."""
+        step = self._step_for(wal_bytes, version, file_bytes)
+        if step is None or time.monotonic() < self._start_over_at:
+            return
+        self._started_over = await self._run(step)
+        self._tried_start_over(self._started_over)
+        if step is empty_wal and self._started_over:
+            log.info("the job store's WAL gave %d MiB back", file_bytes // MIB)
+
+    def _step_for(self, wal_bytes: int, version: int, file_bytes: int) -> WalStep | None:
+        """What the WAL needs, if anything, after a checkpoint found `wal_bytes` of it in use
+        in a file of `file_bytes`, and the file at `version`."""
+        committed = version != self._version
+        if committed:
+            self._version, self._started_over = version, False
+            # Since the last checkpoint, or since the last that copied it all: the WAL is
+            # written from its start after one.
+            self._written = max(self._written, wal_bytes)
+        if wal_bytes > WAL_KEPT_BYTES and not self._started_over:
+            return start_wal_over
+        if time.monotonic() - self._window_start < WAL_WINDOW_S:
+            return None
+        needed = max(WAL_OVERSIZE * self._written, WAL_SLACK_BYTES)
+        self._written, self._window_start = 0, time.monotonic()
+        return empty_wal if file_bytes > needed else None
 
     def _tried_start_over(self, done: bool) -> None:
         """Set when to try next: at once after a try that worked, else after twice the wait
@@ -118,11 +162,19 @@ class Checkpointer:
             self._backoff_s = min(max(2 * self._backoff_s, self._every_s), START_OVER_BACKOFF_MAX_S)
         self._start_over_at = time.monotonic() + self._backoff_s
 
-    def _checkpoint(self) -> int:
-        """A PASSIVE checkpoint; the bytes in the WAL it found."""
+    def _checkpoint(self) -> tuple[int, int, int]:
+        """A PASSIVE checkpoint; the bytes of the WAL in use it found, the file's data_version,
+        and the WAL file's size."""
         assert self._conn is not None
         [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        return max(int(frames), 0) * self._frame_bytes
+        [(version,)] = self._conn.execute("PRAGMA data_version").fetchall()
+        return max(int(frames), 0) * self._frame_bytes, int(version), self._wal_file_bytes()
+
+    def _wal_file_bytes(self) -> int:
+        try:
+            return self._path.with_name(self._path.name + "-wal").stat().st_size
+        except FileNotFoundError:  # the last connection to close removes it
+            return 0
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself)."""
@@ -142,9 +194,18 @@ def start_wal_over(c: sqlite3.Connection) -> bool:
     CHECKPOINT_NICE it would hold the lock while waiting for the cores, and for
     START_OVER_WAIT_MS at most, since a reader such as a backup may take minutes (the next
     round tries again). Whether it did: not while a reader held the WAL."""
+    return _wal_checkpoint(c, "RESTART")
+
+
+def empty_wal(c: sqlite3.Connection) -> bool:
+    """As `start_wal_over`, and the WAL's file cut to nothing (a TRUNCATE checkpoint)."""
+    return _wal_checkpoint(c, "TRUNCATE")
+
+
+def _wal_checkpoint(c: sqlite3.Connection, mode: str) -> bool:
     c.execute(f"PRAGMA busy_timeout={START_OVER_WAIT_MS}")
     try:
-        [(busy, _, _)] = c.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        [(busy, _, _)] = c.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         return not busy
     finally:
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
