@@ -315,9 +315,9 @@ async def test_a_wal_far_larger_than_its_commits_need_is_emptied_while_they_come
     once a minute), which had kept a file of 256 MiB from ever being emptied."""
     monkeypatch.setattr(upkeep, "WAL_SLACK_BYTES", 0)
     await _enqueue_megabytes(small_wal, 3)
-    ends = time.monotonic() + 1.5  # some 5 windows
+    ends, sizes = time.monotonic() + 1.5, itertools.cycle([1_000, 9_000, 17_000])  # 5 windows
     while time.monotonic() < ends:
-        await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        await small_wal.enqueue(JobSpec(id=new_job_id(), image=os.urandom(next(sizes))))
         await asyncio.sleep(0.03)  # a commit or two in each checkpoint's round of 0.05 s
     assert True in short_wal_windows
 
@@ -327,8 +327,8 @@ async def test_a_wal_file_about_the_size_its_commits_need_is_kept(
 ) -> None:
     """Emptying it would only take the write lock, and the file would grow again."""
     monkeypatch.setattr(upkeep, "WAL_SLACK_BYTES", 0)
-    for _ in range(15):
-        await small_wal.enqueue(JobSpec(id=new_job_id(), image=os.urandom(20_000)))
+    for size in range(15):  # photos differ in size: alike commits would look like none
+        await small_wal.enqueue(JobSpec(id=new_job_id(), image=os.urandom(20_000 + 5_000 * size)))
         await asyncio.sleep(0.1)
     assert short_wal_windows == []
 

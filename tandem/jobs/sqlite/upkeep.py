@@ -105,10 +105,10 @@ class Checkpointer:
         self._frame_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._backoff_s, self._start_over_at = 0.0, 0.0
-        # The file's data_version at the last checkpoint (it moves with each commit of another
-        # connection), and whether the WAL was started over since: until a commit, it need not
-        # be again. The most the window's commits wrote between checkpoints, and its start.
-        self._version, self._started_over = -1, False
+        # The WAL's length at the last checkpoint, and whether it was started over since: until
+        # a commit, it need not be again. The most the window's commits wrote between
+        # checkpoints, and the window's start.
+        self._wal_bytes, self._started_over = 0, False
         self._written, self._window_start = 0, time.monotonic()
 
     async def start(self) -> None:
@@ -126,9 +126,9 @@ class Checkpointer:
                 found = await loop.run_in_executor(self._thread, self._checkpoint)
                 await self._tend(*found)
 
-    async def _tend(self, wal_bytes: int, version: int, file_bytes: int) -> None:
+    async def _tend(self, wal_bytes: int, file_bytes: int) -> None:
         """Start the WAL over, or empty it, if it needs it and no try is waiting its turn."""
-        step = self._step_for(wal_bytes, version, file_bytes)
+        step = self._step_for(wal_bytes, file_bytes)
         if step is None or time.monotonic() < self._start_over_at:
             return
         self._started_over = await self._run(step)
@@ -136,14 +136,16 @@ class Checkpointer:
         if step is empty_wal and self._started_over:
             log.info("the job store's WAL gave %d MiB back", file_bytes // MIB)
 
-    def _step_for(self, wal_bytes: int, version: int, file_bytes: int) -> WalStep | None:
+    def _step_for(self, wal_bytes: int, file_bytes: int) -> WalStep | None:
         """What the WAL needs, if anything, after a checkpoint found `wal_bytes` of it in use
-        in a file of `file_bytes`, and the file at `version`."""
-        committed = version != self._version
-        if committed:
-            self._version, self._started_over = version, False
-            # Since the last checkpoint, or since the last that copied it all: the WAL is
-            # written from its start after one.
+        in a file of `file_bytes`."""
+        # A commit moves the WAL's length: it adds to it, or, after a checkpoint that copied
+        # it all, writes it from its start. (Alike commits a checkpoint apart leave it as it
+        # was, and look like none: WAL_SLACK_BYTES keeps such a store's small file.) The
+        # connection's data_version would tell every commit, for a read each round that a
+        # commit starting the WAL over must not meet; the length costs nothing.
+        if wal_bytes != self._wal_bytes:
+            self._wal_bytes, self._started_over = wal_bytes, False
             self._written = max(self._written, wal_bytes)
         if wal_bytes > WAL_KEPT_BYTES and not self._started_over:
             return start_wal_over
@@ -162,13 +164,11 @@ class Checkpointer:
             self._backoff_s = min(max(2 * self._backoff_s, self._every_s), START_OVER_BACKOFF_MAX_S)
         self._start_over_at = time.monotonic() + self._backoff_s
 
-    def _checkpoint(self) -> tuple[int, int, int]:
-        """A PASSIVE checkpoint; the bytes of the WAL in use it found, the file's data_version,
-        and the WAL file's size."""
+    def _checkpoint(self) -> tuple[int, int]:
+        """A PASSIVE checkpoint; the bytes of the WAL in use it found, and its file's size."""
         assert self._conn is not None
         [(_, frames, _)] = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        [(version,)] = self._conn.execute("PRAGMA data_version").fetchall()
-        return max(int(frames), 0) * self._frame_bytes, int(version), self._wal_file_bytes()
+        return max(int(frames), 0) * self._frame_bytes, self._wal_file_bytes()
 
     def _wal_file_bytes(self) -> int:
         try:
