@@ -264,8 +264,15 @@ async def small_wal(
 async def test_the_wal_is_cut_back_after_a_busy_spell(small_wal: SQLiteJobStore) -> None:
     await _enqueue_megabytes(small_wal, 6)  # all in one WAL, faster than its checkpoints
     await _grown(small_wal.path, 6_000_000)
-    await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))  # starts it over
-    assert _size(small_wal.path.with_name("jobs.db-wal")) <= MIB
+    wal = small_wal.path.with_name("jobs.db-wal")
+    # The next commit starts it over, unless it meets a read of the WAL (a checkpoint's, on a
+    # loaded machine): then the one after it does.
+    for _ in range(5):
+        await small_wal.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        if _size(wal) <= MIB:
+            break
+        await asyncio.sleep(0.06)  # a checkpoint between
+    assert _size(wal) <= MIB
 
 
 def _tries_of(monkeypatch: pytest.MonkeyPatch, step: str) -> list[bool]:
