@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tandem.errors import CopyFailed
 from tandem.files import PRIVATE_FILE, private_dir
-from tandem.jobs.sqlite.upkeep import BUSY_TIMEOUT_MS, MIB
+from tandem.jobs.sqlite.upkeep import BUSY_TIMEOUT_MS, MIB, beside
 
 SQLITE_HEADER = b"SQLite format 3\0"  # the first bytes of every SQLite database file
 
@@ -98,7 +98,7 @@ def _held(path: Path) -> Iterator[None]:
     that is not SQLite's no process can be serving: it is left as it is, since SQLite, closing
     such a file, deletes the log beside it."""
     if not path.exists():
-        log = _beside(path, "-wal")
+        log = beside(path, "-wal")
         if log.exists():  # SQLite would apply it to the restored store
             raise CopyFailed(f"{log} lies there without its store: move it away first")
         yield
@@ -144,14 +144,14 @@ def _keep_aside(path: Path) -> Path | None:
     """Link the store at `path` to a name of its own, so that `path` never lacks a store. A log
     still beside it (a damaged store's, which SQLite could not move into it) goes with it,
     since SQLite would apply it to the store put in its place."""
-    _beside(path, "-shm").unlink(missing_ok=True)  # rebuilt from the log by the next opener
+    beside(path, "-shm").unlink(missing_ok=True)  # rebuilt from the log by the next opener
     if not path.exists():
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     kept = _link_aside(path, f"{path.name}.replaced-{stamp}")
-    log = _beside(path, "-wal")
+    log = beside(path, "-wal")
     if log.exists():
-        log.replace(_beside(kept, "-wal"))
+        log.replace(beside(kept, "-wal"))
     return kept
 
 
@@ -177,7 +177,7 @@ def _check_room(source: Path, dest: Path, keep_free_bytes: int) -> None:
     """Refuse a copy that may not fit, leaving `keep_free_bytes` free: one that filled the
     store's disk would stop the store's writes too, the workers' included. A copy is at most
     the file and its log."""
-    log = _beside(source, "-wal")
+    log = beside(source, "-wal")
     needed = source.stat().st_size + (log.stat().st_size if log.exists() else 0)
     try:
         free = shutil.disk_usage(dest.parent).free
@@ -212,10 +212,6 @@ def _check_store(path: Path, copy: Path) -> None:
         if not c.execute("SELECT 1 FROM sqlite_schema WHERE name = 'jobs'").fetchone():
             raise CopyFailed(f"{copy} is a database but not a job store")
         c.execute("PRAGMA journal_mode=WAL")
-
-
-def _beside(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
 
 
 def _sync(path: Path) -> None:

@@ -56,6 +56,11 @@ RECLAIM_PAUSE_RATIO = 3.0
 # -- connections ------------------------------------------------------------------------------
 
 
+def beside(path: Path, suffix: str) -> Path:
+    """A file SQLite keeps beside the database at `path`: its `-wal`, its `-shm`."""
+    return path.with_name(path.name + suffix)
+
+
 def connection(path: Path) -> sqlite3.Connection:
     """A connection with the settings each of the store's takes, its checkpointer's too."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -99,6 +104,7 @@ class Checkpointer:
         self, path: Path, every_s: float, run: Callable[[WalStep], Awaitable[bool]]
     ) -> None:
         self._path, self._every_s, self._run = path, every_s, run
+        self._wal = beside(path, "-wal")
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
         self._conn: sqlite3.Connection | None = None
         # A WAL frame is a page and its header; the page size of a file in WAL mode is fixed.
@@ -172,7 +178,7 @@ class Checkpointer:
 
     def _wal_file_bytes(self) -> int:
         try:
-            return self._path.with_name(self._path.name + "-wal").stat().st_size
+            return self._wal.stat().st_size
         except FileNotFoundError:  # the last connection to close removes it
             return 0
 
