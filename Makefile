@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The releases the tests last passed with (scripts/lock writes the file afresh);
+# `make serve CONSTRAINTS=` installs the newest releases instead.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(BIN)/pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 
 .PHONY: serve test lint check-python
 
@@ -14,13 +18,13 @@ $(BIN)/python: | check-python
 
 # Installs Tandem with the model build step, then runs it on the embedded SQLite default.
 serve: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[build]'
+	$(PIP_INSTALL) -e '.[build]'
 	$(BIN)/tandem serve
 
 # Installs what the tests need, then runs the linters, the type checker and every test.
 test: $(BIN)/python
 	./scripts/ensure-system-deps
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	$(MAKE) lint
 	$(BIN)/pytest
 
