@@ -11,6 +11,7 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, CopyFailed, ServerUnreachable, TandemError
@@ -23,6 +24,9 @@ log = logging.getLogger("tandem.cli")
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+# What add_subparsers returns: argparse names its type privately, and only for the type checker.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_worker(commands)
+    _add_up(commands)
+    _add_store_commands(commands)
+    _add_config(commands)
+    _add_models(commands)
+    client_cli.add_parser(commands, dict(os.environ))
+    return parser
 
+
+def _add_serve(commands: _Commands) -> None:
+    """`tandem serve`: the API and, on SQLite, the worker, in one process."""
     serve = commands.add_parser(
         "serve",
         help="run the HTTP API with the fast model, and the accurate model's worker",
@@ -78,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
 
+
+def _add_worker(commands: _Commands) -> None:
+    """`tandem worker`: the accurate model on the queue."""
     worker = commands.add_parser(
         "worker",
         help="run the accurate model on queued jobs, from Redis (--redis) or from this "
@@ -94,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(handler=_worker)
 
+
+def _add_up(commands: _Commands) -> None:
+    """`tandem up`: the distributed topology on one machine."""
     up = commands.add_parser(
         "up",
         help="run redis-server, one proxy and N workers on this machine; Ctrl-C stops all",
@@ -109,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, help="where redis-server keeps its files")
     up.set_defaults(handler=_up)
 
+
+def _add_store_commands(commands: _Commands) -> None:
+    """`tandem backup` and `tandem restore`: copies of the SQLite store."""
     _store_command(
         commands.add_parser(
             "backup",
@@ -134,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         _restore,
     )
 
+
+def _add_config(commands: _Commands) -> None:
+    """`tandem config`: the settings and where each came from."""
     config = commands.add_parser(
         "config",
         help="check the settings, and show each one's value and where it came from",
@@ -145,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(config)
     config.set_defaults(handler=_config)
 
+
+def _add_models(commands: _Commands) -> None:
+    """`tandem models build` and `tandem models list`."""
     models = commands.add_parser("models", help="build or list the ONNX models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     build = model_commands.add_parser(
@@ -159,8 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     listing = model_commands.add_parser("list", help="show the configured models and their state")
     _common(listing)
     listing.set_defaults(handler=_list)
-    client_cli.add_parser(commands, dict(os.environ))
-    return parser
 
 
 def _store_command(

@@ -75,7 +75,9 @@ def _label(prediction: Prediction) -> str:
     return f"{prediction.label} ({prediction.probability:.2f})"
 
 
-def add_parser(commands: Any, environ: dict[str, str]) -> None:
+def add_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], environ: dict[str, str]
+) -> None:
     predict = commands.add_parser(
         "predict",
         help="send images to a running server and print both answers",
