@@ -170,6 +170,41 @@ def test_the_page_asks_for_nothing_it_does_not_get(
     assert icon == [200, "image/svg+xml"]
 
 
+def test_the_page_works_where_a_reverse_proxy_serves_it_under_a_path(
+    browser: Browser, real_server: ServerProcess
+) -> None:
+    """Behind a reverse proxy that serves Tandem under /tandem/ (nginx's `location /tandem/
+    { proxy_pass http://tandem/; }`), every request the page makes, its icon's included,
+    stays under /tandem/: the page names no URL from the root."""
+    prefix = real_server.url + "/tandem"
+    outside: list[str] = []
+
+    def reverse_proxy(route: Route) -> None:
+        url = route.request.url
+        if url.startswith(prefix + "/"):
+            route.continue_(url=real_server.url + url.removeprefix(prefix))
+        else:
+            outside.append(url)
+            route.abort()
+
+    context = browser.new_context()
+    context.route("**/*", reverse_proxy)
+    page = context.new_page()
+    page.goto(prefix + "/")
+    expect(page.locator("#health li.ok")).to_have_count(3)
+    page.set_input_files("#file", str(CHELSEA))
+    expect(page.locator("#accurate-answer .topk li").first).to_contain_text(
+        "Egyptian cat", timeout=SLOW
+    )
+    icon = page.evaluate(
+        "() => fetch(document.querySelector('link[rel=icon]').href)"
+        ".then(r => r.status, () => 'not fetched')"
+    )
+    context.close()
+    assert outside == []
+    assert icon == 200
+
+
 def test_a_file_that_is_not_an_image_is_explained(page: Page, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
