@@ -291,6 +291,7 @@ def _serve(args: argparse.Namespace) -> int:
         http=protocol_class(settings.receive_timeout_s, app.state.metrics.count_unparsed),
         ws="none",  # see tandem.api.protocol
         server_header=False,  # which server and version answer is nobody's business
+        root_path=settings.root_path,
         timeout_graceful_shutdown=30,
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         "tls_keyfile. Unset: plain HTTP, for a proxy in front that speaks TLS.",
     )
     tls_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
+    root_path: str = Field(
+        "",
+        pattern=r"^(/[^/?#\s]+)*$",
+        description="The path a reverse proxy serves Tandem under (/tandem), which it strips "
+        "from each request before passing it on: /docs, the schema and each job's url then "
+        "name it. Empty: served from the root.",
+    )
     data_dir: Path = Field(description="Where the SQLite job store lives.")
     model_dir: Path = Field(description="Where built ONNX models and their manifests live.")
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
+from tandem.api.paths import route_path
 from tandem.jobs.records import Job
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ UNTRACED_PATHS = frozenset({"/health", "/health/all", "/metrics"})
 
 def untraced(scope: Mapping[str, Any]) -> bool:
     """FastAPI's telemetry `exclude`: whether a request goes untraced."""
-    return scope.get("path") in UNTRACED_PATHS
+    return route_path(scope) in UNTRACED_PATHS
 
 
 def current_context() -> dict[str, str] | None:

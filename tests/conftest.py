@@ -105,7 +105,14 @@ def open_app() -> Iterator[Callable[[Settings], TestClient]]:
     clients: list[TestClient] = []
 
     def start(settings: Settings) -> TestClient:
-        client = TestClient(create_app(settings), raise_server_exceptions=False).__enter__()
+        # As uvicorn serves a root path (cli.py): the path a request reached the app by, the
+        # root path in front, and the root path in the scope.
+        client = TestClient(
+            create_app(settings),
+            raise_server_exceptions=False,
+            root_path=settings.root_path,
+            base_url="http://testserver" + settings.root_path,
+        ).__enter__()
         clients.append(client)
         return client
 

@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tandem.api.paths import route_path
+
 try:  # FastAPI's router names the matched route to its telemetry with this
     from fastapi.telemetry._api import _route_selected
 except ImportError:  # a FastAPI without telemetry: nothing to tell
@@ -37,8 +39,8 @@ Handlers = Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]
 
 class DirectRoute:
     """Serves `route` itself; its endpoint must take the Request alone (nothing is solved).
-    Anything else, including the route under a root path, goes on to FastAPI, which serves
-    it too, only slower."""
+    Anything else goes on to FastAPI. The route is matched below the root path, as the
+    router matches it."""
 
     def __init__(
         self,
@@ -56,7 +58,7 @@ class DirectRoute:
         route = self.route
         if (
             scope["type"] != "http"
-            or scope["path"] != route.path
+            or route_path(scope) != route.path
             or scope["method"] not in self.methods
         ):
             await self.app(scope, receive, send)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
 from tandem.api.middleware import GET_WITH_EFFECTS, request_id_of
+from tandem.api.paths import route_path
 from tandem.errors import (
     InvalidJSON,
     InvalidRequest,
@@ -117,7 +118,7 @@ def _methods_on_path(request: Request, routes: Sequence[BaseRoute]) -> set[str]:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
-    if "GET" in methods and request.scope["path"] not in GET_WITH_EFFECTS:  # see HeadAsGet
+    if "GET" in methods and route_path(request.scope) not in GET_WITH_EFFECTS:  # see HeadAsGet
         methods.add("HEAD")
     return methods
 

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.api.errors import error_json
 from tandem.api.middleware import header
 from tandem.api.page import DOCS_STATIC, ICON_PATH
+from tandem.api.paths import route_path
 from tandem.errors import (
     Overloaded,
     PayloadTooLarge,
@@ -223,7 +224,7 @@ class ApiKeys:
             # its access log lines, the causes /health/all shows); never the key. Open
             # paths take it too, and go on without one.
             scope.setdefault("state", {})[API_KEY_ID] = identity
-        elif not _open(scope["path"]):
+        elif not _open(route_path(scope)):
             await _refuse(scope, receive, send, Unauthorized(KEY_REQUIRED))
             return
         await self.app(scope, receive, send)
@@ -273,7 +274,7 @@ class LoadShedder:
         self._by_key = Holdings(per_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or route_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
         key = api_key_id_in(scope) if self._by_key.share else None

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem import tracing
+from tandem.api.paths import route_path
 from tandem.logs import current_request_id
 
 HEADER = "x-request-id"
@@ -80,7 +81,7 @@ class HeadAsGet:
         if (
             scope["type"] == "http"
             and scope["method"] == "HEAD"
-            and scope["path"] not in GET_WITH_EFFECTS
+            and route_path(scope) not in GET_WITH_EFFECTS
         ):
             scope = {**scope, "method": "GET"}
         await self.app(scope, receive, send)

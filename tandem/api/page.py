@@ -56,14 +56,16 @@ def web_page() -> WebPage:
 
 
 @functools.cache
-def docs_page() -> WebPage:
+def docs_page(root_path: str = "") -> WebPage:
+    """Swagger UI, naming the schema and its files under `root_path` (TANDEM_ROOT_PATH)."""
+    static = root_path + DOCS_STATIC
     html = bytes(
         get_swagger_ui_html(
-            openapi_url="/openapi.json",
+            openapi_url=f"{root_path}/openapi.json",
             title="Tandem - Swagger UI",
-            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
-            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            swagger_js_url=f"{static}/swagger-ui-bundle.js",
+            swagger_css_url=f"{static}/swagger-ui.css",
+            swagger_favicon_url=f"{static}/favicon.png",
         ).body
     ).decode()
     policy = "; ".join(

@@ -47,8 +47,12 @@ def test_without_keys_everything_is_open(make_client: Any) -> None:
     assert make_client().post("/predict", json=IMAGE).status_code == 200
 
 
-def test_api_keys_guard_every_route_but_health(make_client: Any) -> None:
-    client = make_client(api_keys="first-key,second-key")
+ROOT_PATHS = pytest.mark.parametrize("root_path", ["", "/tandem"])  # behind a proxy's path
+
+
+@ROOT_PATHS
+def test_api_keys_guard_every_route_but_health(make_client: Any, root_path: str) -> None:
+    client = make_client(api_keys="first-key,second-key", root_path=root_path)
     refused = client.post("/predict", json=IMAGE)
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
@@ -80,10 +84,17 @@ def test_with_api_keys_liveness_says_why_to_a_caller_with_a_key_alone(make_clien
     assert keyed.json() == {"health": "the embedded worker stopped: OSError('/srv/x')"}
 
 
-def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(make_client: Any) -> None:
+@ROOT_PATHS
+def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(
+    make_client: Any, root_path: str
+) -> None:
     """Guarded, Swagger UI could not load the schema: /docs was of no use with keys set."""
-    client = make_client(api_keys="first-key")
-    assert client.get("/docs").status_code == 200
+    client = make_client(api_keys="first-key", root_path=root_path)
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    # Under a proxy's path, the page asks for its schema and its files through that path.
+    assert f"'{root_path}/openapi.json'" in docs.text
+    assert f'"{root_path}/static-offline-docs/swagger-ui-bundle.js"' in docs.text
     assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
     schema = client.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"] == {
@@ -91,6 +102,7 @@ def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(make_client:
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     }
     assert schema["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema.get("servers", []) == ([{"url": root_path}] if root_path else [])
     assert schema["paths"]["/health"]["get"]["security"] == []
     assert "security" not in schema["paths"]["/predict"]["post"]  # the document's holds
     # Every guarded operation documents the 401 it may meet.
@@ -432,10 +444,14 @@ def fast_model_held(client: TestClient) -> Iterator[tuple[threading.Semaphore, t
         del fast.predict
 
 
-def test_one_api_key_holds_no_more_than_its_share_of_the_places(make_client: Any) -> None:
+@ROOT_PATHS
+def test_one_api_key_holds_no_more_than_its_share_of_the_places(
+    make_client: Any, root_path: str
+) -> None:
     """Without a share, a client sending as fast as it could took every place, and every
     other client got 503 until it stopped."""
     client = make_client(
+        root_path=root_path,
         api_keys="flooding-key,other-key",
         max_in_flight=3,
         max_in_flight_per_key=2,

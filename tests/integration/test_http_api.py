@@ -12,7 +12,15 @@ from skimage import data as photos
 
 from tandem import __version__
 from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
-from tests.support import ServerProcess, b64, clean_env, encode, metric, wait_for_job
+from tests.support import (
+    ServerProcess,
+    b64,
+    clean_env,
+    encode,
+    metric,
+    tiny_env,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -304,6 +312,34 @@ def test_head_makes_no_job_where_get_does(model_dir: Path, tmp_path: Path) -> No
     assert head.headers["allow"] == "GET"
     assert head.content == b""
     assert (queued_after_head, queued_after_get) == (0, 1)
+
+
+def test_behind_a_reverse_proxy_s_path_everything_keeps_its_place(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """With TANDEM_ROOT_PATH, a request that the proxy passed on without its path (/tandem)
+    meets the guards and routes of the same request from the root, and what the server
+    names (a job's url, the docs' schema) is under the path, where the client reaches it."""
+    env = tiny_env(tiny_dir, tmp_path, root_path="/tandem", api_keys="k")
+    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
+    key = {"X-API-Key": "k"}
+    try:
+        with server.client() as client:
+            open_health = client.get("/health")  # open without a key, as from the root
+            refused = client.get("/predict/test")
+            head = client.head("/predict/test", headers=key)  # no job, as from the root
+            queued = metric(client.get("/metrics", headers=key).text, "tandem_queue_length")
+            answer = client.get("/predict/test", headers=key).json()
+            job = client.get(f"/job/{answer['job_id']}", headers=key)
+            docs = client.get("/docs")
+    finally:
+        server.stop()
+    assert open_health.status_code == 200
+    assert refused.status_code == 401
+    assert (head.status_code, queued) == (405, 0)
+    assert answer["job"]["url"] == f"/tandem/job/{answer['job_id']}"
+    assert job.status_code == 200
+    assert "'/tandem/openapi.json'" in docs.text
 
 
 @pytest.mark.parametrize("path", ["/health", "/", "/job/nope", "/metrics", "/docs"])

@@ -9,10 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from bench.cascade import photo_dir
-from tests.support import ServerProcess, clean_env, overwrite_meta
+from tests.support import ServerProcess, clean_env, overwrite_meta, tiny_env
 
 pytestmark = pytest.mark.slow
 
@@ -170,27 +178,33 @@ def test_the_page_asks_for_nothing_it_does_not_get(
     assert icon == [200, "image/svg+xml"]
 
 
-def test_the_page_works_where_a_reverse_proxy_serves_it_under_a_path(
-    browser: Browser, real_server: ServerProcess
-) -> None:
-    """Behind a reverse proxy that serves Tandem under /tandem/ (nginx's `location /tandem/
-    { proxy_pass http://tandem/; }`), every request the page makes, its icon's included,
-    stays under /tandem/: the page names no URL from the root."""
-    prefix = real_server.url + "/tandem"
+def behind_a_path(context: BrowserContext, server_url: str, path: str) -> list[str]:
+    """Serve `server_url` to the browser under `path`, as a reverse proxy that strips it
+    would (nginx's `location /tandem/ { proxy_pass http://tandem/; }`); returns the list of
+    URLs the browser asked for outside it, each refused."""
     outside: list[str] = []
 
     def reverse_proxy(route: Route) -> None:
         url = route.request.url
-        if url.startswith(prefix + "/"):
-            route.continue_(url=real_server.url + url.removeprefix(prefix))
+        if url.startswith(f"{server_url}{path}/"):
+            route.continue_(url=server_url + url.removeprefix(server_url + path))
         else:
             outside.append(url)
             route.abort()
 
-    context = browser.new_context()
     context.route("**/*", reverse_proxy)
+    return outside
+
+
+def test_the_page_works_where_a_reverse_proxy_serves_it_under_a_path(
+    browser: Browser, real_server: ServerProcess
+) -> None:
+    """Every request the page makes, its icon's included, stays under the proxy's path: the
+    page names no URL from the root, and needs no TANDEM_ROOT_PATH."""
+    context = browser.new_context()
+    outside = behind_a_path(context, real_server.url, "/tandem")
     page = context.new_page()
-    page.goto(prefix + "/")
+    page.goto(real_server.url + "/tandem/")
     expect(page.locator("#health li.ok")).to_have_count(3)
     page.set_input_files("#file", str(CHELSEA))
     expect(page.locator("#accurate-answer .topk li").first).to_contain_text(
@@ -203,6 +217,27 @@ def test_the_page_works_where_a_reverse_proxy_serves_it_under_a_path(
     context.close()
     assert outside == []
     assert icon == 200
+
+
+def test_the_api_docs_work_under_a_proxy_s_path_with_tandem_root_path(
+    browser: Browser, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Swagger UI named its schema and files from the root, which a proxy serving Tandem
+    under a path does not pass on: the docs were blank there."""
+    env = tiny_env(tiny_dir, tmp_path, root_path="/tandem")
+    server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
+    context = browser.new_context()
+    outside = behind_a_path(context, server.url, "/tandem")
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/tandem/docs")
+        operations = page.locator(".opblock-summary-path")
+        expect(operations.filter(has_text="/predict").first).to_be_visible(timeout=20_000)
+        expect(_tried_out(page, "/health")).to_have_text("200")  # sent under the path
+    finally:
+        context.close()
+        server.stop()
+    assert outside == []
 
 
 def test_a_file_that_is_not_an_image_is_explained(page: Page, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tandem.api import routes
 from tandem.api.bodies import decode_base64
+from tandem.api.paths import route_path
 from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
 from tandem.jobs.records import Job, JobStatus
 from tandem.runtime.assets import imagenet_labels
@@ -97,3 +98,19 @@ async def test_an_event_stream_keeps_alive_only_after_a_quiet_while(
     frames = [frame async for frame in routes._job_frames(states(), keepalive_s=15.0)]
     kinds = [frame.split(b"\n", 1)[0] for frame in frames]
     assert kinds == [b"event: queued"] + [b": keep-alive"] * 3 + [b"event: cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("path", "root_path", "route"),
+    [
+        ("/health", "", "/health"),
+        ("/tandem/health", "/tandem", "/health"),  # uvicorn put the root path in front
+        ("/tandem", "/tandem", ""),
+        ("/health", "/tandem", "/health"),  # a server that left the path as it came
+        ("/tandemx/health", "/tandem", "/tandemx/health"),  # not under it: a name that shares
+    ],
+)
+def test_a_route_path_is_the_path_below_the_root_path(
+    path: str, root_path: str, route: str
+) -> None:
+    assert route_path({"path": path, "root_path": root_path}) == route

@@ -52,6 +52,10 @@ def test_the_config_file_can_be_named_in_the_environment(tmp_path: Path) -> None
         ({"TANDEM_CONFIG": "/no/such/file.toml"}, "cannot read config file"),
         # The bodies held at once must hold one of the largest: else it is never taken.
         ({"TANDEM_MAX_BODIES_MB": "15"}, "max_bodies_mb .15 MiB. must hold one body"),
+        # A root path is absolute, with no trailing slash: uvicorn joins it to each path.
+        ({"TANDEM_ROOT_PATH": "tandem"}, "root_path"),
+        ({"TANDEM_ROOT_PATH": "/tandem/"}, "root_path"),
+        ({"TANDEM_ROOT_PATH": "/tan dem"}, "root_path"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str) -> None:
