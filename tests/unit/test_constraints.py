@@ -38,7 +38,8 @@ def _declared() -> list[Requirement]:
 
 def _needed(roots: Iterable[Requirement]) -> set[NormalizedName]:
     """Every distribution that `roots` bring in, as installed here, markers and extras
-    weighed for this interpreter."""
+    weighed for this interpreter; one not installed here (torch, left out of a run on
+    another Python) counts, without what it would bring in."""
     names: set[NormalizedName] = set()
     seen: set[tuple[NormalizedName, frozenset[str]]] = set()
     todo = list(roots)
@@ -49,7 +50,11 @@ def _needed(roots: Iterable[Requirement]) -> set[NormalizedName]:
             continue
         seen.add((name, frozenset(requirement.extras)))
         names.add(name)
-        for line in metadata.requires(requirement.name) or []:
+        try:
+            requires = metadata.requires(requirement.name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
             dependency = Requirement(line)
             marker = dependency.marker
             extras = requirement.extras or {""}
