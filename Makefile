@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(BIN)/pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 
-.PHONY: serve test lint check-python
+.PHONY: serve test lint lock check-python
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tandem needs Python 3.11 or newer")'
@@ -32,3 +32,7 @@ lint:
 	$(BIN)/ruff check tandem tests bench
 	$(BIN)/ruff format --check tandem tests bench
 	$(BIN)/mypy
+
+# Writes constraints.txt afresh from the package index; run `make test` before committing it.
+lock: | check-python
+	PYTHON=$(PYTHON) ./scripts/lock
