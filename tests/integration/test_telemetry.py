@@ -4,9 +4,12 @@ request is a span, and each traced job's accurate run a span in its request's tr
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
@@ -24,6 +28,7 @@ from tests.support import (
     ServerProcess,
     WorkerProcess,
     encode,
+    free_port,
     noise,
     tiny_env,
     wait_for_job,
@@ -264,3 +269,43 @@ def test_a_standalone_worker_under_opentelemetry_instrument_joins_the_trace(
     # It waited in the queue until the worker started; its first run.
     assert run.attributes["tandem.queued_s"] > 0
     assert run.attributes["tandem.attempt"] == 1
+
+
+def test_tandem_up_under_opentelemetry_instrument_traces_its_proxy_and_workers(
+    tiny_dir: Path, tmp_path: Path, collector: Collector
+) -> None:
+    """`tandem up` hands its environment on: the proxy and the worker it starts are traced
+    too, a job's run by the worker process in its request's trace (a hand check before)."""
+    port = free_port()
+    env = _exporting(tiny_env(tiny_dir, tmp_path, worker_poll_s="0.2"), collector)
+    command = [sys.executable, "-m", "tandem", "up", "--workers", "1", "--port", str(port)]
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen(_instrument(command), env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            _wait_until_ready(client, up)
+            headers = {"Content-Type": "image/png", "traceparent": TRACEPARENT}
+            posted = client.post("/predict", content=encode(noise(64, 48), "PNG"), headers=headers)
+            assert posted.status_code == 200, posted.text
+            job = wait_for_job(client, posted.json()["job_id"])
+            run = _the_one(collector.wait_for("accurate tiny_accurate"))
+            served = _the_one(
+                [s for s in collector.wait_for("POST /predict") if s.trace_id == CLIENT_TRACE]
+            )
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    assert job["status"] == "done"
+    assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, served.span_id)
+    assert run.attributes["tandem.job_id"] == job["job_id"]
+
+
+def _wait_until_ready(client: httpx.Client, up: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert up.poll() is None, "tandem up exited"
+        with contextlib.suppress(httpx.HTTPError):
+            if client.get("/health/all").status_code == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError("tandem up was not ready in 90 s")
