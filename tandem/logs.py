@@ -105,3 +105,8 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
     # Warnings too, such as Pillow's on a client's corrupt EXIF: printed raw, they broke the
     # one JSON object a line. Each still comes once a place, as Python's filters have it.
     logging.captureWarnings(True)
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 job`, `4 jobs`: a count as a log line says it."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

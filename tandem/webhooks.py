@@ -27,6 +27,7 @@ from tandem import tracing
 from tandem.errors import CallbackNotAllowed, QueueUnavailable
 from tandem.jobs.records import Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
+from tandem.logs import counted
 from tandem.tasks import stop
 
 log = logging.getLogger("tandem.webhooks")
@@ -191,10 +192,10 @@ class WebhookSender:
                 break
         await self._record(job, state, attempt, error)
         log.info(
-            "webhook for job %s %s after %d attempts",
+            "webhook for job %s %s after %s",
             job.id,
             state,
-            attempt,
+            counted(attempt, "attempt"),
             extra={"job_id": job.id, "request_id": job.request_id},
         )
 

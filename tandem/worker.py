@@ -26,6 +26,7 @@ from tandem.jobs.latency import answered_counts
 from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Delivery, DeliveryState, Job
 from tandem.jobs.store import JobStore
+from tandem.logs import counted
 from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
@@ -244,7 +245,7 @@ class Worker:
     async def _fail_all(
         self, ready: list[tuple[Claim, Tensor]], reason: str, *, retry: bool
     ) -> None:
-        log.warning("%d jobs failed: %s", len(ready), reason)
+        log.warning("%s failed: %s", counted(len(ready), "job"), reason)
         for claim, _ in ready:
             await self._fail(claim, reason, retry=retry)
 
@@ -267,7 +268,7 @@ class Worker:
             await self._fail_all(ready, reason, retry=False)
             return
         except Exception as exc:  # ORT errors are untyped; the jobs get another worker's try
-            log.exception("inference failed for %d jobs", len(ready))
+            log.exception("inference failed for %s", counted(len(ready), "job"))
             await self._fail_all(ready, f"inference failed: {exc}", retry=True)
             return
         self._counts.update(
@@ -355,7 +356,9 @@ class Worker:
             await work
         except QueueUnavailable as exc:
             # The results could not be stored; the leases run out and the jobs come back.
-            log.warning("queue unavailable while finishing %d jobs: %s", len(claims), exc)
+            log.warning(
+                "queue unavailable while finishing %s: %s", counted(len(claims), "job"), exc
+            )
         finally:
             self._leases.release(claim.id for claim in claims)
 

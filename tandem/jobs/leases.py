@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from tandem.errors import QueueUnavailable
 from tandem.jobs.store import JobStore
+from tandem.logs import counted
 
 log = logging.getLogger("tandem.worker")
 
@@ -57,10 +58,10 @@ class Leases:
         try:
             renewed = await self._store.extend(self._worker_id, held)
         except QueueUnavailable as exc:  # the next round tries again, within the timeout
-            log.warning("leases of %d jobs not renewed: %s", len(held), exc)
+            log.warning("leases of %s not renewed: %s", counted(len(held), "job"), exc)
             return
         except Exception:  # nobody awaits the keeper: said here, and the next round tries again
-            log.exception("renewing the leases of %d jobs failed", len(held))
+            log.exception("renewing the leases of %s failed", counted(len(held), "job"))
             return
         # Those still held but not renewed were taken over: this worker went longer than the
         # timeout without renewing (a stall, or the store out of reach). Whichever answer is
@@ -68,7 +69,7 @@ class Leases:
         lost = [job_id for job_id in held if job_id not in renewed and job_id in self._holds]
         if lost:
             log.warning(
-                "%d held jobs were taken over by another worker: this one went longer than the "
-                "visibility timeout without renewing their leases",
-                len(lost),
+                "%s taken over by another worker: this one went longer than the visibility "
+                "timeout without renewing the leases",
+                counted(len(lost), "held job"),
             )

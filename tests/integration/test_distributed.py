@@ -50,7 +50,7 @@ BODY = {"image_data": b64(encode(photos.chelsea()))}
 OTHER_BODY = {"image_data": b64(encode(photos.astronaut()))}
 DONE_LINE = re.compile(r"job ([0-9a-f]{32}) done:")
 # A finishing call whose reply the connection lost: Redis may have run it before it died.
-LOST_REPLY = re.compile(r"queue unavailable while finishing (\d+) jobs")
+LOST_REPLY = re.compile(r"queue unavailable while finishing (\d+) jobs?")
 
 
 @dataclass

@@ -59,7 +59,7 @@ async def test_a_renewal_the_store_refuses_is_tried_again_next_round(
     leases = Leases(cast(JobStore, store), "w")
     leases.hold(["a"])
     await leases.renew()
-    assert "leases of 1 jobs not renewed: Redis is unavailable" in caplog.text
+    assert "leases of 1 job not renewed: Redis is unavailable" in caplog.text
     store.down = False
     await leases.renew()
     assert store.asked == [["a"]]
@@ -82,7 +82,7 @@ async def test_the_keeper_goes_on_after_a_fault_it_did_not_foresee(
             await store.renewed.wait()  # the next round, once the fault passed
     finally:
         await tasks.stop(keeper)
-    assert "renewing the leases of 1 jobs failed" in caplog.text
+    assert "renewing the leases of 1 job failed" in caplog.text
 
 
 async def test_a_lease_taken_over_is_reported_and_one_let_go_meanwhile_is_not(
@@ -96,4 +96,4 @@ async def test_a_lease_taken_over_is_reported_and_one_let_go_meanwhile_is_not(
     await asyncio.sleep(0)  # the renewal is under way
     leases.release(["b"])
     await renewing
-    assert "1 held jobs were taken over by another worker" in caplog.text
+    assert "1 held job taken over by another worker" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from tandem.logs import ContextFilter, JsonFormatter, TextFormatter, configure_logging
+from tandem.logs import ContextFilter, JsonFormatter, TextFormatter, configure_logging, counted
 
 
 def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -84,3 +84,8 @@ def test_a_json_line_logged_within_a_recording_span_names_it() -> None:
     for line in (unsampled, plain):
         assert "trace_id" not in line
         assert "span_id" not in line
+
+
+@pytest.mark.parametrize(("count", "said"), [(0, "0 jobs"), (1, "1 job"), (4, "4 jobs")])
+def test_a_count_in_a_log_line_agrees_with_its_noun(count: int, said: str) -> None:
+    assert counted(count, "job") == said
