@@ -327,6 +327,10 @@ class ServerProcess:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30.0, verify=self.verify)
 
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
 
 class WorkerProcess(ServerProcess):
     """`python -m tandem worker`; started once it logs that its model is loaded."""
@@ -338,9 +342,19 @@ class WorkerProcess(ServerProcess):
         # The whole log: a worker with jobs waiting scrolls its start line out of `log()` fast.
         return "started for model" in self.log_path.read_text(errors="replace")
 
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
+
+class UpProcess(ServerProcess):
+    """`python -m tandem up`: redis-server, a proxy on `port` and workers; started once the
+    proxy says its models and queue are ready."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tandem", "up", "--port", str(self.port), *self.args]
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health/all", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,11 +31,11 @@ from tandem.worker import HEARTBEAT_S
 from tests.support import (
     RedisServer,
     ServerProcess,
+    UpProcess,
     WorkerProcess,
     b64,
     clean_env,
     encode,
-    free_port,
     server_sent_events,
     wait_for_job,
 )
@@ -548,23 +546,10 @@ def test_idempotency_key_and_cancel_over_http(cluster: Cluster) -> None:
 
 
 def test_tandem_up_runs_the_topology_and_ctrl_c_stops_it(model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
     env = clean_env(model_dir=str(model_dir), data_dir=str(tmp_path), worker_poll_s="0.2")
-    log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "up", "--workers", "2", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    up = UpProcess(tmp_path / "up.log", env, "--workers", "2").start()
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/health/all").status_code == 200:
-                        break
-                time.sleep(0.2)
+        with up.client() as client:
             job_id = client.post("/predict", json=BODY).json()["job_id"]
             assert wait_for_job(client, job_id)["status"] == "done"
         children = [
@@ -584,8 +569,8 @@ def test_tandem_up_runs_the_topology_and_ctrl_c_stops_it(model_dir: Path, tmp_pa
         # (Each of Tandem's warnings of a Redis set up otherwise begins "Redis at".)
         assert not re.search(r"WARNING [\w.]+: Redis at", (tmp_path / "up.log").read_text())
     finally:
-        up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=60) == 0
+        up.signal(signal.SIGINT)
+        assert up.wait_exit(timeout=60) == 0
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -4,12 +4,10 @@ request is a span, and each traced job's accurate run a span in its request's tr
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
@@ -26,9 +23,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
 from tests.support import (
     RedisServer,
     ServerProcess,
+    UpProcess,
     WorkerProcess,
     encode,
-    free_port,
     noise,
     tiny_env,
     wait_for_job,
@@ -159,6 +156,11 @@ class InstrumentedWorker(WorkerProcess):
         return _instrument(super().command())
 
 
+class InstrumentedUp(UpProcess):
+    def command(self) -> list[str]:
+        return _instrument(super().command())
+
+
 def _the_one(spans: list[Span]) -> Span:
     assert len(spans) == 1, spans
     return spans[0]
@@ -276,14 +278,10 @@ def test_tandem_up_under_opentelemetry_instrument_traces_its_proxy_and_workers(
 ) -> None:
     """`tandem up` hands its environment on: the proxy and the worker it starts are traced
     too, a job's run by the worker process in its request's trace (a hand check before)."""
-    port = free_port()
     env = _exporting(tiny_env(tiny_dir, tmp_path, worker_poll_s="0.2"), collector)
-    command = [sys.executable, "-m", "tandem", "up", "--workers", "1", "--port", str(port)]
-    with (tmp_path / "up.log").open("wb") as log:
-        up = subprocess.Popen(_instrument(command), env=env, stdout=log, stderr=subprocess.STDOUT)
+    up = InstrumentedUp(tmp_path / "up.log", env, "--workers", "1").start()
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            _wait_until_ready(client, up)
+        with up.client() as client:
             headers = {"Content-Type": "image/png", "traceparent": TRACEPARENT}
             posted = client.post("/predict", content=encode(noise(64, 48), "PNG"), headers=headers)
             assert posted.status_code == 200, posted.text
@@ -293,19 +291,8 @@ def test_tandem_up_under_opentelemetry_instrument_traces_its_proxy_and_workers(
                 [s for s in collector.wait_for("POST /predict") if s.trace_id == CLIENT_TRACE]
             )
     finally:
-        up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=60) == 0
+        up.signal(signal.SIGINT)
+        assert up.wait_exit(timeout=60) == 0
     assert job["status"] == "done"
     assert (run.trace_id, run.parent_id) == (CLIENT_TRACE, served.span_id)
     assert run.attributes["tandem.job_id"] == job["job_id"]
-
-
-def _wait_until_ready(client: httpx.Client, up: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert up.poll() is None, "tandem up exited"
-        with contextlib.suppress(httpx.HTTPError):
-            if client.get("/health/all").status_code == 200:
-                return
-        time.sleep(0.2)
-    raise AssertionError("tandem up was not ready in 90 s")
