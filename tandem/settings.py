@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
     root_path: str = Field(
         "",
-        pattern=r"^(/[^/?#\s]+)*$",
+        # What a URL's path may hold unescaped (RFC 3986's pchar, less `%`), ASCII alone:
+        # uvicorn writes it in front of each raw path as ASCII, and with `ä` answered every
+        # request 400 "Invalid HTTP request received", /health too.
+        pattern=r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*$",
         description="The path a reverse proxy serves Tandem under (/tandem), which it strips "
         "from each request before passing it on: /docs, the schema and each job's url then "
         "name it. Empty: served from the root.",
