@@ -53,8 +53,8 @@ class Settings(BaseSettings):
         # uvicorn writes it in front of each raw path as ASCII, and with `ä` answered every
         # request 400 "Invalid HTTP request received", /health too.
         pattern=r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*$",
-        description="The path a reverse proxy serves Tandem under (/tandem), which it strips "
-        "from each request before passing it on: /docs, the schema and each job's url then "
+        description="The path a reverse proxy serves Tandem under (/tandem), whether it strips "
+        "it from each request or passes it on: /docs, the schema and each job's url then "
         "name it. Empty: served from the root.",
     )
     data_dir: Path = Field(description="Where the SQLite job store lives.")

@@ -20,6 +20,7 @@ from tandem.api.errors import install_error_handlers
 from tandem.api.guards import OPEN_PATHS, ApiKeys, BodyLimit, Deadline, LoadShedder
 from tandem.api.metrics import AccessMiddleware, Metrics
 from tandem.api.middleware import HeadAsGet, RequestIdMiddleware
+from tandem.api.paths import PassedOnPrefix
 from tandem.api.routes import predict, route_of, router
 from tandem.errors import QueueUnavailable, ServiceUnavailable
 from tandem.jobs.factory import make_store, store_location
@@ -239,6 +240,8 @@ def create_app(settings: Settings, *, store: JobStore | None = None) -> FastAPI:
     # Innermost but for it: POST /predict meets every guard before DirectRoute serves it.
     app.add_middleware(DirectRoute, route=route_of(predict), handlers=app.exception_handlers)
     _add_guards(app, settings)
+    if settings.root_path:  # outermost: the guards, the log and the routes see one path
+        app.add_middleware(PassedOnPrefix)
     install_error_handlers(app, [*app.router.routes, *router.routes])
     app.include_router(router)
     if settings.api_keys:

@@ -36,8 +36,10 @@ IMAGE = {"image_data": b64(encode(solid((255, 0, 0)), "PNG"))}
 def make_client(tiny_dir: Path, tmp_path: Path, open_app: Any) -> Any:
     tiny = {"model_dir": tiny_dir, "fast_model": "tiny_fast", "accurate_model": "tiny_accurate"}
 
-    def make(**overrides: Any) -> TestClient:
+    def make(*, passed_on: bool = False, **overrides: Any) -> TestClient:
         client: TestClient = open_app(Settings(data_dir=tmp_path, **tiny, **overrides))
+        if passed_on:  # by a proxy that leaves the root path in front of each request
+            client.base_url = client.base_url.copy_with(path=2 * overrides["root_path"])
         return client
 
     return make
@@ -47,12 +49,19 @@ def test_without_keys_everything_is_open(make_client: Any) -> None:
     assert make_client().post("/predict", json=IMAGE).status_code == 200
 
 
-ROOT_PATHS = pytest.mark.parametrize("root_path", ["", "/tandem"])  # behind a proxy's path
+# Behind a proxy's path, which it strips from each request or passes on.
+ROOT_PATHS = pytest.mark.parametrize(
+    ("root_path", "passed_on"),
+    [("", False), ("/tandem", False), ("/tandem", True)],
+    ids=["root", "stripped", "passed-on"],
+)
 
 
 @ROOT_PATHS
-def test_api_keys_guard_every_route_but_health(make_client: Any, root_path: str) -> None:
-    client = make_client(api_keys="first-key,second-key", root_path=root_path)
+def test_api_keys_guard_every_route_but_health(
+    make_client: Any, root_path: str, passed_on: bool
+) -> None:
+    client = make_client(api_keys="first-key,second-key", root_path=root_path, passed_on=passed_on)
     refused = client.post("/predict", json=IMAGE)
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
@@ -86,10 +95,10 @@ def test_with_api_keys_liveness_says_why_to_a_caller_with_a_key_alone(make_clien
 
 @ROOT_PATHS
 def test_with_api_keys_the_docs_stay_open_and_say_how_to_send_a_key(
-    make_client: Any, root_path: str
+    make_client: Any, root_path: str, passed_on: bool
 ) -> None:
     """Guarded, Swagger UI could not load the schema: /docs was of no use with keys set."""
-    client = make_client(api_keys="first-key", root_path=root_path)
+    client = make_client(api_keys="first-key", root_path=root_path, passed_on=passed_on)
     docs = client.get("/docs")
     assert docs.status_code == 200
     # Under a proxy's path, the page asks for its schema and its files through that path.
@@ -446,12 +455,13 @@ def fast_model_held(client: TestClient) -> Iterator[tuple[threading.Semaphore, t
 
 @ROOT_PATHS
 def test_one_api_key_holds_no_more_than_its_share_of_the_places(
-    make_client: Any, root_path: str
+    make_client: Any, root_path: str, passed_on: bool
 ) -> None:
     """Without a share, a client sending as fast as it could took every place, and every
     other client got 503 until it stopped."""
     client = make_client(
         root_path=root_path,
+        passed_on=passed_on,
         api_keys="flooding-key,other-key",
         max_in_flight=3,
         max_in_flight_per_key=2,

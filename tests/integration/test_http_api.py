@@ -314,17 +314,20 @@ def test_head_makes_no_job_where_get_does(model_dir: Path, tmp_path: Path) -> No
     assert (queued_after_head, queued_after_get) == (0, 1)
 
 
+@pytest.mark.parametrize("passed_on", ["", "/tandem"], ids=["stripped", "passed-on"])
 def test_behind_a_reverse_proxy_s_path_everything_keeps_its_place(
-    tiny_dir: Path, tmp_path: Path
+    tiny_dir: Path, tmp_path: Path, passed_on: str
 ) -> None:
-    """With TANDEM_ROOT_PATH, a request that the proxy passed on without its path (/tandem)
-    meets the guards and routes of the same request from the root, and what the server
-    names (a job's url, the docs' schema) is under the path, where the client reaches it."""
+    """With TANDEM_ROOT_PATH, a request that the proxy passed on with or without its path
+    (/tandem) meets the guards and routes of the same request from the root, and what the
+    server names (a job's url, the docs' schema) is under the path, where the client
+    reaches it."""
     env = tiny_env(tiny_dir, tmp_path, root_path="/tandem", api_keys="k")
     server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
     key = {"X-API-Key": "k"}
     try:
         with server.client() as client:
+            client.base_url = client.base_url.join(passed_on)
             open_health = client.get("/health")  # open without a key, as from the root
             refused = client.get("/predict/test")
             head = client.head("/predict/test", headers=key)  # no job, as from the root

@@ -4,6 +4,7 @@ import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from tandem.api import routes
 from tandem.api.bodies import decode_base64
-from tandem.api.paths import route_path
+from tandem.api.paths import PassedOnPrefix, route_path
 from tandem.errors import ConfigurationError, InvalidBase64, ModelNotFound
 from tandem.jobs.records import Job, JobStatus
 from tandem.runtime.assets import imagenet_labels
@@ -114,3 +115,26 @@ def test_a_route_path_is_the_path_below_the_root_path(
     path: str, root_path: str, route: str
 ) -> None:
     assert route_path({"path": path, "root_path": root_path}) == route
+
+
+@pytest.mark.parametrize(
+    ("path", "root_path", "served"),
+    [
+        ("/tandem/tandem/job/x", "/tandem", "/tandem/job/x"),  # the proxy passed /tandem on
+        ("/tandem/tandem", "/tandem", "/tandem"),
+        ("/tandem/job/x", "/tandem", "/tandem/job/x"),  # the proxy stripped it
+        ("/tandem/tandemx/job/x", "/tandem", "/tandem/tandemx/job/x"),  # a name that shares
+        ("/job/x", "", "/job/x"),
+    ],
+)
+async def test_a_root_path_passed_on_by_the_proxy_is_served_once(
+    path: str, root_path: str, served: str
+) -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], scope["raw_path"]))
+
+    scope = {"type": "http", "path": path, "raw_path": path.encode(), "root_path": root_path}
+    await PassedOnPrefix(app)(scope, None, None)  # type: ignore[arg-type]
+    assert seen == [(served, served.encode())]
