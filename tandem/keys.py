@@ -19,6 +19,9 @@ from dataclasses import dataclass
 # digits would read as a digest.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _DIGEST = re.compile(r"[0-9a-f]{16}")
+# What every client can send in a header as written: a server reads a header's other bytes
+# as Latin-1, and with `kä` configured, curl's UTF-8 `kä` got 401 by either header.
+_SENDABLE = re.compile(r"[\x20-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,8 @@ def parse_key(entry: str) -> ApiKey:
 
 def parse_keys(entries: Iterable[str]) -> list[ApiKey]:
     """Every entry, checked as a whole: ValueError names what is wrong, never a key."""
+    entries = list(entries)
+    _refuse_unsendable(entries)
     keys = [parse_key(entry) for entry in entries]
     names = {key.identity for key in keys if key.named}
     if looks_digest := sorted(name for name in names if _DIGEST.fullmatch(name)):
@@ -61,3 +66,13 @@ def parse_keys(entries: Iterable[str]) -> list[ApiKey]:
                 f"one API key is listed as both {owners[key.digest]} and {key.identity}"
             )
     return keys
+
+
+def _refuse_unsendable(entries: list[str]) -> None:
+    """Entries a header cannot carry, by their place in the list: a key is never shown."""
+    unsendable = [str(n) for n, entry in enumerate(entries, 1) if not _SENDABLE.fullmatch(entry)]
+    if unsendable:
+        raise ValueError(
+            "API keys that a header cannot carry (printable ASCII only): "
+            f"entry {', '.join(unsendable)} of the list"
+        )

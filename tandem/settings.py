@@ -195,8 +195,8 @@ class Settings(BaseSettings):
     api_keys: tuple[str, ...] = Field(
         (),
         description="If any, every route but /health, /health/all, the web page and the API's "
-        "description (/docs, /openapi.json) needs one (comma-separated); `name=key` names "
-        "the client, and one name may hold several keys.",
+        "description (/docs, /openapi.json) needs one (comma-separated, printable ASCII); "
+        "`name=key` names the client, and one name may hold several keys.",
     )
     private_jobs: bool = Field(
         False,

@@ -61,3 +61,14 @@ def test_settings_refuse_keys_that_name_two_clients_without_showing_them() -> No
     with pytest.raises(ConfigurationError, match="api_keys") as caught:
         load_settings({"TANDEM_API_KEYS": "alice=shared-key-0123,bob=shared-key-0123"})
     assert "shared-key" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "entries", ["k\u00e4-0123", "alice=ok-key-0123,bob=caf\u00e9-0123", "tab\there"]
+)
+def test_a_key_that_a_header_cannot_carry_is_refused_without_showing_it(entries: str) -> None:
+    """With `kä` configured, a client sending `kä` by either header got 401."""
+    with pytest.raises(ConfigurationError, match="printable ASCII only") as caught:
+        load_settings({"TANDEM_API_KEYS": entries})
+    assert "0123" not in caught.value.message
+    assert "here" not in caught.value.message
