@@ -1,4 +1,5 @@
 """`tandem predict IMAGE...`: the client on the command line, for people and for scripts.
+An IMAGE of `-` is read from standard input.
 
 Exit codes: 0 every image answered (and, with --wait, every accurate answer arrived);
 1 the server refused an image (bad or unsupported file: a 4xx); 3 the server could not be
@@ -12,16 +13,19 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from tandem.client import DEFAULT_URL, Client, FastResult, JobResult
-from tandem.errors import TandemError, TooManyRequests
+from tandem.errors import TandemError, TooManyRequests, UnreadableFile
 from tandem.jobs.records import JobStatus
 from tandem.predictions import Prediction
 
 EXIT_OK, EXIT_REFUSED, EXIT_SERVER, EXIT_UNFINISHED = 0, 1, 3, 4
+STDIN = "-"
 
 
 @dataclass
@@ -87,6 +91,7 @@ def add_parser(
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument(
         "--url",
+        type=_server_url,
         default=environ.get("TANDEM_URL", DEFAULT_URL),
         help=f"the server (TANDEM_URL, else {DEFAULT_URL})",
     )
@@ -118,7 +123,18 @@ def add_parser(
     predict.set_defaults(handler=run)
 
 
+def _server_url(value: str) -> str:
+    """An http(s) URL, checked here (exit 2) rather than as every image's unreachable server."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {value!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    if _stdin_twice(args.images):
+        print("tandem predict: - (standard input) may be given once", file=sys.stderr)
+        return 2
     show_progress = args.progress
     if show_progress is None:
         show_progress = len(args.images) > 1 and sys.stderr.isatty()
@@ -139,7 +155,7 @@ def _send(client: Client, path: Path, bar: Progress, *, idempotent: bool) -> Out
     try:
         outcome.fast = _predict(client, path, idempotent=idempotent)
     except OSError as exc:
-        outcome.error = TandemError(f"cannot read the file: {exc.strerror or exc}")
+        outcome.error = UnreadableFile(f"cannot read the file: {exc.strerror or exc}")
         outcome.exit_code = EXIT_REFUSED
     except TandemError as exc:
         outcome.error = exc
@@ -155,10 +171,20 @@ def _send(client: Client, path: Path, bar: Progress, *, idempotent: bool) -> Out
     return outcome
 
 
+def _stdin_twice(paths: Sequence[Path]) -> bool:
+    return sum(str(path) == STDIN for path in paths) > 1
+
+
+def _image(path: Path) -> bytes | Path:
+    """The file at `path`, for the client to read; standard input's bytes for `-`."""
+    return sys.stdin.buffer.read() if str(path) == STDIN else path
+
+
 def _predict(client: Client, path: Path, *, idempotent: bool) -> FastResult:
+    image = _image(path)
     if not idempotent:
-        return client.predict(path)
-    data = path.read_bytes()
+        return client.predict(image)
+    data = image if isinstance(image, bytes) else image.read_bytes()
     # The same file, sent again, names the same job; another file, another job.
     key = "sha256-" + hashlib.sha256(data).hexdigest()
     return client.predict(data, idempotency_key=key)

@@ -243,6 +243,12 @@ class CopyFailed(TandemError):
     code = "copy_failed"
 
 
+class UnreadableFile(TandemError):
+    """`tandem predict` could not read an image file; a command's error, never a request's."""
+
+    code = "unreadable_file"
+
+
 class ServerUnreachable(TandemError):
     """Raised by the client when no HTTP answer came back at all."""
 

@@ -115,10 +115,13 @@ def test_a_wait_that_runs_out_returns_the_unfinished_job(idle: ServerProcess) ->
         assert client.cancel(job.job_id).status is JobStatus.CANCELLED
 
 
-def tandem_predict(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+def tandem_predict(
+    *args: str, url: str | None = None, stdin: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tandem", "predict", *args],
         env=clean_env() | ({"TANDEM_URL": url} if url else {}),
+        stdin=stdin.open("rb") if stdin else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
@@ -236,11 +239,36 @@ def test_cli_exit_codes_tell_scripts_what_happened(
     assert "error invalid_image" in refused.stdout or "unsupported" in refused.stdout
     missing = tandem_predict(str(tmp_path / "nowhere.jpg"), "--url", working.url)
     assert missing.returncode == 1
+    assert "error unreadable_file" in missing.stdout  # had been internal_error, the server's
     unreachable = tandem_predict(str(image), "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 3
     unfinished = tandem_predict(str(image), "--url", idle.url, "--wait", "0.3")
     assert unfinished.returncode == 4
     assert "queued" in unfinished.stdout
+
+
+def test_cli_reads_an_image_of_dash_from_standard_input(
+    working: ServerProcess, image: Path
+) -> None:
+    """As `curl --data-binary @-` does: an image made by another command, piped in."""
+    piped = tandem_predict("-", "--json", "--idempotent", url=working.url, stdin=image)
+    assert piped.returncode == 0, piped.stdout + piped.stderr
+    [answer] = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert answer["image"] == "-"
+    named = tandem_predict(str(image), "--json", "--idempotent", url=working.url)
+    assert json.loads(named.stdout)["job_id"] == answer["job_id"]  # the same bytes were sent
+    twice = tandem_predict("-", "-", url=working.url, stdin=image)
+    assert twice.returncode == 2
+    assert "may be given once" in twice.stderr
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://127.0.0.1", "notaurl"])
+def test_cli_refuses_a_server_url_that_is_not_http_once(image: Path, url: str) -> None:
+    """It had been tried for each image, each one's error `server_unreachable` (exit 3)."""
+    refused = tandem_predict(str(image), str(image), url=url)
+    assert refused.returncode == 2
+    assert "not an http:// or https:// URL" in refused.stderr
+    assert refused.stdout == ""
 
 
 def test_cli_progress_bar_when_asked(working: ServerProcess, image: Path) -> None:
