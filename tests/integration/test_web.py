@@ -178,16 +178,19 @@ def test_the_page_asks_for_nothing_it_does_not_get(
     assert icon == [200, "image/svg+xml"]
 
 
-def behind_a_path(context: BrowserContext, server_url: str, path: str) -> list[str]:
+def behind_a_path(
+    context: BrowserContext, server_url: str, path: str, *, strip: bool = True
+) -> list[str]:
     """Serve `server_url` to the browser under `path`, as a reverse proxy that strips it
-    would (nginx's `location /tandem/ { proxy_pass http://tandem/; }`); returns the list of
-    URLs the browser asked for outside it, each refused."""
+    would (nginx's `location /tandem/ { proxy_pass http://tandem/; }`), or passes it on
+    (`proxy_pass http://tandem;`); returns the list of URLs the browser asked for outside
+    it, each refused."""
     outside: list[str] = []
 
     def reverse_proxy(route: Route) -> None:
         url = route.request.url
         if url.startswith(f"{server_url}{path}/"):
-            route.continue_(url=server_url + url.removeprefix(server_url + path))
+            route.continue_(url=server_url + url.removeprefix(server_url + path) if strip else url)
         else:
             outside.append(url)
             route.abort()
@@ -219,15 +222,16 @@ def test_the_page_works_where_a_reverse_proxy_serves_it_under_a_path(
     assert icon == 200
 
 
+@pytest.mark.parametrize("strip", [True, False], ids=["stripped", "passed-on"])
 def test_the_api_docs_work_under_a_proxy_s_path_with_tandem_root_path(
-    browser: Browser, tiny_dir: Path, tmp_path: Path
+    browser: Browser, tiny_dir: Path, tmp_path: Path, strip: bool
 ) -> None:
     """Swagger UI named its schema and files from the root, which a proxy serving Tandem
     under a path does not pass on: the docs were blank there."""
     env = tiny_env(tiny_dir, tmp_path, root_path="/tandem")
     server = ServerProcess(tmp_path / "server.log", env, "--no-worker").start()
     context = browser.new_context()
-    outside = behind_a_path(context, server.url, "/tandem")
+    outside = behind_a_path(context, server.url, "/tandem", strip=strip)
     page = context.new_page()
     try:
         page.goto(server.url + "/tandem/docs")
