@@ -49,10 +49,10 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
     root_path: str = Field(
         "",
-        # What a URL's path may hold unescaped (RFC 3986's pchar, less `%`), ASCII alone:
-        # uvicorn writes it in front of each raw path as ASCII, and with `ä` answered every
-        # request 400 "Invalid HTTP request received", /health too.
-        pattern=r"^(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*$",
+        # Segments of RFC 3986's unreserved characters: uvicorn writes the path in front of
+        # each raw path as ASCII, and with `ä` answered every request 400 "Invalid HTTP
+        # request received", /health too; and the docs page names it inside a quoted string.
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
         description="The path a reverse proxy serves Tandem under (/tandem), whether it strips "
         "it from each request or passes it on: /docs, the schema and each job's url then "
         "name it. Empty: served from the root.",
