@@ -28,9 +28,11 @@ import httpx
 from tandem import tracing
 from tandem.errors import ServerUnreachable, TandemError, error_from_wire
 from tandem.jobs.records import JobStatus
+from tandem.keys import sendable
 from tandem.predictions import Prediction
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+UNSENDABLE_KEY = "an API key is printable ASCII: no HTTP header carries it otherwise"
 # The server caps one long-poll below its request deadline; longer waits take several.
 _POLL_S = 20.0
 # An event stream that ends before its job is finished (its proxy shutting down, a dropped
@@ -292,6 +294,8 @@ async def _traced_async(request: httpx.Request) -> None:
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
+    if api_key and not sendable(api_key):  # httpx would fail each request, deep in its send
+        raise ValueError(UNSENDABLE_KEY)
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from tandem.client import DEFAULT_URL, Client, FastResult, JobResult
+from tandem.client import DEFAULT_URL, UNSENDABLE_KEY, Client, FastResult, JobResult
 from tandem.errors import TandemError, TooManyRequests, UnreadableFile
 from tandem.jobs.records import JobStatus
+from tandem.keys import sendable
 from tandem.predictions import Prediction
 
 EXIT_OK, EXIT_REFUSED, EXIT_SERVER, EXIT_UNFINISHED = 0, 1, 3, 4
@@ -96,7 +97,7 @@ def add_parser(
         help=f"the server (TANDEM_URL, else {DEFAULT_URL})",
     )
     predict.add_argument(
-        "--api-key", default=environ.get("TANDEM_API_KEY"), help="(TANDEM_API_KEY)"
+        "--api-key", type=_api_key, default=environ.get("TANDEM_API_KEY"), help="(TANDEM_API_KEY)"
     )
     predict.add_argument(
         "--wait",
@@ -128,6 +129,12 @@ def _server_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {value!r}")
+    return value
+
+
+def _api_key(value: str) -> str:
+    if not sendable(value):  # the message never shows the key
+        raise argparse.ArgumentTypeError(UNSENDABLE_KEY)
     return value
 
 

@@ -68,9 +68,14 @@ def parse_keys(entries: Iterable[str]) -> list[ApiKey]:
     return keys
 
 
+def sendable(key: str) -> bool:
+    """Whether every client can send `key` in a header as it is written."""
+    return _SENDABLE.fullmatch(key) is not None
+
+
 def _refuse_unsendable(entries: list[str]) -> None:
     """Entries a header cannot carry, by their place in the list: a key is never shown."""
-    unsendable = [str(n) for n, entry in enumerate(entries, 1) if not _SENDABLE.fullmatch(entry)]
+    unsendable = [str(n) for n, entry in enumerate(entries, 1) if not sendable(entry)]
     if unsendable:
         raise ValueError(
             "API keys that a header cannot carry (printable ASCII only): "

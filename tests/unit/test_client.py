@@ -179,6 +179,25 @@ def test_tandem_predict_tells_a_server_that_stayed_busy_from_a_refused_image(
     capsys.readouterr()
 
 
+def test_a_key_no_header_can_carry_is_refused_before_anything_is_sent(
+    scripted: _Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """httpx had failed each request deep in its send (UnicodeEncodeError): `tandem predict`
+    printed a traceback."""
+    key = "\u043a\u043b\u044e\u0447"
+    for client in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="printable ASCII") as caught:
+            client(_url(scripted), api_key=key)
+        assert key not in str(caught.value)
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"image")
+    with pytest.raises(SystemExit) as usage:
+        main(["predict", str(image), "--url", _url(scripted), "--api-key", key])
+    assert usage.value.code == 2
+    assert "--api-key: an API key is printable ASCII" in capsys.readouterr().err
+    assert scripted.posts == 0
+
+
 async def test_a_call_made_within_a_traced_span_carries_its_trace(scripted: _Server) -> None:
     """The caller's trace goes on in the server's spans, and its job's. Outside a span, and
     within one that is not sampled, nothing is sent."""
