@@ -599,6 +599,38 @@ def test_which_replies_are_a_redis_refusing_writes_for_now(
     assert refuses_writes(error) is refused
 
 
+@pytest.mark.parametrize("denial", ["a database it lacks", "a user without evalsha"])
+async def test_a_redis_that_will_not_let_tandem_in_is_unavailable_not_a_fault(
+    redis_server: RedisServer, denial: str
+) -> None:
+    """A job had been a 500, /health/all an internal error, and shutdown a traceback."""
+    url = redis_server.url.removesuffix("/0") + "/99"  # the server keeps 16
+    async with aioredis.from_url(redis_server.url) as admin:
+        if denial == "a user without evalsha":
+            await admin.acl_setuser(
+                "limited",
+                enabled=True,
+                passwords=["+pw"],
+                categories=["+@all"],
+                commands=["-evalsha"],
+                keys=["*"],
+                channels=["*"],
+            )
+            url = redis_server.url.replace("redis://", "redis://limited:pw@")
+        store = RedisJobStore(url, prefix="denied")
+        await store.open()
+        try:
+            with pytest.raises(QueueUnavailable, match="Redis is unavailable") as caught:
+                await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+            assert caught.value.cause
+            if denial == "a database it lacks":  # every call: /health/all's too
+                with pytest.raises(QueueUnavailable):
+                    await store.queue_depth()
+        finally:
+            await store.close()
+            await admin.acl_deluser("limited")
+
+
 async def test_a_message_on_the_changes_channel_that_is_no_job_id_is_not_fatal(
     store: RedisJobStore,
 ) -> None:

@@ -38,6 +38,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
     ClusterDownError,
     ExecAbortError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -93,6 +94,12 @@ UNAVAILABLE = "Redis is unavailable"
 # keep it.
 _REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError, TryAgainError, ClusterDownError)
 _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
+# Errors of a Redis that will not let Tandem in as configured: a database number it does not
+# have (`/99` where it keeps 16), an ACL user without a command Tandem runs. As with a wrong
+# password, which redis-py raises as a connection error, the queue is unavailable until the
+# operator mends it: they had been 500s, and /health/all an internal error.
+_DENIALS = (NoPermissionError,)
+_DENIAL_TEXTS = ("DB index is out of range",)
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
@@ -196,6 +203,8 @@ class RedisJobStore:
         except ResponseError as exc:
             if refuses_writes(exc):
                 raise QueueUnavailable("Redis refused the write", cause=str(exc)) from exc
+            if denies_tandem(exc):
+                raise QueueUnavailable(UNAVAILABLE, cause=str(exc)) from exc
             raise
         except MasterNotFoundError as exc:
             # Its text goes on to repeat each Sentinel's client, settings and all.
@@ -655,6 +664,11 @@ def connection_name(pid: int | None = None) -> str:
 def refuses_writes(exc: ResponseError) -> bool:
     """Whether Redis refused for a state of its own that passes (see _REFUSALS)."""
     return isinstance(exc, _REFUSALS) or str(exc).startswith(_REFUSAL_CODES)
+
+
+def denies_tandem(exc: ResponseError) -> bool:
+    """Whether Redis, as configured, will not serve Tandem at all (see _DENIALS)."""
+    return isinstance(exc, _DENIALS) or str(exc).startswith(_DENIAL_TEXTS)
 
 
 def _failover_losses(wanted: int, connected: int) -> str:
