@@ -104,6 +104,9 @@ def test_each_problem_is_named_by_its_variable_and_a_secret_is_never_repeated() 
         # Options the connection does not take: redis-py raised a TypeError at every command.
         ("redis://:hunter2@h/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs needs TLS: .* rediss://"),
         ("rediss://h/0?ssl_ca_cert=/ca.pem&socket_timout=hunter2", "socket_timout, ssl_ca_cert$"),
+        # A path that is no number had been taken for none: database 0, another's perhaps.
+        ("redis://:hunter2@h:6379/abc", "names a database by number .*'abc'"),
+        ("rediss://h/O", "names a database by number .*'O'"),
     ],
 )
 def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem: str) -> None:
@@ -113,6 +116,8 @@ def test_a_redis_url_redis_cannot_read_is_refused_at_start_up(url: str, problem:
     assert "hunter2" not in caught.value.message
     for fine in (
         "redis://:pw@redis.internal:6380/2",
+        "redis://redis/",
+        "redis://redis/15",
         "rediss://redis",
         "rediss://redis/0?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
         "redis://redis/0?socket_keepalive=true&max_connections=20",
