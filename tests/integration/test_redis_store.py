@@ -599,36 +599,61 @@ def test_which_replies_are_a_redis_refusing_writes_for_now(
     assert refuses_writes(error) is refused
 
 
+@contextlib.asynccontextmanager
+async def _user_without(redis_server: RedisServer, *commands: str) -> AsyncIterator[str]:
+    """The URL of an ACL user that may run every command but `commands`."""
+    async with aioredis.from_url(redis_server.url) as admin:
+        await admin.acl_setuser(
+            "limited",
+            enabled=True,
+            passwords=["+pw"],
+            categories=["+@all"],
+            commands=[f"-{command}" for command in commands],
+            keys=["*"],
+            channels=["*"],
+        )
+        try:
+            yield redis_server.url.replace("redis://", "redis://limited:pw@")
+        finally:
+            await admin.acl_deluser("limited")
+
+
 @pytest.mark.parametrize("denial", ["a database it lacks", "a user without evalsha"])
 async def test_a_redis_that_will_not_let_tandem_in_is_unavailable_not_a_fault(
     redis_server: RedisServer, denial: str
 ) -> None:
     """A job had been a 500, /health/all an internal error, and shutdown a traceback."""
-    url = redis_server.url.removesuffix("/0") + "/99"  # the server keeps 16
-    async with aioredis.from_url(redis_server.url) as admin:
+    async with contextlib.AsyncExitStack() as stack:
+        url = redis_server.url.removesuffix("/0") + "/99"  # the server keeps 16
         if denial == "a user without evalsha":
-            await admin.acl_setuser(
-                "limited",
-                enabled=True,
-                passwords=["+pw"],
-                categories=["+@all"],
-                commands=["-evalsha"],
-                keys=["*"],
-                channels=["*"],
-            )
-            url = redis_server.url.replace("redis://", "redis://limited:pw@")
+            url = await stack.enter_async_context(_user_without(redis_server, "evalsha"))
         store = RedisJobStore(url, prefix="denied")
         await store.open()
+        stack.push_async_callback(store.close)
+        with pytest.raises(QueueUnavailable, match="Redis is unavailable") as caught:
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        assert caught.value.cause
+        if denial == "a database it lacks":  # every call: /health/all's too
+            with pytest.raises(QueueUnavailable):
+                await store.queue_depth()
+
+
+async def test_a_redis_that_denies_info_is_said_unchecked_and_still_serves(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As some managed Redis do: the checks at open had passed over it without a word."""
+    async with _user_without(redis_server, "info") as url:
+        store = RedisJobStore(url, prefix=f"no-info-{new_job_id()[:8]}")
+        await store.open()
         try:
-            with pytest.raises(QueueUnavailable, match="Redis is unavailable") as caught:
-                await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
-            assert caught.value.cause
-            if denial == "a database it lacks":  # every call: /health/all's too
-                with pytest.raises(QueueUnavailable):
-                    await store.queue_depth()
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+            assert await store.queue_depth() == 1
         finally:
             await store.close()
-            await admin.acl_deluser("limited")
+    warned = [r.getMessage() for r in caplog.records if r.name == "tandem.jobs"]
+    assert len(warned) == 1
+    assert "does not let Tandem read INFO" in warned[0]
+    assert "was not checked" in warned[0]
 
 
 async def test_a_message_on_the_changes_channel_that_is_no_job_id_is_not_fatal(

@@ -246,7 +246,7 @@ class RedisJobStore:
         # Redis may be down at start-up; every later call retries and reports it.
         with contextlib.suppress(RedisError, OSError):
             await self._ensure_group()
-            await self._check_keeping()
+            await self._check_keeping_if_let()
 
     def _register_scripts(self, allow_oom: bool) -> None:
         register = self._client.register_script
@@ -282,6 +282,19 @@ class RedisJobStore:
                 connected,
                 wanted,
                 _failover_losses(wanted, connected),
+            )
+
+    async def _check_keeping_if_let(self) -> None:
+        """A managed Redis may deny INFO: then say that nothing was checked, not nothing found."""
+        try:
+            await self._check_keeping()
+        except NoPermissionError as exc:
+            log.warning(
+                "Redis at %s does not let Tandem read INFO (%s): whether it may lose accepted"
+                " jobs (its memory limit and policy, its append-only file, its replicas) was"
+                " not checked",
+                self._where,
+                exc,
             )
 
     async def _check_keeping(self) -> None:
