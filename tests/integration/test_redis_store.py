@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -618,22 +619,46 @@ async def _user_without(redis_server: RedisServer, *commands: str) -> AsyncItera
             await admin.acl_deluser("limited")
 
 
-@pytest.mark.parametrize("denial", ["a database it lacks", "a user without evalsha"])
+@contextlib.asynccontextmanager
+async def _protected_mode(tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of a Redis in protected mode (no password) as a client on another host would
+    reach it: by this host's own address on its network, which Redis takes as remote."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # sends nothing: picks the route's address
+        except OSError:
+            pytest.skip("this host has no network address besides loopback")
+        address = probe.getsockname()[0]
+    server = RedisServer(tmp_path / "protected").start()
+    try:
+        async with aioredis.from_url(server.url) as admin:
+            await admin.config_set("bind", f"127.0.0.1 {address}")
+        yield server.url.replace("127.0.0.1", address)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "denial", ["a database it lacks", "a user without evalsha", "protected mode"]
+)
 async def test_a_redis_that_will_not_let_tandem_in_is_unavailable_not_a_fault(
-    redis_server: RedisServer, denial: str
+    redis_server: RedisServer, denial: str, tmp_path: Path
 ) -> None:
     """A job had been a 500, /health/all an internal error, and shutdown a traceback."""
     async with contextlib.AsyncExitStack() as stack:
         url = redis_server.url.removesuffix("/0") + "/99"  # the server keeps 16
         if denial == "a user without evalsha":
             url = await stack.enter_async_context(_user_without(redis_server, "evalsha"))
+        if denial == "protected mode":
+            url = await stack.enter_async_context(_protected_mode(tmp_path))
         store = RedisJobStore(url, prefix="denied")
         await store.open()
         stack.push_async_callback(store.close)
         with pytest.raises(QueueUnavailable, match="Redis is unavailable") as caught:
             await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
         assert caught.value.cause
-        if denial == "a database it lacks":  # every call: /health/all's too
+        assert len(caught.value.cause) < 200  # protected mode's runs on for a kilobyte
+        if denial != "a user without evalsha":  # every call: /health/all's too
             with pytest.raises(QueueUnavailable):
                 await store.queue_depth()
 

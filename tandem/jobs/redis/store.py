@@ -95,11 +95,12 @@ UNAVAILABLE = "Redis is unavailable"
 _REFUSALS = (OutOfMemoryError, ReadOnlyError, ExecAbortError, TryAgainError, ClusterDownError)
 _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
 # Errors of a Redis that will not let Tandem in as configured: a database number it does not
-# have (`/99` where it keeps 16), an ACL user without a command Tandem runs. As with a wrong
-# password, which redis-py raises as a connection error, the queue is unavailable until the
-# operator mends it: they had been 500s, and /health/all an internal error.
+# have (`/99` where it keeps 16), an ACL user without a command Tandem runs, protected mode
+# (no password, and Tandem on another host). As with a wrong password, which redis-py raises
+# as a connection error, the queue is unavailable until the operator mends it: they had been
+# 500s, and /health/all an internal error.
 _DENIALS = (NoPermissionError,)
-_DENIAL_TEXTS = ("DB index is out of range",)
+_DENIAL_TEXTS = ("DB index is out of range", "DENIED ")
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
@@ -204,7 +205,7 @@ class RedisJobStore:
             if refuses_writes(exc):
                 raise QueueUnavailable("Redis refused the write", cause=str(exc)) from exc
             if denies_tandem(exc):
-                raise QueueUnavailable(UNAVAILABLE, cause=str(exc)) from exc
+                raise QueueUnavailable(UNAVAILABLE, cause=_first_sentence(str(exc))) from exc
             raise
         except MasterNotFoundError as exc:
             # Its text goes on to repeat each Sentinel's client, settings and all.
@@ -682,6 +683,11 @@ def refuses_writes(exc: ResponseError) -> bool:
 def denies_tandem(exc: ResponseError) -> bool:
     """Whether Redis, as configured, will not serve Tandem at all (see _DENIALS)."""
     return isinstance(exc, _DENIALS) or str(exc).startswith(_DENIAL_TEXTS)
+
+
+def _first_sentence(text: str) -> str:
+    """Protected mode's DENIED runs on for a kilobyte of remedies, into every log line."""
+    return text.split(". ", 1)[0]
 
 
 def _failover_losses(wanted: int, connected: int) -> str:
