@@ -46,6 +46,13 @@ def query_params(request: Request, model: type[M]) -> M:
         raise RequestValidationError(errors) from exc
 
 
+def once_each(request: Request, *names: str) -> None:
+    """A 422 if any of `names` is given twice; other parameters (a cache-buster) pass."""
+    items = [(name, value) for name, value in request.query_params.multi_items() if name in names]
+    if len(items) != len(set(name for name, _ in items)):
+        _refuse_repeated(items)
+
+
 def _refuse_repeated(items: list[tuple[str, str]]) -> None:
     """A parameter given twice is ambiguous (`policy=always&policy=when_unsure`, or two
     callback URLs): one of them had been taken silently."""

@@ -19,7 +19,7 @@ from tandem.api.guards import api_key_id_of, shows_causes
 from tandem.api.metrics import CONTENT_TYPE, annotate_access
 from tandem.api.middleware import request_id_of
 from tandem.api.page import ICON_PATH, docs_page, page_icon, web_page
-from tandem.api.params import idempotency_key, openapi_parameters, query_params
+from tandem.api.params import idempotency_key, once_each, openapi_parameters, query_params
 from tandem.api.schemas import (
     ErrorBody,
     GateParams,
@@ -278,6 +278,7 @@ async def get_job(
         ),
     ] = 0.0,
 ) -> JobResponse:
+    once_each(request, "wait")
     service = service_of(request)
     if wait > 0:
         deadline_s = request.app.state.settings.request_timeout_s

@@ -11,6 +11,7 @@ from PIL import Image
 from skimage import data as photos
 
 from tandem import __version__
+from tandem.jobs.records import new_job_id
 from tandem.runtime.manifest import MANIFEST_NAME, read_manifest
 from tests.support import (
     ServerProcess,
@@ -180,14 +181,31 @@ def test_bad_requests_get_typed_errors_and_cost_no_job(
     assert "job_id" not in response.json()
 
 
-def test_a_parameter_given_twice_is_refused_not_picked(real_server: ServerProcess) -> None:
-    """`policy=always&policy=when_unsure` had been served with one of the two, silently."""
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("/predict/test?policy=always&policy=when_unsure&threshold=0.5", "policy"),
+        (f"/job/{new_job_id()}?wait=0.1&_=1&wait=30", "wait"),
+    ],
+)
+def test_a_parameter_given_twice_is_refused_not_picked(
+    real_server: ServerProcess, query: str, name: str
+) -> None:
+    """`policy=always&policy=when_unsure` had been served with one of the two, silently, as
+    had a long-poll with two `wait`s (the last)."""
     with real_server.client() as client:
-        response = client.get("/predict/test?policy=always&policy=when_unsure&threshold=0.5")
+        response = client.get(query)
     assert response.status_code == 422
     error = response.json()["error"]
-    assert error["message"] == "query.policy: given 2 times; give it once"
+    assert error["message"] == f"query.{name}: given 2 times; give it once"
     assert [p["type"] for p in error["details"]["problems"]] == ["repeated_parameter"]
+
+
+def test_a_job_read_lets_a_cache_buster_through_even_twice(real_server: ServerProcess) -> None:
+    """A browser's or a library's `_=<time>` is no parameter of ours: the read goes on."""
+    with real_server.client() as client:
+        response = client.get(f"/job/{new_job_id()}?_=1&_=2&wait=0")
+    assert response.json()["error"]["code"] == "job_not_found"
 
 
 def test_a_body_of_the_wrong_shape_is_named_as_the_body(real_server: ServerProcess) -> None:
