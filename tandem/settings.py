@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -206,7 +206,9 @@ class Settings(BaseSettings):
         "a job's id.",
     )
     cors_origins: tuple[str, ...] = Field(
-        (), description="Origins allowed by CORS (comma-separated)."
+        (),
+        description="Origins allowed by CORS (comma-separated), each scheme://host[:port] with"
+        " no path, or *.",
     )
     max_in_flight: int = Field(
         32, ge=1, description="Inference requests served at once; beyond, 503 at once."
@@ -282,6 +284,11 @@ class Settings(BaseSettings):
     def _named_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         parse_keys(value)
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(browser_origin(origin) for origin in value)
 
     @field_validator("redis_url")
     @classmethod
@@ -634,6 +641,27 @@ def sentinel_addresses(entries: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"a Sentinel is host or host:port, not {entry!r}")
         addresses.append((parts.hostname, port))
     return tuple(addresses)
+
+
+def browser_origin(origin: str) -> str:
+    """`origin` as a browser's Origin header writes it (`*` as is); ValueError if it is none.
+    CORS compares the two as strings."""
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    if not parts.scheme or not parts.hostname or parts.username or not _port_if_any(parts):
+        raise ValueError(f"{origin!r} is no origin: give scheme://host or scheme://host:port")
+    if parts.path or parts.query or parts.fragment:
+        raise ValueError(f"{origin!r} has a path: an origin is scheme://host[:port] alone")
+    return origin.lower()
+
+
+def _port_if_any(parts: SplitResult) -> bool:
+    """Whether `parts` names no port or one in range (`.port` raises for any other)."""
+    try:
+        return parts.port != 0
+    except ValueError:
+        return False
 
 
 def redacted_url(url: str) -> str:

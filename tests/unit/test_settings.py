@@ -67,6 +67,28 @@ def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str)
         load_settings(env)
 
 
+@pytest.mark.parametrize(
+    ("origin", "problem"),
+    [
+        # A browser's Origin header never ends in a slash: it had matched no request, silently.
+        ("https://app.example/", "'https://app.example/' has a path"),
+        ("https://app.example/app", "'https://app.example/app' has a path"),
+        ("app.example", "'app.example' is no origin"),
+        ("https://app.example:99999", "'https://app.example:99999' is no origin"),
+    ],
+)
+def test_a_cors_origin_no_browser_sends_is_refused(origin: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        load_settings({"TANDEM_CORS_ORIGINS": f"https://ok.example,{origin}"})
+
+
+def test_cors_origins_are_taken_as_a_browser_writes_them() -> None:
+    """In lower case, as each browser sends the Origin header: `App.Example` had never matched."""
+    given = "*, https://App.Example, http://localhost:3000"
+    expected = ("*", "https://app.example", "http://localhost:3000")
+    assert load_settings({"TANDEM_CORS_ORIGINS": given}).cors_origins == expected
+
+
 @pytest.mark.parametrize("root_path", ["", "/tandem", "/ml/tandem-v2", "/a_b.c~d/V2"])
 def test_a_root_path_of_unreserved_characters_is_taken(root_path: str) -> None:
     assert load_settings({"TANDEM_ROOT_PATH": root_path}).root_path == root_path
