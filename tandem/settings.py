@@ -285,6 +285,11 @@ class Settings(BaseSettings):
         parse_keys(value)
         return value
 
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _webhook_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(webhook_host(entry) for entry in value)
+
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -399,7 +404,7 @@ class Settings(BaseSettings):
     @property
     def webhooks(self) -> WebhookPolicy:
         return WebhookPolicy(
-            allowed_hosts=frozenset(host.lower() for host in self.webhook_hosts),
+            allowed_hosts=frozenset(self.webhook_hosts),
             secret=self.webhook_secret or "",
             max_attempts=self.webhook_max_attempts,
             timeout_s=self.webhook_timeout_s,
@@ -632,15 +637,25 @@ def sentinel_addresses(entries: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     """`host` or `host:port` entries (an IPv6 host in brackets); ValueError names a bad one."""
     addresses = []
     for entry in entries:
-        parts = urlsplit(f"//{entry}")
-        try:
-            port = parts.port or SENTINEL_PORT
-        except ValueError:
-            port = 0
-        if not parts.hostname or not port or parts.path or parts.username is not None:
-            raise ValueError(f"a Sentinel is host or host:port, not {entry!r}")
-        addresses.append((parts.hostname, port))
+        host, port = _address(entry, "a Sentinel")
+        addresses.append((host, port or SENTINEL_PORT))
     return tuple(addresses)
+
+
+def webhook_host(entry: str) -> str:
+    """An allowlist entry as WebhookPolicy compares it with a URL: its host alone, as a URL's
+    `hostname` (lower case, an IPv6 address without brackets), or with a port its netloc."""
+    host, port = _address(entry, "a webhook host")
+    return entry.lower() if port else host
+
+
+def _address(entry: str, what: str) -> tuple[str, int | None]:
+    """`host` or `host:port`, as its host (lower case, no brackets) and port if given."""
+    parts = urlsplit(f"//{entry}")
+    well_formed = not (parts.path or parts.query or parts.fragment or "@" in parts.netloc)
+    if not parts.hostname or not well_formed or not _port_if_any(parts):
+        raise ValueError(f"{what} is host or host:port, not {entry!r}")
+    return parts.hostname, parts.port
 
 
 def browser_origin(origin: str) -> str:

@@ -89,6 +89,30 @@ def test_cors_origins_are_taken_as_a_browser_writes_them() -> None:
     assert load_settings({"TANDEM_CORS_ORIGINS": given}).cors_origins == expected
 
 
+@pytest.mark.parametrize(
+    "entry", ["https://hooks.example", "hooks.example/hook", "hooks.example:99999", "user@hooks"]
+)
+def test_a_webhook_host_no_callback_could_name_is_refused(entry: str) -> None:
+    """Each had refused every callback_url (422, not on the allowlist), however right."""
+    env = {"TANDEM_WEBHOOK_HOSTS": f"ok.example,{entry}", "TANDEM_WEBHOOK_SECRET": "s" * 16}
+    with pytest.raises(ConfigurationError, match=f"host or host:port, not '{entry}'"):
+        load_settings(env)
+
+
+@pytest.mark.parametrize(
+    ("entry", "url"),
+    [
+        ("Hooks.Example", "https://hooks.example/hook"),
+        ("hooks.example:8443", "https://HOOKS.example:8443/hook"),
+        ("[::1]", "http://[::1]:9000/hook"),  # had matched no URL: a URL's host has no brackets
+        ("[::1]:9000", "http://[::1]:9000/hook"),
+    ],
+)
+def test_a_webhook_host_allows_the_callbacks_it_names(entry: str, url: str) -> None:
+    env = {"TANDEM_WEBHOOK_HOSTS": entry, "TANDEM_WEBHOOK_SECRET": "s" * 16}
+    assert load_settings(env).webhooks.check(url) == url
+
+
 @pytest.mark.parametrize("root_path", ["", "/tandem", "/ml/tandem-v2", "/a_b.c~d/V2"])
 def test_a_root_path_of_unreserved_characters_is_taken(root_path: str) -> None:
     assert load_settings({"TANDEM_ROOT_PATH": root_path}).root_path == root_path
