@@ -17,7 +17,7 @@ from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, CopyFailed, ServerUnreachable, TandemError
 from tandem.files import private_dir
 from tandem.logs import configure_logging
-from tandem.runtime.manifest import resolve_manifest_path, verified_model
+from tandem.runtime.manifest import resolve_manifest_path
 from tandem.settings import Settings, load_settings
 
 log = logging.getLogger("tandem.cli")
@@ -237,8 +237,10 @@ def _ensure_data_dir(settings: Settings) -> None:
 
 def _ensure_models(settings: Settings, refs: list[str]) -> None:
     """Build the built-in models among `refs` that are not built yet, then check each one's
-    files: a damaged model is one line here, not a traceback from the server's start-up."""
+    files and graph: a damaged model, or one its manifest does not describe, is one line
+    here, not a traceback from the server's start-up."""
     from tandem.runtime.build import BUILTIN_MODELS, build_model, is_built
+    from tandem.runtime.classifier import check_model
 
     for name in (ref for ref in refs if ref in BUILTIN_MODELS):
         if not is_built(name, settings.model_dir):
@@ -248,7 +250,7 @@ def _ensure_models(settings: Settings, refs: list[str]) -> None:
             )
             build_model(name, settings.model_dir, progress=_progress)
     for ref in refs:
-        verified_model(resolve_manifest_path(ref, settings.model_dir))
+        check_model(resolve_manifest_path(ref, settings.model_dir))
 
 
 def _progress(line: str) -> None:

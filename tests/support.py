@@ -131,25 +131,35 @@ class TinySpec:
     preprocess: dict[str, Any] = field(default_factory=dict)
     # Scores of NaN for an image with more blue than red, as a broken model's might be.
     nan_when_blue: bool = False
+    # The graph's input, where it differs from what the manifest says: a batch size fixed
+    # (as an export without dynamic axes leaves it), another side, channels or element type.
+    batch: int | None = None
+    graph_size: int | None = None
+    channels: int = 3
+    input_type: int = TensorProto.FLOAT
+    # Inputs the graph declares besides the image (never used).
+    extra_inputs: tuple[str, ...] = ()
 
 
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
     """Write `<name>.onnx` and its manifest.json into `directory`; return the manifest path."""
     directory.mkdir(parents=True, exist_ok=True)
+    side = spec.graph_size or spec.size
     shape = (
-        [None, 3, spec.size, spec.size]
+        [spec.batch, spec.channels, side, side]
         if spec.layout == "NCHW"
-        else [None, spec.size, spec.size, 3]
+        else [spec.batch, side, side, spec.channels]
     )
     axes = [2, 3] if spec.layout == "NCHW" else [1, 2]
-    weights = np.zeros((3, spec.classes), dtype=np.float32)
-    for channel, cls in enumerate(spec.votes):
+    weights = np.zeros((spec.channels, spec.classes), dtype=np.float32)
+    for channel, cls in enumerate(spec.votes[: spec.channels]):
         weights[channel, cls] = 10.0
     bias = np.zeros(spec.classes, dtype=np.float32)
     if spec.background_index is not None:
         bias[spec.background_index] = 1000.0
     nodes = [
-        helper.make_node("ReduceMean", ["image"], ["pooled"], axes=axes, keepdims=0),
+        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels"], ["pooled"], axes=axes, keepdims=0),
         helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
         helper.make_node("Add", ["scores", "b"], ["biased" if spec.nan_when_blue else "logits"]),
     ]
@@ -168,8 +178,14 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
     graph = helper.make_graph(
         nodes,
         spec.name,
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, spec.classes])],
+        [
+            helper.make_tensor_value_info("image", spec.input_type, shape),
+            *(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])
+                for name in spec.extra_inputs
+            ),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [spec.batch, spec.classes])],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

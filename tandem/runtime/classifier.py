@@ -20,6 +20,7 @@ from tandem.runtime.imaging import to_tensor
 from tandem.runtime.manifest import ModelManifest, resolve_manifest_path, verified_model
 from tandem.runtime.placement import AFFINITIES, Placement
 from tandem.runtime.priority import Preempted
+from tandem.runtime.signature import image_input
 
 
 class Spin(Enum):
@@ -72,12 +73,10 @@ class Classifier:
             if plan.has_solo
             else None
         )
-        inputs = self._session.get_inputs()
-        self._input_name: str = manifest.input_name or inputs[0].name
+        self._input = image_input(manifest, self._session)
         self._keep = np.array(
             [i for i in range(len(manifest.labels)) if i != manifest.output.background_index]
         )
-        self._check_output_width()
 
     @classmethod
     def from_manifest(cls, manifest_path: Path, plan: ThreadPlan = ThreadPlan()) -> Classifier:
@@ -87,15 +86,6 @@ class Classifier:
     @property
     def name(self) -> str:
         return self.manifest.name
-
-    def _check_output_width(self) -> None:
-        shape = self._session.get_outputs()[0].shape
-        width = shape[-1] if shape else None
-        if isinstance(width, int) and width != len(self.manifest.labels):
-            raise ConfigurationError(
-                f"model {self.name} has {width} outputs but its manifest lists "
-                f"{len(self.manifest.labels)} labels"
-            )
 
     @property
     def decode_side(self) -> int:
@@ -124,7 +114,20 @@ class Classifier:
         solo: bool = False,
         run_options: ort.RunOptions | None = None,
     ) -> npt.NDArray[np.float32]:
-        """The model's first output for a prepared batch, untouched."""
+        """The model's first output for a prepared batch, untouched: in runs of the batch size
+        the graph fixes, if it fixes one (an export without dynamic axes), the last padded."""
+        size = self._input.batch
+        if size is None or len(batch) == size:
+            return self._run(batch, solo, run_options)
+        runs = []
+        for start in range(0, len(batch), size):
+            part = batch[start : start + size]
+            runs.append(self._run(_padded(part, size), solo, run_options)[: len(part)])
+        return np.concatenate(runs)
+
+    def _run(
+        self, batch: npt.NDArray[np.float32], solo: bool, run_options: ort.RunOptions | None
+    ) -> npt.NDArray[np.float32]:
         session = self._session
         placed: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if solo and self._solo is not None:
@@ -133,7 +136,7 @@ class Classifier:
                 placed = self._placement.caller_pinned()
         try:
             with placed:
-                outputs = session.run(None, {self._input_name: batch}, run_options)
+                outputs = session.run(None, {self._input.name: batch}, run_options)
         except Exception as exc:  # ORT's errors are untyped: the flag tells a preemption apart
             if run_options is not None and run_options.terminate:
                 raise Preempted from exc
@@ -176,18 +179,42 @@ class Classifier:
         return Prediction(self.name, top, elapsed_ms)
 
 
+def _padded(part: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    """`part` with images of zeros after it, to `size` images."""
+    if len(part) == size:
+        return part
+    filler = np.zeros((size - len(part), *part.shape[1:]), dtype=part.dtype)
+    return np.concatenate([part, filler])
+
+
 def load_classifier(ref: str, model_dir: Path, plan: ThreadPlan = ThreadPlan()) -> Classifier:
     """Load a model named in settings: a built-in name, a model directory or a manifest path."""
     return Classifier.from_manifest(resolve_manifest_path(ref, model_dir), plan)
 
 
+def check_model(manifest_path: Path) -> None:
+    """What loading the model checks, without keeping it: `tandem serve` says a model it
+    cannot run in one line, where its start-up would log a traceback."""
+    manifest, model_path = verified_model(manifest_path)
+    image_input(manifest, _open_session(model_path, 1, Spin.NEVER, optimized=False))
+
+
 def _open_session(
-    model_path: Path, threads: int, spin: Spin, placement: Placement | None = None
+    model_path: Path,
+    threads: int,
+    spin: Spin,
+    placement: Placement | None = None,
+    *,
+    optimized: bool = True,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if placement is not None:
         options.add_session_config_entry(AFFINITIES, placement.affinities)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if spin is Spin.NEVER:

@@ -3,14 +3,17 @@ threads wait for work as the model's role needs."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto
 from PIL import Image
 
+from tandem.errors import ConfigurationError
 from tandem.runtime.classifier import Classifier, Spin, ThreadPlan
 from tandem.runtime.placement import AFFINITIES
 from tests.support import TinySpec, record_runs, tiny_model
@@ -104,3 +107,47 @@ def _record_affinity(session: ort.InferenceSession, seen: list[set[int]]) -> Non
         return run(*args, **kwargs)
 
     session.run = recorded  # type: ignore[method-assign]
+
+
+BLUE = Image.new("RGB", (8, 8), (0, 0, 255))
+GREEN = Image.new("RGB", (8, 8), (0, 255, 0))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_model_with_a_fixed_batch_size_runs_any_batch_in_runs_of_its_own(
+    tmp_path: Path, batch: int
+) -> None:
+    """An export without dynamic axes takes `batch` images a run: every job of a worker's
+    batch of four had failed, INVALID_ARGUMENT from ONNX Runtime."""
+    manifest = tiny_model(tmp_path, TinySpec(name="fixed", size=8, batch=batch))
+    classifier = Classifier.from_manifest(manifest)
+    images = [RED, GREEN, BLUE, RED, BLUE]  # with 2: two full runs and one padded
+    labels = [p.label for p in classifier.predict(images, 1)]
+    assert labels == ["class 1", "class 2", "class 3", "class 1", "class 3"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"graph_size": 16}, r"takes 16x16 images, but its manifest's preprocess.size is 8"),
+        ({"channels": 1}, r"takes 1 channel\(s\), not RGB's 3"),
+        ({"input_type": TensorProto.UINT8}, r"takes tensor\(uint8\), not tensor\(float\)"),
+        ({"extra_inputs": ("scale",)}, r"takes 2 inputs \(image, scale\); Tandem gives one"),
+        ({"layout": "NHWC", "graph_size": 16}, r"takes 16x16 images"),
+    ],
+)
+def test_a_model_whose_input_is_not_the_manifests_is_refused_at_load(
+    tmp_path: Path, spec: dict[str, Any], problem: str
+) -> None:
+    """Each had failed every request with a traceback (or its start-up), not a line."""
+    manifest = tiny_model(tmp_path, TinySpec(name="odd", size=8, **spec))
+    with pytest.raises(ConfigurationError, match=f"^model odd {problem}"):
+        Classifier.from_manifest(manifest)
+
+
+def test_an_input_name_the_model_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    manifest = tiny_model(tmp_path, TinySpec(name="odd", size=8))
+    written = json.loads(manifest.read_text("utf-8"))
+    manifest.write_text(json.dumps(written | {"input_name": "pixels"}), "utf-8")
+    with pytest.raises(ConfigurationError, match=r"has no input pixels \(its inputs: image\)"):
+        Classifier.from_manifest(manifest)

@@ -177,12 +177,18 @@ def test_a_job_store_file_sqlite_cannot_read_is_refused_in_one_line(
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
-def test_a_damaged_model_is_refused_in_one_line_before_serving(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fault", ["damaged", "another side"])
+def test_a_model_it_cannot_run_is_refused_in_one_line_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    manifest = tiny_model(tmp_path / "models" / "tiny", TinySpec(name="tiny", size=8))
+    """A graph that takes 16x16 images, where its manifest says 8, had stopped the server's
+    start-up with a traceback."""
+    side = 16 if fault == "another side" else None
+    spec = TinySpec(name="tiny", size=8, graph_size=side)
+    manifest = tiny_model(tmp_path / "models" / "tiny", spec)
     model = manifest.parent / "tiny.onnx"
-    model.write_bytes(model.read_bytes() + b"\0")  # one byte more than its checksum covers
+    if fault == "damaged":
+        model.write_bytes(model.read_bytes() + b"\0")  # one byte more than its checksum covers
     for name, value in {
         "MODEL_DIR": tmp_path / "models",
         "DATA_DIR": tmp_path / "data",
@@ -192,8 +198,10 @@ def test_a_damaged_model_is_refused_in_one_line_before_serving(
     }.items():
         monkeypatch.setenv(f"TANDEM_{name}", str(value))
     assert main(["serve"]) == EXIT_CONFIG
-    assert (
-        capsys.readouterr().err == f"tandem: {model} does not match the checksum in its manifest\n"
+    assert capsys.readouterr().err == (
+        f"tandem: {model} does not match the checksum in its manifest\n"
+        if fault == "damaged"
+        else "tandem: model tiny takes 16x16 images, but its manifest's preprocess.size is 8\n"
     )
 
 

@@ -1,0 +1,91 @@
+"""What a model's graph takes, checked against its manifest as the model loads.
+
+A manifest says how images are prepared; the graph says what it will take. Where the two
+disagree (another side, channels or element type, a second input), every run had failed
+with ONNX Runtime's INVALID_ARGUMENT: each request a traceback, or start-up one. Here the
+model is refused as it loads, in a line that names the difference. A batch size the graph
+fixes is no disagreement: an export without dynamic axes takes one image a run, and the
+classifier runs a batch in runs of that size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnxruntime as ort
+
+from tandem.errors import ConfigurationError
+from tandem.runtime.manifest import ModelManifest
+
+FLOAT = "tensor(float)"  # what to_tensor makes
+CHANNELS = 3  # RGB
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """The graph's image input: its name, and its batch size if the graph fixes one."""
+
+    name: str
+    batch: int | None = None
+
+
+def image_input(manifest: ModelManifest, session: ort.InferenceSession) -> ImageInput:
+    """The input the images go to; ConfigurationError if the graph will not take them, or
+    gives scores for other labels than the manifest's."""
+    _check_output_width(manifest, session.get_outputs()[0].shape)
+    arg = _the_one_input(manifest, session.get_inputs())
+    if arg.type != FLOAT:
+        raise _refusal(manifest, f"takes {arg.type}, not {FLOAT}")
+    return ImageInput(arg.name, _batch_of(manifest, list(arg.shape or [])))
+
+
+def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
+    """The batch size `shape` fixes, if any, once the rest of it is the manifest's images."""
+    layout = manifest.preprocess.layout
+    if len(shape) != 4:
+        raise _refusal(manifest, f"takes {len(shape)} dimensions, not images in {layout}")
+    batch, channels, height, width = _in_nchw_order(shape, layout)
+    size = manifest.preprocess.size
+    if (height or size) != size or (width or size) != size:
+        sides = f"{height or '?'}x{width or '?'}"
+        raise _refusal(
+            manifest, f"takes {sides} images, but its manifest's preprocess.size is {size}"
+        )
+    if (channels or CHANNELS) != CHANNELS:
+        raise _refusal(manifest, f"takes {channels} channel(s), not RGB's {CHANNELS}")
+    return batch
+
+
+def _check_output_width(manifest: ModelManifest, shape: Any) -> None:
+    width = shape[-1] if shape else None
+    if isinstance(width, int) and width != len(manifest.labels):
+        raise _refusal(
+            manifest, f"has {width} outputs but its manifest lists {len(manifest.labels)} labels"
+        )
+
+
+def _the_one_input(manifest: ModelManifest, inputs: Sequence[Any]) -> Any:
+    names = [arg.name for arg in inputs]
+    listed = ", ".join(names)
+    if manifest.input_name is not None and manifest.input_name not in names:
+        raise _refusal(manifest, f"has no input {manifest.input_name} (its inputs: {listed})")
+    if len(inputs) != 1:
+        raise _refusal(
+            manifest, f"takes {len(inputs)} inputs ({listed}); Tandem gives one, the image"
+        )
+    return inputs[0]
+
+
+def _in_nchw_order(shape: list[Any], layout: str) -> tuple[int | None, ...]:
+    """The batch, channel, height and width dimensions; None where the graph fixes none."""
+    fixed = [dim if isinstance(dim, int) and dim > 0 else None for dim in shape]
+    if layout == "NHWC":
+        batch, height, width, channels = fixed
+        return batch, channels, height, width
+    return tuple(fixed)
+
+
+def _refusal(manifest: ModelManifest, problem: str) -> ConfigurationError:
+    return ConfigurationError(f"model {manifest.name} {problem}")
