@@ -139,6 +139,8 @@ class TinySpec:
     input_type: int = TensorProto.FLOAT
     # Inputs the graph declares besides the image (never used).
     extra_inputs: tuple[str, ...] = ()
+    # Logits as a convolutional head leaves them, [N, classes, 1, 1] (SqueezeNet's).
+    feature_map: bool = False
 
 
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
@@ -161,7 +163,7 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
         helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels"], ["pooled"], axes=axes, keepdims=0),
         helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["biased" if spec.nan_when_blue else "logits"]),
+        helper.make_node("Add", ["scores", "b"], ["biased" if spec.nan_when_blue else "flat"]),
     ]
     initializers = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")]
     if spec.nan_when_blue:  # + 0 * sqrt(red - blue): NaN where blue wins
@@ -169,12 +171,19 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
             helper.make_node("MatMul", ["pooled", "red_less_blue"], ["margin"]),
             helper.make_node("Sqrt", ["margin"], ["root"]),
             helper.make_node("Mul", ["root", "zero"], ["nothing_or_nan"]),
-            helper.make_node("Add", ["biased", "nothing_or_nan"], ["logits"]),
+            helper.make_node("Add", ["biased", "nothing_or_nan"], ["flat"]),
         ]
         initializers += [
             numpy_helper.from_array(np.array([[1], [0], [-1]], np.float32), "red_less_blue"),
             numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
         ]
+    logits = [spec.batch, spec.classes]
+    if spec.feature_map:
+        nodes.append(helper.make_node("Unsqueeze", ["flat", "map_axes"], ["logits"]))
+        initializers.append(numpy_helper.from_array(np.array([2, 3], np.int64), "map_axes"))
+        logits += [1, 1]
+    else:
+        nodes.append(helper.make_node("Identity", ["flat"], ["logits"]))
     graph = helper.make_graph(
         nodes,
         spec.name,
@@ -185,7 +194,7 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
                 for name in spec.extra_inputs
             ),
         ],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [spec.batch, spec.classes])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits)],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

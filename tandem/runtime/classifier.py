@@ -141,8 +141,9 @@ class Classifier:
             if run_options is not None and run_options.terminate:
                 raise Preempted from exc
             raise
+        # One row of scores an image, whatever dimensions the graph holds them in.
         scores: npt.NDArray[np.float32] = np.asarray(outputs[0], dtype=np.float32)
-        return scores
+        return scores.reshape(len(batch), -1)
 
     def predict_tensors(
         self,

@@ -10,6 +10,7 @@ classifier runs a batch in runs of that size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +60,13 @@ def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
 
 
 def _check_output_width(manifest: ModelManifest, shape: Any) -> None:
-    width = shape[-1] if shape else None
-    if isinstance(width, int) and width != len(manifest.labels):
+    """One score per label an image, however many dimensions hold them: [N, classes], or
+    [N, classes, 1, 1] as a convolutional head leaves them (SqueezeNet's)."""
+    per_image = list(shape or [])[1:]
+    if not per_image or not all(isinstance(dim, int) for dim in per_image):
+        return  # left to the graph: a symbolic width is known only when it runs
+    width = math.prod(per_image)
+    if width != len(manifest.labels):
         raise _refusal(
             manifest, f"has {width} outputs but its manifest lists {len(manifest.labels)} labels"
         )

@@ -126,6 +126,14 @@ def test_a_model_with_a_fixed_batch_size_runs_any_batch_in_runs_of_its_own(
     assert labels == ["class 1", "class 2", "class 3", "class 1", "class 3"]
 
 
+def test_scores_as_a_feature_map_are_one_per_label(tmp_path: Path) -> None:
+    """[N, classes, 1, 1], as SqueezeNet's head gives them, had been refused at load: the
+    last dimension, 1, was taken for the number of outputs."""
+    manifest = tiny_model(tmp_path, TinySpec(name="map", size=8, feature_map=True))
+    classifier = Classifier.from_manifest(manifest)
+    assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
+
+
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
@@ -145,9 +153,19 @@ def test_a_model_whose_input_is_not_the_manifests_is_refused_at_load(
         Classifier.from_manifest(manifest)
 
 
-def test_an_input_name_the_model_lacks_is_refused_at_load(tmp_path: Path) -> None:
-    manifest = tiny_model(tmp_path, TinySpec(name="odd", size=8))
-    written = json.loads(manifest.read_text("utf-8"))
-    manifest.write_text(json.dumps(written | {"input_name": "pixels"}), "utf-8")
-    with pytest.raises(ConfigurationError, match=r"has no input pixels \(its inputs: image\)"):
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ({"input_name": "pixels"}, r"has no input pixels \(its inputs: image\)"),
+        ({"labels": ["one", "two"]}, "has 10 outputs but its manifest lists 2 labels"),
+    ],
+)
+@pytest.mark.parametrize("feature_map", [False, True])
+def test_a_manifest_that_names_what_the_model_lacks_is_refused_at_load(
+    tmp_path: Path, written: dict[str, Any], problem: str, feature_map: bool
+) -> None:
+    spec = TinySpec(name="odd", size=8, feature_map=feature_map)
+    manifest = tiny_model(tmp_path, spec)
+    manifest.write_text(json.dumps(json.loads(manifest.read_text("utf-8")) | written), "utf-8")
+    with pytest.raises(ConfigurationError, match=f"^model odd {problem}"):
         Classifier.from_manifest(manifest)
