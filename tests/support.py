@@ -141,6 +141,8 @@ class TinySpec:
     extra_inputs: tuple[str, ...] = ()
     # Logits as a convolutional head leaves them, [N, classes, 1, 1] (SqueezeNet's).
     feature_map: bool = False
+    # The layout the manifest says, where it is not the graph's.
+    manifest_layout: str | None = None
 
 
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
@@ -212,7 +214,9 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
         name=spec.name,
         file=onnx_path.name,
         sha256=sha256_of(onnx_path),
-        preprocess=Preprocess(size=spec.size, layout=spec.layout, **spec.preprocess),
+        preprocess=Preprocess(
+            size=spec.size, layout=spec.manifest_layout or spec.layout, **spec.preprocess
+        ),
         output=Output(kind="logits", background_index=spec.background_index),
         labels=labels,
         source={"generated_by": "tests/support.py"},

@@ -47,16 +47,24 @@ def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
     layout = manifest.preprocess.layout
     if len(shape) != 4:
         raise _refusal(manifest, f"takes {len(shape)} dimensions, not images in {layout}")
-    batch, channels, height, width = _in_nchw_order(shape, layout)
-    size = manifest.preprocess.size
+    problem = _image_problem(shape, layout, manifest.preprocess.size)
+    if problem is None:
+        return _in_nchw_order(shape, layout)[0]
+    other = "NHWC" if layout == "NCHW" else "NCHW"
+    if _image_problem(shape, other, manifest.preprocess.size) is None:
+        problem = f"takes {other} images, but its manifest's preprocess.layout is {layout}"
+    raise _refusal(manifest, problem)
+
+
+def _image_problem(shape: list[Any], layout: str, size: int) -> str | None:
+    """What keeps `shape` from taking RGB images of `size` in `layout`, if anything."""
+    _, channels, height, width = _in_nchw_order(shape, layout)
     if (height or size) != size or (width or size) != size:
         sides = f"{height or '?'}x{width or '?'}"
-        raise _refusal(
-            manifest, f"takes {sides} images, but its manifest's preprocess.size is {size}"
-        )
+        return f"takes {sides} images, but its manifest's preprocess.size is {size}"
     if (channels or CHANNELS) != CHANNELS:
-        raise _refusal(manifest, f"takes {channels} channel(s), not RGB's {CHANNELS}")
-    return batch
+        return f"takes {channels} channel(s), not RGB's {CHANNELS}"
+    return None
 
 
 def _check_output_width(manifest: ModelManifest, shape: Any) -> None:

@@ -142,6 +142,9 @@ def test_scores_as_a_feature_map_are_one_per_label(tmp_path: Path) -> None:
         ({"input_type": TensorProto.UINT8}, r"takes tensor\(uint8\), not tensor\(float\)"),
         ({"extra_inputs": ("scale",)}, r"takes 2 inputs \(image, scale\); Tandem gives one"),
         ({"layout": "NHWC", "graph_size": 16}, r"takes 16x16 images"),
+        # The graph's layout is not the manifest's, as with a model exported from TensorFlow.
+        ({"layout": "NHWC", "manifest_layout": "NCHW"}, r"takes NHWC images, but its manifest"),
+        ({"manifest_layout": "NHWC"}, r"takes NCHW images, but its manifest's preprocess.layout"),
     ],
 )
 def test_a_model_whose_input_is_not_the_manifests_is_refused_at_load(
