@@ -186,7 +186,9 @@ def _add_models(commands: _Commands) -> None:
     build.add_argument("names", nargs="*", help="models to build (default: both built-ins)")
     build.add_argument("--force", action="store_true", help="rebuild models that exist")
     build.set_defaults(handler=_build)
-    listing = model_commands.add_parser("list", help="show the configured models and their state")
+    listing = model_commands.add_parser(
+        "list", help="show the configured models and whether each is ready to serve"
+    )
     _common(listing)
     listing.set_defaults(handler=_list)
 
@@ -467,12 +469,30 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    """Each configured model's state; exit EXIT_CONFIG if one is there but unusable."""
     settings = _settings(args)
+    unusable = False
     for role, ref in (("fast", settings.fast_model), ("accurate", settings.accurate_model)):
         path = resolve_manifest_path(ref, settings.model_dir)
-        state = "built" if path.is_file() else "missing (run: tandem models build)"
+        state, problem = _model_state(path)
         print(f"{role:9} {ref:20} {state:10} {path}")
-    return 0
+        if problem:
+            print(f"{'':9} {problem}")
+            unusable = True
+    return EXIT_CONFIG if unusable else 0
+
+
+def _model_state(manifest_path: Path) -> tuple[str, str]:
+    """ready, missing or unusable, and why it is unusable: what `tandem serve` would say."""
+    from tandem.runtime.classifier import check_model
+
+    if not manifest_path.is_file():
+        return "missing (run: tandem models build)", ""
+    try:
+        check_model(manifest_path)
+    except ConfigurationError as exc:
+        return "unusable", str(exc)
+    return "ready", ""
 
 
 # The errors a command reports in one line, not a traceback, and the exit status of each.

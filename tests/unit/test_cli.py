@@ -220,8 +220,24 @@ def test_models_list_shows_what_is_built(
     monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path))
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "built" in out[0]
+    assert "ready" in out[0]
     assert "missing" in out[1]
+
+
+def test_models_list_names_a_model_it_could_not_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged file, or a graph its manifest does not describe, had been listed as built,
+    and `tandem serve` then refused it."""
+    tiny_model(tmp_path / "efficientnet_lite0", TinySpec(name="efficientnet_lite0", size=8))
+    odd = tiny_model(tmp_path / "odd", TinySpec(name="odd", size=8, graph_size=16))
+    monkeypatch.setenv("TANDEM_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("TANDEM_ACCURATE_MODEL", str(odd))
+    assert main(["models", "list"]) == EXIT_CONFIG
+    out = capsys.readouterr().out.splitlines()
+    assert "ready" in out[0]
+    assert "unusable" in out[1]
+    assert out[2].strip() == "model odd takes 16x16 images, but its manifest's preprocess.size is 8"
 
 
 def test_serving_code_never_imports_torch_nor_the_checkpoint_reader() -> None:
