@@ -664,7 +664,7 @@ def browser_origin(origin: str) -> str:
     if origin == "*":
         return origin
     parts = urlsplit(origin)
-    if not parts.scheme or not parts.hostname or parts.username or not _port_if_any(parts):
+    if not parts.scheme or not parts.hostname or "@" in parts.netloc or not _port_if_any(parts):
         raise ValueError(f"{origin!r} is no origin: give scheme://host or scheme://host:port")
     if parts.path or parts.query or parts.fragment:
         raise ValueError(f"{origin!r} has a path: an origin is scheme://host[:port] alone")

@@ -75,6 +75,7 @@ def test_bad_settings_are_refused_at_start_up(env: dict[str, str], message: str)
         ("https://app.example/app", "'https://app.example/app' has a path"),
         ("app.example", "'app.example' is no origin"),
         ("https://app.example:99999", "'https://app.example:99999' is no origin"),
+        ("https://@app.example", "'https://@app.example' is no origin"),
     ],
 )
 def test_a_cors_origin_no_browser_sends_is_refused(origin: str, problem: str) -> None:
