@@ -143,6 +143,10 @@ class TinySpec:
     feature_map: bool = False
     # The layout the manifest says, where it is not the graph's.
     manifest_layout: str | None = None
+    # An output before the logits, as a model that also gives its features has: the
+    # channel means, [N, 3]. The manifest then names the logits by `output_name`.
+    features_first: bool = False
+    output_name: str | None = None
 
 
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
@@ -196,7 +200,14 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
                 for name in spec.extra_inputs
             ),
         ],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits)],
+        [
+            *(
+                [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [spec.batch, 3])]
+                if spec.features_first
+                else []
+            ),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits),
+        ],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -217,7 +228,7 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
         preprocess=Preprocess(
             size=spec.size, layout=spec.manifest_layout or spec.layout, **spec.preprocess
         ),
-        output=Output(kind="logits", background_index=spec.background_index),
+        output=Output(name=spec.output_name, kind="logits", background_index=spec.background_index),
         labels=labels,
         source={"generated_by": "tests/support.py"},
     )

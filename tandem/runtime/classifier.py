@@ -20,7 +20,7 @@ from tandem.runtime.imaging import to_tensor
 from tandem.runtime.manifest import ModelManifest, resolve_manifest_path, verified_model
 from tandem.runtime.placement import AFFINITIES, Placement
 from tandem.runtime.priority import Preempted
-from tandem.runtime.signature import image_input
+from tandem.runtime.signature import signature
 
 
 class Spin(Enum):
@@ -73,7 +73,7 @@ class Classifier:
             if plan.has_solo
             else None
         )
-        self._input = image_input(manifest, self._session)
+        self._graph = signature(manifest, self._session)
         self._keep = np.array(
             [i for i in range(len(manifest.labels)) if i != manifest.output.background_index]
         )
@@ -116,7 +116,7 @@ class Classifier:
     ) -> npt.NDArray[np.float32]:
         """The model's first output for a prepared batch, untouched: in runs of the batch size
         the graph fixes, if it fixes one (an export without dynamic axes), the last padded."""
-        size = self._input.batch
+        size = self._graph.batch
         if size is None or len(batch) == size:
             return self._run(batch, solo, run_options)
         runs = []
@@ -136,7 +136,8 @@ class Classifier:
                 placed = self._placement.caller_pinned()
         try:
             with placed:
-                outputs = session.run(None, {self._input.name: batch}, run_options)
+                graph = self._graph
+                outputs = session.run([graph.output], {graph.input: batch}, run_options)
         except Exception as exc:  # ORT's errors are untyped: the flag tells a preemption apart
             if run_options is not None and run_options.terminate:
                 raise Preempted from exc
@@ -197,7 +198,7 @@ def check_model(manifest_path: Path) -> None:
     """What loading the model checks, without keeping it: `tandem serve` says a model it
     cannot run in one line, where its start-up would log a traceback."""
     manifest, model_path = verified_model(manifest_path)
-    image_input(manifest, _open_session(model_path, 1, Spin.NEVER, optimized=False))
+    signature(manifest, _open_session(model_path, 1, Spin.NEVER, optimized=False))
 
 
 def _open_session(

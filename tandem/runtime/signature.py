@@ -1,11 +1,12 @@
 """What a model's graph takes, checked against its manifest as the model loads.
 
-A manifest says how images are prepared; the graph says what it will take. Where the two
-disagree (another side, channels or element type, a second input), every run had failed
-with ONNX Runtime's INVALID_ARGUMENT: each request a traceback, or start-up one. Here the
-model is refused as it loads, in a line that names the difference. A batch size the graph
-fixes is no disagreement: an export without dynamic axes takes one image a run, and the
-classifier runs a batch in runs of that size.
+A manifest says how images are prepared and which output holds the scores; the graph says
+what it will take and give. Where the two disagree (another side, channels or element type,
+a second input, another number of scores), every run had failed with ONNX Runtime's
+INVALID_ARGUMENT, or scores been read for the wrong labels. Here the model is refused as it
+loads, in a line that names the difference. A batch size the graph fixes is no
+disagreement: an export without dynamic axes takes one image a run, and the classifier
+runs a batch in runs of that size.
 """
 
 from __future__ import annotations
@@ -25,21 +26,23 @@ CHANNELS = 3  # RGB
 
 
 @dataclass(frozen=True, slots=True)
-class ImageInput:
-    """The graph's image input: its name, and its batch size if the graph fixes one."""
+class Signature:
+    """The graph's image input, the batch size it fixes (if any), and its scores' output."""
 
-    name: str
-    batch: int | None = None
+    input: str
+    batch: int | None
+    output: str
 
 
-def image_input(manifest: ModelManifest, session: ort.InferenceSession) -> ImageInput:
-    """The input the images go to; ConfigurationError if the graph will not take them, or
-    gives scores for other labels than the manifest's."""
-    _check_output_width(manifest, session.get_outputs()[0].shape)
-    arg = _the_one_input(manifest, session.get_inputs())
-    if arg.type != FLOAT:
-        raise _refusal(manifest, f"takes {arg.type}, not {FLOAT}")
-    return ImageInput(arg.name, _batch_of(manifest, list(arg.shape or [])))
+def signature(manifest: ModelManifest, session: ort.InferenceSession) -> Signature:
+    """What runs of the graph take and give; ConfigurationError if the graph will not take
+    the manifest's images, or gives scores for other labels than the manifest's."""
+    image = _the_one_input(manifest, session.get_inputs())
+    if image.type != FLOAT:
+        raise _refusal(manifest, f"takes {image.type}, not {FLOAT}")
+    batch = _batch_of(manifest, list(image.shape or []))
+    scores = _the_scores(manifest, session.get_outputs())
+    return Signature(image.name, batch, scores.name)
 
 
 def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
@@ -67,17 +70,38 @@ def _image_problem(shape: list[Any], layout: str, size: int) -> str | None:
     return None
 
 
-def _check_output_width(manifest: ModelManifest, shape: Any) -> None:
-    """One score per label an image, however many dimensions hold them: [N, classes], or
-    [N, classes, 1, 1] as a convolutional head leaves them (SqueezeNet's)."""
-    per_image = list(shape or [])[1:]
-    if not per_image or not all(isinstance(dim, int) for dim in per_image):
-        return  # left to the graph: a symbolic width is known only when it runs
-    width = math.prod(per_image)
-    if width != len(manifest.labels):
+def _the_scores(manifest: ModelManifest, outputs: Sequence[Any]) -> Any:
+    """The output the manifest names, or else the first, checked to give one score per label
+    an image."""
+    names = [arg.name for arg in outputs]
+    wanted = manifest.output.name
+    if wanted is None:
+        named = len(names) == 1
+        scores = outputs[0]
+    elif wanted in names:
+        named = True
+        scores = outputs[names.index(wanted)]
+    else:
+        raise _refusal(manifest, f"has no output {wanted} (its outputs: {', '.join(names)})")
+    which = scores.name if named else f"{scores.name} (its first of {', '.join(names)})"
+    width = _scores_an_image(list(scores.shape or []))
+    if width is not None and width != len(manifest.labels):
         raise _refusal(
-            manifest, f"has {width} outputs but its manifest lists {len(manifest.labels)} labels"
+            manifest,
+            f"gives {width} scores an image in output {which}, but its manifest lists"
+            f" {len(manifest.labels)} labels",
         )
+    return scores
+
+
+def _scores_an_image(shape: list[Any]) -> int | None:
+    """How many numbers an output of `shape` gives an image, however many dimensions hold
+    them ([N, classes], or [N, classes, 1, 1] as a convolutional head leaves them, such as
+    SqueezeNet's); None if the graph leaves that to the run."""
+    per_image = shape[1:]
+    if not per_image or not all(isinstance(dim, int) for dim in per_image):
+        return None
+    return int(math.prod(per_image))
 
 
 def _the_one_input(manifest: ModelManifest, inputs: Sequence[Any]) -> Any:

@@ -134,6 +134,14 @@ def test_scores_as_a_feature_map_are_one_per_label(tmp_path: Path) -> None:
     assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
 
 
+def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
+    """`output.name` had been taken and never read: the first output was, here the model's
+    features, and the model refused for their width."""
+    spec = TinySpec(name="two", size=8, features_first=True, output_name="logits")
+    classifier = Classifier.from_manifest(tiny_model(tmp_path, spec))
+    assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
+
+
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
@@ -145,6 +153,15 @@ def test_scores_as_a_feature_map_are_one_per_label(tmp_path: Path) -> None:
         # The graph's layout is not the manifest's, as with a model exported from TensorFlow.
         ({"layout": "NHWC", "manifest_layout": "NCHW"}, r"takes NHWC images, but its manifest"),
         ({"manifest_layout": "NHWC"}, r"takes NCHW images, but its manifest's preprocess.layout"),
+        (
+            {"features_first": True},
+            r"gives 3 scores an image in output pooled \(its first of pooled, logits\), but its"
+            r" manifest lists 10 labels",
+        ),
+        (
+            {"features_first": True, "output_name": "scores"},
+            r"has no output scores \(its outputs: pooled, logits\)",
+        ),
     ],
 )
 def test_a_model_whose_input_is_not_the_manifests_is_refused_at_load(
@@ -160,7 +177,10 @@ def test_a_model_whose_input_is_not_the_manifests_is_refused_at_load(
     ("written", "problem"),
     [
         ({"input_name": "pixels"}, r"has no input pixels \(its inputs: image\)"),
-        ({"labels": ["one", "two"]}, "has 10 outputs but its manifest lists 2 labels"),
+        (
+            {"labels": ["one", "two"]},
+            "gives 10 scores an image in output logits, but its manifest lists 2",
+        ),
     ],
 )
 @pytest.mark.parametrize("feature_map", [False, True])
