@@ -417,9 +417,15 @@ class RedisServer:
     with one too; `url` carries the client's."""
 
     def __init__(
-        self, directory: Path, *, appendonly: bool = True, tls: trustme.CA | None = None
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = True,
+        tls: trustme.CA | None = None,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
+        self.options = options  # more of redis-server's own, as `--name value` pairs
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.directory = directory
         self.appendonly = appendonly
@@ -484,6 +490,7 @@ class RedisServer:
             "--repl-diskless-sync-delay",  # a replica is sent its data at once, not after 5 s
             "0",
             *self.tls,  # its --port 0 after the first: no plain port
+            *self.options,
         ]
 
     def kill(self) -> None:

@@ -663,6 +663,41 @@ async def test_a_redis_that_will_not_let_tandem_in_is_unavailable_not_a_fault(
                 await store.queue_depth()
 
 
+@pytest.fixture
+async def cluster_node(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A Redis Cluster of one node, holding every slot: a managed Redis in cluster mode."""
+    config = tmp_path / "cluster" / "nodes.conf"
+    options = ("--cluster-enabled", "yes", "--cluster-config-file", str(config))
+    server = RedisServer(tmp_path / "cluster", options=options).start()
+    async with aioredis.from_url(server.url) as admin:
+        await admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            if (await admin.execute_command("CLUSTER", "INFO")).startswith(b"cluster_state:ok"):
+                break
+            await asyncio.sleep(0.1)
+    yield server
+    server.stop()
+
+
+async def test_a_redis_cluster_is_said_unspoken_at_open_and_refuses_jobs_as_unavailable(
+    cluster_node: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tandem's scripts touch keys a cluster puts in different slots: each job had been a
+    CROSSSLOT error logged with a traceback, and /health/all had said the queue was ok."""
+    store = RedisJobStore(cluster_node.url, prefix="clustered")
+    await store.open()
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.name == "tandem.jobs"]
+        assert any("is a Redis Cluster node" in message for message in warned)
+        with pytest.raises(QueueUnavailable, match="Redis Cluster is not spoken") as caught:
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        assert "Redis is unavailable" in str(caught.value)
+        with pytest.raises(QueueUnavailable, match="Redis Cluster is not spoken"):
+            await store.ping()
+    finally:
+        await store.close()
+
+
 async def test_a_redis_that_denies_info_is_said_unchecked_and_still_serves(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,6 +36,8 @@ from typing import Any, TypeVar
 from redis import asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
     ClusterDownError,
     ExecAbortError,
     NoPermissionError,
@@ -101,6 +103,13 @@ _REFUSAL_CODES = ("MISCONF ", "NOREPLICAS ", "BUSY ")
 # 500s, and /health/all an internal error.
 _DENIALS = (NoPermissionError,)
 _DENIAL_TEXTS = ("DB index is out of range", "DENIED ")
+# A Redis Cluster node's replies to a script whose keys lie in other slots, or on another
+# node (MovedError is an AskError). They had been faults, each logged with a traceback.
+_CLUSTER_REPLIES = (ClusterCrossSlotError, AskError)
+NOT_A_CLUSTER = (
+    "Redis Cluster is not spoken: each of Tandem's scripts changes keys that a cluster places"
+    " in different slots; give it one primary (with Sentinels for failover)"
+)
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
@@ -148,6 +157,7 @@ class RedisJobStore:
         self._workers = f"{prefix}:workers"
         self._models = f"{prefix}:models"
         self._link: Link | None = None
+        self._in_a_cluster = False  # seen at open or in a reply; a ping, one key, would pass
         self._hub = Hub()
         self._listener: asyncio.Task[None] | None = None
 
@@ -206,6 +216,9 @@ class RedisJobStore:
                 raise QueueUnavailable("Redis refused the write", cause=str(exc)) from exc
             if denies_tandem(exc):
                 raise QueueUnavailable(UNAVAILABLE, cause=_first_sentence(str(exc))) from exc
+            if isinstance(exc, _CLUSTER_REPLIES):
+                self._in_a_cluster = True
+                raise QueueUnavailable(UNAVAILABLE, cause=NOT_A_CLUSTER) from exc
             raise
         except MasterNotFoundError as exc:
             # Its text goes on to repeat each Sentinel's client, settings and all.
@@ -303,6 +316,14 @@ class RedisJobStore:
         memory pressure, or keeps no append-only file, or, with no memory limit, grows with a
         backlog until the system kills it (see the README's durability note)."""
         info: Any = await self._client.info()  # its default sections: memory, persistence...
+        if info.get("cluster_enabled"):
+            self._in_a_cluster = True
+            log.warning(
+                "Redis at %s is a Redis Cluster node: every job will be refused (503, with the"
+                " fast answer). %s",
+                self._where,
+                NOT_A_CLUSTER,
+            )
         if not info.get("maxmemory", 1):
             log.warning(
                 "Redis at %s has no memory limit (maxmemory 0): a backlog of images grows it"
@@ -346,7 +367,10 @@ class RedisJobStore:
 
     async def ping(self) -> None:
         # A write: a Redis that answers PING may still refuse every job (see _REFUSALS), and
-        # one whose replicas cannot confirm it refuses them too.
+        # one whose replicas cannot confirm it refuses them too. A cluster node takes the
+        # write, a single key, and refuses every job.
+        if self._in_a_cluster:
+            raise QueueUnavailable(UNAVAILABLE, cause=NOT_A_CLUSTER)
         key = f"{self._prefix}:ping"
         _, acknowledged = await self._replicated(lambda client: client.set(key, "1", px=60_000))
         if (short := self.replication.short(acknowledged)) is not None:
