@@ -127,6 +127,12 @@ def resolve_manifest_path(ref: str, model_dir: Path) -> Path:
         return path
     if path.is_dir():
         return path / MANIFEST_NAME
+    if path.is_file():  # the .onnx itself, most likely
+        raise ModelNotFound(
+            f"model {ref!r} is a model file, not its manifest: name the {MANIFEST_NAME} that"
+            " describes it, or the directory holding both (see the README's \"Any ONNX image"
+            ' classifier")'
+        )
     if "/" in ref or ref.startswith("."):
         raise ModelNotFound(f"model {ref!r}: no such manifest or model directory")
     return model_dir / ref / MANIFEST_NAME

@@ -59,6 +59,14 @@ def test_model_references_resolve(tmp_path: Path) -> None:
         resolve_manifest_path("./missing", tmp_path)
 
 
+def test_a_model_file_named_for_its_manifest_is_said_to_be_one(tmp_path: Path) -> None:
+    """Its message had been that there was no such manifest or directory, beside the file."""
+    manifest = tiny_model(tmp_path / "tiny", TinySpec(name="tiny", size=8))
+    onnx_file = manifest.parent / "tiny.onnx"
+    with pytest.raises(ModelNotFound, match="is a model file, not its manifest: name "):
+        resolve_manifest_path(str(onnx_file), tmp_path)
+
+
 def test_a_manifest_with_a_background_outside_its_labels_is_refused(tmp_path: Path) -> None:
     manifest = tiny_model(tmp_path / "m", TinySpec(name="m", size=8))
     text = manifest.read_text().replace('"background_index": null', '"background_index": 99')
