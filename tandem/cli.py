@@ -11,13 +11,13 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, CopyFailed, ServerUnreachable, TandemError
 from tandem.files import private_dir
 from tandem.logs import configure_logging
-from tandem.runtime.manifest import resolve_manifest_path
+from tandem.runtime.manifest import Layout, Resize, resolve_manifest_path
 from tandem.settings import Settings, load_settings
 
 log = logging.getLogger("tandem.cli")
@@ -191,6 +191,41 @@ def _add_models(commands: _Commands) -> None:
     )
     _common(listing)
     listing.set_defaults(handler=_list)
+    _add_manifest(model_commands)
+
+
+def _add_manifest(model_commands: _Commands) -> None:
+    """`tandem models manifest`: the manifest of any ONNX image classifier."""
+    manifest = model_commands.add_parser(
+        "manifest",
+        help="write the manifest.json of an ONNX image classifier, and check it",
+        description="Write manifest.json beside MODEL: its checksum, the side and layout of "
+        "its images from the graph where it fixes them, its labels from a file. How its "
+        "pixels are scaled and normalised, and how an image is resized, only its trainer "
+        "knows: say so by the options. The model is then loaded as tandem serve would.",
+    )
+    manifest.add_argument("model", type=Path, help="the .onnx file")
+    manifest.add_argument(
+        "--labels", type=Path, required=True, help="a text file, one label a line"
+    )
+    manifest.add_argument("--name", help="the model's name (default: the file's stem)")
+    manifest.add_argument("--force", action="store_true", help="write over a manifest.json")
+    preprocess = manifest.add_argument_group("how an image becomes the model's input")
+    preprocess.add_argument("--size", type=int, help="the side of its square input")
+    preprocess.add_argument("--layout", choices=[layout.value for layout in Layout])
+    preprocess.add_argument("--resize", choices=[resize.value for resize in Resize])
+    preprocess.add_argument("--resize-size", type=int, help="the short side before the crop")
+    preprocess.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"])
+    preprocess.add_argument("--scale", type=float, help="each pixel (0 to 255) times this")
+    preprocess.add_argument("--mean", type=_three_floats, help="R,G,B taken away after scaling")
+    preprocess.add_argument("--std", type=_three_floats, help="R,G,B divided by after that")
+    output = manifest.add_argument_group("what the model gives")
+    output.add_argument("--output", dest="output_name", help="the output holding the scores")
+    output.add_argument("--kind", choices=["logits", "probabilities"])
+    output.add_argument(
+        "--background-index", type=int, help="an output that is no class (TF Hub's 0)"
+    )
+    manifest.set_defaults(handler=_manifest)
 
 
 def _store_command(
@@ -493,6 +528,37 @@ def _model_state(manifest_path: Path) -> tuple[str, str]:
     except ConfigurationError as exc:
         return "unusable", str(exc)
     return "ready", ""
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        red, green, blue = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give three numbers, R,G,B: not {text!r}") from None
+    return red, green, blue
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from tandem.runtime.describe import write_manifest
+
+    try:
+        labels = args.labels.read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read labels from {args.labels}: {exc}") from exc
+    preprocess_options = ("size", "layout", "resize", "resize_size", "interpolation", "scale")
+    preprocess = _given(args, (*preprocess_options, "mean", "std"))
+    output = _given(args, ("kind", "background_index"))
+    if args.output_name is not None:
+        output["name"] = args.output_name
+    path = write_manifest(args.model, labels, preprocess, output, name=args.name, force=args.force)
+    print(f"{path}: ready to serve ({len(labels)} labels)")
+    return 0
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options among `names` given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 # The errors a command reports in one line, not a traceback, and the exit status of each.

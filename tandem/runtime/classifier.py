@@ -64,12 +64,12 @@ class Classifier:
         self, manifest: ModelManifest, model_path: Path, plan: ThreadPlan = ThreadPlan()
     ) -> None:
         self.manifest = manifest
-        self._session = _open_session(model_path, plan.threads, plan.spin)
+        self._session = open_session(model_path, plan.threads, plan.spin)
         self._placement = (
             Placement.for_threads(plan.solo) if plan.has_solo and plan.pin_solo else None
         )
         self._solo = (
-            _open_session(model_path, plan.solo, plan.spin, self._placement)
+            open_session(model_path, plan.solo, plan.spin, self._placement)
             if plan.has_solo
             else None
         )
@@ -198,10 +198,10 @@ def check_model(manifest_path: Path) -> None:
     """What loading the model checks, without keeping it: `tandem serve` says a model it
     cannot run in one line, where its start-up would log a traceback."""
     manifest, model_path = verified_model(manifest_path)
-    signature(manifest, _open_session(model_path, 1, Spin.NEVER, optimized=False))
+    signature(manifest, open_session(model_path, 1, Spin.NEVER, optimized=False))
 
 
-def _open_session(
+def open_session(
     model_path: Path,
     threads: int,
     spin: Spin,

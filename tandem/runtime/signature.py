@@ -45,6 +45,17 @@ def signature(manifest: ModelManifest, session: ort.InferenceSession) -> Signatu
     return Signature(image.name, batch, scores.name)
 
 
+def images_taken(shape: Sequence[Any]) -> tuple[str, int] | None:
+    """The layout and side of the RGB images a graph's input `shape` fixes, if it fixes them."""
+    if len(shape) != 4:
+        return None
+    for layout in ("NCHW", "NHWC"):
+        _, channels, height, width = _in_nchw_order(list(shape), layout)
+        if channels == CHANNELS and height is not None and height == width:
+            return layout, height
+    return None
+
+
 def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
     """The batch size `shape` fixes, if any, once the rest of it is the manifest's images."""
     layout = manifest.preprocess.layout

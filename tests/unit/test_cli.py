@@ -5,12 +5,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
+from PIL import Image
 
 from tandem.cli import EXIT_CONFIG, _ensure_data_dir, _warn_if_unguarded, main
+from tandem.runtime.classifier import Classifier
 from tandem.settings import Settings
 from tests.support import TinySpec, clean_env, free_port, tiny_model
 
@@ -284,3 +287,51 @@ def test_a_server_others_reach_without_api_keys_is_warned_of(
         Settings(data_dir=Path("/d"), model_dir=Path("/m"), host=host, api_keys=keys)
     )
     assert ("with no API keys" in caplog.text) is warned
+
+
+def _bare_model(directory: Path, **spec: Any) -> Path:
+    """A tiny model's .onnx with no manifest beside it, and a file of its ten labels."""
+    manifest = tiny_model(directory, TinySpec(name="bare", size=8, **spec))
+    manifest.unlink()
+    (directory / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)), "utf-8")
+    return directory / "bare.onnx"
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_models_manifest_describes_a_bare_model_and_serves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
+    """Its side and layout read from the graph, its checksum computed, its labels from a file."""
+    model = _bare_model(tmp_path, layout=layout)
+    labels = str(tmp_path / "labels.txt")
+    assert main(["models", "manifest", str(model), "--labels", labels, "--scale", "1"]) == 0
+    manifest_path = tmp_path / "manifest.json"
+    assert capsys.readouterr().out == f"{manifest_path}: ready to serve (10 labels)\n"
+    classifier = Classifier.from_manifest(manifest_path)
+    assert classifier.manifest.preprocess.layout == layout
+    assert classifier.manifest.preprocess.size == 8
+    assert classifier.manifest.name == "bare"
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    assert classifier.predict([red], 1)[0].label == "class 1"
+
+
+def test_models_manifest_leaves_nothing_for_a_model_it_would_not_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _bare_model(tmp_path)
+    (tmp_path / "three.txt").write_text("a\nb\nc\n", "utf-8")
+    labels = str(tmp_path / "three.txt")
+    assert main(["models", "manifest", str(model), "--labels", labels]) == EXIT_CONFIG
+    assert "gives 10 scores an image in output logits, but its manifest lists 3 labels" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "manifest.json").exists()
+    assert main(["models", "manifest", str(model), "--labels", str(tmp_path / "labels.txt")]) == 0
+    again = ["models", "manifest", str(model), "--labels", str(tmp_path / "labels.txt")]
+    assert main(again) == EXIT_CONFIG
+    assert "exists (use --force to write it anew)" in capsys.readouterr().err
+    assert main([*again, "--force"]) == 0
+    capsys.readouterr()
+    missing = ["models", "manifest", str(tmp_path / "gone.onnx"), "--labels", labels]
+    assert main(missing) == EXIT_CONFIG  # had been a traceback
+    assert capsys.readouterr().err == f"tandem: no model file at {tmp_path / 'gone.onnx'}\n"
