@@ -219,6 +219,9 @@ def _add_manifest(model_commands: _Commands) -> None:
     preprocess.add_argument("--scale", type=float, help="each pixel (0 to 255) times this")
     preprocess.add_argument("--mean", type=_three_floats, help="R,G,B taken away after scaling")
     preprocess.add_argument("--std", type=_three_floats, help="R,G,B divided by after that")
+    preprocess.add_argument(
+        "--channels", choices=["RGB", "BGR"], help="the order the model takes them in"
+    )
     output = manifest.add_argument_group("what the model gives")
     output.add_argument("--output", dest="output_name", help="the output holding the scores")
     output.add_argument("--kind", choices=["logits", "probabilities"])
@@ -547,7 +550,7 @@ def _manifest(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"cannot read labels from {args.labels}: {exc}") from exc
     preprocess_options = ("size", "layout", "resize", "resize_size", "interpolation", "scale")
-    preprocess = _given(args, (*preprocess_options, "mean", "std"))
+    preprocess = _given(args, (*preprocess_options, "mean", "std", "channels"))
     output = _given(args, ("kind", "background_index"))
     if args.output_name is not None:
         output["name"] = args.output_name

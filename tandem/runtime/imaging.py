@@ -222,6 +222,8 @@ def to_tensor(image: Image.Image, spec: Preprocess) -> npt.NDArray[np.float32]:
     """One HWC or CHW float32 array, normalised as the manifest says."""
     resized = resize_for(image, spec)
     pixels = np.asarray(resized)  # HWC, uint8
+    if spec.channels == "BGR":
+        pixels = pixels[..., ::-1]  # a view: the copy below takes the channels in this order
     mean = np.asarray(spec.mean, dtype=np.float32)
     inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
     if spec.layout is Layout.NCHW:

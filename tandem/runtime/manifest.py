@@ -40,6 +40,11 @@ class Preprocess(BaseModel):
     scale: float = 1.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channels: Literal["RGB", "BGR"] = Field(
+        default="RGB",
+        description="The order of the colour channels the model was trained on (OpenCV's and "
+        "Caffe's: BGR); mean and std are in that order.",
+    )
 
     @property
     def decode_side(self) -> int:

@@ -134,6 +134,16 @@ def test_scores_as_a_feature_map_are_one_per_label(tmp_path: Path) -> None:
     assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
 
 
+def test_a_model_trained_on_bgr_is_given_its_channels_in_that_order(tmp_path: Path) -> None:
+    """OpenCV's and Caffe's models see blue first: the red image is blue to them."""
+    spec = TinySpec(name="bgr", size=8, preprocess={"channels": "BGR", "mean": (0, 0, 100)})
+    classifier = Classifier.from_manifest(tiny_model(tmp_path, spec))
+    # Red is the last channel the model reads, and the mean is taken from it, in its order.
+    assert classifier.predict([RED], 1)[0].label == "class 3"
+    assert classifier.tensor(RED)[2, 0, 0] == 155.0
+    assert classifier.tensor(RED)[0, 0, 0] == 0.0
+
+
 def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
     """`output.name` had been taken and never read: the first output was, here the model's
     features, and the model refused for their width."""
