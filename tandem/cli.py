@@ -546,9 +546,12 @@ def _manifest(args: argparse.Namespace) -> int:
     from tandem.runtime.describe import write_manifest
 
     try:
-        labels = args.labels.read_text("utf-8").splitlines()
+        # utf-8-sig: a Windows editor's byte order mark is no part of the first label.
+        labels = args.labels.read_text("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"cannot read labels from {args.labels}: {exc}") from exc
+    while labels and not labels[-1].strip():  # blank lines at the end are no labels
+        labels.pop()
     preprocess_options = ("size", "layout", "resize", "resize_size", "interpolation", "scale")
     preprocess = _given(args, (*preprocess_options, "mean", "std", "channels"))
     output = _given(args, ("kind", "background_index"))

@@ -293,7 +293,9 @@ def _bare_model(directory: Path, **spec: Any) -> Path:
     """A tiny model's .onnx with no manifest beside it, and a file of its ten labels."""
     manifest = tiny_model(directory, TinySpec(name="bare", size=8, **spec))
     manifest.unlink()
-    (directory / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)), "utf-8")
+    # As a Windows editor may save it: a byte order mark first, a blank line last.
+    text = "\ufeff" + "".join(f"class {i}\r\n" for i in range(10)) + "\r\n"
+    (directory / "labels.txt").write_text(text, "utf-8", newline="")
     return directory / "bare.onnx"
 
 
@@ -311,6 +313,7 @@ def test_models_manifest_describes_a_bare_model_and_serves_it(
     assert classifier.manifest.preprocess.layout == layout
     assert classifier.manifest.preprocess.size == 8
     assert classifier.manifest.name == "bare"
+    assert classifier.manifest.labels == tuple(f"class {i}" for i in range(10))
     red = Image.new("RGB", (8, 8), (255, 0, 0))
     assert classifier.predict([red], 1)[0].label == "class 1"
 
