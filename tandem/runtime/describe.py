@@ -34,20 +34,22 @@ def write_manifest(
     force: bool = False,
 ) -> Path:
     """Write `manifest.json` beside `model_path` and check the model against it, as serving
-    would; ConfigurationError, and nothing left written, if it would not serve."""
+    would; ConfigurationError, and the directory as it was, if it would not serve."""
     if not model_path.is_file():
         raise ConfigurationError(f"no model file at {model_path}")
     manifest_path = model_path.parent / MANIFEST_NAME
     if manifest_path.exists() and not force:
         raise ConfigurationError(f"{manifest_path} exists (use --force to write it anew)")
     manifest = _manifest(model_path, labels, preprocess, output, name or model_path.stem)
-    manifest_path.write_text(manifest.to_json(), "utf-8")
+    # Checked under another name first: a manifest written over keeps its place till then.
+    draft = manifest_path.with_name(f".{MANIFEST_NAME}.draft")
+    draft.write_text(manifest.to_json(), "utf-8")
     try:
-        check_model(manifest_path)
+        check_model(draft)
     except ConfigurationError:
-        manifest_path.unlink()
+        draft.unlink()
         raise
-    return manifest_path
+    return draft.replace(manifest_path)
 
 
 def _manifest(

@@ -334,6 +334,15 @@ def test_models_manifest_leaves_nothing_for_a_model_it_would_not_serve(
     assert main(again) == EXIT_CONFIG
     assert "exists (use --force to write it anew)" in capsys.readouterr().err
     assert main([*again, "--force"]) == 0
+    kept = (tmp_path / "manifest.json").read_bytes()
+    assert main(["models", "manifest", str(model), "--labels", labels, "--force"]) == EXIT_CONFIG
+    assert (tmp_path / "manifest.json").read_bytes() == kept  # the refused one never took its place
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "bare.onnx",
+        "labels.txt",
+        "manifest.json",
+        "three.txt",
+    ]
     capsys.readouterr()
     missing = ["models", "manifest", str(tmp_path / "gone.onnx"), "--labels", labels]
     assert main(missing) == EXIT_CONFIG  # had been a traceback
