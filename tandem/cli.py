@@ -543,15 +543,9 @@ def _three_floats(text: str) -> tuple[float, float, float]:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from tandem.runtime.describe import write_manifest
+    from tandem.runtime.describe import read_labels, write_manifest
 
-    try:
-        # utf-8-sig: a Windows editor's byte order mark is no part of the first label.
-        labels = args.labels.read_text("utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read labels from {args.labels}: {exc}") from exc
-    while labels and not labels[-1].strip():  # blank lines at the end are no labels
-        labels.pop()
+    labels = read_labels(args.labels)
     preprocess_options = ("size", "layout", "resize", "resize_size", "interpolation", "scale")
     preprocess = _given(args, (*preprocess_options, "mean", "std", "channels"))
     output = _given(args, ("kind", "background_index"))

@@ -24,6 +24,18 @@ from tandem.runtime.manifest import (
 from tandem.runtime.signature import images_taken
 
 
+def read_labels(path: Path) -> list[str]:
+    """One label a line, as any editor saves them: a byte order mark (Windows') is no part of
+    the first, and blank lines at the end are none."""
+    try:
+        labels = path.read_text("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read labels from {path}: {exc}") from exc
+    while labels and not labels[-1].strip():
+        labels.pop()
+    return labels
+
+
 def write_manifest(
     model_path: Path,
     labels: list[str],
