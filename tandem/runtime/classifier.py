@@ -137,7 +137,8 @@ class Classifier:
         try:
             with placed:
                 graph = self._graph
-                outputs = session.run([graph.output], {graph.input: batch}, run_options)
+                given = batch.astype(graph.element, copy=False)
+                outputs = session.run([graph.output], {graph.input: given}, run_options)
         except Exception as exc:  # ORT's errors are untyped: the flag tells a preemption apart
             if run_options is not None and run_options.terminate:
                 raise Preempted from exc

@@ -16,12 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from tandem.errors import ConfigurationError
 from tandem.runtime.manifest import ModelManifest
 
-FLOAT = "tensor(float)"  # what to_tensor makes
+# The element types of an image input, and the arrays a run gives them: to_tensor makes
+# float32, cast for a graph exported in half precision (PyTorch's .half()).
+ELEMENTS: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+}
 CHANNELS = 3  # RGB
 
 
@@ -32,17 +38,18 @@ class Signature:
     input: str
     batch: int | None
     output: str
+    element: np.dtype[Any] = ELEMENTS["tensor(float)"]
 
 
 def signature(manifest: ModelManifest, session: ort.InferenceSession) -> Signature:
     """What runs of the graph take and give; ConfigurationError if the graph will not take
     the manifest's images, or gives scores for other labels than the manifest's."""
     image = _the_one_input(manifest, session.get_inputs())
-    if image.type != FLOAT:
-        raise _refusal(manifest, f"takes {image.type}, not {FLOAT}")
+    if image.type not in ELEMENTS:
+        raise _refusal(manifest, f"takes {image.type}, not {' or '.join(ELEMENTS)}")
     batch = _batch_of(manifest, list(image.shape or []))
     scores = _the_scores(manifest, session.get_outputs())
-    return Signature(image.name, batch, scores.name)
+    return Signature(image.name, batch, scores.name, ELEMENTS[image.type])
 
 
 def images_taken(shape: Sequence[Any]) -> tuple[str, int] | None:

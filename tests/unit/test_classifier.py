@@ -144,6 +144,14 @@ def test_a_model_trained_on_bgr_is_given_its_channels_in_that_order(tmp_path: Pa
     assert classifier.tensor(RED)[0, 0, 0] == 0.0
 
 
+def test_a_model_that_takes_half_floats_is_given_them(tmp_path: Path) -> None:
+    """A graph exported in float16 (PyTorch's .half()) had failed every run: INVALID_ARGUMENT,
+    a float32 tensor where it takes float16."""
+    spec = TinySpec(name="half", size=8, input_type=TensorProto.FLOAT16)
+    classifier = Classifier.from_manifest(tiny_model(tmp_path, spec))
+    assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
+
+
 def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
     """`output.name` had been taken and never read: the first output was, here the model's
     features, and the model refused for their width."""
@@ -158,6 +166,7 @@ def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
         ({"graph_size": 16}, r"takes 16x16 images, but its manifest's preprocess.size is 8"),
         ({"channels": 1}, r"takes 1 channel\(s\), not RGB's 3"),
         ({"input_type": TensorProto.UINT8}, r"takes tensor\(uint8\), not tensor\(float\)"),
+        ({"input_type": TensorProto.DOUBLE}, r"takes tensor\(double\), not tensor\(float\)"),
         ({"extra_inputs": ("scale",)}, r"takes 2 inputs \(image, scale\); Tandem gives one"),
         ({"layout": "NHWC", "graph_size": 16}, r"takes 16x16 images"),
         # The graph's layout is not the manifest's, as with a model exported from TensorFlow.
