@@ -698,18 +698,24 @@ async def test_a_redis_cluster_is_said_unspoken_at_open_and_refuses_jobs_as_unav
         await store.close()
 
 
+@pytest.mark.parametrize("how", ["an ACL", "rename-command"])
 async def test_a_redis_that_denies_info_is_said_unchecked_and_still_serves(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, tmp_path: Path, how: str
 ) -> None:
-    """As some managed Redis do: the checks at open had passed over it without a word."""
-    async with _user_without(redis_server, "info") as url:
+    """As some managed Redis do, by ACL or by renaming it away: the checks at open had
+    passed over it without a word."""
+    async with contextlib.AsyncExitStack() as stack:
+        if how == "an ACL":
+            url = await stack.enter_async_context(_user_without(redis_server, "info"))
+        else:
+            renamed = RedisServer(tmp_path / "renamed", options=("--rename-command", "INFO", ""))
+            url = renamed.start().url
+            stack.callback(renamed.stop)
         store = RedisJobStore(url, prefix=f"no-info-{new_job_id()[:8]}")
         await store.open()
-        try:
-            await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
-            assert await store.queue_depth() == 1
-        finally:
-            await store.close()
+        stack.push_async_callback(store.close)
+        await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+        assert await store.queue_depth() == 1
     warned = [r.getMessage() for r in caplog.records if r.name == "tandem.jobs"]
     assert len(warned) == 1
     assert "does not let Tandem read INFO" in warned[0]

@@ -110,6 +110,8 @@ NOT_A_CLUSTER = (
     "Redis Cluster is not spoken: each of Tandem's scripts changes keys that a cluster places"
     " in different slots; give it one primary (with Sentinels for failover)"
 )
+# Redis's reply to a command renamed away (rename-command INFO ""), as redis-py gives it.
+_UNKNOWN = "unknown command"
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
 
@@ -299,10 +301,13 @@ class RedisJobStore:
             )
 
     async def _check_keeping_if_let(self) -> None:
-        """A managed Redis may deny INFO: then say that nothing was checked, not nothing found."""
+        """A managed Redis may deny INFO, by ACL or by renaming it away: then say that nothing
+        was checked, not nothing found."""
         try:
             await self._check_keeping()
-        except NoPermissionError as exc:
+        except ResponseError as exc:
+            if not isinstance(exc, NoPermissionError) and not str(exc).startswith(_UNKNOWN):
+                raise
             log.warning(
                 "Redis at %s does not let Tandem read INFO (%s): whether it may lose accepted"
                 " jobs (its memory limit and policy, its append-only file, its replicas) was"
