@@ -106,7 +106,7 @@ _DENIAL_TEXTS = ("DB index is out of range", "DENIED ")
 # A Redis Cluster node's replies to a script whose keys lie in other slots, or on another
 # node (MovedError is an AskError). They had been faults, each logged with a traceback.
 _CLUSTER_REPLIES = (ClusterCrossSlotError, AskError)
-NOT_A_CLUSTER = (
+_NOT_A_CLUSTER = (
     "Redis Cluster is not spoken: each of Tandem's scripts changes keys that a cluster places"
     " in different slots; give it one primary (with Sentinels for failover)"
 )
@@ -220,7 +220,7 @@ class RedisJobStore:
                 raise QueueUnavailable(UNAVAILABLE, cause=_first_sentence(str(exc))) from exc
             if isinstance(exc, _CLUSTER_REPLIES):
                 self._in_a_cluster = True
-                raise QueueUnavailable(UNAVAILABLE, cause=NOT_A_CLUSTER) from exc
+                raise QueueUnavailable(UNAVAILABLE, cause=_NOT_A_CLUSTER) from exc
             raise
         except MasterNotFoundError as exc:
             # Its text goes on to repeat each Sentinel's client, settings and all.
@@ -327,7 +327,7 @@ class RedisJobStore:
                 "Redis at %s is a Redis Cluster node: every job will be refused (503, with the"
                 " fast answer). %s",
                 self._where,
-                NOT_A_CLUSTER,
+                _NOT_A_CLUSTER,
             )
         if not info.get("maxmemory", 1):
             log.warning(
@@ -375,7 +375,7 @@ class RedisJobStore:
         # one whose replicas cannot confirm it refuses them too. A cluster node takes the
         # write, a single key, and refuses every job.
         if self._in_a_cluster:
-            raise QueueUnavailable(UNAVAILABLE, cause=NOT_A_CLUSTER)
+            raise QueueUnavailable(UNAVAILABLE, cause=_NOT_A_CLUSTER)
         key = f"{self._prefix}:ping"
         _, acknowledged = await self._replicated(lambda client: client.set(key, "1", px=60_000))
         if (short := self.replication.short(acknowledged)) is not None:
