@@ -135,6 +135,7 @@ class TinySpec:
     # (as an export without dynamic axes leaves it), another side, channels or element type.
     batch: int | None = None
     graph_size: int | None = None
+    any_side: bool = False  # a symbolic side, as a fully convolutional export leaves it
     channels: int = 3
     input_type: int = TensorProto.FLOAT
     # Inputs the graph declares besides the image (never used).
@@ -152,7 +153,9 @@ class TinySpec:
 def tiny_model(directory: Path, spec: TinySpec) -> Path:
     """Write `<name>.onnx` and its manifest.json into `directory`; return the manifest path."""
     directory.mkdir(parents=True, exist_ok=True)
-    side = spec.graph_size or spec.size
+    side: int | str = spec.graph_size or spec.size
+    if spec.any_side:
+        side = "side"
     shape = (
         [spec.batch, spec.channels, side, side]
         if spec.layout == "NCHW"

@@ -318,6 +318,18 @@ def test_models_manifest_describes_a_bare_model_and_serves_it(
     assert classifier.predict([red], 1)[0].label == "class 1"
 
 
+def test_models_manifest_asks_for_the_side_a_graph_leaves_free(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _bare_model(tmp_path, any_side=True)
+    command = ["models", "manifest", str(model), "--labels", str(tmp_path / "labels.txt")]
+    assert main(command) == EXIT_CONFIG
+    assert "does not fix the side of its images: give --size" in capsys.readouterr().err
+    assert main([*command, "--size", "8"]) == 0
+    manifest = Classifier.from_manifest(tmp_path / "manifest.json").manifest
+    assert (manifest.preprocess.size, manifest.preprocess.layout) == (8, "NCHW")
+
+
 def test_models_manifest_leaves_nothing_for_a_model_it_would_not_serve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
