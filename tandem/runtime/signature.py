@@ -20,14 +20,17 @@ import numpy as np
 import onnxruntime as ort
 
 from tandem.errors import ConfigurationError
-from tandem.runtime.manifest import ModelManifest
+from tandem.runtime.manifest import ModelManifest, Preprocess
 
 # The element types of an image input, and the arrays a run gives them: to_tensor makes
-# float32, cast for a graph exported in half precision (PyTorch's .half()).
+# float32, cast for a graph exported in half precision (PyTorch's .half()), or for one that
+# takes the pixels as they are, 0 to 255 (converted from TensorFlow Lite).
 ELEMENTS: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
+    "tensor(uint8)": np.dtype(np.uint8),
 }
+FLOATS = ("tensor(float)", "tensor(float16)")
 CHANNELS = 3  # RGB
 
 
@@ -47,6 +50,12 @@ def signature(manifest: ModelManifest, session: ort.InferenceSession) -> Signatu
     image = _the_one_input(manifest, session.get_inputs())
     if image.type not in ELEMENTS:
         raise _refusal(manifest, f"takes {image.type}, not {' or '.join(ELEMENTS)}")
+    if image.type not in FLOATS and not _pixels_as_they_are(manifest.preprocess):
+        raise _refusal(
+            manifest,
+            f"takes pixels as they are ({image.type}), but its manifest scales them: give it"
+            " scale 1, mean 0 and std 1",
+        )
     batch = _batch_of(manifest, list(image.shape or []))
     scores = _the_scores(manifest, session.get_outputs())
     return Signature(image.name, batch, scores.name, ELEMENTS[image.type])
@@ -61,6 +70,11 @@ def images_taken(shape: Sequence[Any]) -> tuple[str, int] | None:
         if channels == CHANNELS and height is not None and height == width:
             return layout, height
     return None
+
+
+def _pixels_as_they_are(preprocess: Preprocess) -> bool:
+    """Whether the tensor holds whole pixel values, which a cast to bytes keeps."""
+    return (preprocess.scale, preprocess.mean, preprocess.std) == (1.0, (0, 0, 0), (1, 1, 1))
 
 
 def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:

@@ -152,6 +152,13 @@ def test_a_model_that_takes_half_floats_is_given_them(tmp_path: Path) -> None:
     assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
 
 
+def test_a_model_that_takes_pixels_as_bytes_is_given_them(tmp_path: Path) -> None:
+    """As a model converted from TensorFlow Lite takes them: 0 to 255, uint8."""
+    spec = TinySpec(name="bytes", size=8, input_type=TensorProto.UINT8)
+    classifier = Classifier.from_manifest(tiny_model(tmp_path, spec))
+    assert [p.label for p in classifier.predict([RED, BLUE], 1)] == ["class 1", "class 3"]
+
+
 def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
     """`output.name` had been taken and never read: the first output was, here the model's
     features, and the model refused for their width."""
@@ -165,7 +172,11 @@ def test_the_output_the_manifest_names_is_the_one_read(tmp_path: Path) -> None:
     [
         ({"graph_size": 16}, r"takes 16x16 images, but its manifest's preprocess.size is 8"),
         ({"channels": 1}, r"takes 1 channel\(s\), not RGB's 3"),
-        ({"input_type": TensorProto.UINT8}, r"takes tensor\(uint8\), not tensor\(float\)"),
+        (
+            {"input_type": TensorProto.UINT8, "preprocess": {"scale": 1 / 255}},
+            r"takes pixels as they are \(tensor\(uint8\)\), but its manifest scales them",
+        ),
+        ({"input_type": TensorProto.INT8}, r"takes tensor\(int8\), not tensor\(float\)"),
         ({"input_type": TensorProto.DOUBLE}, r"takes tensor\(double\), not tensor\(float\)"),
         ({"extra_inputs": ("scale",)}, r"takes 2 inputs \(image, scale\); Tandem gives one"),
         ({"layout": "NHWC", "graph_size": 16}, r"takes 16x16 images"),
