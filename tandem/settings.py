@@ -7,6 +7,7 @@ Precedence, highest first: keyword overrides, `TANDEM_*` variables, the TOML fil
 from __future__ import annotations
 
 import os
+import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -495,10 +496,21 @@ class _MappingSource(PydanticBaseSettingsSource):
 
 
 def _default_dirs(environ: Mapping[str, str]) -> dict[str, Path]:
-    home = Path(environ.get("HOME", "."))
+    home = _home(environ)
     data_home = Path(environ.get("XDG_DATA_HOME") or home / ".local" / "share")
     cache_home = Path(environ.get("XDG_CACHE_HOME") or home / ".cache")
     return {"data_dir": data_home / "tandem", "model_dir": cache_home / "tandem" / "models"}
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    """HOME, or else the account's own: a service may start with no HOME (systemd's, a
+    container's), and its store had gone under whatever its working directory was."""
+    if home := environ.get("HOME"):
+        return Path(home)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a user id with no account (a container's arbitrary one)
+        return Path()
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

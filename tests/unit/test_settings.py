@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ def test_defaults_live_under_the_users_home() -> None:
     assert settings.model_dir == Path("/home/ada/.cache/tandem/models")
     assert settings.fast_model == "efficientnet_lite0"
     assert settings.accurate_model == "efficientnet_lite2"
+
+
+def test_without_home_the_defaults_live_under_the_accounts_home() -> None:
+    """A service started with no HOME (systemd's, a container's) had its job store under its
+    working directory, `./.local/share/tandem`, wherever that was."""
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    settings = load_settings({})
+    assert settings.data_dir == home / ".local" / "share" / "tandem"
+    assert settings.model_dir == home / ".cache" / "tandem" / "models"
 
 
 def test_xdg_directories_are_honoured() -> None:
