@@ -11,13 +11,15 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, get_args
+
+from pydantic import BaseModel
 
 from tandem import __version__, client_cli
 from tandem.errors import ConfigurationError, CopyFailed, ServerUnreachable, TandemError
 from tandem.files import private_dir
 from tandem.logs import configure_logging
-from tandem.runtime.manifest import Layout, Resize, resolve_manifest_path
+from tandem.runtime.manifest import Layout, Output, Preprocess, Resize, resolve_manifest_path
 from tandem.settings import Settings, load_settings
 
 log = logging.getLogger("tandem.cli")
@@ -215,16 +217,16 @@ def _add_manifest(model_commands: _Commands) -> None:
     preprocess.add_argument("--layout", choices=[layout.value for layout in Layout])
     preprocess.add_argument("--resize", choices=[resize.value for resize in Resize])
     preprocess.add_argument("--resize-size", type=int, help="the short side before the crop")
-    preprocess.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"])
+    preprocess.add_argument("--interpolation", choices=_choices(Preprocess, "interpolation"))
     preprocess.add_argument("--scale", type=float, help="each pixel (0 to 255) times this")
     preprocess.add_argument("--mean", type=_three_floats, help="R,G,B taken away after scaling")
     preprocess.add_argument("--std", type=_three_floats, help="R,G,B divided by after that")
     preprocess.add_argument(
-        "--channels", choices=["RGB", "BGR"], help="the order the model takes them in"
+        "--channels", choices=_choices(Preprocess, "channels"), help="the order it takes them in"
     )
     output = manifest.add_argument_group("what the model gives")
     output.add_argument("--output", dest="output_name", help="the output holding the scores")
-    output.add_argument("--kind", choices=["logits", "probabilities"])
+    output.add_argument("--kind", choices=_choices(Output, "kind"))
     output.add_argument(
         "--background-index", type=int, help="an output that is no class (TF Hub's 0)"
     )
@@ -546,14 +548,18 @@ def _manifest(args: argparse.Namespace) -> int:
     from tandem.runtime.describe import read_labels, write_manifest
 
     labels = read_labels(args.labels)
-    preprocess_options = ("size", "layout", "resize", "resize_size", "interpolation", "scale")
-    preprocess = _given(args, (*preprocess_options, "mean", "std", "channels"))
+    preprocess = _given(args, tuple(Preprocess.model_fields))  # each has its option
     output = _given(args, ("kind", "background_index"))
     if args.output_name is not None:
         output["name"] = args.output_name
     path = write_manifest(args.model, labels, preprocess, output, name=args.name, force=args.force)
     print(f"{path}: ready to serve ({len(labels)} labels)")
     return 0
+
+
+def _choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
+    """The values a manifest field's Literal allows, as the option's choices."""
+    return get_args(model.model_fields[field].annotation)
 
 
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
