@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tandem.errors import ConfigurationError
-from tandem.runtime.manifest import ModelManifest, Preprocess
+from tandem.runtime.manifest import Layout, ModelManifest, Preprocess
 
 # The element types of an image input, and the arrays a run gives them: to_tensor makes
 # float32, cast for a graph exported in half precision (PyTorch's .half()), or for one that
@@ -61,11 +61,11 @@ def signature(manifest: ModelManifest, session: ort.InferenceSession) -> Signatu
     return Signature(image.name, batch, scores.name, ELEMENTS[image.type])
 
 
-def images_taken(shape: Sequence[Any]) -> tuple[str, int] | None:
+def images_taken(shape: Sequence[Any]) -> tuple[Layout, int] | None:
     """The layout and side of the RGB images a graph's input `shape` fixes, if it fixes them."""
     if len(shape) != 4:
         return None
-    for layout in ("NCHW", "NHWC"):
+    for layout in Layout:
         _, channels, height, width = _in_nchw_order(list(shape), layout)
         if channels == CHANNELS and height is not None and height == width:
             return layout, height
@@ -85,13 +85,13 @@ def _batch_of(manifest: ModelManifest, shape: list[Any]) -> int | None:
     problem = _image_problem(shape, layout, manifest.preprocess.size)
     if problem is None:
         return _in_nchw_order(shape, layout)[0]
-    other = "NHWC" if layout == "NCHW" else "NCHW"
+    other = Layout.NHWC if layout is Layout.NCHW else Layout.NCHW
     if _image_problem(shape, other, manifest.preprocess.size) is None:
         problem = f"takes {other} images, but its manifest's preprocess.layout is {layout}"
     raise _refusal(manifest, problem)
 
 
-def _image_problem(shape: list[Any], layout: str, size: int) -> str | None:
+def _image_problem(shape: list[Any], layout: Layout, size: int) -> str | None:
     """What keeps `shape` from taking RGB images of `size` in `layout`, if anything."""
     _, channels, height, width = _in_nchw_order(shape, layout)
     if (height or size) != size or (width or size) != size:
@@ -148,10 +148,10 @@ def _the_one_input(manifest: ModelManifest, inputs: Sequence[Any]) -> Any:
     return inputs[0]
 
 
-def _in_nchw_order(shape: list[Any], layout: str) -> tuple[int | None, ...]:
+def _in_nchw_order(shape: list[Any], layout: Layout) -> tuple[int | None, ...]:
     """The batch, channel, height and width dimensions; None where the graph fixes none."""
     fixed = [dim if isinstance(dim, int) and dim > 0 else None for dim in shape]
-    if layout == "NHWC":
+    if layout is Layout.NHWC:
         batch, height, width, channels = fixed
         return batch, channels, height, width
     return tuple(fixed)
