@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,49 @@ def test_the_session_options_command_times_each_setting_against_tandem_s(tiny_di
         "| no memory patterns",
     ]
     assert rows[0].endswith("| 1.000 |")  # Tandem's own, against itself
+
+
+def _soak(model_dir: Path, out: Path, *args: str, timeout: float) -> dict[str, Any]:
+    """Run `python -m bench.soak` for a quarter of a minute; the report it wrote. Its exit
+    status is 0 only if every answer was one its request expects and no log has a traceback."""
+    command = [sys.executable, "-m", "bench.soak", "--model-dir", str(model_dir)]
+    command += ["--out", str(out), "--minutes", "0.25", "--every", "2", "--ttl", "5", *args]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (raw,) = out.glob("soak*.json")
+    report: dict[str, Any] = json.loads(raw.read_text())
+    # Every kind of request was sent and answered as expected; the webhooks came back.
+    kinds = {key.split()[0] for key in report["tally"]["answers"]}
+    assert kinds >= {"json", "raw", "wait", "stream", "cancel", "idempotent", "refused"}
+    assert report["tally"]["webhooks"] > 0
+    assert len(report["samples"]) >= 3
+    return report
+
+
+@pytest.mark.timeout(120)
+def test_the_soak_command_watches_tandem_serve_under_mixed_traffic(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    report = _soak(model_dir, tmp_path, timeout=100)
+    assert set(report["growth"]) == {
+        "server RSS MB",
+        "server threads",
+        "server open files",
+        "store file MB",
+        "store WAL MB",
+        "queue length",
+    }
+    assert "`tandem serve` (embedded worker, SQLite)" in (tmp_path / "soak.md").read_text()
+
+
+@pytest.mark.timeout(150)
+def test_the_soak_command_watches_each_process_of_tandem_up(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    report = _soak(model_dir, tmp_path, "--up", timeout=130)
+    for process in ("proxy", "worker1", "worker2", "redis"):
+        assert f"{process} RSS MB" in report["growth"]
+    assert {"redis used MB", "redis keys", "redis files MB"} <= set(report["growth"])
+    assert "`tandem up`" in (tmp_path / "soak-up.md").read_text()
