@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -261,6 +262,21 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port for a Redis Cluster node: at most 55535, with the port 10000 above it (its
+    cluster bus) free too. A port the system picks is often above that, and the node then
+    refuses to start."""
+    while True:
+        port = random.randint(20000, 55535)
+        with socket.socket() as sock, socket.socket() as bus:
+            try:
+                sock.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
     """A response's status line, and its headers by lower-case name."""
     status, *lines = head.decode("latin-1").split("\r\n")
@@ -426,8 +442,9 @@ class RedisServer:
         appendonly: bool = True,
         tls: trustme.CA | None = None,
         options: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.options = options  # more of redis-server's own, as `--name value` pairs
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.directory = directory

@@ -22,7 +22,7 @@ from tandem.jobs.records import JobSpec, new_job_id
 from tandem.jobs.redis import RedisJobStore, Replication, refuses_writes, scripts
 from tandem.jobs.redis.connect import Sentinels
 from tandem.predictions import Prediction, Scored
-from tests.support import RedisSentinel, RedisServer, free_port
+from tests.support import RedisSentinel, RedisServer, free_cluster_port, free_port
 
 
 @pytest.fixture
@@ -668,7 +668,7 @@ async def cluster_node(tmp_path: Path) -> AsyncIterator[RedisServer]:
     """A Redis Cluster of one node, holding every slot: a managed Redis in cluster mode."""
     config = tmp_path / "cluster" / "nodes.conf"
     options = ("--cluster-enabled", "yes", "--cluster-config-file", str(config))
-    server = RedisServer(tmp_path / "cluster", options=options).start()
+    server = RedisServer(tmp_path / "cluster", options=options, port=free_cluster_port()).start()
     async with aioredis.from_url(server.url) as admin:
         await admin.execute_command("CLUSTER", "ADDSLOTS", *range(16384))  # any Redis 6 too
         for _ in range(100):
