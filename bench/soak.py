@@ -116,16 +116,6 @@ class Traffic:
         self, client: httpx.AsyncClient, photos: list[Photo], hook_url: str, tally: Tally
     ) -> None:
         self.client, self.photos, self.hook_url, self.tally = client, photos, hook_url, tally
-        self.kinds: dict[str, Callable[[], Awaitable[None]]] = {
-            "json": self.json,
-            "json_then_wait": self.json_then_wait,
-            "raw": self.raw,
-            "events": self.events,
-            "webhook": self.webhook,
-            "idempotent": self.idempotent,
-            "cancel": self.cancel,
-            "refused": self.refused,
-        }
 
     async def run(self, rate: float, seconds: float, cap: int = 64) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -144,7 +134,8 @@ class Traffic:
 
     async def _one(self, kind: str) -> None:
         try:
-            await self.kinds[kind]()
+            send: Callable[[], Awaitable[None]] = getattr(self, kind)  # a method per MIX key
+            await send()
         except httpx.HTTPError as exc:
             self.tally.unexpected[f"{kind} {type(exc).__name__}"] += 1
 
