@@ -268,15 +268,11 @@ class System:
 
     def __init__(self, bench: Bench, env: dict[str, str]) -> None:
         self.bench, self.data = bench, bench.work / "data"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
-        self.env = (
-            base
-            | env
-            | {
-                "TANDEM_MODEL_DIR": str(bench.model_dir),
-                "TANDEM_DATA_DIR": str(self.data),
-            }
-        )
+        # Proc adds this process's environment, less any TANDEM_ setting of its own.
+        self.env = env | {
+            "TANDEM_MODEL_DIR": str(bench.model_dir),
+            "TANDEM_DATA_DIR": str(self.data),
+        }
         self.port = _free_port()
         self.proc: Proc | None = None
 
@@ -299,7 +295,8 @@ class System:
             self.proc.stop()
 
     def tracebacks(self) -> int:
-        return self.bench.work.joinpath("server.log").read_text(errors="replace").count("Traceback")
+        assert self.proc is not None
+        return self.proc.log_path.read_text(errors="replace").count("Traceback")
 
 
 class Embedded(System):
@@ -333,20 +330,16 @@ class Distributed(System):
         # The URL `tandem up` gave its proxy, which keeps it out of its command line.
         environ = Path(f"/proc/{self.children['proxy']}/environ").read_bytes().split(b"\0")
         url = next(v for v in environ if v.startswith(b"TANDEM_REDIS_URL=")).split(b"=", 1)[1]
-        self.redis = redis.Redis.from_url(url.decode())
+        self.redis_url = url.decode()
 
     def measures(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, pid in self.children.items():
             out |= process_measures(name, pid)
-        out["redis used MB"] = self.redis.info("memory")["used_memory"] / 2**20
-        out["redis keys"] = self.redis.dbsize()
+        with redis.Redis.from_url(self.redis_url) as client:  # a connection per sample
+            out["redis used MB"] = client.info("memory")["used_memory"] / 2**20
+            out["redis keys"] = client.dbsize()
         return out | {"redis files MB": files_mb((self.data / "redis").rglob("*"))}
-
-    def stop(self) -> None:
-        super().stop()
-        if hasattr(self, "redis"):
-            self.redis.close()
 
 
 def children_named(parent: int) -> dict[str, int]:
@@ -376,7 +369,7 @@ async def sample_every(
     while True:
         try:
             into.append(await asyncio.to_thread(system.sample, started))
-        except (OSError, StopIteration) as exc:  # a process gone: said, and the run goes on
+        except OSError as exc:  # a process gone: said, and the run goes on
             tally.unexpected[f"sampling: {exc!r}"] += 1
         await asyncio.sleep(every)
 
