@@ -19,13 +19,20 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench(model_dir: Path, out: Path, *args: str, timeout: float) -> None:
-    command = [sys.executable, "-m", "bench", "--quick", "--model-dir", str(model_dir)]
-    command += ["--out", str(out), *args]
+def _run(module: str, *args: str, timeout: float) -> str:
+    """`python -m module args` from the repository's root, which must exit 0; its output."""
+    command = [sys.executable, "-m", module, *args]
     result = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _bench(model_dir: Path, out: Path, *args: str, timeout: float) -> None:
+    _run(
+        "bench", "--quick", "--model-dir", str(model_dir), "--out", str(out), *args, timeout=timeout
+    )
 
 
 @pytest.mark.timeout(300)
@@ -99,12 +106,8 @@ def test_the_profile_says_where_a_proxy_s_time_goes(model_dir: Path, tmp_path: P
 
 def _ab(model_dir: Path, out: Path, *args: str, timeout: float) -> str:
     """Run `python -m bench.ab` for 2 turns of 3 requests; the report it wrote."""
-    command = [sys.executable, "-m", "bench.ab", "--model-dir", str(model_dir)]
-    command += ["--out", str(out), "--turns", "2", "--requests", "3", *args]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    options = ["--model-dir", str(model_dir), "--out", str(out), "--turns", "2", "--requests", "3"]
+    _run("bench.ab", *options, *args, timeout=timeout)
     (report,) = out.glob("ab-*.md")
     return report.read_text()
 
@@ -140,16 +143,8 @@ def test_the_ab_command_compares_two_busy_servers(model_dir: Path, tmp_path: Pat
 def test_the_versus_command_measures_tandem_against_the_plain_way(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    command = [sys.executable, "-m", "bench.versus", "--quick", "--model-dir", str(model_dir)]
-    result = subprocess.run(
-        [*command, "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    options = ["--quick", "--model-dir", str(model_dir), "--out", str(tmp_path)]
+    _run("bench.versus", *options, timeout=100)
     (raw,) = tmp_path.glob("versus-*.json")
     results = json.loads(raw.read_text())
     # Both servers gave the photo the same label: the same work was asked of each.
@@ -175,13 +170,9 @@ def test_the_versus_command_measures_tandem_against_the_plain_way(
 
 @pytest.mark.timeout(60)
 def test_the_session_options_command_times_each_setting_against_tandem_s(tiny_dir: Path) -> None:
-    command = [sys.executable, "-m", "bench.session_options", "--model-dir", str(tiny_dir)]
-    command += ["--model", "tiny_fast", "--turns", "2", "--runs", "3"]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=50, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    options = ["--model-dir", str(tiny_dir), "--model", "tiny_fast", "--turns", "2", "--runs", "3"]
+    output = _run("bench.session_options", *options, timeout=50)
+    rows = [line for line in output.splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0] for row in rows] == [
         "| Tandem's: ORT_ENABLE_ALL, arena and patterns on",
         "| ORT_ENABLE_EXTENDED",
@@ -196,12 +187,8 @@ def test_the_session_options_command_times_each_setting_against_tandem_s(tiny_di
 def _soak(model_dir: Path, out: Path, *args: str, timeout: float) -> dict[str, Any]:
     """Run `python -m bench.soak` for a quarter of a minute; the report it wrote. Its exit
     status is 0 only if every answer was one its request expects and no log has a traceback."""
-    command = [sys.executable, "-m", "bench.soak", "--model-dir", str(model_dir)]
-    command += ["--out", str(out), "--minutes", "0.25", "--every", "2", "--ttl", "5", *args]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    options = ["--model-dir", str(model_dir), "--out", str(out), "--minutes", "0.25"]
+    _run("bench.soak", *options, "--every", "2", "--ttl", "5", *args, timeout=timeout)
     (raw,) = out.glob("soak*.json")
     report: dict[str, Any] = json.loads(raw.read_text())
     # Every kind of request was sent and answered as expected; the webhooks came back.
