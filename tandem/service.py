@@ -18,10 +18,8 @@ from PIL import Image
 from tandem import tracing
 from tandem.cascade import Agreement, Gate, Policy, SeenTally, late_judgement
 from tandem.errors import (
-    ConfigurationError,
     DiskLow,
     IdempotencyKeyReused,
-    InvalidModelOutput,
     JobFinished,
     JobNotFound,
     Overloaded,
@@ -48,7 +46,7 @@ from tandem.outage import Outage
 from tandem.predictions import Prediction
 from tandem.runtime.abort import RunAbort
 from tandem.runtime.assets import sample_image_bytes
-from tandem.runtime.classifier import Classifier
+from tandem.runtime.classifier import Classifier, tried_on_the_sample_photo
 from tandem.runtime.imaging import ImageLimits, decode_image
 from tandem.runtime.priority import Occupancy
 from tandem.shares import Holdings
@@ -157,12 +155,10 @@ class TandemService:
         """Run the sample photo once: the first ONNX call is slow, and /metadata shows it. A
         model that cannot classify it is refused at start-up."""
         loop = asyncio.get_running_loop()
-        try:
+        with tried_on_the_sample_photo(self.fast.name):
             prediction, _ = await loop.run_in_executor(
                 self._executor, self._classify, sample_image_bytes(), RunAbort()
             )
-        except InvalidModelOutput as exc:
-            raise ConfigurationError(f"{exc} on the bundled sample photo") from exc
         self.sample_prediction = prediction
 
     async def close(self) -> None:

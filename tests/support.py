@@ -137,6 +137,9 @@ class TinySpec:
     batch: int | None = None
     graph_size: int | None = None
     any_side: bool = False  # a symbolic side, as a fully convolutional export leaves it
+    # With any_side: the side a layer inside fixes all the same, by adding a tensor of that
+    # side to the image, as a vision transformer's position embedding does.
+    fixed_inside: int | None = None
     channels: int = 3
     input_type: int = TensorProto.FLOAT
     # Inputs the graph declares besides the image (never used).
@@ -169,13 +172,17 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
     bias = np.zeros(spec.classes, dtype=np.float32)
     if spec.background_index is not None:
         bias[spec.background_index] = 1000.0
+    cast = "cast" if spec.fixed_inside else "pixels"
     nodes = [
-        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["image"], [cast], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels"], ["pooled"], axes=axes, keepdims=0),
         helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
         helper.make_node("Add", ["scores", "b"], ["biased" if spec.nan_when_blue else "flat"]),
     ]
     initializers = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")]
+    if spec.fixed_inside:
+        nodes.insert(1, helper.make_node("Add", ["cast", "position"], ["pixels"]))
+        initializers.append(_position_embedding(spec, spec.fixed_inside))
     if spec.nan_when_blue:  # + 0 * sqrt(red - blue): NaN where blue wins
         nodes += [
             helper.make_node("MatMul", ["pooled", "red_less_blue"], ["margin"]),
@@ -239,6 +246,14 @@ def tiny_model(directory: Path, spec: TinySpec) -> Path:
     manifest_path = directory / "manifest.json"
     manifest_path.write_text(manifest.to_json(), "utf-8")
     return manifest_path
+
+
+def _position_embedding(spec: TinySpec, side: int) -> TensorProto:
+    """Zeros of one image's shape at `side`: adding them leaves the pixels, but fixes the side."""
+    shape = (
+        (1, spec.channels, side, side) if spec.layout == "NCHW" else (1, side, side, spec.channels)
+    )
+    return numpy_helper.from_array(np.zeros(shape, np.float32), "position")
 
 
 def record_runs(session: Any, name: str, log: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -14,9 +14,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 from PIL import Image
 
-from tandem.errors import ConfigurationError, InvalidModelOutput
+from tandem.errors import ConfigurationError, InvalidModelOutput, TandemError
 from tandem.predictions import Prediction, Scored
-from tandem.runtime.imaging import to_tensor
+from tandem.runtime.assets import sample_image_bytes
+from tandem.runtime.imaging import ImageLimits, decode_image, to_tensor
 from tandem.runtime.manifest import ModelManifest, resolve_manifest_path, verified_model
 from tandem.runtime.placement import AFFINITIES, Placement
 from tandem.runtime.priority import Preempted
@@ -196,10 +197,30 @@ def load_classifier(ref: str, model_dir: Path, plan: ThreadPlan = ThreadPlan()) 
 
 
 def check_model(manifest_path: Path) -> None:
-    """What loading the model checks, without keeping it: `tandem serve` says a model it
-    cannot run in one line, where its start-up would log a traceback."""
-    manifest, model_path = verified_model(manifest_path)
-    signature(manifest, open_session(model_path, 1, Spin.NEVER, optimized=False))
+    """Load the model and classify the bundled photo with it, keeping nothing: `tandem serve`
+    and `tandem worker` say a model they cannot run in one line, before a request or a job
+    meets it (a worker had failed every job it claimed)."""
+    classifier = Classifier.from_manifest(manifest_path, ThreadPlan(1, Spin.NEVER))
+    with tried_on_the_sample_photo(classifier.name):
+        image = decode_image(sample_image_bytes(), ImageLimits(), classifier.decode_side)
+        classifier.predict([image], 1)
+
+
+@contextlib.contextmanager
+def tried_on_the_sample_photo(model: str) -> Iterator[None]:
+    """Around a model's run on the bundled photo before it serves: a graph whose checks all
+    passed may still fail every run (a side its input leaves free but a layer fixes) or give
+    scores that are not finite. Either refuses the model (ConfigurationError)."""
+    try:
+        yield
+    except InvalidModelOutput as exc:
+        raise ConfigurationError(f"{exc} on the bundled sample photo") from exc
+    except TandemError:
+        raise
+    except Exception as exc:  # ONNX Runtime's errors are untyped
+        raise ConfigurationError(
+            f"model {model} cannot classify the bundled sample photo: {str(exc).strip()}"
+        ) from exc
 
 
 def open_session(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from onnx import TensorProto
 from PIL import Image
 
 from tandem.errors import ConfigurationError
-from tandem.runtime.classifier import Classifier, Spin, ThreadPlan
+from tandem.runtime.classifier import Classifier, Spin, ThreadPlan, check_model
 from tandem.runtime.placement import AFFINITIES
 from tests.support import TinySpec, record_runs, tiny_model
 
@@ -222,3 +223,30 @@ def test_a_manifest_that_names_what_the_model_lacks_is_refused_at_load(
     manifest.write_text(json.dumps(json.loads(manifest.read_text("utf-8")) | written), "utf-8")
     with pytest.raises(ConfigurationError, match=f"^model odd {problem}"):
         Classifier.from_manifest(manifest)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_model_whose_layers_fix_another_side_is_refused_by_the_check_before_serving(
+    tmp_path: Path, layout: str
+) -> None:
+    """Its input leaves the side free, so its graph agrees with any manifest; every run of
+    the manifest's images failed instead, and a worker failed job after job."""
+    spec = TinySpec(name="odd", size=8, layout=layout, any_side=True, fixed_inside=16)
+    manifest = tiny_model(tmp_path / "odd", spec)
+    Classifier.from_manifest(manifest)  # nothing in its graph says otherwise
+    with pytest.raises(
+        ConfigurationError, match=r"^model odd cannot classify the bundled sample photo: "
+    ):
+        check_model(manifest)
+    check_model(tiny_model(tmp_path / "fits", replace(spec, name="fits", size=16)))
+
+
+def test_a_model_whose_scores_for_the_sample_photo_are_not_finite_is_refused_by_the_check(
+    tmp_path: Path,
+) -> None:
+    always = {"mean": (1000.0, 0.0, 0.0)}  # red far under blue, whatever the image
+    spec = TinySpec(name="nan", size=8, nan_when_blue=True, preprocess=always)
+    with pytest.raises(
+        ConfigurationError, match=r"^the model nan gave scores that are not finite .* photo$"
+    ):
+        check_model(tiny_model(tmp_path, spec))

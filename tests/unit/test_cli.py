@@ -180,14 +180,31 @@ def test_a_job_store_file_sqlite_cannot_read_is_refused_in_one_line(
     assert not (tmp_path / "models").exists()  # refused before building any model
 
 
-@pytest.mark.parametrize("fault", ["damaged", "another side"])
+@pytest.mark.parametrize(
+    ("fault", "command"),
+    [
+        ("damaged", "serve"),
+        ("another side", "serve"),
+        ("another side inside", "serve"),
+        ("another side inside", "worker"),
+    ],
+)
 def test_a_model_it_cannot_run_is_refused_in_one_line_before_serving(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fault: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+    command: str,
 ) -> None:
     """A graph that takes 16x16 images, where its manifest says 8, had stopped the server's
-    start-up with a traceback."""
+    start-up with a traceback. One whose input leaves the side free, but whose layers fix
+    it at 16, had started: the server's start-up then stopped with a traceback, and a worker
+    failed every job it claimed."""
     side = 16 if fault == "another side" else None
-    spec = TinySpec(name="tiny", size=8, graph_size=side)
+    inside = 16 if fault == "another side inside" else None
+    spec = TinySpec(
+        name="tiny", size=8, graph_size=side, any_side=bool(inside), fixed_inside=inside
+    )
     manifest = tiny_model(tmp_path / "models" / "tiny", spec)
     model = manifest.parent / "tiny.onnx"
     if fault == "damaged":
@@ -200,12 +217,17 @@ def test_a_model_it_cannot_run_is_refused_in_one_line_before_serving(
         "PORT": 0,
     }.items():
         monkeypatch.setenv(f"TANDEM_{name}", str(value))
-    assert main(["serve"]) == EXIT_CONFIG
-    assert capsys.readouterr().err == (
-        f"tandem: {model} does not match the checksum in its manifest\n"
-        if fault == "damaged"
-        else "tandem: model tiny takes 16x16 images, but its manifest's preprocess.size is 8\n"
-    )
+    assert main([command]) == EXIT_CONFIG
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1
+    expected = {
+        "damaged": f"tandem: {model} does not match the checksum in its manifest\n",
+        "another side": "tandem: model tiny takes 16x16 images, but its manifest's"
+        " preprocess.size is 8\n",
+        # ONNX Runtime's own words follow
+        "another side inside": "tandem: model tiny cannot classify the bundled sample photo: ",
+    }[fault]
+    assert said.startswith(expected)
 
 
 def test_unknown_model_names_are_refused(
