@@ -79,8 +79,9 @@ class JobStore(Protocol):
 
     async def enqueue(self, spec: JobSpec) -> Job:
         """Store a new queued job durably and return it; an existing id, or an idempotency key
-        seen within the TTL, returns that job instead. Raise QueueFull past the length limit, and
-        TooManyQueued past its owner's share."""
+        whose job is still kept (unfinished, or finished within the TTL), returns that job
+        instead. Raise QueueFull past the length limit, and TooManyQueued past its owner's
+        share."""
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
         """Add the fast answer to a job enqueued without one (it was computed meanwhile); a job

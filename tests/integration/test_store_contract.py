@@ -578,6 +578,27 @@ async def test_retries_racing_with_one_key_through_two_proxies_get_one_job(
             await store.close()
 
 
+async def test_an_idempotency_key_stands_for_its_job_until_the_job_expires(
+    short: JobStore,
+) -> None:
+    """The key had lasted the result TTL from its first request: a retry after a backlog
+    longer than that (minutes, with a short TTL) queued the same image a second time."""
+    keyed = replace(spec(), idempotency_key="order-9")
+    first = await short.enqueue(keyed)
+    await asyncio.sleep(PAUSE)  # the TTL runs out while the job still waits
+    await short.purge_expired()
+    waited = await short.enqueue(replace(keyed, id=new_job_id()))
+    assert waited.id == first.id
+    assert await short.queue_depth() == 1
+    await short.claim("w", 1, 0)
+    await short.complete(first.id, answer())
+    await asyncio.sleep(PAUSE)  # the finished job expires, and its key with it
+    await short.purge_expired()
+    after = await short.enqueue(replace(keyed, id=new_job_id()))
+    assert after.id != first.id
+    assert after.status is JobStatus.QUEUED
+
+
 async def test_an_idempotency_key_counts_within_its_scope(store: JobStore) -> None:
     """Two clients (API keys) may pick the same key: each gets its own job, and its own back."""
     mine = await store.enqueue(replace(spec(), idempotency_key="order-1", owner="a"))

@@ -11,17 +11,20 @@ twice is answered once. Each names its KEYS and ARGV, in the order the store pas
 # the store then runs the scripts without it.
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-# KEYS: job, queue, idempotency key, owners. ARGV: id, now, meta, image, max length, ttl ms,
-# job key prefix, whether there is an idempotency key, owner ('' for none), owner's share.
+# KEYS: job, queue, idempotency key, owners. ARGV: id, now, meta, image, max length, job key
+# prefix, whether there is an idempotency key, owner ('' for none), owner's share.
 # Returns {id, 1} for a job it stored, {id, 0} for the earlier job that stands for this
 # request, 'queue' when the queue is full, or 'owner' when the owner's share of it is.
+# The idempotency key stands for its job as long as the job is kept: it has no expiry until
+# the job finishes, and then the job's (see FINISH_BODY). It had expired a result TTL after
+# the first request, and a retry after a longer backlog queued the image again.
 ENQUEUE = """
-if ARGV[8] == '1' then
+if ARGV[7] == '1' then
   local earlier = redis.call('GET', KEYS[3])
-  if earlier and redis.call('EXISTS', ARGV[7] .. earlier) == 1 then return {earlier, 0} end
+  if earlier and redis.call('EXISTS', ARGV[6] .. earlier) == 1 then return {earlier, 0} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
-local owner, share = ARGV[9], tonumber(ARGV[10])
+local owner, share = ARGV[8], tonumber(ARGV[9])
 if owner ~= '' and share > 0 and tonumber(redis.call('HGET', KEYS[4], owner) or 0) >= share then
   return 'owner'
 end
@@ -34,7 +37,10 @@ if owner ~= '' then
   redis.call('HSET', KEYS[1], 'owner', owner)
   redis.call('HINCRBY', KEYS[4], owner, 1)
 end
-if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[6]) end
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'idempotency', KEYS[3])
+end
 return {ARGV[1], 1}
 """
 
@@ -76,6 +82,8 @@ local function finish(job, queue, status, now, ttl_ms, result, err, group, count
   if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
   redis.call('HDEL', job, 'image')
   redis.call('PEXPIRE', job, ttl_ms)
+  local idempotency = redis.call('HGET', job, 'idempotency')
+  if idempotency then redis.call('PEXPIRE', idempotency, ttl_ms) end
   if entry then
     redis.call('XACK', queue, group, entry)
     redis.call('XDEL', queue, entry)

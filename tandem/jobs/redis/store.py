@@ -412,7 +412,6 @@ class RedisJobStore:
             dump_meta(spec),
             spec.image,
             self.policy.max_queue_length,
-            self._ttl_ms,
             self._job_key(""),
             "1" if spec.idempotency_slot else "0",
             spec.owner or "",

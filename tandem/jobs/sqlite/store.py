@@ -227,11 +227,12 @@ class SQLiteJobStore:
 
     @staticmethod
     def _idempotent_job(c: sqlite3.Connection, key: str | None, now: float) -> Job | None:
+        """The job `key` stands for, as long as that job is kept: until it finishes, and for
+        the result TTL after. The key had lasted the TTL from the first request, and a retry
+        after a longer backlog queued the image again."""
         if not key:
             return None
-        row = c.execute(
-            "SELECT job_id FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)
-        ).fetchone()
+        row = c.execute("SELECT job_id FROM idempotency WHERE key = ?", (key,)).fetchone()
         return _select_job(c, row[0], alive_at=now) if row else None
 
     async def attach_fast(self, job_id: str, fast: Prediction) -> Prediction | None:
@@ -473,10 +474,10 @@ class SQLiteJobStore:
         between. One DELETE of all that expired held the thread as long as it took: 60,000
         rows (after a worker was down) took 0.38 s."""
         now = self._clock()
-        await self._purge_all(PURGE_IDEMPOTENCY, now)
         forgotten = now - WORKER_FORGOTTEN_S
         await self._run(lambda c: c.execute(FORGET_WORKERS, (forgotten,)), lazy=True)
         purged = await self._purge_all(PURGE_JOBS, now)
+        await self._purge_all(PURGE_IDEMPOTENCY, now)  # after the jobs their keys stand for
         self._give_back_later()
         return purged
 
@@ -591,9 +592,12 @@ PURGE_JOBS = (
     "DELETE FROM jobs WHERE id IN"
     " (SELECT id FROM jobs WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
 )
+# A key goes with its job; its expires_at is the least it is kept (a result TTL from its
+# request), which a kept job always outlasts.
 PURGE_IDEMPOTENCY = (
     "DELETE FROM idempotency WHERE key IN"
-    " (SELECT key FROM idempotency WHERE expires_at <= ? LIMIT ?)"
+    " (SELECT key FROM idempotency WHERE expires_at <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = idempotency.job_id) LIMIT ?)"
 )
 FORGET_WORKERS = "DELETE FROM workers WHERE seen_at < ?"
 
