@@ -43,6 +43,21 @@ async def test_a_stream_entry_naming_no_job_is_dropped_not_fatal(store: RedisJob
     assert await store.queue_depth() == 1  # the foreign entry is gone; the good one is running
 
 
+async def test_an_idempotency_key_expires_with_its_finished_job_not_before(
+    store: RedisJobStore,
+) -> None:
+    """Kept without an expiry while its job waits, so that no backlog outlasts it; given the
+    job's once the job finishes, so that keys do not pile up in Redis."""
+    keyed = JobSpec(id=new_job_id(), image=b"\xff\xd8 image", idempotency_key="order-3")
+    await store.enqueue(keyed)
+    key = f"{store._prefix}:idempotency:order-3"
+    assert await store._client.pttl(key) == -1  # no expiry
+    await store.claim("w", 1, 0)
+    await store.complete(keyed.id, Prediction("m", (Scored(1, "a", 0.9),), 1.0))
+    job_ttl = await store._client.pttl(store._job_key(keyed.id))
+    assert 0 < await store._client.pttl(key) <= job_ttl
+
+
 async def test_more_calls_at_once_than_connections_wait_for_one_not_fail(
     store: RedisJobStore,
 ) -> None:
