@@ -11,7 +11,9 @@ server's resident memory, threads, open files, the store's files and the queue.
 The first --warm-up share of the run is left out (caches, arenas and the store fill then);
 over the rest each measure is reported as its start, end, peak and least-squares slope per
 hour. Any answer outside what each request expects (a 5xx above all) is counted and listed.
-Writes soak.md and soak.json into --out.
+Writes soak.md and soak.json into --out. Each sample is also written as it is taken, to
+samples.jsonl in the run's folder, so that a run killed outright leaves what it had seen;
+SIGINT (Ctrl-C) or SIGTERM ends the traffic early, and the report covers the time it ran.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import sys
 import time
 import urllib.request
@@ -117,11 +120,11 @@ class Traffic:
     ) -> None:
         self.client, self.photos, self.hook_url, self.tally = client, photos, hook_url, tally
 
-    async def run(self, rate: float, seconds: float, cap: int = 64) -> None:
+    async def run(self, rate: float, seconds: float, stop: asyncio.Event, cap: int = 64) -> None:
         tasks: set[asyncio.Task[None]] = set()
         names, weights = list(MIX), list(MIX.values())
         deadline = time.monotonic() + seconds
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < deadline and not stop.is_set():
             if len(tasks) < cap:
                 kind = random.choices(names, weights)[0]
                 task = asyncio.create_task(self._one(kind))
@@ -363,15 +366,46 @@ def children_named(parent: int) -> dict[str, int]:
     return found
 
 
+class Samples(list[Sample]):
+    """The samples taken, each also appended to a JSON-lines file as it is taken."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def take(self, system: System, started: float) -> None:
+        sample = system.sample(started)
+        self.append(sample)
+        with self.path.open("a") as f:
+            f.write(json.dumps(asdict(sample)) + "\n")
+
+
 async def sample_every(
-    system: System, every: float, started: float, into: list[Sample], tally: Tally
+    system: System, every: float, started: float, into: Samples, tally: Tally
 ) -> None:
     while True:
         try:
-            into.append(await asyncio.to_thread(system.sample, started))
+            await asyncio.to_thread(into.take, system, started)
         except OSError as exc:  # a process gone: said, and the run goes on
             tally.unexpected[f"sampling: {exc!r}"] += 1
         await asyncio.sleep(every)
+
+
+def stopped_by_signals() -> asyncio.Event:
+    """Set by SIGINT or SIGTERM: the traffic ends early, and the run is reported. A second
+    signal acts as it would have (Ctrl-C twice stops the soak at once)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    ends = (signal.SIGINT, signal.SIGTERM)
+
+    def end() -> None:
+        stop.set()
+        for signum in ends:
+            loop.remove_signal_handler(signum)
+
+    for signum in ends:
+        loop.add_signal_handler(signum, end)
+    return stop
 
 
 def growth(samples: list[Sample], warm_up: float) -> dict[str, dict[str, float]]:
@@ -433,7 +467,7 @@ async def soak(
         "TANDEM_WEBHOOK_SECRET": secrets.token_hex(16),
     }
     system = make(bench, env)
-    samples: list[Sample] = []
+    samples = Samples(bench.work / "samples.jsonl")
     try:
         await asyncio.to_thread(system.start)
         started = time.monotonic()
@@ -442,9 +476,9 @@ async def soak(
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=base, timeout=WATCH_TIMEOUT_S, limits=limits) as c:
             traffic = Traffic(c, photos(), f"http://127.0.0.1:{hook_port}/hook", tally)
-            await traffic.run(args.rate, args.minutes * 60)
+            await traffic.run(args.rate, args.minutes * 60, stopped_by_signals())
         sampler.cancel()
-        samples.append(await asyncio.to_thread(system.sample, started))
+        await asyncio.to_thread(samples.take, system, started)
     finally:
         await asyncio.to_thread(system.stop)
         receiver.close()
@@ -474,7 +508,7 @@ def main() -> None:
         "machine": machine(),
         "run": {
             "system": system.title,
-            "minutes": args.minutes,
+            "minutes": round(samples[-1].at_s / 60, 2),  # less than asked, if interrupted
             "rate": args.rate,
             "ttl_s": args.ttl,
             "warm_up": args.warm_up,

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +215,40 @@ def test_the_soak_command_watches_tandem_serve_under_mixed_traffic(
         "queue length",
     }
     assert "`tandem serve` (embedded worker, SQLite)" in (tmp_path / "soak.md").read_text()
+
+
+@pytest.mark.timeout(150)
+def test_an_interrupted_soak_reports_the_time_it_ran_and_kept_each_sample_as_taken(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A long soak ended with Ctrl-C had left nothing: its report and samples were written
+    only at the end of the minutes asked for."""
+    options = ["--model-dir", str(model_dir), "--out", str(tmp_path), "--minutes", "30"]
+    command = [sys.executable, "-m", "bench.soak", *options, "--every", "2", "--ttl", "5"]
+    soak = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        taken = _eventually_lines(tmp_path, 3, soak)
+        soak.send_signal(signal.SIGINT)
+        out, _ = soak.communicate(timeout=100)
+    finally:
+        soak.kill()
+    assert soak.returncode == 0, out.decode(errors="replace")[-3000:]
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert 0 < report["run"]["minutes"] < 5
+    assert len(report["samples"]) >= len(taken)
+    assert report["samples"][: len(taken)] == taken  # the lines are the report's samples
+    assert sum(report["tally"]["answers"].values()) > 0
+
+
+def _eventually_lines(out: Path, count: int, soak: subprocess.Popen[bytes]) -> list[Any]:
+    """The first `count` samples of the soak writing under `out`, once it has written them."""
+    for _ in range(600):
+        assert soak.poll() is None, "the soak stopped by itself"
+        lines = [p.read_text().splitlines() for p in out.glob("soak-*/samples.jsonl")]
+        if lines and len(lines[0]) >= count:
+            return [json.loads(line) for line in lines[0][:count]]
+        time.sleep(0.2)
+    raise AssertionError("the soak wrote no samples")
 
 
 @pytest.mark.timeout(150)
