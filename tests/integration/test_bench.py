@@ -3,6 +3,7 @@ the machine that made them, and are read from the table, never asserted in tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -225,13 +226,17 @@ def test_an_interrupted_soak_reports_the_time_it_ran_and_kept_each_sample_as_tak
     only at the end of the minutes asked for."""
     options = ["--model-dir", str(model_dir), "--out", str(tmp_path), "--minutes", "30"]
     command = [sys.executable, "-m", "bench.soak", *options, "--every", "2", "--ttl", "5"]
-    soak = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A session of its own: should the test fail, the server the soak started goes with it.
+    soak = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         taken = _eventually_lines(tmp_path, 3, soak)
         soak.send_signal(signal.SIGINT)
         out, _ = soak.communicate(timeout=100)
     finally:
-        soak.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(soak.pid, signal.SIGKILL)
     assert soak.returncode == 0, out.decode(errors="replace")[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text())
     assert 0 < report["run"]["minutes"] < 5
