@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,32 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args: str, timeout: float) -> str:
-    """`python -m module args` from the repository's root, which must exit 0; its output."""
-    command = [sys.executable, "-m", module, *args]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+@contextlib.contextmanager
+def _started(module: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m module args` from the repository's root, in a session of its own: on the
+    way out it is killed with every server it started, which a timeout had left running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _run(module: str, *args: str, timeout: float) -> str:
+    """`python -m module args`, which must exit 0 within `timeout`; its output."""
+    with _started(module, *args) as process:
+        out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-6000:]
+    return out
 
 
 def _bench(model_dir: Path, out: Path, *args: str, timeout: float) -> None:
@@ -225,19 +244,11 @@ def test_an_interrupted_soak_reports_the_time_it_ran_and_kept_each_sample_as_tak
     """A long soak ended with Ctrl-C had left nothing: its report and samples were written
     only at the end of the minutes asked for."""
     options = ["--model-dir", str(model_dir), "--out", str(tmp_path), "--minutes", "30"]
-    command = [sys.executable, "-m", "bench.soak", *options, "--every", "2", "--ttl", "5"]
-    # A session of its own: should the test fail, the server the soak started goes with it.
-    soak = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
+    with _started("bench.soak", *options, "--every", "2", "--ttl", "5") as soak:
         taken = _eventually_lines(tmp_path, 3, soak)
         soak.send_signal(signal.SIGINT)
         out, _ = soak.communicate(timeout=100)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(soak.pid, signal.SIGKILL)
-    assert soak.returncode == 0, out.decode(errors="replace")[-3000:]
+    assert soak.returncode == 0, out[-6000:]
     report = json.loads((tmp_path / "soak.json").read_text())
     assert 0 < report["run"]["minutes"] < 5
     assert len(report["samples"]) >= len(taken)
@@ -245,7 +256,7 @@ def test_an_interrupted_soak_reports_the_time_it_ran_and_kept_each_sample_as_tak
     assert sum(report["tally"]["answers"].values()) > 0
 
 
-def _eventually_lines(out: Path, count: int, soak: subprocess.Popen[bytes]) -> list[Any]:
+def _eventually_lines(out: Path, count: int, soak: subprocess.Popen[str]) -> list[Any]:
     """The first `count` samples of the soak writing under `out`, once it has written them."""
     for _ in range(600):
         assert soak.poll() is None, "the soak stopped by itself"
