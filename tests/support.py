@@ -270,6 +270,19 @@ def record_runs(session: Any, name: str, log: list[str]) -> None:
 # -- a real server -----------------------------------------------------------------------------
 
 
+def python_output(code: str, *args: str, timeout: float = 60.0) -> str:
+    """What `python -c code args` prints in a process of its own, which must exit 0: for what
+    only a fresh interpreter shows (its resident memory, the modules it imports)."""
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
+    )
+    return run.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

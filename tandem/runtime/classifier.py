@@ -14,6 +14,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from PIL import Image
 
+from tandem import heap
 from tandem.errors import ConfigurationError, InvalidModelOutput, TandemError
 from tandem.predictions import Prediction, Scored
 from tandem.runtime.assets import sample_image_bytes
@@ -200,6 +201,15 @@ def check_model(manifest_path: Path) -> None:
     """Load the model and classify the bundled photo with it, keeping nothing: `tandem serve`
     and `tandem worker` say a model they cannot run in one line, before a request or a job
     meets it (a worker had failed every job it claimed)."""
+    try:
+        _classify_sample(manifest_path)
+    finally:
+        # What the check freed, handed back before the server loads the model for good: glibc
+        # kept it, and a proxy's resident memory had started 33 to 50 MB higher.
+        heap.give_back_free_memory()
+
+
+def _classify_sample(manifest_path: Path) -> None:
     classifier = Classifier.from_manifest(manifest_path, ThreadPlan(1, Spin.NEVER))
     with tried_on_the_sample_photo(classifier.name):
         image = decode_image(sample_image_bytes(), ImageLimits(), classifier.decode_side)

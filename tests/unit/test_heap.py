@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import platform
-import subprocess
-import sys
 
 import pytest
+
+from tests.support import python_output
 
 # Sixteen-MiB Pillow images freed but the last: glibc serves them from its heap, whose top the
 # live one holds, once a first freed one has raised its threshold.
@@ -29,14 +29,7 @@ print(resident_mib() - before)
 
 
 def _kept_mib(mode: str) -> int:
-    run = subprocess.run(
-        [sys.executable, "-c", FREED_BUT_THE_LAST, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return int(run.stdout)
+    return int(python_output(FREED_BUT_THE_LAST, mode))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
