@@ -15,7 +15,7 @@ from PIL import Image
 from tandem.cli import EXIT_CONFIG, _ensure_data_dir, _warn_if_unguarded, main
 from tandem.runtime.classifier import Classifier
 from tandem.settings import Settings
-from tests.support import TinySpec, clean_env, free_port, tiny_model
+from tests.support import TinySpec, clean_env, free_port, python_output, tiny_model
 
 pytestmark = pytest.mark.usefixtures("restored_logging")
 
@@ -273,10 +273,7 @@ def test_serving_code_never_imports_torch_nor_the_checkpoint_reader() -> None:
         "tandem.cli.build_parser();"
         "print(sorted({'torch', 'onnx', 'tandem.runtime.torchfile'} & set(sys.modules)))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert result.stdout.strip() == "[]"
+    assert python_output(code).strip() == "[]"
 
 
 def test_the_data_directory_serve_makes_is_this_users_alone(tmp_path: Path) -> None:

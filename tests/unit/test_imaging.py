@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,7 +17,15 @@ from tandem.errors import (
 )
 from tandem.runtime.imaging import ImageLimits, decode_image, resize_for, to_rgb, to_tensor
 from tandem.runtime.manifest import Layout, Preprocess, Resize
-from tests.support import encode, noise, png_chunk, png_header_only, progressive_jpeg, rle_bmp
+from tests.support import (
+    encode,
+    noise,
+    png_chunk,
+    png_header_only,
+    progressive_jpeg,
+    python_output,
+    rle_bmp,
+)
 
 LIMIT = ImageLimits(max_pixels=10_000_000, min_side=1)
 
@@ -83,14 +89,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 
 def _peak_of_a_decode(path: Path) -> int:
     """Bytes of resident memory that decoding the file adds at its peak, in a new process."""
-    run = subprocess.run(
-        [sys.executable, "-c", PEAK_OF_A_DECODE, str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=100,
-    )
-    return int(run.stdout) * 1024
+    return int(python_output(PEAK_OF_A_DECODE, str(path), timeout=100)) * 1024
 
 
 @pytest.mark.parametrize(
