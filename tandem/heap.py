@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import platform
 from collections.abc import Iterator
@@ -43,9 +44,10 @@ def give_back_free_memory() -> bool:
     """Hand the heaps' free memory back to the system now (glibc's malloc_trim; False
     elsewhere). Start-up frees much that glibc keeps: the check that classifies the bundled
     photo with each model before serving (check_model) left a proxy 33 to 50 MB larger."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    ctypes.CDLL(None).malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
@@ -57,8 +59,15 @@ def return_large_blocks() -> bool:
     came from heaps that kept them. Sixteen 40 MP PNGs at once left a proxy at 1.45 GB of
     resident memory, all of it free, where it had started at 0.27 GB; with the threshold fixed
     it went back to 0.33 GB."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(None)
     trim = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and trim)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library, if it is glibc: platform.libc_ver reads the interpreter's
+    file to tell, so once."""
+    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
