@@ -10,8 +10,9 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -613,12 +614,59 @@ async def test_a_full_disk_refuses_the_job_saying_so_and_the_store_recovers(
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages + 8}")  # the file cannot grow: a full disk
         big = JobSpec(id=new_job_id(), image=os.urandom(200_000))
-        with pytest.raises(QueueUnavailable, match="database or disk is full"):
+        with pytest.raises(DiskLow, match="database or disk is full"):
             await store.enqueue(big)
         assert await store.get(big.id) is None
         assert await store.queue_depth() == 0
         conn.execute("PRAGMA max_page_count = 1073741823")  # room again
         assert (await store.enqueue(big)).status is JobStatus.QUEUED
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of its own, of 4 MiB (a tmpfs), that a test can fill."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=700", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("mounting a tmpfs takes root (CI runs as root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def _fill(disk: Path, leaving: int) -> Path:
+    """A file taking all but `leaving` bytes of the disk's free space."""
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(shutil.disk_usage(disk).free - leaving, 0))
+    return filler
+
+
+async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_fit(
+    small_disk: Path,
+) -> None:
+    """With no floor set, the ping's small write went on passing on a disk too full for any
+    job: /health/all said ok while every new job was refused."""
+    store = SQLiteJobStore(small_disk / "jobs.db")  # min_free_bytes 0: no floor
+    await store.open()
+    try:
+        await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+        filler = _fill(small_disk, leaving=64 * 1024)
+        big = JobSpec(id=new_job_id(), image=os.urandom(512 * 1024))
+        with pytest.raises(DiskLow, match="database or disk is full") as refused:
+            await store.enqueue(big)
+        assert refused.value.details["needed_bytes"] == 2 * len(big.image)
+        with pytest.raises(DiskLow, match="the job store's disk was full"):
+            await store.ping()
+        with pytest.raises(DiskLow, match="the last job refused needs 1024 KiB"):
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+        filler.unlink()
+        await store.ping()
+        assert (await store.enqueue(big)).status is JobStatus.QUEUED
+        assert await store.queue_depth() == 2
     finally:
         await store.close()
 

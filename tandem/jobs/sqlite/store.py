@@ -86,6 +86,10 @@ class SQLiteJobStore:
         # Kept free for the workers: finishing a job writes before it frees the image's pages,
         # and a checkpoint grows the file, so a disk filled by new jobs would hold them all.
         self.min_free_bytes = min_free_bytes
+        # Room the last job that met a full disk needs (its image in the WAL, then in the
+        # file), kept as a floor until a job is stored: the ping's small write went on passing
+        # on that disk, and /health/all said ok while every new job was refused.
+        self._refused_bytes = 0
         self._conn: sqlite3.Connection | None = None
         self._shrinks = False
         self._giving_back: asyncio.Task[None] | None = None
@@ -176,28 +180,51 @@ class SQLiteJobStore:
         await self._run(touch, lazy=True)
 
     def _check_room(self, c: sqlite3.Connection) -> None:
-        """DiskLow under the free-space floor. Pages that finished jobs freed in the file
-        count as free: new jobs reuse them, though the file system never sees them again."""
-        if not self.min_free_bytes:
+        """DiskLow under the free-space floor, or without room for the job a full disk
+        refused. Pages that finished jobs freed in the file count as free: new jobs reuse
+        them, though the file system never sees them again."""
+        floor = max(self.min_free_bytes, self._refused_bytes)
+        if not floor:
             return
         space = os.statvfs(self.path.parent)
         free = space.f_bavail * space.f_frsize
-        if free < self.min_free_bytes:
+        if free < floor:
             free += upkeep.free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
-        if free < self.min_free_bytes:
+        if free >= floor:
+            return
+        if floor == self.min_free_bytes:
             raise DiskLow(
                 f"the job store has {free // upkeep.MIB} MiB free on its disk and in its file,"
-                f" under its floor of {self.min_free_bytes // upkeep.MIB} MiB",
+                f" under its floor of {floor // upkeep.MIB} MiB",
                 free_bytes=free,
-                min_free_bytes=self.min_free_bytes,
+                min_free_bytes=floor,
             )
+        raise DiskLow(
+            f"the job store's disk was full: {free // upkeep.KIB} KiB free on it and in the file,"
+            f" where the last job refused needs {floor // upkeep.KIB} KiB",
+            free_bytes=free,
+            needed_bytes=floor,
+        )
 
     # -- producer side -------------------------------------------------------------------------
 
     async def enqueue(self, spec: JobSpec) -> Job:
         now = self._clock()
-        job = await self._run(lambda c: in_transaction(c, lambda: self._insert(c, spec, now)))
+        job = await self._run(lambda c: self._store(c, spec, now))
         self._enqueued.set()
+        return job
+
+    def _store(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:
+        try:
+            job = in_transaction(c, lambda: self._insert(c, spec, now))
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            self._refused_bytes = 2 * len(spec.image)
+            raise DiskLow(
+                f"the job store's disk is full: {exc}", needed_bytes=self._refused_bytes
+            ) from exc
+        self._refused_bytes = 0
         return job
 
     def _insert(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:

@@ -17,7 +17,8 @@ from tandem.threads import pool
 
 log = logging.getLogger("tandem.jobs")
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
 BUSY_TIMEOUT_MS = 10_000
 
 CHECKPOINT_EVERY_S = 1.0
