@@ -58,7 +58,7 @@ class Bench:
 
     @property
     def seconds(self) -> float:
-        return 2.0 if self.quick else 5.0
+        return 1.0 if self.quick else 5.0
 
     @property
     def tail_seconds(self) -> float:
@@ -584,7 +584,7 @@ def interference(bench: Bench) -> dict[str, Any]:
     """
     body, content_type = bodies(bench)["json"]
     data = bench.work / "busy"
-    _fill_queue(bench, data, 400 if bench.quick else 1500)
+    _fill_queue(bench, data, 250 if bench.quick else 1500)
     empty, empty_port = serve(bench, bench.work / "quiet", "--no-worker")
     busy, busy_port = serve(bench, data)  # the default: the accurate model's worker in-process
     watch = QueueWatch(data)
