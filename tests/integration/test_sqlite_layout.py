@@ -653,12 +653,17 @@ async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_f
     store = SQLiteJobStore(small_disk / "jobs.db")  # min_free_bytes 0: no floor
     await store.open()
     try:
-        await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+        small = JobSpec(id=new_job_id(), image=b"small", idempotency_key="k1")
+        await store.enqueue(small)
         filler = _fill(small_disk, leaving=64 * 1024)
         big = JobSpec(id=new_job_id(), image=os.urandom(512 * 1024))
         with pytest.raises(DiskLow, match="database or disk is full") as refused:
             await store.enqueue(big)
         assert refused.value.details["needed_bytes"] == 2 * len(big.image)
+        with pytest.raises(DiskLow, match="the job store's disk was full"):
+            await store.ping()
+        retried = JobSpec(id=new_job_id(), image=b"small", idempotency_key="k1")
+        assert (await store.enqueue(retried)).id == small.id  # writes nothing, proves no room
         with pytest.raises(DiskLow, match="the job store's disk was full"):
             await store.ping()
         with pytest.raises(DiskLow, match="the last job refused needs 1024 KiB"):

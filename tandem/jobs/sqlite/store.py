@@ -191,6 +191,7 @@ class SQLiteJobStore:
         if free < floor:
             free += upkeep.free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
         if free >= floor:
+            self._refused_bytes = 0  # room for the refused job again
             return
         if floor == self.min_free_bytes:
             raise DiskLow(
@@ -215,6 +216,7 @@ class SQLiteJobStore:
         return job
 
     def _store(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:
+        """`_insert` in a transaction; a full disk is a floor until the job would fit."""
         try:
             job = in_transaction(c, lambda: self._insert(c, spec, now))
         except sqlite3.OperationalError as exc:
@@ -224,7 +226,6 @@ class SQLiteJobStore:
             raise DiskLow(
                 f"the job store's disk is full: {exc}", needed_bytes=self._refused_bytes
             ) from exc
-        self._refused_bytes = 0
         return job
 
     def _insert(self, c: sqlite3.Connection, spec: JobSpec, now: float) -> Job:
