@@ -87,8 +87,8 @@ class SQLiteJobStore:
         # and a checkpoint grows the file, so a disk filled by new jobs would hold them all.
         self.min_free_bytes = min_free_bytes
         # Room the last job that met a full disk needs (its image in the WAL, then in the
-        # file), kept as a floor until a job is stored: the ping's small write went on passing
-        # on that disk, and /health/all said ok while every new job was refused.
+        # file), kept as a floor until there is that room: the ping's small write went on
+        # passing on that disk, and /health/all said ok while every new job was refused.
         self._refused_bytes = 0
         self._conn: sqlite3.Connection | None = None
         self._shrinks = False
