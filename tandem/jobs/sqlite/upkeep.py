@@ -24,6 +24,12 @@ BUSY_TIMEOUT_MS = 10_000
 CHECKPOINT_EVERY_S = 1.0
 # The checkpoint copies megabytes a second beside the fast model: it gets the cores last.
 CHECKPOINT_NICE = 19
+# Beside other processes keeping the cores busy at nice 0, a checkpoint at nice 19 gets some
+# 1 % of a core, and under commits that never pause the WAL grew past its cap for as long as
+# that one took. Once one has, checkpoints run at the process's priority for this long (see
+# Checkpointer._in_time).
+HURRIED_FOR_S = 60.0
+INTERRUPT_EVERY_S = 0.01
 # The WAL is started over past this, and its file cut back to it: the file keeps the size
 # its busiest spell gave it (1 GB after a backlog of 470 MB). Starting over costs the store's
 # thread 35 to 40 ms (see start_wal_over); at 64 MiB, that raised the 16-client p99 by 7 and
@@ -99,7 +105,8 @@ class Checkpointer:
     a second at a proxy's 160 requests/s): past WAL_KEPT_BYTES, it is started over
     (`start_wal_over`). A file far larger than the commits need is emptied (`empty_wal`; see
     WAL_WINDOW_S). Both run by `run`, on the store's thread and connection, since they take
-    the write lock."""
+    the write lock. Where the checkpoint starves at CHECKPOINT_NICE, the WAL's cap still holds
+    (`_in_time`)."""
 
     def __init__(
         self, path: Path, every_s: float, run: Callable[[WalStep], Awaitable[bool]]
@@ -107,6 +114,7 @@ class Checkpointer:
         self._path, self._every_s, self._run = path, every_s, run
         self._wal = beside(path, "-wal")
         self._thread = pool("tandem-checkpoint", 1, CHECKPOINT_NICE)
+        self._urgent = pool("tandem-checkpoint-urgent", 1)  # its thread starts when first used
         self._conn: sqlite3.Connection | None = None
         # A WAL frame is a page and its header; the page size of a file in WAL mode is fixed.
         self._frame_bytes = 0
@@ -117,6 +125,7 @@ class Checkpointer:
         # checkpoints, and the window's start.
         self._wal_bytes, self._started_over = 0, False
         self._written, self._window_start = 0, time.monotonic()
+        self._hurried_until = 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,12 +135,47 @@ class Checkpointer:
         self._task = asyncio.create_task(self._every_while(), name="tandem-checkpoint")
 
     async def _every_while(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._every_s)
             with contextlib.suppress(sqlite3.Error, QueueUnavailable):  # the next round tries
-                found = await loop.run_in_executor(self._thread, self._checkpoint)
-                await self._tend(*found)
+                await self._tend(*await self._in_time())
+
+    async def _in_time(self) -> tuple[int, int]:
+        """A checkpoint's findings. It runs at CHECKPOINT_NICE, unless one there let the WAL
+        pass WAL_KEPT_BYTES in the last HURRIED_FOR_S: then at the process's priority. (The
+        WAL's file only grows past that when the WAL in use does: starting over cuts it.)"""
+        loop = asyncio.get_running_loop()
+        if time.monotonic() < self._hurried_until:
+            return await loop.run_in_executor(self._urgent, self._checkpoint)
+        slow, started = loop.run_in_executor(self._thread, self._checkpoint), time.monotonic()
+        while not slow.done():
+            await asyncio.wait([slow], timeout=self._every_s)
+            if not slow.done() and self._wal_file_bytes() > WAL_KEPT_BYTES:
+                await self._interrupt(slow)
+                self._hurry(time.monotonic() - started)
+                return await loop.run_in_executor(self._urgent, self._checkpoint)
+        return slow.result()
+
+    async def _interrupt(self, slow: asyncio.Future[tuple[int, int]]) -> None:
+        """Two checkpoints never run at once: `slow` gives up at its next page. An interrupt
+        that came before it started is forgotten, hence again until it gives up."""
+        assert self._conn is not None
+        while not slow.done():
+            self._conn.interrupt()
+            await asyncio.wait([slow], timeout=INTERRUPT_EVERY_S)
+        with contextlib.suppress(sqlite3.OperationalError):  # interrupted
+            slow.result()
+
+    def _hurry(self, waited_s: float) -> None:
+        self._hurried_until = time.monotonic() + HURRIED_FOR_S
+        log.warning(
+            "the job store's WAL passed %d MiB while its checkpoint, at nice %d, waited %.1f s"
+            " for busy cores: checkpoints run at the process's priority for the next %.0f s",
+            WAL_KEPT_BYTES // MIB,
+            CHECKPOINT_NICE,
+            waited_s,
+            HURRIED_FOR_S,
+        )
 
     async def _tend(self, wal_bytes: int, file_bytes: int) -> None:
         """Start the WAL over, or empty it, if it needs it and no try is waiting its turn."""
@@ -187,6 +231,7 @@ class Checkpointer:
         """The last connection to close checkpoints what is left (SQLite does that itself)."""
         await stop(self._task)
         self._task = None
+        self._urgent.shutdown(wait=True)  # a checkpoint there may still have the connection
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
             self._conn = None
