@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,6 +98,20 @@ def idle(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 def own_idle(tiny_dir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     """An `idle` server of the test's own, which it may stop and start again."""
     yield from _tiny_server(tiny_dir, tmp_path, "--no-worker")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of its own, of 4 MiB (a tmpfs), that a test can fill."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=700", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("mounting a tmpfs takes root (CI runs as root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 @pytest.fixture

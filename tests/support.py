@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -92,6 +93,13 @@ def cut_tiff() -> bytes:
     """A TIFF that ends 40 bytes into its directory (written last, as Pillow writes it):
     Pillow reads the tags it can, and libtiff, reading the file again, reports it broken."""
     return encode(noise(64, 48), "TIFF", compression="tiff_lzw")[:-40]
+
+
+def fill(disk: Path, leaving: int) -> Path:
+    """A file taking all but `leaving` bytes of the disk's free space."""
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(shutil.disk_usage(disk).free - leaving, 0))
+    return filler
 
 
 def b64(data: bytes) -> str:

@@ -10,10 +10,9 @@ import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from tandem.jobs.records import JobSpec, JobStatus, dump_meta, new_job_id
 from tandem.jobs.sqlite import MIB, SQLiteJobStore, schema, upkeep
 from tandem.jobs.sqlite import store as sqlite_store
 from tandem.jobs.store import StorePolicy
-from tests.support import ANSWER
+from tests.support import ANSWER, fill
 
 # The jobs table as earlier versions made it: the image inline, in the row; no lease owner.
 EARLIER_JOBS = """
@@ -663,27 +662,6 @@ async def test_a_full_disk_refuses_the_job_saying_so_and_the_store_recovers(
         await store.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A file system of its own, of 4 MiB (a tmpfs), that a test can fill."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=700", "tmpfs", str(disk)]
-    if subprocess.run(mount, capture_output=True, check=False).returncode:
-        pytest.skip("mounting a tmpfs takes root (CI runs as root)")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
-
-
-def _fill(disk: Path, leaving: int) -> Path:
-    """A file taking all but `leaving` bytes of the disk's free space."""
-    filler = disk / "filler"
-    filler.write_bytes(b"\0" * max(shutil.disk_usage(disk).free - leaving, 0))
-    return filler
-
-
 async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_fit(
     small_disk: Path,
 ) -> None:
@@ -694,7 +672,7 @@ async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_f
     try:
         small = JobSpec(id=new_job_id(), image=b"small", idempotency_key="k1")
         await store.enqueue(small)
-        filler = _fill(small_disk, leaving=64 * 1024)
+        filler = fill(small_disk, leaving=64 * 1024)
         big = JobSpec(id=new_job_id(), image=os.urandom(512 * 1024))
         with pytest.raises(DiskLow, match="database or disk is full") as refused:
             await store.enqueue(big)

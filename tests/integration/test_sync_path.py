@@ -32,6 +32,8 @@ from tests.support import (
     TinySpec,
     encode,
     fast_call_in_flight,
+    fill,
+    noise,
     overwrite_meta,
     solid,
     tiny_model,
@@ -425,6 +427,30 @@ def test_a_disk_under_its_floor_refuses_new_jobs_with_the_fast_answer_and_readin
 
     assert _wait_for(lambda: ready()["tiny_accurate"] == "ok")  # its worker goes on
     assert f"under its floor of {free_mib + 1024} MiB" in ready()["queue"]
+
+
+def test_a_full_disk_refuses_new_jobs_as_disk_low_and_readiness_fails_until_there_is_room(
+    tiny_dir: Path, small_disk: Path, open_app: Callable[[Settings], TestClient]
+) -> None:
+    """With no floor set, a disk too full for a photo took every new job as 503
+    queue_unavailable, while /health/all, whose write is small, said ok."""
+    settings = _settings(tiny_dir, small_disk).model_dump() | {"min_free_disk_mb": 0}
+    client = open_app(Settings(**settings | {"embedded_worker": True}))
+    png = {"Content-Type": "image/png"}
+    photo = encode(noise(400, 400), "PNG")  # some 480 KB, as little compressible as a photo
+    filler = fill(small_disk, leaving=64 * 1024)
+    refused = client.post("/predict", content=photo, headers=png)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["job_id"] is None
+    assert refused.json()["tiny_fast"].startswith("class ")  # the fast answer all the same
+    assert refused.json()["error"]["code"] == "disk_low"
+    assert refused.json()["error"]["details"]["needed_bytes"] == 2 * len(photo)
+    health = client.get("/health/all")
+    assert health.status_code == 503
+    assert "the job store's disk was full" in health.json()["queue"]
+    filler.unlink()
+    assert _wait_for(lambda: client.get("/health/all").status_code == 200)
+    assert client.post("/predict", content=photo, headers=png).json()["job_id"] is not None
 
 
 def test_a_fast_model_whose_scores_are_not_finite_gets_a_typed_500_and_leaves_no_job(
