@@ -425,6 +425,23 @@ async def test_the_wal_keeps_its_cap_while_its_checkpoints_wait_for_busy_cores(
     assert "checkpoints run at the process's priority for the next 60 s" in said
 
 
+async def test_closing_does_not_wait_for_a_checkpoint_that_waits_for_the_cores(
+    starved_checkpoints: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine, the checkpoint at nice 19 may copy for minutes: a shutdown (SIGTERM,
+    a deploy) waited for it. The store's own connection, closed last, checkpoints the rest."""
+    monkeypatch.setattr(upkeep, "CHECKPOINT_EVERY_S", 0.05)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    await _enqueue_megabytes(store, 1)
+    await asyncio.sleep(0.2)  # a checkpoint under way
+    started = time.monotonic()
+    await store.close()
+    assert time.monotonic() - started < 5.0  # not the 18 s the checkpoint waits
+    assert _size(tmp_path / "jobs.db") > 1_000_000
+    assert _size(tmp_path / "jobs.db-wal") == 0
+
+
 async def test_a_reader_that_holds_the_wal_does_not_hold_up_writes(
     small_wal: SQLiteJobStore,
 ) -> None:

@@ -126,6 +126,7 @@ class Checkpointer:
         self._wal_bytes, self._started_over = 0, False
         self._written, self._window_start = 0, time.monotonic()
         self._hurried_until = 0.0
+        self._slow: asyncio.Future[tuple[int, int]] | None = None  # the last at CHECKPOINT_NICE
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,7 +148,8 @@ class Checkpointer:
         loop = asyncio.get_running_loop()
         if time.monotonic() < self._hurried_until:
             return await loop.run_in_executor(self._urgent, self._checkpoint)
-        slow, started = loop.run_in_executor(self._thread, self._checkpoint), time.monotonic()
+        slow = self._slow = loop.run_in_executor(self._thread, self._checkpoint)
+        started = time.monotonic()
         while not slow.done():
             await asyncio.wait([slow], timeout=self._every_s)
             if not slow.done() and self._wal_file_bytes() > WAL_KEPT_BYTES:
@@ -163,7 +165,7 @@ class Checkpointer:
         while not slow.done():
             self._conn.interrupt()
             await asyncio.wait([slow], timeout=INTERRUPT_EVERY_S)
-        with contextlib.suppress(sqlite3.OperationalError):  # interrupted
+        with contextlib.suppress(sqlite3.Error):  # interrupted, or failed: the next one tries
             slow.result()
 
     def _hurry(self, waited_s: float) -> None:
@@ -228,9 +230,12 @@ class Checkpointer:
             return 0
 
     async def stop(self) -> None:
-        """The last connection to close checkpoints what is left (SQLite does that itself)."""
+        """The last connection to close checkpoints what is left (SQLite does that itself), so
+        a checkpoint still waiting for the cores at CHECKPOINT_NICE is interrupted."""
         await stop(self._task)
         self._task = None
+        if self._slow is not None:
+            await self._interrupt(self._slow)
         self._urgent.shutdown(wait=True)  # a checkpoint there may still have the connection
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
