@@ -37,14 +37,15 @@ def _left_mib(manifest: Path, mode: str) -> int:
     return int(python_output(CHECKED, str(manifest), mode, timeout=120))
 
 
-# What a check may leave: handed back, 13 to 14 MB was left in every run seen.
-LEFT_AT_MOST_MIB = 25
+# What a check may leave: handed back, 12 to 14 MB was left in every run seen; kept by glibc,
+# 25 to 80 MB (25 once, in a clean-clone run: it had been the bound, which the control missed).
+LEFT_AT_MOST_MIB = 20
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
 def test_checking_a_model_before_serving_leaves_little_memory_behind(model_dir: Path) -> None:
     """Classifying the bundled photo in a session that is then dropped: glibc kept what it
-    freed (37 to 80 MB for Lite2, by run), and the proxy served with it resident."""
+    freed (25 to 80 MB for Lite2, by run), and the proxy served with it resident."""
     manifest = model_dir / "efficientnet_lite2" / "manifest.json"
     assert _left_mib(manifest, "kept") > LEFT_AT_MOST_MIB  # glibc alone breaks the bound
     assert _left_mib(manifest, "returned") < LEFT_AT_MOST_MIB
