@@ -441,10 +441,11 @@ def test_a_full_disk_refuses_new_jobs_as_disk_low_and_readiness_fails_until_ther
     filler = fill(small_disk, leaving=64 * 1024)
     refused = client.post("/predict", content=photo, headers=png)
     assert refused.status_code == 503, refused.text
-    assert refused.json()["job_id"] is None
-    assert refused.json()["tiny_fast"].startswith("class ")  # the fast answer all the same
-    assert refused.json()["error"]["code"] == "disk_low"
-    assert refused.json()["error"]["details"]["needed_bytes"] == 2 * len(photo)
+    body = refused.json()
+    assert body["job_id"] is None
+    assert body["tiny_fast"].startswith("class ")  # the fast answer all the same
+    assert body["error"]["code"] == "disk_low"
+    assert body["error"]["details"]["needed_bytes"] == 2 * len(photo)
     health = client.get("/health/all")
     assert health.status_code == 503
     assert "the job store's disk was full" in health.json()["queue"]
