@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.api.guards import api_key_id_in
 from tandem.cascade import Agreement
 from tandem.jobs.latency import AnswerLatency
-from tandem.jobs.store import QueueStats
+from tandem.jobs.store import QueueStats, StoreSpace
 from tandem.service import FastOutcome, TandemService
 from tandem.webhooks import COUNTERS as WEBHOOK_COUNTERS
 
@@ -60,6 +60,7 @@ class Snapshot:
 
     def __init__(self) -> None:
         self.queue: QueueStats | None = None
+        self.space: StoreSpace | None = None
         self.counts: dict[str, int] = {}
         self.watchers = 0
 
@@ -76,6 +77,19 @@ class _StoreCollector(Collector):
                 "tandem_queue_oldest_age_seconds",
                 "Age of the oldest unfinished job (0 when none).",
                 snap.queue.oldest_age_s,
+            )
+        if snap.space is not None:
+            yield _gauge(
+                "tandem_store_used_bytes",
+                "What the job store takes: the SQLite file and its WAL on disk, or the Redis"
+                " server's memory.",
+                snap.space.used_bytes,
+            )
+            yield _gauge(
+                "tandem_store_room_bytes",
+                "What the job store may take more before it refuses new jobs: free disk above"
+                " TANDEM_MIN_FREE_DISK_MB, or Redis's maxmemory (+Inf without one).",
+                snap.space.room_bytes,
             )
         jobs = CounterMetricFamily(
             "tandem_jobs", "Jobs by outcome, from every worker.", labels=["outcome"]
@@ -186,6 +200,7 @@ class Metrics:
     async def render_for(self, service: TandemService) -> bytes:
         """Read the store's side, then render every metric."""
         self.snapshot.queue = await service.queue_stats()
+        self.snapshot.space = await service.store.space()
         self.snapshot.counts = await service.store.counts()  # no request counts shown: no flush
         self.snapshot.watchers = service.store.watchers
         return generate_latest(self.registry)

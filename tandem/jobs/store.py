@@ -64,6 +64,15 @@ class QueueStats:
     oldest_age_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class StoreSpace:
+    """What the store takes (`used_bytes`), and what it may take more before it refuses new
+    jobs (`room_bytes`; infinite where it knows no limit)."""
+
+    used_bytes: int
+    room_bytes: float
+
+
 @runtime_checkable
 class JobStore(Protocol):
     policy: StorePolicy
@@ -135,6 +144,9 @@ class JobStore(Protocol):
     async def oldest_unfinished_at(self) -> float | None:
         """When the oldest job waiting or running was queued (Unix time), None if there is none.
         A job put back for a retry counts from when it was put back on Redis."""
+
+    async def space(self) -> StoreSpace | None:
+        """Its room, for the metrics; None where the backend will not say."""
 
     async def purge_expired(self) -> int:
         """Delete finished jobs past their TTL, and forget workers not heard from for

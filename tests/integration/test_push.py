@@ -238,6 +238,8 @@ def test_metrics_count_requests_by_route_and_the_queue(working: ServerProcess) -
     assert job_id not in text  # ids are never label values
     assert 'tandem_fast_inference_seconds_count{model="tiny_fast"}' in text
     assert metric(text, "tandem_queue_length") >= 0
+    assert metric(text, "tandem_store_used_bytes") > 0  # its SQLite file
+    assert metric(text, "tandem_store_room_bytes") > 0
     assert 'tandem_jobs_total{outcome="done"}' in text
     assert "tandem_model_agreement_ratio" in text
 

@@ -731,6 +731,7 @@ async def test_a_redis_that_denies_info_is_said_unchecked_and_still_serves(
         stack.push_async_callback(store.close)
         await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
         assert await store.queue_depth() == 1
+        assert await store.space() is None  # the metrics leave its gauges out
     warned = [r.getMessage() for r in caplog.records if r.name == "tandem.jobs"]
     assert len(warned) == 1
     assert "does not let Tandem read INFO" in warned[0]
@@ -793,6 +794,23 @@ async def test_workers_drain_a_queue_that_filled_redis_to_its_limit(
     assert await store.queue_depth() == 0
     # Their images gone, there is room for new jobs again.
     await store.enqueue(JobSpec(id=new_job_id(), image=b"x" * 4000))
+
+
+async def test_the_room_redis_reports_is_what_it_takes_before_it_refuses_jobs(
+    full_redis: tuple[RedisJobStore, list[str]],
+) -> None:
+    """tandem_store_room_bytes: none left at the limit that refused the last job, and the
+    images' room back once their jobs are done."""
+    store, queued = full_redis
+    full = await store.space()
+    assert full is not None
+    assert full.room_bytes < 16 * 1024  # the refused command's buffers may be freed since
+    claims = await store.claim("w", len(queued), 0)
+    await store.complete_many({claim.id: ANSWER for claim in claims})
+    drained = await store.space()
+    assert drained is not None
+    assert drained.room_bytes > len(queued) * 4000 // 2  # the images, less the results kept
+    assert drained.used_bytes < full.used_bytes
 
 
 async def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them(

@@ -694,6 +694,7 @@ async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_f
         with pytest.raises(DiskLow, match="database or disk is full") as refused:
             await store.enqueue(big)
         assert refused.value.details["needed_bytes"] == 2 * len(big.image)
+        assert await _room(store) == 0
         with pytest.raises(DiskLow, match="the job store's disk was full"):
             await store.ping()
         retried = JobSpec(id=new_job_id(), image=b"small", idempotency_key="k1")
@@ -708,6 +709,33 @@ async def test_after_a_full_disk_the_store_says_so_until_the_refused_job_would_f
         assert await store.queue_depth() == 2
     finally:
         await store.close()
+
+
+async def test_the_room_the_store_reports_is_what_it_may_take_before_it_refuses_jobs(
+    small_disk: Path,
+) -> None:
+    """tandem_store_room_bytes: free disk above the floor, 0 while new jobs are refused."""
+    floor = MIB
+    store = SQLiteJobStore(small_disk / "jobs.db", min_free_bytes=floor)
+    await store.open()
+    try:
+        empty = await _room(store)
+        assert 2 * MIB < empty <= shutil.disk_usage(small_disk).free - floor  # 4 MiB disk
+        await store.enqueue(JobSpec(id=new_job_id(), image=os.urandom(MIB)))
+        assert await _room(store) <= empty - MIB // 2  # its WAL may reuse a little room
+        filler = fill(small_disk, leaving=floor // 2)
+        assert await _room(store) == 0
+        with pytest.raises(DiskLow, match="under its floor"):
+            await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+        filler.unlink()
+        assert await _room(store) > MIB
+        await store.enqueue(JobSpec(id=new_job_id(), image=b"small"))
+    finally:
+        await store.close()
+
+
+async def _room(store: SQLiteJobStore) -> float:
+    return (await store.space()).room_bytes
 
 
 async def test_under_its_disk_floor_the_store_takes_no_new_job_but_finishes_queued_ones(

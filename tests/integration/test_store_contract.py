@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -136,6 +138,20 @@ async def test_enqueue_returns_a_queued_job_that_get_finds(store: JobStore) -> N
     assert await store.queue_depth() == 1
     full = replace(spec(), fast=answer("fast"), callback_url="http://hooks.test/x")
     assert await store.enqueue(full) == await store.get(full.id)
+
+
+async def test_a_queued_image_counts_in_what_the_store_takes(store: JobStore) -> None:
+    """Each backend's room toward its limit is tested on its own (a small disk, a Redis at its
+    maxmemory): here, that an image shows in `used_bytes`. A SQLite WAL may reuse room a
+    checkpoint left, hence half."""
+    before = await store.space()
+    image = os.urandom(1024 * 1024)
+    await store.enqueue(spec(image))
+    after = await store.space()
+    assert before is not None
+    assert after is not None
+    assert after.used_bytes - before.used_bytes >= len(image) // 2
+    assert 0 < after.room_bytes < math.inf  # the disk's free space, or Redis's 1 GB limit
 
 
 async def test_get_of_an_unknown_id_is_none(store: JobStore) -> None:

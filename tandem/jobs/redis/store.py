@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -72,6 +73,7 @@ from tandem.jobs.store import (
     WORKER_FORGOTTEN_S,
     Completed,
     StorePolicy,
+    StoreSpace,
     owner_share_full,
     queue_full,
     unreadable_failure,
@@ -306,7 +308,7 @@ class RedisJobStore:
         try:
             await self._check_keeping()
         except ResponseError as exc:
-            if not isinstance(exc, NoPermissionError) and not str(exc).startswith(_UNKNOWN):
+            if not _info_denied(exc):
                 raise
             log.warning(
                 "Redis at %s does not let Tandem read INFO (%s): whether it may lose accepted"
@@ -638,6 +640,21 @@ class RedisJobStore:
             return None
         return int(as_text(first[0][0]).split("-")[0]) / 1000.0
 
+    async def space(self) -> StoreSpace | None:
+        """The server's memory (every key in it, not Tandem's alone); room: up to its
+        `maxmemory`, as Redis counts toward it. None where it denies Tandem INFO."""
+
+        async def read() -> StoreSpace | None:
+            try:
+                memory: Any = await self._client.info("memory")
+            except ResponseError as exc:
+                if _info_denied(exc):
+                    return None
+                raise
+            return _space(memory)
+
+        return await self._call(read)
+
     async def purge_expired(self) -> int:
         await self._call(self._forget_gone_workers)
         return 0  # Redis expires finished jobs by itself (PEXPIRE in the finishing script).
@@ -680,6 +697,21 @@ class RedisJobStore:
             return set()
         models = await self._call(lambda: self._client.hmget(self._models, ids))
         return {as_text(m) for m in models if m is not None}
+
+
+def _info_denied(exc: ResponseError) -> bool:
+    """INFO denied by ACL, or renamed away, as some managed Redis do."""
+    return isinstance(exc, NoPermissionError) or str(exc).startswith(_UNKNOWN)
+
+
+def _space(memory: Mapping[str, Any]) -> StoreSpace:
+    used = int(memory["used_memory"])
+    limit = int(memory.get("maxmemory", 0))
+    if not limit:  # it grows until the system kills it (README, Durability)
+        return StoreSpace(used, math.inf)
+    # Replication and AOF buffers do not count toward the limit.
+    counted = used - int(memory.get("mem_not_counted_for_evict", 0))
+    return StoreSpace(used, max(0, limit - counted))
 
 
 # Lua's string.format placeholder for the attempt count.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tandem.errors import CopyFailed
 from tandem.files import PRIVATE_FILE, private_dir
-from tandem.jobs.sqlite.upkeep import BUSY_TIMEOUT_MS, MIB, beside
+from tandem.jobs.sqlite.upkeep import BUSY_TIMEOUT_MS, MIB, beside, store_bytes
 
 SQLITE_HEADER = b"SQLite format 3\0"  # the first bytes of every SQLite database file
 
@@ -177,8 +177,7 @@ def _check_room(source: Path, dest: Path, keep_free_bytes: int) -> None:
     """Refuse a copy that may not fit, leaving `keep_free_bytes` free: one that filled the
     store's disk would stop the store's writes too, the workers' included. A copy is at most
     the file and its log."""
-    log = beside(source, "-wal")
-    needed = source.stat().st_size + (log.stat().st_size if log.exists() else 0)
+    needed = store_bytes(source)
     try:
         free = shutil.disk_usage(dest.parent).free
     except OSError as exc:

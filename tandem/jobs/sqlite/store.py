@@ -51,6 +51,7 @@ from tandem.jobs.store import (
     WORKER_FORGOTTEN_S,
     Completed,
     StorePolicy,
+    StoreSpace,
     owner_share_full,
     queue_full,
     unreadable_failure,
@@ -183,11 +184,10 @@ class SQLiteJobStore:
         """DiskLow under the free-space floor, or without room for the job a full disk
         refused. Pages that finished jobs freed in the file count as free: new jobs reuse
         them, though the file system never sees them again."""
-        floor = max(self.min_free_bytes, self._refused_bytes)
+        floor = self._floor_bytes()
         if not floor:
             return
-        space = os.statvfs(self.path.parent)
-        free = space.f_bavail * space.f_frsize
+        free = _disk_free_bytes(self.path.parent)
         if free < floor:
             free += upkeep.free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
         if free >= floor:
@@ -206,6 +206,19 @@ class SQLiteJobStore:
             free_bytes=free,
             needed_bytes=floor,
         )
+
+    def _floor_bytes(self) -> int:
+        return max(self.min_free_bytes, self._refused_bytes)
+
+    async def space(self) -> StoreSpace:
+        """The database file and its WAL; room: the disk's and the file's free pages, above
+        the floor `_check_room` keeps."""
+
+        def measure(c: sqlite3.Connection) -> StoreSpace:
+            free = _disk_free_bytes(self.path.parent) + upkeep.free_pages_bytes(c)
+            return StoreSpace(upkeep.store_bytes(self.path), max(0, free - self._floor_bytes()))
+
+        return await self._run(measure)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -554,6 +567,11 @@ class SQLiteJobStore:
             return {model for (model,) in rows}
 
         return await self._run(select)
+
+
+def _disk_free_bytes(directory: Path) -> int:
+    space = os.statvfs(directory)
+    return space.f_bavail * space.f_frsize
 
 
 def _data_version(c: sqlite3.Connection) -> int:

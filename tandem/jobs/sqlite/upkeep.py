@@ -68,6 +68,20 @@ def beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def file_bytes(path: Path) -> int:
+    """The size of the database, or of a file beside it (0 where there is none: the last
+    connection to close removes its WAL)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def store_bytes(path: Path) -> int:
+    """The database at `path` and its WAL, on disk."""
+    return file_bytes(path) + file_bytes(beside(path, "-wal"))
+
+
 def connection(path: Path) -> sqlite3.Connection:
     """A connection with the settings each of the store's takes, its checkpointer's too."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -224,10 +238,7 @@ class Checkpointer:
         return max(int(frames), 0) * self._frame_bytes, self._wal_file_bytes()
 
     def _wal_file_bytes(self) -> int:
-        try:
-            return self._wal.stat().st_size
-        except FileNotFoundError:  # the last connection to close removes it
-            return 0
+        return file_bytes(self._wal)
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself), so
