@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.api.guards import api_key_id_in
 from tandem.cascade import Agreement
+from tandem.errors import QueueUnavailable
 from tandem.jobs.latency import AnswerLatency
 from tandem.jobs.store import QueueStats, StoreSpace
 from tandem.service import FastOutcome, TandemService
@@ -55,13 +56,20 @@ def annotate_access(request: Request, text: str, job_id: str | None = None) -> N
     request.scope.setdefault("state", {})[ACCESS_NOTE] = AccessNote(text, job_id)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreView:
+    """The store's side, read just before a scrape."""
+
+    queue: QueueStats
+    space: StoreSpace | None
+    counts: dict[str, int]
+
+
 class Snapshot:
-    """The store's view, read just before each scrape."""
+    """What the next scrape shows of the store; `store` is None where it did not answer."""
 
     def __init__(self) -> None:
-        self.queue: QueueStats | None = None
-        self.space: StoreSpace | None = None
-        self.counts: dict[str, int] = {}
+        self.store: StoreView | None = None
         self.watchers = 0
 
 
@@ -70,71 +78,85 @@ class _StoreCollector(Collector):
         self.snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        snap, counts = self.snapshot, self.snapshot.counts
-        if snap.queue is not None:
-            yield _gauge("tandem_queue_length", "Jobs waiting or running.", snap.queue.depth)
-            yield _gauge(
-                "tandem_queue_oldest_age_seconds",
-                "Age of the oldest unfinished job (0 when none).",
-                snap.queue.oldest_age_s,
-            )
-        if snap.space is not None:
-            yield _gauge(
-                "tandem_store_used_bytes",
-                "What the job store takes: the SQLite file and its WAL on disk, or the Redis"
-                " server's memory.",
-                snap.space.used_bytes,
-            )
-            yield _gauge(
-                "tandem_store_room_bytes",
-                "What the job store may take more before it refuses new jobs: free disk above"
-                " TANDEM_MIN_FREE_DISK_MB, or Redis's maxmemory (+Inf without one).",
-                snap.space.room_bytes,
-            )
-        jobs = CounterMetricFamily(
-            "tandem_jobs", "Jobs by outcome, from every worker.", labels=["outcome"]
+        view = self.snapshot.store
+        yield _gauge(
+            "tandem_store_up",
+            "1 if the job store answered this scrape; 0: Redis or the disk is away, and the"
+            " metrics read from the store are left out.",
+            view is not None,
         )
-        for outcome in OUTCOMES:
-            jobs.add_metric([outcome], counts.get(f"jobs_{outcome}", 0))
-        yield jobs
-        webhooks = CounterMetricFamily(
-            "tandem_webhooks",
-            "Webhook deliveries by outcome, from every worker; retried: an attempt failed and"
-            " another follows.",
-            labels=["outcome"],
+        if view is not None:
+            yield from _store_metrics(view)
+        yield _gauge(
+            "tandem_job_watchers", "Open SSE and long-poll watches.", self.snapshot.watchers
         )
-        for counter in WEBHOOK_COUNTERS.values():
-            webhooks.add_metric([counter.removeprefix("webhooks_")], counts.get(counter, 0))
-        yield webhooks
-        yield CounterMetricFamily(
-            "tandem_accurate_inference_seconds",
-            "Accurate-model inference time summed over every worker's batches.",
-            value=counts.get("accurate_inference_us", 0) / 1e6,
-        )
-        yield CounterMetricFamily(
-            "tandem_accurate_images",
-            "Images the accurate model classified.",
-            value=counts.get("accurate_images", 0),
-        )
-        latency = AnswerLatency.from_counts(counts)
-        yield HistogramMetricFamily(
-            "tandem_accurate_answer_seconds",
-            "From a job's acceptance to its accurate answer, over every worker: how long a"
-            " client waited for it, queue and run.",
-            buckets=list(latency.buckets),
-            sum_value=latency.sum_s,
-        )
-        agreement = Agreement.from_counts(counts)
-        yield CounterMetricFamily(
-            "tandem_jobs_judged", "Jobs with both answers.", value=agreement.judged
+        yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
+
+
+def _store_metrics(view: StoreView) -> Iterable[Metric]:
+    """Left out, not zeroed, while the store is away: a counter that read 0 would look reset."""
+    counts = view.counts
+    yield _gauge("tandem_queue_length", "Jobs waiting or running.", view.queue.depth)
+    yield _gauge(
+        "tandem_queue_oldest_age_seconds",
+        "Age of the oldest unfinished job (0 when none).",
+        view.queue.oldest_age_s,
+    )
+    if view.space is not None:
+        yield _gauge(
+            "tandem_store_used_bytes",
+            "What the job store takes: the SQLite file and its WAL on disk, or the Redis"
+            " server's memory.",
+            view.space.used_bytes,
         )
         yield _gauge(
-            "tandem_model_agreement_ratio",
-            "Share of judged jobs where both models gave the same top-1 (NaN before any).",
-            agreement.agreement if agreement.agreement is not None else float("nan"),
+            "tandem_store_room_bytes",
+            "What the job store may take more before it refuses new jobs: free disk above"
+            " TANDEM_MIN_FREE_DISK_MB, or Redis's maxmemory (+Inf without one).",
+            view.space.room_bytes,
         )
-        yield _gauge("tandem_job_watchers", "Open SSE and long-poll watches.", snap.watchers)
-        yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
+    jobs = CounterMetricFamily(
+        "tandem_jobs", "Jobs by outcome, from every worker.", labels=["outcome"]
+    )
+    for outcome in OUTCOMES:
+        jobs.add_metric([outcome], counts.get(f"jobs_{outcome}", 0))
+    yield jobs
+    webhooks = CounterMetricFamily(
+        "tandem_webhooks",
+        "Webhook deliveries by outcome, from every worker; retried: an attempt failed and"
+        " another follows.",
+        labels=["outcome"],
+    )
+    for counter in WEBHOOK_COUNTERS.values():
+        webhooks.add_metric([counter.removeprefix("webhooks_")], counts.get(counter, 0))
+    yield webhooks
+    yield CounterMetricFamily(
+        "tandem_accurate_inference_seconds",
+        "Accurate-model inference time summed over every worker's batches.",
+        value=counts.get("accurate_inference_us", 0) / 1e6,
+    )
+    yield CounterMetricFamily(
+        "tandem_accurate_images",
+        "Images the accurate model classified.",
+        value=counts.get("accurate_images", 0),
+    )
+    latency = AnswerLatency.from_counts(counts)
+    yield HistogramMetricFamily(
+        "tandem_accurate_answer_seconds",
+        "From a job's acceptance to its accurate answer, over every worker: how long a"
+        " client waited for it, queue and run.",
+        buckets=list(latency.buckets),
+        sum_value=latency.sum_s,
+    )
+    agreement = Agreement.from_counts(counts)
+    yield CounterMetricFamily(
+        "tandem_jobs_judged", "Jobs with both answers.", value=agreement.judged
+    )
+    yield _gauge(
+        "tandem_model_agreement_ratio",
+        "Share of judged jobs where both models gave the same top-1 (NaN before any).",
+        agreement.agreement if agreement.agreement is not None else float("nan"),
+    )
 
 
 def _tasks() -> int:
@@ -198,10 +220,16 @@ class Metrics:
         self.fast_answers.labels(outcome.fate).inc()
 
     async def render_for(self, service: TandemService) -> bytes:
-        """Read the store's side, then render every metric."""
-        self.snapshot.queue = await service.queue_stats()
-        self.snapshot.space = await service.store.space()
-        self.snapshot.counts = await service.store.counts()  # no request counts shown: no flush
+        """Read the store's side, then render every metric: this process's own too while the
+        store is away, when its 503s are what an operator wants to see."""
+        try:
+            self.snapshot.store = StoreView(
+                queue=await service.queue_stats(),
+                space=await service.store.space(),
+                counts=await service.store.counts(),
+            )
+        except QueueUnavailable:
+            self.snapshot.store = None
         self.snapshot.watchers = service.store.watchers
         return generate_latest(self.registry)
 

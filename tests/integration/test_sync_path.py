@@ -29,10 +29,12 @@ from tandem.jobs.sqlite import MIB, SQLiteJobStore
 from tandem.predictions import Prediction
 from tandem.settings import Settings
 from tests.support import (
+    RedisServer,
     TinySpec,
     encode,
     fast_call_in_flight,
     fill,
+    metric,
     noise,
     overwrite_meta,
     solid,
@@ -380,6 +382,36 @@ def test_an_unavailable_queue_is_logged_when_it_goes_and_when_it_comes_back(
         f"storing new jobs failed: Redis is unavailable: {REFUSED}",
         "storing new jobs recovered after N s",
     ]
+
+
+def test_metrics_go_on_while_redis_is_away_with_the_store_left_out(
+    tiny_dir: Path, tmp_path: Path, open_app: Callable[[Settings], TestClient]
+) -> None:
+    """/metrics answered 503 while Redis was down: the proxy's own counts, its 503s among them,
+    went unseen just when they told most. The store's are left out, not zeroed: a counter
+    that read 0 would look reset."""
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        settings = _settings(tiny_dir, tmp_path).model_dump() | {"redis_url": redis.url}
+        client = open_app(Settings(**settings))
+        _post(client)
+        up = client.get("/metrics").text
+        assert metric(up, "tandem_store_up") == 1
+        assert metric(up, "tandem_queue_length") == 1
+        assert 0 < metric(up, "tandem_store_room_bytes") < 1024**3  # its maxmemory: 1 GB
+        redis.kill()
+        refused = client.post("/predict", content=RED, headers={"Content-Type": "image/png"})
+        assert refused.status_code == 503
+        away = client.get("/metrics")
+        assert away.status_code == 200, away.text
+        assert metric(away.text, "tandem_store_up") == 0
+        assert 'tandem_fast_answers_total{job="queue_unavailable"} 1.0' in away.text
+        assert "tandem_jobs_total" not in away.text
+        assert "tandem_queue_length" not in away.text
+        redis.start()
+        assert metric(client.get("/metrics").text, "tandem_store_up") == 1
+    finally:
+        redis.kill()
 
 
 def test_what_failed_underneath_is_logged_and_told_only_to_callers_with_a_key(
