@@ -86,16 +86,17 @@ class _StoreCollector(Collector):
             view is not None,
         )
         if view is not None:
-            yield from _store_metrics(view)
+            # Left out, not zeroed, while the store is away: a counter at 0 would look reset.
+            yield from _queue_and_room(view)
+            yield from _outcomes(view.counts)
+            yield from _accurate_side(view.counts)
         yield _gauge(
             "tandem_job_watchers", "Open SSE and long-poll watches.", self.snapshot.watchers
         )
         yield _gauge("tandem_asyncio_tasks", "Tasks alive in the event loop.", _tasks())
 
 
-def _store_metrics(view: StoreView) -> Iterable[Metric]:
-    """Left out, not zeroed, while the store is away: a counter that read 0 would look reset."""
-    counts = view.counts
+def _queue_and_room(view: StoreView) -> Iterable[Metric]:
     yield _gauge("tandem_queue_length", "Jobs waiting or running.", view.queue.depth)
     yield _gauge(
         "tandem_queue_oldest_age_seconds",
@@ -115,6 +116,9 @@ def _store_metrics(view: StoreView) -> Iterable[Metric]:
             " TANDEM_MIN_FREE_DISK_MB, or Redis's maxmemory (+Inf without one).",
             view.space.room_bytes,
         )
+
+
+def _outcomes(counts: dict[str, int]) -> Iterable[Metric]:
     jobs = CounterMetricFamily(
         "tandem_jobs", "Jobs by outcome, from every worker.", labels=["outcome"]
     )
@@ -130,6 +134,9 @@ def _store_metrics(view: StoreView) -> Iterable[Metric]:
     for counter in WEBHOOK_COUNTERS.values():
         webhooks.add_metric([counter.removeprefix("webhooks_")], counts.get(counter, 0))
     yield webhooks
+
+
+def _accurate_side(counts: dict[str, int]) -> Iterable[Metric]:
     yield CounterMetricFamily(
         "tandem_accurate_inference_seconds",
         "Accurate-model inference time summed over every worker's batches.",
