@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -568,6 +569,21 @@ async def test_a_redis_without_a_memory_limit_is_said_so_at_open(
     """Redis's default: a backlog of images grew it until the system killed it."""
     where = await _opened_beside(tmp_path, {"maxmemory": "0"})
     assert f"Redis at {where} has no memory limit (maxmemory 0)" in caplog.text
+
+
+async def test_a_redis_without_a_memory_limit_reports_room_without_end(tmp_path: Path) -> None:
+    """+Inf on /metrics: such a Redis takes writes until the system kills it (see above)."""
+    server = RedisServer(tmp_path / "redis", options=("--maxmemory", "0")).start()
+    store = RedisJobStore(server.url, prefix="unbounded")
+    try:
+        await store.open()
+        space = await store.space()
+    finally:
+        await store.close()
+        server.stop()
+    assert space is not None
+    assert space.room_bytes == math.inf
+    assert space.used_bytes > 0
 
 
 async def _opened_beside(tmp_path: Path, config: dict[str, str], appendonly: bool = True) -> str:
