@@ -21,6 +21,8 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
   damage) or whose image is missing is failed by the claim that meets it, not handed out,
   so that one record cannot stop every worker; `get` raises UnreadableJob for the former,
   and `undelivered` leaves it out.
+- `space` counts a queued image in what the store takes; its room is what it may take more
+  before it refuses new jobs (tested at each backend's own limit).
 """
 
 from __future__ import annotations
