@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -187,7 +187,7 @@ class SQLiteJobStore:
         floor = self._floor_bytes()
         if not floor:
             return
-        free = _disk_free_bytes(self.path.parent)
+        free = shutil.disk_usage(self.path.parent).free
         if free < floor:
             free += upkeep.free_pages_bytes(c)  # read only when needed: 9 us beside the fast model
         if free >= floor:
@@ -215,7 +215,7 @@ class SQLiteJobStore:
         the floor `_check_room` keeps."""
 
         def measure(c: sqlite3.Connection) -> StoreSpace:
-            free = _disk_free_bytes(self.path.parent) + upkeep.free_pages_bytes(c)
+            free = shutil.disk_usage(self.path.parent).free + upkeep.free_pages_bytes(c)
             return StoreSpace(upkeep.store_bytes(self.path), max(0, free - self._floor_bytes()))
 
         return await self._run(measure)
@@ -567,11 +567,6 @@ class SQLiteJobStore:
             return {model for (model,) in rows}
 
         return await self._run(select)
-
-
-def _disk_free_bytes(directory: Path) -> int:
-    space = os.statvfs(directory)
-    return space.f_bavail * space.f_frsize
 
 
 def _data_version(c: sqlite3.Connection) -> int:
