@@ -68,7 +68,7 @@ def beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def file_bytes(path: Path) -> int:
+def size_on_disk(path: Path) -> int:
     """The size of the database, or of a file beside it (0 where there is none: the last
     connection to close removes its WAL)."""
     try:
@@ -79,7 +79,7 @@ def file_bytes(path: Path) -> int:
 
 def store_bytes(path: Path) -> int:
     """The database at `path` and its WAL, on disk."""
-    return file_bytes(path) + file_bytes(beside(path, "-wal"))
+    return size_on_disk(path) + size_on_disk(beside(path, "-wal"))
 
 
 def connection(path: Path) -> sqlite3.Connection:
@@ -238,7 +238,7 @@ class Checkpointer:
         return max(int(frames), 0) * self._frame_bytes, self._wal_file_bytes()
 
     def _wal_file_bytes(self) -> int:
-        return file_bytes(self._wal)
+        return size_on_disk(self._wal)
 
     async def stop(self) -> None:
         """The last connection to close checkpoints what is left (SQLite does that itself), so
