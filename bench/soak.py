@@ -255,13 +255,23 @@ def files_mb(paths: Iterable[Path]) -> float:
     return sum(path.stat().st_size for path in paths if path.is_file()) / 2**20
 
 
+class Unsampled(Exception):
+    """A measure the system did not give this time; the sample is skipped and counted."""
+
+
 def queue_length(port: int) -> float:
     """`tandem_queue_length` from the proxy's /metrics: the same reading on either store."""
     url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    line = next(x for x in text.splitlines() if x.startswith("tandem_queue_length "))
-    return float(line.split()[1])
+        return queue_length_in(answer.read().decode())
+
+
+def queue_length_in(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("tandem_queue_length "):
+            return float(line.split()[1])
+    # /metrics leaves the store's readings out while the store does not answer.
+    raise Unsampled("no tandem_queue_length on /metrics: the store was away")
 
 
 class System:
@@ -386,7 +396,7 @@ async def sample_every(
     while True:
         try:
             await asyncio.to_thread(into.take, system, started)
-        except OSError as exc:  # a process gone: said, and the run goes on
+        except (OSError, Unsampled) as exc:  # a process or store gone: said, and the run goes on
             tally.unexpected[f"sampling: {exc!r}"] += 1
         await asyncio.sleep(every)
 
