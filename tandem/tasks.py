@@ -24,3 +24,22 @@ async def stop(task: asyncio.Task[Any] | None, recancel_s: float = RECANCEL_S) -
         await asyncio.wait({task}, timeout=recancel_s)
     with contextlib.suppress(asyncio.CancelledError):
         task.result()  # a fault of the task's own is raised here, as an await of it would
+
+
+async def first_set(
+    *events: asyncio.Event | None,
+    within_s: float | None = None,
+    done: asyncio.Future[Any] | None = None,
+) -> None:
+    """Return once any of `events` is set (None never is), `done` is done, or `within_s`
+    seconds have passed."""
+    waits = {asyncio.ensure_future(event.wait()) for event in events if event is not None}
+    try:
+        await asyncio.wait(
+            waits | ({done} if done else set()),
+            timeout=within_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for wait in waits:
+            wait.cancel()

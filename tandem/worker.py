@@ -125,7 +125,7 @@ class Worker:
         try:
             while not stop.is_set():
                 await self._housekeeping()
-                claims = await self._claim()
+                claims = await self._claim(stop)
                 await self._free_lane(in_hand)
                 if claims:
                     in_hand.add(asyncio.create_task(self._or_leave(self.process(claims), claims)))
@@ -162,12 +162,15 @@ class Worker:
             self._counts.update(counts)
             raise
 
-    async def _claim(self) -> list[Claim]:
+    async def _claim(self, stop: asyncio.Event) -> list[Claim]:
+        """The next batch, waiting up to the poll for one; an empty one once `stop` is set."""
         try:
-            claims = await self.store.claim(self.id, self.config.batch_size, self.config.poll_s)
+            claims = await self.store.claim(
+                self.id, self.config.batch_size, self.config.poll_s, until=stop
+            )
         except QueueUnavailable as exc:
             self._claims.failed(f"{exc}; retrying every {self.config.poll_s:g} s")
-            await asyncio.sleep(self.config.poll_s)
+            await tasks.first_set(stop, within_s=self.config.poll_s)
             return []
         self._claims.ended()
         self._leases.hold(claim.id for claim in claims)  # let go once their batch is done

@@ -5,7 +5,9 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 
 - `enqueue` returns only once the job is durable; enqueueing the same id twice keeps one job.
 - `claim` leases a job to one worker for `visibility_timeout_s`; a lease that runs out makes the
-  job claimable again, and a job claimed `max_attempts` times without finishing is failed.
+  job claimable again, and a job claimed `max_attempts` times without finishing is failed. A
+  claim waiting for jobs ends at once when its `until` is set, leasing nothing: a worker told
+  to stop does not sit out its poll.
 - `extend` renews a worker's own leases: a job held longer than the timeout by a worker that is
   alive is not handed to a second one.
 - `complete` and `fail` are idempotent: the first terminal write wins, later ones are ignored.
@@ -27,6 +29,7 @@ backend by the same contract tests (tests/integration/test_store_contract.py):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -104,8 +107,11 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> Job | None:
         """The job, or None if it never existed or has expired."""
 
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
-        """Lease up to `limit` jobs, waiting up to `wait_s` for the first one."""
+    async def claim(
+        self, worker_id: str, limit: int, wait_s: float, until: asyncio.Event | None = None
+    ) -> list[Claim]:
+        """Lease up to `limit` jobs, waiting up to `wait_s` for the first one, or until `until`
+        is set."""
 
     async def extend(self, worker_id: str, job_ids: Sequence[str]) -> frozenset[str]:
         """Renew for another `visibility_timeout_s` the leases `worker_id` holds on these jobs;

@@ -187,8 +187,10 @@ class _EarlyClaims(SQLiteJobStore):
     """The worker reads each job before its fast answer is added, and stores its result
     after: the other order in which the two answers meet."""
 
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
-        claims = await super().claim(worker_id, limit, wait_s)
+    async def claim(
+        self, worker_id: str, limit: int, wait_s: float, until: asyncio.Event | None = None
+    ) -> list[Claim]:
+        claims = await super().claim(worker_id, limit, wait_s, until)
         return [replace(c, job=replace(c.job, fast=None)) for c in claims]
 
     async def complete_many(self, results: Any, tallies: Any = None) -> Completed:

@@ -22,6 +22,7 @@ from tandem.errors import QueueUnavailable
 from tandem.jobs.records import JobSpec, new_job_id
 from tandem.jobs.redis import RedisJobStore, Replication, refuses_writes, scripts
 from tandem.jobs.redis.connect import Sentinels
+from tandem.jobs.redis.store import LONGEST_BLOCK_S
 from tandem.predictions import Prediction, Scored
 from tests.support import RedisSentinel, RedisServer, free_cluster_port, free_port
 
@@ -752,6 +753,26 @@ async def test_a_redis_that_denies_info_is_said_unchecked_and_still_serves(
     assert len(warned) == 1
     assert "does not let Tandem read INFO" in warned[0]
     assert "was not checked" in warned[0]
+
+
+async def test_a_user_denied_client_unblock_still_claims_and_stops_after_the_block(
+    redis_server: RedisServer,
+) -> None:
+    """A worker told to stop ends its claim's blocking read with CLIENT ID and CLIENT UNBLOCK;
+    an ACL without them must not stop the worker, only let the read run its time."""
+    async with _user_without(redis_server, "client|id", "client|unblock") as url:
+        store = RedisJobStore(url, prefix=f"no-unblock-{new_job_id()[:8]}")
+        await store.open()
+        try:
+            until = asyncio.Event()
+            waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
+            await asyncio.sleep(0.2)
+            until.set()
+            assert await asyncio.wait_for(waiting, LONGEST_BLOCK_S + 2) == []
+            job = await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
+            assert [c.id for c in await store.claim("w", 1, 30.0, until=until)] == [job.id]
+        finally:
+            await store.close()
 
 
 async def test_a_message_on_the_changes_channel_that_is_no_job_id_is_not_fatal(

@@ -395,6 +395,30 @@ async def test_claim_waits_for_a_job_enqueued_meanwhile(
         await producer.close()
 
 
+@pytest.mark.parametrize("after_s", [0.0, 0.001, 0.01, 0.2])
+async def test_a_waiting_claim_ends_once_told_and_leases_nothing(
+    store: JobStore, after_s: float
+) -> None:
+    """A worker told to stop had sat out its claim's wait (a Redis block of up to 2.5 s). The
+    short delays land on the moments before and as a blocking read reaches the server."""
+    until = asyncio.Event()
+    waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
+    await asyncio.sleep(after_s)
+    until.set()
+    assert await asyncio.wait_for(waiting, 1.0) == []
+    s = spec()
+    await store.enqueue(s)
+    assert [c.id for c in await store.claim("w2", 1, 30.0)] == [s.id]
+
+
+async def test_a_claim_told_to_stop_still_takes_the_jobs_already_queued(store: JobStore) -> None:
+    s = spec()
+    await store.enqueue(s)
+    until = asyncio.Event()
+    until.set()
+    assert [c.id for c in await store.claim("w", 2, 30.0, until=until)] == [s.id]
+
+
 async def test_heartbeats_tell_which_models_are_served(store: JobStore) -> None:
     await store.beat("w1", "accurate")
     assert await store.live_models(60.0) == {"accurate"}

@@ -347,6 +347,34 @@ async def test_a_queue_that_stays_away_is_logged_once_and_its_return_too(
     ]
 
 
+async def _stops_within(worker: Worker, seconds: float) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(0.3)  # well into its first wait
+    stop.set()
+    await asyncio.wait_for(task, seconds)
+
+
+async def test_an_idle_worker_told_to_stop_does_not_sit_out_its_poll(
+    tiny_dir: Path, leasing: JobStore
+) -> None:
+    """Every stop of an idle proxy or worker had waited out the claim in hand (1 s)."""
+    worker = Worker(leasing, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=30))
+    await _stops_within(worker, 1.0)
+
+
+async def test_a_worker_waiting_for_its_queue_to_come_back_stops_at_once(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    store = Away(tmp_path / "jobs.db")
+    await store.open()
+    worker = Worker(store, load_classifier("tiny_accurate", tiny_dir), WorkerConfig(poll_s=30))
+    try:
+        await _stops_within(worker, 1.0)
+    finally:
+        await store.close()
+
+
 async def test_each_answer_counts_how_long_its_job_waited_for_it(
     tiny_dir: Path, store: SQLiteJobStore
 ) -> None:

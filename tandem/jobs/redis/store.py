@@ -80,7 +80,7 @@ from tandem.jobs.store import (
 )
 from tandem.outage import Outage
 from tandem.predictions import Prediction
-from tandem.tasks import stop
+from tandem.tasks import first_set, stop
 
 log = logging.getLogger("tandem.jobs")
 
@@ -116,6 +116,8 @@ _NOT_A_CLUSTER = (
 _UNKNOWN = "unknown command"
 # A claim's blocking read ends well within that; an idle worker then simply asks again.
 LONGEST_BLOCK_S = REPLY_TIMEOUT_S / 2
+# How often a claim told to stop asks Redis again to end its read's block.
+UNBLOCK_AGAIN_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,13 +458,16 @@ class RedisJobStore:
 
     # -- worker side ---------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+    async def claim(
+        self, worker_id: str, limit: int, wait_s: float, until: asyncio.Event | None = None
+    ) -> list[Claim]:
         entries = await self._call(lambda: self._take_over(worker_id, limit))
         if len(entries) < limit:
             block_s = min(wait_s, LONGEST_BLOCK_S)
-            block_ms = max(1, int(block_s * 1000)) if wait_s > 0 and not entries else None
+            blocks = wait_s > 0 and not entries and not (until is not None and until.is_set())
+            block_ms = max(1, int(block_s * 1000)) if blocks else None
             entries += await self._call(
-                lambda: self._read_new(worker_id, limit - len(entries), block_ms)
+                lambda: self._read_new(worker_id, limit - len(entries), block_ms, until)
             )
         claims = []
         for entry_id, job_id in entries:
@@ -488,12 +493,48 @@ class RedisJobStore:
         return _entries(reply[1])
 
     async def _read_new(
-        self, worker_id: str, count: int, block_ms: int | None
+        self, worker_id: str, count: int, block_ms: int | None, until: asyncio.Event | None
     ) -> list[tuple[str, str]]:
-        reply = await self._client.xreadgroup(
-            GROUP, worker_id, {self._queue: ">"}, count=count, block=block_ms
-        )
-        return _entries(reply[0][1]) if reply else []  # type: ignore[index]
+        def read(client: aioredis.Redis) -> Awaitable[Any]:
+            return client.xreadgroup(
+                GROUP, worker_id, {self._queue: ">"}, count=count, block=block_ms
+            )
+
+        if block_ms is None or until is None:
+            reply = await read(self._client)
+        else:
+            reply = await self._read_until(read, until)
+        return _entries(reply[0][1]) if reply else []
+
+    async def _read_until(
+        self, read: Callable[[aioredis.Redis], Awaitable[Any]], until: asyncio.Event
+    ) -> Any:
+        """A blocking `read` on a connection of its own, which `until` unblocks (CLIENT
+        UNBLOCK): Redis then ends the block as a timeout, so nothing is delivered to a reader
+        that is leaving. Cancelling the read instead could lose a reply with entries in it,
+        pending on a worker that never saw them until their lease ran out."""
+        reader = self._client.client()
+        try:
+            try:
+                reader_id = await reader.client_id()
+            except ResponseError:  # CLIENT ID denied by an ACL: the block runs its time
+                return await read(reader)
+            reading = asyncio.ensure_future(read(reader))
+            try:
+                await first_set(until, done=reading)
+                await self._unblock(reading, reader_id)
+                return await reading
+            finally:
+                reading.cancel()  # only reached undone if this claim itself is cancelled
+        finally:
+            await reader.aclose()
+
+    async def _unblock(self, reading: asyncio.Future[Any], reader_id: int) -> None:
+        # The read may not have reached Redis yet (nothing to unblock): ask again shortly.
+        with contextlib.suppress(ResponseError):  # CLIENT UNBLOCK denied: as above
+            while not reading.done():
+                await self._client.client_unblock(reader_id)
+                await asyncio.wait({reading}, timeout=UNBLOCK_AGAIN_S)
 
     async def _lease_entry(self, entry_id: str, job_id: str, worker_id: str) -> Claim | None:
         now = time.time()

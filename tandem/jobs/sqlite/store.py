@@ -58,7 +58,7 @@ from tandem.jobs.store import (
 )
 from tandem.outage import Outage
 from tandem.predictions import Prediction
-from tandem.tasks import stop
+from tandem.tasks import first_set, stop
 
 T = TypeVar("T")
 log = logging.getLogger("tandem.jobs")
@@ -298,18 +298,19 @@ class SQLiteJobStore:
 
     # -- worker side ---------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[Claim]:
+    async def claim(
+        self, worker_id: str, limit: int, wait_s: float, until: asyncio.Event | None = None
+    ) -> list[Claim]:
         deadline = self._clock() + wait_s
         while True:
             self._enqueued.clear()
             claims = await self._run(lambda c: self._claim(c, worker_id, limit))
             self._changed(claim.id for claim in claims)
             remaining = deadline - self._clock()
-            if claims or remaining <= 0:
+            if claims or remaining <= 0 or (until is not None and until.is_set()):
                 return claims
             # Another process may enqueue into the same file: poll as well as wait for the event.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._enqueued.wait(), timeout=min(remaining, 0.25))
+            await first_set(self._enqueued, until, within_s=min(remaining, 0.25))
 
     def _claim(self, c: sqlite3.Connection, worker_id: str, limit: int) -> list[Claim]:
         now = self._clock()
