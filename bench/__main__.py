@@ -58,7 +58,7 @@ class Bench:
 
     @property
     def seconds(self) -> float:
-        return 1.0 if self.quick else 5.0
+        return 0.5 if self.quick else 5.0
 
     @property
     def tail_seconds(self) -> float:
