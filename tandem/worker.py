@@ -163,7 +163,7 @@ class Worker:
             raise
 
     async def _claim(self, stop: asyncio.Event) -> list[Claim]:
-        """The next batch, waiting up to the poll for one; an empty one once `stop` is set."""
+        """The next batch, waiting up to the poll for one; the wait ends once `stop` is set."""
         try:
             claims = await self.store.claim(
                 self.id, self.config.batch_size, self.config.poll_s, until=stop
