@@ -384,6 +384,14 @@ async def test_through_sentinel_over_tls_with_client_certificates(tmp_path: Path
             job = await store.enqueue(_spec())
             assert await store.get(job.id) is not None
             await store.ping()
+            assert [c.id for c in await store.claim("w", 1, 0)] == [job.id]
+            # A claim's blocking read, on a connection of its own from the Sentinel's pool,
+            # is ended by CLIENT UNBLOCK over TLS when the worker is told to stop.
+            until = asyncio.Event()
+            waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
+            await asyncio.sleep(0.3)
+            until.set()
+            assert await asyncio.wait_for(waiting, 1.0) == []
         finally:
             await store.close()
             sentinel.stop()
