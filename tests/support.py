@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -31,6 +32,8 @@ import trustme
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from tandem.jobs.records import Claim
+from tandem.jobs.store import JobStore
 from tandem.predictions import Prediction, Scored
 from tandem.runtime.manifest import ModelManifest, Output, Preprocess, sha256_of
 from tandem.runtime.priority import Occupancy
@@ -655,3 +658,13 @@ def fast_call_in_flight(calls: Occupancy) -> Iterator[threading.Event]:
     finally:
         leave.set()
         thread.join(timeout=10)
+
+
+async def claim_told_to_stop(store: JobStore, after_s: float, within_s: float) -> list[Claim]:
+    """What a claim that waits up to 30 s returns when told to stop `after_s` into its wait;
+    it must return within `within_s` of that."""
+    until = asyncio.Event()
+    waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
+    await asyncio.sleep(after_s)
+    until.set()
+    return await asyncio.wait_for(waiting, within_s)

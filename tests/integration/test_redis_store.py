@@ -24,7 +24,13 @@ from tandem.jobs.redis import RedisJobStore, Replication, refuses_writes, script
 from tandem.jobs.redis.connect import Sentinels
 from tandem.jobs.redis.store import LONGEST_BLOCK_S
 from tandem.predictions import Prediction, Scored
-from tests.support import RedisSentinel, RedisServer, free_cluster_port, free_port
+from tests.support import (
+    RedisSentinel,
+    RedisServer,
+    claim_told_to_stop,
+    free_cluster_port,
+    free_port,
+)
 
 
 @pytest.fixture
@@ -387,11 +393,7 @@ async def test_through_sentinel_over_tls_with_client_certificates(tmp_path: Path
             assert [c.id for c in await store.claim("w", 1, 0)] == [job.id]
             # A claim's blocking read, on a connection of its own from the Sentinel's pool,
             # is ended by CLIENT UNBLOCK over TLS when the worker is told to stop.
-            until = asyncio.Event()
-            waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
-            await asyncio.sleep(0.3)
-            until.set()
-            assert await asyncio.wait_for(waiting, 1.0) == []
+            assert await claim_told_to_stop(store, 0.3, within_s=1.0) == []
         finally:
             await store.close()
             sentinel.stop()
@@ -772,13 +774,9 @@ async def test_a_user_denied_client_unblock_still_claims_and_stops_after_the_blo
         store = RedisJobStore(url, prefix=f"no-unblock-{new_job_id()[:8]}")
         await store.open()
         try:
-            until = asyncio.Event()
-            waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
-            await asyncio.sleep(0.2)
-            until.set()
-            assert await asyncio.wait_for(waiting, LONGEST_BLOCK_S + 2) == []
+            assert await claim_told_to_stop(store, 0.2, within_s=LONGEST_BLOCK_S + 2) == []
             job = await store.enqueue(JobSpec(id=new_job_id(), image=b"image"))
-            assert [c.id for c in await store.claim("w", 1, 30.0, until=until)] == [job.id]
+            assert [c.id for c in await store.claim("w", 1, 30.0)] == [job.id]
         finally:
             await store.close()
 

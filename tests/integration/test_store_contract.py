@@ -27,7 +27,7 @@ from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
 from tandem.jobs.store import MISSING_IMAGE, Completed, JobStore, StorePolicy
 from tandem.predictions import Prediction, Scored
-from tests.support import RedisServer, overwrite_meta
+from tests.support import RedisServer, claim_told_to_stop, overwrite_meta
 
 LONG = StorePolicy(result_ttl_s=600.0, visibility_timeout_s=600.0, max_attempts=2)
 SHORT = StorePolicy(result_ttl_s=0.3, visibility_timeout_s=0.3, max_attempts=2)
@@ -401,11 +401,7 @@ async def test_a_waiting_claim_ends_once_told_and_leases_nothing(
 ) -> None:
     """A worker told to stop had sat out its claim's wait (a Redis block of up to 2.5 s). The
     short delays land on the moments before and as a blocking read reaches the server."""
-    until = asyncio.Event()
-    waiting = asyncio.create_task(store.claim("w", 1, 30.0, until=until))
-    await asyncio.sleep(after_s)
-    until.set()
-    assert await asyncio.wait_for(waiting, 1.0) == []
+    assert await claim_told_to_stop(store, after_s, within_s=1.0) == []
     s = spec()
     await store.enqueue(s)
     assert [c.id for c in await store.claim("w2", 1, 30.0)] == [s.id]
