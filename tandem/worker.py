@@ -373,6 +373,7 @@ class Worker:
             if claim.job.fast is not None
         }
         completed = await self.store.complete_many(answers, tallies)
+        self._leases.finished(answers)  # stored, or finished by another worker first
         answered_at = time.time()
         for job_id in completed.untallied:
             await self._tally_late(job_id, answers[job_id])

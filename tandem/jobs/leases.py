@@ -40,9 +40,16 @@ class Leases:
 
     def release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
-            self._holds[job_id] -= 1
-            if self._holds[job_id] <= 0:
-                del self._holds[job_id]
+            if job_id in self._holds:  # not if finished meanwhile
+                self._holds[job_id] -= 1
+                if self._holds[job_id] <= 0:
+                    del self._holds[job_id]
+
+    def finished(self, job_ids: Iterable[str]) -> None:
+        """These jobs' answers are stored: whatever still holds them (its webhook, say), a
+        finished job has no lease to renew, and is not to be reported taken over."""
+        for job_id in job_ids:
+            self._holds.pop(job_id, None)
 
     async def keep(self) -> None:
         """Renew the leases held, every third of the visibility timeout, until cancelled."""

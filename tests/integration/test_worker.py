@@ -20,6 +20,7 @@ import pytest
 
 from tandem.errors import QueueUnavailable
 from tandem.jobs.latency import AnswerLatency
+from tandem.jobs.leases import Leases
 from tandem.jobs.records import Claim, Job, JobSpec, JobStatus, new_job_id
 from tandem.jobs.redis import RedisJobStore
 from tandem.jobs.sqlite import SQLiteJobStore
@@ -221,6 +222,47 @@ async def test_a_job_rewritten_by_a_newer_version_mid_run_keeps_its_answer(
         # The next batch meets the first one's storing, which raised before the change.
         await store.enqueue(JobSpec(id=new_job_id(), image=RED))
         await _done_jobs(store, 2)
+
+
+class RenewsWhileReadingBack(SQLiteJobStore):
+    """Renews the worker's leases while it reads a job it has just finished back for its
+    webhook: a moment its lease keeper, every third of the visibility timeout, may fall on."""
+
+    leases: Leases | None = None
+    renewed: asyncio.Event
+
+    async def get(self, job_id: str) -> Job | None:
+        job = await super().get(job_id)
+        if self.leases is not None and job is not None and job.status is JobStatus.DONE:
+            await self.leases.renew()
+            self.renewed.set()
+        return job
+
+
+async def test_a_job_stored_but_not_yet_let_go_is_not_said_taken_over(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 15-minute soak of tandem up logged twice that a held job had been taken over by
+    another worker: the renewal fell after the job's answer was stored, while the worker still
+    held it for its webhook, and a finished job is not renewed."""
+    caplog.set_level(logging.WARNING, logger="tandem.worker")
+    store = RenewsWhileReadingBack(tmp_path / "jobs.db")
+    await store.open()
+    hooks = WebhookPolicy(
+        allowed_hosts=frozenset({"hooks.example"}), secret="s" * 16, max_attempts=1, timeout_s=1
+    )
+    accurate = load_classifier("tiny_accurate", tiny_dir)
+    worker = Worker(store, accurate, WorkerConfig(poll_s=0.05, webhooks=hooks))
+    store.leases, store.renewed = worker._leases, asyncio.Event()
+    try:
+        await store.enqueue(
+            JobSpec(id=new_job_id(), image=RED, callback_url="http://hooks.example/h")
+        )
+        async with running(worker):
+            await asyncio.wait_for(store.renewed.wait(), 10)
+    finally:
+        await store.close()
+    assert [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()] == []
 
 
 class Slow(Wrapped):

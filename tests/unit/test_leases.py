@@ -52,6 +52,21 @@ async def test_a_job_is_renewed_while_any_hold_on_it_lasts() -> None:
     assert leases.held == frozenset()
 
 
+async def test_a_finished_job_is_not_renewed_whatever_still_holds_it() -> None:
+    store = Recording()
+    leases = Leases(cast(JobStore, store), "w")
+    leases.hold(["a", "b"])  # a batch's claim
+    leases.hold(["a", "b"])  # the storing of their answers
+    leases.finished(["a"])  # a's answer is stored; its webhook still to go
+    await leases.renew()
+    leases.release(["a", "b"])  # the batch is done
+    leases.release(["a", "b"])  # the storing too
+    leases.hold(["c"])
+    await leases.renew()
+    assert store.asked == [["b"], ["c"]]  # never a again, and no hold of a left below zero
+    assert leases.held == frozenset({"c"})
+
+
 async def test_a_renewal_the_store_refuses_is_tried_again_next_round(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
