@@ -40,10 +40,9 @@ class Leases:
 
     def release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
-            if job_id in self._holds:  # not if finished meanwhile
-                self._holds[job_id] -= 1
-                if self._holds[job_id] <= 0:
-                    del self._holds[job_id]
+            self._holds[job_id] -= 1  # one finished meanwhile goes to -1, and is dropped
+            if self._holds[job_id] <= 0:
+                del self._holds[job_id]
 
     def finished(self, job_ids: Iterable[str]) -> None:
         """These jobs' answers are stored: whatever still holds them (its webhook, say), a
