@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from tandem.tasks import first_set
+
 
 class Watch:
     """One watcher of one job."""
@@ -25,8 +27,7 @@ class Watch:
 
     async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (waking early is the point)
         """Return when the job may have changed, or after `timeout`."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        await first_set(self._event, within_s=timeout)
         self._event.clear()
 
 
